@@ -1,0 +1,449 @@
+//! The local disk tier: one verified file per entry, published with link(2), evicted by LRU.
+//!
+//! ```text
+//! <root>/entries/<2 hex>/<64 hex>   one encoded Entry each, read-only, never rewritten
+//! <root>/tmp/<pid>.<n>.<nanos>.tmp  writes in progress; published by hard-linking
+//! <root>/usage                      approximate total entry bytes (u64 LE), updated by put
+//! <root>/evict.lock                 held (non-blocking) by whoever runs an eviction pass
+//! ```
+//!
+//! Concurrency rests on the file system, not on locks the hit path takes: `put` writes and
+//! fsyncs a temp file and links it into place, which never replaces an existing name (so the
+//! first writer wins, and a reader never sees a partial file); `get` reads one file and
+//! verifies it; eviction unlinks, and an unlinked file stays readable through an open fd, so a
+//! reader racing an eviction sees a whole entry or a miss. The last-used time is the file's
+//! mtime, bumped on every hit. `put` adds to the usage counter under a short lock and, when it
+//! passes the limit, runs an eviction pass unless another process already is.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, info, warn};
+
+use crate::entry::Entry;
+use crate::key::CacheKey;
+use crate::store::{Error, PutOutcome, Store};
+
+/// The limits of a [`DiskStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Eviction brings the total size of the entries back under this (to 90% of it).
+    pub max_bytes: u64,
+    /// Entries used more recently than this are never evicted, so a build that just wrote or
+    /// hit an entry finds it again even when the cache is far too small for its working set.
+    pub grace: Duration,
+}
+
+/// A cache tier in a local directory. See the module docs for the layout and the protocol.
+#[derive(Debug)]
+pub struct DiskStore {
+    /// The directory holding `entries/`, `tmp/` and the bookkeeping files.
+    root: PathBuf,
+    /// Size limit and grace period for eviction.
+    config: DiskConfig,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EvictReport {
+    /// Entries deleted because the cache was over its limit.
+    pub removed_entries: u64,
+    /// Their total size.
+    pub removed_bytes: u64,
+    /// Entries left after the pass.
+    pub kept_entries: u64,
+    /// Their total size: over the limit only when the rest is younger than the grace period.
+    pub kept_bytes: u64,
+    /// Temp files abandoned by killed writers (older than an hour) that were deleted.
+    pub removed_temp_files: u64,
+}
+
+/// The size of a [`DiskStore`], as found by scanning it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Number of entry files.
+    pub entries: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig { max_bytes: 10 << 30, grace: Duration::from_secs(10 * 60) }
+    }
+}
+
+const ENTRIES_DIR: &str = "entries";
+const TMP_DIR: &str = "tmp";
+const USAGE_FILE: &str = "usage";
+const EVICT_LOCK: &str = "evict.lock";
+/// A temp file this old belongs to a writer that died; live writers finish in seconds.
+const STALE_TEMP: Duration = Duration::from_secs(60 * 60);
+
+impl DiskStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>, config: DiskConfig) -> Result<DiskStore, Error> {
+        let root = root.into();
+        for dir in [root.join(ENTRIES_DIR), root.join(TMP_DIR)] {
+            fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        Ok(DiskStore { root, config })
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the entry for `key` lives (whether or not it exists).
+    pub fn entry_path(&self, key: &CacheKey) -> PathBuf {
+        let hex = key.to_string();
+        self.root.join(ENTRIES_DIR).join(&hex[..2]).join(hex)
+    }
+
+    /// Runs a full eviction pass now, waiting for any pass already running, and deletes stale
+    /// temp files.
+    pub fn evict(&self) -> Result<EvictReport, Error> {
+        let (lock, path) = self.bookkeeping_file(EVICT_LOCK)?;
+        lock.lock().map_err(io_at(&path))?;
+        self.evict_locked()
+    }
+
+    /// Counts the entries and their bytes by scanning the directory.
+    pub fn usage(&self) -> Result<Usage, Error> {
+        let entries = self.scan()?;
+        Ok(Usage { entries: entries.len() as u64, bytes: entries.iter().map(|e| e.len).sum() })
+    }
+}
+
+impl Store for DiskStore {
+    fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
+        let path = self.entry_path(key);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let len = file.metadata().map_err(io_at(&path))?.len();
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes).map_err(io_at(&path))?;
+        match Entry::decode_owned(bytes, key) {
+            Ok(entry) => {
+                // The mtime is the last-used time that eviction sorts by. Best effort: a
+                // read-only cache directory still serves hits.
+                let _ = file.set_modified(SystemTime::now());
+                Ok(Some(entry))
+            }
+            Err(reason) => {
+                remove_if_same_file(&path, &file);
+                warn!(path = %path.display(), %reason, "removed corrupt cache entry");
+                Err(Error::Corrupt { path, reason })
+            }
+        }
+    }
+
+    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
+        let path = self.entry_path(&entry.key);
+        // Cheap early exit; the link below is what actually decides.
+        if fs::symlink_metadata(&path).is_ok() {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let outcome = self.publish(&entry.encode(), &path)?;
+        if let PutOutcome::Published { bytes } = outcome {
+            self.account(bytes);
+        }
+        Ok(outcome)
+    }
+}
+
+/// One entry file found by a scan.
+struct Scanned {
+    path: PathBuf,
+    len: u64,
+    modified: SystemTime,
+    ino: u64,
+}
+
+impl DiskStore {
+    /// Writes `bytes` to a fresh temp file, fsyncs it and links it to `path` unless something
+    /// is already there. The temp file is gone afterwards, whatever happened.
+    fn publish(&self, bytes: &[u8], path: &Path) -> Result<PutOutcome, Error> {
+        let tmp = self.write_temp(bytes)?;
+        let linked = match fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let shard = path.parent().expect("entry paths have a shard directory");
+                fs::create_dir_all(shard).and_then(|()| fs::hard_link(&tmp, path))
+            }
+            linked => linked,
+        };
+        if let Err(e) = fs::remove_file(&tmp) {
+            // Harmless: the next eviction pass deletes it once it is stale.
+            warn!(path = %tmp.display(), error = %e, "could not remove temp file");
+        }
+        match linked {
+            Ok(()) => Ok(PutOutcome::Published { bytes: bytes.len() as u64 }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyPresent),
+            Err(e) => Err(io_at(path)(e)),
+        }
+    }
+
+    /// Writes a uniquely named, read-only temp file holding `bytes`, removing it on failure.
+    fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf, Error> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let name = format!("{}.{}.{nanos}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let path = self.root.join(TMP_DIR).join(name);
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o444).open(&path).map_err(io_at(&path))?;
+        match file.write_all(bytes).and_then(|()| file.sync_all()) {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                drop(file);
+                let _ = fs::remove_file(&path);
+                Err(io_at(&path)(e))
+            }
+        }
+    }
+
+    /// Adds a published entry to the usage counter and evicts if the cache is now over its
+    /// limit (or the counter was missing). Failures here only delay eviction, so they are
+    /// logged rather than returned: the entry is already published.
+    fn account(&self, added: u64) {
+        let needs_pass = match self.add_usage(added) {
+            Ok(Some(total)) => total > self.config.max_bytes,
+            Ok(None) => true,
+            Err(e) => {
+                warn!(error = %e, "could not update the cache usage counter");
+                return;
+            }
+        };
+        if !needs_pass {
+            return;
+        }
+        let (lock, path) = match self.bookkeeping_file(EVICT_LOCK) {
+            Ok(opened) => opened,
+            Err(e) => {
+                warn!(error = %e, "could not open the eviction lock");
+                return;
+            }
+        };
+        match lock.try_lock() {
+            Ok(()) => match self.evict_locked() {
+                Ok(report) => info!(?report, "evicted"),
+                Err(e) => warn!(error = %e, "eviction failed"),
+            },
+            Err(TryLockError::WouldBlock) => debug!("eviction already running elsewhere"),
+            Err(TryLockError::Error(e)) => {
+                warn!(path = %path.display(), error = %e, "could not lock for eviction")
+            }
+        }
+    }
+
+    /// Adds to the usage counter under its lock; `None` if there was no counter yet (a new
+    /// cache, or one whose counter was lost), which calls for a scan.
+    fn add_usage(&self, added: u64) -> Result<Option<u64>, Error> {
+        let (file, path) = self.bookkeeping_file(USAGE_FILE)?;
+        file.lock().map_err(io_at(&path))?;
+        let mut buf = [0; 8];
+        let old = match file.read_exact_at(&mut buf, 0) {
+            Ok(()) => Some(u64::from_le_bytes(buf)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let total = old.unwrap_or(0).saturating_add(added);
+        file.write_all_at(&total.to_le_bytes(), 0).map_err(io_at(&path))?;
+        Ok(old.map(|_| total))
+    }
+
+    fn set_usage(&self, total: u64) -> Result<(), Error> {
+        let (file, path) = self.bookkeeping_file(USAGE_FILE)?;
+        file.lock().map_err(io_at(&path))?;
+        file.write_all_at(&total.to_le_bytes(), 0).map_err(io_at(&path))
+    }
+
+    /// The eviction pass proper; the caller holds the eviction lock.
+    fn evict_locked(&self) -> Result<EvictReport, Error> {
+        let mut report = EvictReport { removed_temp_files: self.remove_stale_temps()?, ..EvictReport::default() };
+        let mut entries = self.scan()?;
+        let mut total: u64 = entries.iter().map(|e| e.len).sum();
+        let max = self.config.max_bytes;
+        let target = max - max / 10;
+        if total > max {
+            entries.sort_by(|a, b| (a.modified, &a.path).cmp(&(b.modified, &b.path)));
+            let now = SystemTime::now();
+            for entry in &entries {
+                let age = now.duration_since(entry.modified).unwrap_or_default();
+                if total <= target || age < self.config.grace {
+                    break; // sorted oldest first: everything after is younger still
+                }
+                if remove_if_unused(entry)? {
+                    total -= entry.len;
+                    report.removed_entries += 1;
+                    report.removed_bytes += entry.len;
+                }
+            }
+        }
+        report.kept_entries = entries.len() as u64 - report.removed_entries;
+        report.kept_bytes = total;
+        // When the grace period kept the cache over its limit, record the target instead of
+        // the real total: otherwise every put would rescan a cache that cannot shrink yet.
+        // This way the next pass comes after another tenth of the limit has been written.
+        self.set_usage(if total > max { target } else { total })?;
+        Ok(report)
+    }
+
+    /// Deletes temp files left by writers that died mid-write; returns how many.
+    fn remove_stale_temps(&self) -> Result<u64, Error> {
+        let dir = self.root.join(TMP_DIR);
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for item in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let item = item.map_err(io_at(&dir))?;
+            let Ok(modified) = item.metadata().and_then(|m| m.modified()) else {
+                continue; // finished and removed since the listing
+            };
+            if now.duration_since(modified).unwrap_or_default() >= STALE_TEMP {
+                match fs::remove_file(item.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_at(&item.path())(e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Lists every entry file with its size and last-used time.
+    fn scan(&self) -> Result<Vec<Scanned>, Error> {
+        let dir = self.root.join(ENTRIES_DIR);
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let shard = shard.map_err(io_at(&dir))?;
+            if !shard.file_type().map_err(io_at(&shard.path()))?.is_dir() {
+                continue;
+            }
+            let shard = shard.path();
+            for item in fs::read_dir(&shard).map_err(io_at(&shard))? {
+                let item = item.map_err(io_at(&shard))?;
+                let meta = match item.metadata() {
+                    Ok(meta) => meta,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_at(&item.path())(e)),
+                };
+                if meta.is_file() {
+                    found.push(Scanned {
+                        path: item.path(),
+                        len: meta.len(),
+                        modified: meta.modified().map_err(io_at(&item.path()))?,
+                        ino: meta.ino(),
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Opens (creating) a small file under the root that is used for its lock.
+    fn bookkeeping_file(&self, name: &str) -> Result<(File, PathBuf), Error> {
+        let path = self.root.join(name);
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_at(&path))?;
+        Ok((file, path))
+    }
+}
+
+/// Unlinks a scanned entry unless it was hit (or replaced) since the scan. Returns whether it
+/// is gone now.
+fn remove_if_unused(entry: &Scanned) -> Result<bool, Error> {
+    match fs::symlink_metadata(&entry.path) {
+        Ok(now) if now.ino() == entry.ino && now.modified().ok() == Some(entry.modified) => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(io_at(&entry.path)(e)),
+    }
+    match fs::remove_file(&entry.path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(io_at(&entry.path)(e)),
+    }
+}
+
+/// Removes the corrupt file at `path` if it is still `read`, the file that was read: another
+/// reader may have removed it already and a writer published a good entry under the same name
+/// since. Holding `read` open is what makes comparing inode numbers sound: an inode that is
+/// still open cannot be freed and reused for the new file.
+fn remove_if_same_file(path: &Path, read: &File) {
+    let Ok(read) = read.metadata() else { return };
+    let same = fs::symlink_metadata(path).is_ok_and(|now| now.ino() == read.ino() && now.dev() == read.dev());
+    if same && let Err(e) = fs::remove_file(path) {
+        warn!(path = %path.display(), error = %e, "could not remove corrupt cache entry");
+    }
+}
+
+/// Wraps an I/O error with the path it happened on.
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::EntryKind;
+
+    fn store(dir: &Path) -> DiskStore {
+        DiskStore::open(dir, DiskConfig::default()).unwrap()
+    }
+
+    fn entry(payload: &[u8]) -> Entry {
+        Entry { kind: EntryKind::Result, key: CacheKey([3; 32]), toolchain: [0; 32], payload: payload.to_vec() }
+    }
+
+    #[test]
+    fn losing_the_link_race_keeps_the_winner_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let first = entry(b"first");
+        let path = store.entry_path(&first.key);
+        assert!(matches!(store.publish(&first.encode(), &path), Ok(PutOutcome::Published { .. })));
+        assert_eq!(store.publish(&entry(b"second").encode(), &path).unwrap(), PutOutcome::AlreadyPresent);
+        assert_eq!(fs::read(&path).unwrap(), first.encode());
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn corrupt_file_replaced_by_a_good_one_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry");
+        fs::write(&path, b"corrupt").unwrap();
+        let read = File::open(&path).unwrap();
+        // Another reader removes the corrupt file, a writer publishes a new one...
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"good").unwrap();
+        // ...and this reader's cleanup must leave it alone.
+        remove_if_same_file(&path, &read);
+        assert_eq!(fs::read(&path).unwrap(), b"good");
+        remove_if_same_file(&path, &File::open(&path).unwrap());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn usage_counter_tracks_puts_and_is_reset_by_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        assert_eq!(store.add_usage(10).unwrap(), None);
+        assert_eq!(store.add_usage(5).unwrap(), Some(15));
+        store.evict().unwrap();
+        assert_eq!(store.add_usage(0).unwrap(), Some(0));
+        let published = store.put(&entry(b"x")).unwrap();
+        let PutOutcome::Published { bytes } = published else { panic!("{published:?}") };
+        assert_eq!(store.add_usage(0).unwrap(), Some(bytes));
+        // A pass that the grace period keeps over the limit records the target, not the real
+        // total, so the next puts do not each rescan a cache that cannot shrink yet.
+        let small = DiskStore::open(dir.path(), DiskConfig { max_bytes: 10, grace: Duration::from_secs(600) }).unwrap();
+        assert_eq!(small.evict().unwrap().kept_bytes, bytes);
+        assert_eq!(small.add_usage(0).unwrap(), Some(9));
+    }
+}

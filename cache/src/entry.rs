@@ -1,0 +1,396 @@
+//! The entry format: one self-verifying blob per cache entry, identical on disk and on the wire.
+//!
+//! Layout (integers little-endian):
+//!
+//! ```text
+//! 0   magic "FERRYCE\0"               8 bytes
+//! 8   format version (1)              u32
+//! 12  kind (1 result, 2 manifest)     u8
+//! 13  compression (0 none, 1 lz4)     u8
+//! 14  reserved, zero                  2 bytes
+//! 16  key                             32 bytes
+//! 48  toolchain id                    32 bytes
+//! 80  uncompressed payload length     u64
+//! 88  stored payload length           u64
+//! 96  stored payload                  (stored length)
+//! ..  blake3 of everything above      32 bytes
+//! ```
+//!
+//! A reader trusts nothing before the checksum matches, and nothing after it that the header
+//! does not agree with: the key must be the one asked for and every length must add up.
+
+use std::fmt;
+
+use crate::key::{CacheKey, hex};
+
+/// What an entry holds: the kind byte of the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A [`CompileOutput`](crate::CompileOutput): what a compile produced.
+    Result,
+    /// What a second lookup needs, e.g. the inputs a compile turned out to read; its payload
+    /// format belongs to the caller.
+    Manifest,
+}
+
+/// One cache entry: what is stored under a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// How to interpret the payload.
+    pub kind: EntryKind,
+    /// The key the entry is stored under; repeated inside so a misplaced file is detected.
+    pub key: CacheKey,
+    /// The ToolchainId of the compiler that produced it, for stats and for purging a toolchain.
+    pub toolchain: [u8; 32],
+    /// The entry's content, uncompressed.
+    pub payload: Vec<u8>,
+}
+
+/// Why bytes are not a valid entry (or a valid [`CompileOutput`](crate::CompileOutput)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    /// Too few bytes to hold even an empty entry; includes a zero-length file.
+    #[error("entry is {len} bytes, shorter than the {MIN_LEN}-byte minimum")]
+    TooShort { len: usize },
+    /// The trailing blake3 does not match the content: a flipped bit or a truncation.
+    #[error("checksum mismatch: entry says {}, content hashes to {}", hex(stored), hex(computed))]
+    ChecksumMismatch { stored: [u8; 32], computed: [u8; 32] },
+    #[error("bad magic \"{}\"", found.escape_ascii())]
+    BadMagic { found: [u8; 8] },
+    /// Written by a newer (or older) ferry; `what` says which format.
+    #[error("unsupported {what} format version {version}")]
+    UnsupportedVersion { what: &'static str, version: u32 },
+    #[error("unknown entry kind {kind}")]
+    BadKind { kind: u8 },
+    #[error("unknown compression method {compression}")]
+    BadCompression { compression: u8 },
+    /// A valid entry, but for another key: a misplaced or renamed file.
+    #[error("entry holds key {found}, expected {expected}")]
+    KeyMismatch { expected: CacheKey, found: CacheKey },
+    #[error("{what} length mismatch: header says {expected} bytes, found {actual}")]
+    LengthMismatch { what: &'static str, expected: u64, actual: u64 },
+    #[error("lz4 decompression failed: {reason}")]
+    Decompress { reason: String },
+    /// A length-prefixed field runs past the end of the input.
+    #[error("truncated {what} at byte {offset}")]
+    Truncated { what: &'static str, offset: usize },
+    #[error("{count} unexpected trailing bytes")]
+    TrailingBytes { count: usize },
+    /// A field holds a value its type does not allow (a bool that is 2, a path that is not utf-8).
+    #[error("invalid {what} at byte {offset}")]
+    Invalid { what: &'static str, offset: usize },
+}
+
+const MAGIC: [u8; 8] = *b"FERRYCE\0";
+const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 96;
+const CHECKSUM_LEN: usize = 32;
+const MIN_LEN: usize = HEADER_LEN + CHECKSUM_LEN;
+const STORED_RAW: u8 = 0;
+const STORED_LZ4: u8 = 1;
+/// lz4 cannot compress better than about 255:1, so a header claiming a larger uncompressed
+/// size is refused before anything that large is allocated.
+const LZ4_MAX_RATIO: u64 = 256;
+
+impl Entry {
+    /// Serializes the entry, lz4-compressing the payload when that makes it smaller.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = &self.payload;
+        let bound = lz4_flex::block::get_maximum_output_size(payload.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + bound + CHECKSUM_LEN);
+        out.resize(HEADER_LEN + bound, 0);
+        let compressed =
+            lz4_flex::block::compress_into(payload, &mut out[HEADER_LEN..]).ok().filter(|&len| len < payload.len());
+        let compression = match compressed {
+            Some(len) => {
+                out.truncate(HEADER_LEN + len);
+                STORED_LZ4
+            }
+            None => {
+                out.truncate(HEADER_LEN);
+                out.extend_from_slice(payload);
+                STORED_RAW
+            }
+        };
+        let stored_len = (out.len() - HEADER_LEN) as u64;
+        let header = &mut out[..HEADER_LEN];
+        header[0..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[12] = self.kind.to_byte();
+        header[13] = compression;
+        header[14..16].fill(0);
+        header[16..48].copy_from_slice(&self.key.0);
+        header[48..80].copy_from_slice(&self.toolchain);
+        header[80..88].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        header[88..96].copy_from_slice(&stored_len.to_le_bytes());
+        let checksum = blake3::hash(&out);
+        out.extend_from_slice(checksum.as_bytes());
+        out
+    }
+
+    /// Parses and fully verifies an encoded entry that was looked up as `expected_key`.
+    pub fn decode(bytes: &[u8], expected_key: &CacheKey) -> Result<Entry, EntryError> {
+        let header = Header::verify(bytes, expected_key)?;
+        let payload = match header.compression {
+            STORED_RAW => stored(bytes).to_vec(),
+            _ => decompress(stored(bytes), header.uncompressed_len)?,
+        };
+        Ok(header.into_entry(payload))
+    }
+
+    /// [`Entry::decode`] for bytes the caller owns: an uncompressed payload is reused in place
+    /// instead of copied, which matters on the hit path for large entries.
+    pub(crate) fn decode_owned(mut bytes: Vec<u8>, expected_key: &CacheKey) -> Result<Entry, EntryError> {
+        let header = Header::verify(&bytes, expected_key)?;
+        let payload = match header.compression {
+            STORED_RAW => {
+                bytes.truncate(bytes.len() - CHECKSUM_LEN);
+                bytes.drain(..HEADER_LEN);
+                bytes
+            }
+            _ => decompress(stored(&bytes), header.uncompressed_len)?,
+        };
+        Ok(header.into_entry(payload))
+    }
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("kind", &self.kind)
+            .field("key", &self.key)
+            .field("toolchain", &hex(&self.toolchain))
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+impl EntryKind {
+    fn to_byte(self) -> u8 {
+        match self {
+            EntryKind::Result => 1,
+            EntryKind::Manifest => 2,
+        }
+    }
+
+    fn from_byte(kind: u8) -> Option<EntryKind> {
+        match kind {
+            1 => Some(EntryKind::Result),
+            2 => Some(EntryKind::Manifest),
+            _ => None,
+        }
+    }
+}
+
+/// The verified header fields of an entry.
+struct Header {
+    kind: EntryKind,
+    key: CacheKey,
+    toolchain: [u8; 32],
+    compression: u8,
+    uncompressed_len: u64,
+}
+
+impl Header {
+    /// Checks everything that can be checked without touching the payload, in the documented
+    /// order; for a raw payload that includes its length.
+    fn verify(bytes: &[u8], expected_key: &CacheKey) -> Result<Header, EntryError> {
+        if bytes.len() < MIN_LEN {
+            return Err(EntryError::TooShort { len: bytes.len() });
+        }
+        let (content, stored_sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        let computed = blake3::hash(content);
+        if computed.as_bytes() != stored_sum {
+            return Err(EntryError::ChecksumMismatch { stored: array(stored_sum), computed: *computed.as_bytes() });
+        }
+        if bytes[0..8] != MAGIC {
+            return Err(EntryError::BadMagic { found: array(&bytes[0..8]) });
+        }
+        let version = u32::from_le_bytes(array(&bytes[8..12]));
+        if version != FORMAT_VERSION {
+            return Err(EntryError::UnsupportedVersion { what: "entry", version });
+        }
+        let kind = EntryKind::from_byte(bytes[12]).ok_or(EntryError::BadKind { kind: bytes[12] })?;
+        let compression = bytes[13];
+        if compression != STORED_RAW && compression != STORED_LZ4 {
+            return Err(EntryError::BadCompression { compression });
+        }
+        let key = CacheKey(array(&bytes[16..48]));
+        if key != *expected_key {
+            return Err(EntryError::KeyMismatch { expected: *expected_key, found: key });
+        }
+        let uncompressed_len = u64::from_le_bytes(array(&bytes[80..88]));
+        let stored_len = u64::from_le_bytes(array(&bytes[88..96]));
+        let actual_stored = (bytes.len() - MIN_LEN) as u64;
+        if stored_len != actual_stored {
+            return Err(EntryError::LengthMismatch {
+                what: "stored payload",
+                expected: stored_len,
+                actual: actual_stored,
+            });
+        }
+        if compression == STORED_RAW && uncompressed_len != stored_len {
+            return Err(EntryError::LengthMismatch {
+                what: "uncompressed payload",
+                expected: uncompressed_len,
+                actual: stored_len,
+            });
+        }
+        Ok(Header { kind, key, toolchain: array(&bytes[48..80]), compression, uncompressed_len })
+    }
+
+    fn into_entry(self, payload: Vec<u8>) -> Entry {
+        Entry { kind: self.kind, key: self.key, toolchain: self.toolchain, payload }
+    }
+}
+
+/// The stored payload of bytes that passed [`Header::verify`].
+fn stored(bytes: &[u8]) -> &[u8] {
+    &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
+}
+
+fn decompress(stored: &[u8], uncompressed_len: u64) -> Result<Vec<u8>, EntryError> {
+    let bound = (stored.len() as u64).saturating_mul(LZ4_MAX_RATIO);
+    let len = usize::try_from(uncompressed_len).ok().filter(|_| uncompressed_len <= bound).ok_or_else(|| {
+        EntryError::Decompress {
+            reason: format!("{uncompressed_len} bytes cannot come from {} compressed bytes", stored.len()),
+        }
+    })?;
+    let payload =
+        lz4_flex::block::decompress(stored, len).map_err(|e| EntryError::Decompress { reason: e.to_string() })?;
+    if payload.len() != len {
+        return Err(EntryError::LengthMismatch {
+            what: "uncompressed payload",
+            expected: uncompressed_len,
+            actual: payload.len() as u64,
+        });
+    }
+    Ok(payload)
+}
+
+/// Copies a slice of known length into an array.
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    bytes.try_into().expect("caller passes exactly N bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(payload: Vec<u8>) -> Entry {
+        Entry { kind: EntryKind::Result, key: CacheKey([7; 32]), toolchain: [9; 32], payload }
+    }
+
+    /// Bytes that lz4 cannot shrink.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut out = vec![0; len];
+        blake3::Hasher::new().finalize_xof().fill(&mut out);
+        out
+    }
+
+    fn compressible(len: usize) -> Vec<u8> {
+        b"fn main() { println!(\"hello\"); }\n".iter().copied().cycle().take(len).collect()
+    }
+
+    /// Recomputes the checksum after a header edit, to reach the checks behind it.
+    fn reseal(mut bytes: Vec<u8>, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+        bytes.truncate(bytes.len() - CHECKSUM_LEN);
+        edit(&mut bytes);
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        bytes
+    }
+
+    #[test]
+    fn round_trips_compressed_raw_and_empty() {
+        for (payload, compression) in
+            [(compressible(100_000), STORED_LZ4), (noise(10_000), STORED_RAW), (Vec::new(), STORED_RAW)]
+        {
+            let original = entry(payload);
+            let bytes = original.encode();
+            assert_eq!(bytes[13], compression);
+            if compression == STORED_LZ4 {
+                assert!(bytes.len() < original.payload.len() / 4);
+            }
+            assert_eq!(Entry::decode(&bytes, &original.key), Ok(original.clone()));
+            assert_eq!(Entry::decode_owned(bytes, &original.key), Ok(original));
+        }
+        let manifest = Entry { kind: EntryKind::Manifest, ..entry(b"k".to_vec()) };
+        assert_eq!(Entry::decode(&manifest.encode(), &manifest.key), Ok(manifest));
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_truncation_is_rejected() {
+        for payload in [compressible(300), noise(40)] {
+            let original = entry(payload);
+            let bytes = original.encode();
+            for at in 0..bytes.len() {
+                for flip in [0x01, 0x80, 0xff] {
+                    let mut bad = bytes.clone();
+                    bad[at] ^= flip;
+                    assert!(Entry::decode(&bad, &original.key).is_err(), "flip {flip:#x} at {at}");
+                    assert!(Entry::decode_owned(bad, &original.key).is_err());
+                }
+            }
+            for len in 0..bytes.len() {
+                assert!(Entry::decode(&bytes[..len], &original.key).is_err(), "truncated to {len}");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(Entry::decode(&longer, &original.key).is_err());
+        }
+        assert_eq!(Entry::decode(&[], &CacheKey([0; 32])), Err(EntryError::TooShort { len: 0 }));
+    }
+
+    #[test]
+    fn wrong_key_is_rejected() {
+        let original = entry(b"payload".to_vec());
+        let other = CacheKey([8; 32]);
+        assert_eq!(
+            Entry::decode(&original.encode(), &other),
+            Err(EntryError::KeyMismatch { expected: other, found: original.key })
+        );
+    }
+
+    #[test]
+    fn each_header_check_has_its_own_error() {
+        let original = entry(compressible(1000));
+        let key = original.key;
+        let bytes = original.encode();
+        let check = |edit: fn(&mut [u8]), expected: &str| {
+            let bad = reseal(bytes.clone(), edit);
+            let err = Entry::decode(&bad, &key).expect_err(expected);
+            assert_eq!(err.to_string(), expected);
+        };
+        check(|b| b[0] = b'X', r#"bad magic "XERRYCE\x00""#);
+        check(|b| b[8] = 2, "unsupported entry format version 2");
+        check(|b| b[12] = 0, "unknown entry kind 0");
+        check(|b| b[13] = 7, "unknown compression method 7");
+        check(|b| b[88] ^= 1, "stored payload length mismatch: header says 49 bytes, found 48");
+        check(|b| b[80] ^= 1, "uncompressed payload length mismatch: header says 1001 bytes, found 1000");
+        check(
+            |b| b[80..88].copy_from_slice(&u64::MAX.to_le_bytes()),
+            "lz4 decompression failed: 18446744073709551615 bytes cannot come from 48 compressed bytes",
+        );
+        // What lz4 itself rejects: its own messages, so only the variant is checked.
+        let lz4_rejects: [fn(&mut [u8]); 2] =
+            [|b| b[80..88].copy_from_slice(&999u64.to_le_bytes()), |b| b[HEADER_LEN..HEADER_LEN + 48].fill(0xff)];
+        for edit in lz4_rejects {
+            let err = Entry::decode(&reseal(bytes.clone(), edit), &key);
+            assert!(matches!(err, Err(EntryError::Decompress { .. })), "{err:?}");
+        }
+        let raw = entry(noise(50)).encode();
+        let bad = reseal(raw, |b| b[80] = 49);
+        assert_eq!(
+            Entry::decode(&bad, &key).unwrap_err().to_string(),
+            "uncompressed payload length mismatch: header says 49 bytes, found 50"
+        );
+    }
+
+    #[test]
+    fn debug_does_not_dump_the_payload() {
+        let text = format!("{:?}", entry(vec![b'Z'; 64]));
+        assert!(text.contains("payload_len: 64"), "{text}");
+        assert!(!text.contains("90, 90"), "{text}");
+    }
+}

@@ -1,0 +1,23 @@
+//! The result cache of ferry: cache keys, the on-disk entry format, and the storage tiers.
+//!
+//! A [`KeyBuilder`] hashes everything a compile can observe into a [`CacheKey`] and remembers
+//! the readable parts so `ferry explain` can print and diff them. What a compile produced is a
+//! [`CompileOutput`]; it travels as the payload of an [`Entry`], a self-verifying blob (magic,
+//! version, the full key, the toolchain id, sizes, optional lz4, a blake3 checksum over all of
+//! it). Tiers implement [`Store`]; [`DiskStore`] is the local one: one file per entry, published
+//! with link(2) so nothing is ever overwritten, verified on every read, and kept under its size
+//! limit by an opportunistic LRU eviction that the hit path never waits for.
+//!
+//! This crate knows nothing of sockets, gRPC or ferry's config files.
+
+mod disk;
+mod entry;
+mod key;
+mod output;
+mod store;
+
+pub use disk::{DiskConfig, DiskStore, EvictReport, Usage};
+pub use entry::{Entry, EntryError, EntryKind};
+pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
+pub use output::{CompileOutput, OutputFile};
+pub use store::{Error, PutOutcome, Store};

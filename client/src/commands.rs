@@ -1,0 +1,191 @@
+//! The command-line face of `ferry`: `toolchain package|list` and `stats`. Glue over the library
+//! crates; output is a small aligned table, or JSON with `--json`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use ferry_toolchains::{LocalStore, resolve_compiler};
+
+use crate::config::Config;
+use crate::stats::Stats;
+
+#[derive(Subcommand, Debug)]
+pub enum ToolchainCommand {
+    /// Identify a toolchain and build its archive into the local store
+    Package(PackageArgs),
+    /// List toolchains
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PackageArgs {
+    /// The rustc to package (default: `RUSTC`, else `rustc` from PATH, as cargo resolves it)
+    #[arg(long, value_name = "PATH")]
+    rustc: Option<PathBuf>,
+    /// Include the standard library of this target too (repeatable); the host is always included
+    #[arg(long = "target", value_name = "TRIPLE")]
+    targets: Vec<String>,
+    /// Print one JSON object
+    #[arg(long)]
+    json: bool,
+    /// A rustup toolchain name, as in `cargo +nightly` (only when rustc is a rustup proxy)
+    #[arg(value_name = "+TOOLCHAIN")]
+    plus: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// List the local store (the cluster listing needs a scheduler)
+    #[arg(long)]
+    local: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    #[arg(long)]
+    json: bool,
+    /// Reset every counter to zero
+    #[arg(long)]
+    zero: bool,
+}
+
+pub fn toolchain(cmd: ToolchainCommand) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    crate::logging::init(&config);
+    match cmd {
+        ToolchainCommand::Package(args) => package(&config, args),
+        ToolchainCommand::List(args) => list(&config, args),
+    }
+}
+
+fn package(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
+    let plus = match &args.plus {
+        Some(p) => {
+            Some(p.strip_prefix('+').with_context(|| format!("unexpected argument '{p}' (did you mean +{p}?)"))?)
+        }
+        None => None,
+    };
+    let rustc = args
+        .rustc
+        .clone()
+        .or_else(|| std::env::var_os("RUSTC").filter(|s| !s.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("rustc"));
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let compiler = resolve_compiler(&rustc, plus, &cwd)?;
+    let store = LocalStore::open(&config.cache_dir)?;
+    let packaged = store.package(&compiler, &args.targets)?;
+    let t = &packaged.identified;
+    if args.json {
+        let json = serde_json::json!({
+            "id": t.id.to_hex(),
+            "files": t.files,
+            "bytes": t.bytes,
+            "archive": packaged.archive,
+            "archive_bytes": packaged.archive_bytes,
+            "built": packaged.built,
+            "rustc_version": t.probe.version,
+            "release": t.probe.release,
+            "host": t.probe.host,
+            "targets": t.targets,
+            "rustc": compiler.rustc,
+            "root": compiler.root,
+            "resolved_via": compiler.via,
+        });
+        println!("{json}");
+    } else {
+        let state = if packaged.built { "built" } else { "already in the store" };
+        println!("id        {}", t.id);
+        println!("rustc     {} ({})", t.probe.version, compiler.root.display());
+        println!("targets   {}", t.targets.join(", "));
+        println!("files     {} ({})", t.files, human_bytes(t.bytes));
+        println!("archive   {} ({}, {state})", packaged.archive.display(), human_bytes(packaged.archive_bytes));
+    }
+    Ok(())
+}
+
+fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
+    if !args.local {
+        bail!("the cluster listing is not available yet; use 'ferry toolchain list --local'");
+    }
+    let store = LocalStore::open(&config.cache_dir)?;
+    let all = store.list()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no toolchains in {}", config.cache_dir.display());
+        return Ok(());
+    }
+    println!("{:<16}  {:<40}  {:>9}  {:>9}  {:<10}  TARGETS", "ID", "RUSTC", "FILES", "ARCHIVE", "PACKAGED");
+    for t in all {
+        println!(
+            "{:<16}  {:<40}  {:>9}  {:>9}  {:<10}  {}",
+            &t.id[..16],
+            t.rustc_version,
+            human_bytes(t.bytes),
+            human_bytes(t.archive_bytes),
+            date(t.packaged_at),
+            t.targets.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let path = config.stats_path();
+    if args.zero {
+        Stats::zero(&path)?;
+        println!("statistics zeroed");
+        return Ok(());
+    }
+    let stats = Stats::read(&path);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        print!("{}", stats.table());
+    }
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+/// `YYYY-MM-DD` of a Unix time, without a date crate (civil-from-days, proleptic Gregorian).
+fn date(secs: u64) -> String {
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_and_sizes() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(1_795_219_200), "2026-11-21");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}

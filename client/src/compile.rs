@@ -1,0 +1,577 @@
+//! The compiler wrapper: `ferry /path/to/rustc ARGS...`.
+//!
+//! 1. Classify the call; pass-through calls `exec` the real compiler (one process spawn, nothing else).
+//! 2. Identify the toolchain (weak-key map → ToolchainId) and compute the *pre-key*: everything known
+//!    before compiling (toolchain, cwd, normalized arguments, `--extern` contents, observable
+//!    environment, and for linking crates the linker and native libraries).
+//! 3. Look up input manifests stored under the pre-key: each lists the files and environment
+//!    variables a previous compile read. Hashing those files now gives a result key; a result entry
+//!    under it is a hit, replayed without running rustc.
+//! 4. On a miss, run rustc once (stdout/stderr teed live for cargo's pipelining), learn the inputs
+//!    from its dep-info, and store the result and the manifest.
+//!
+//! Every infrastructure problem turns into a plain compile with a counted reason; the wrapper never
+//! writes to the build's stdout/stderr anything rustc did not write.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
+
+use ferry_cache::{
+    CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, KeyBuilder, OutputFile,
+    PutOutcome, Store,
+};
+use ferry_toolchains::{Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::depinfo;
+use crate::process;
+use crate::rustc_args::{Classified, RustcArgs, classify};
+use crate::stats::Stats;
+
+/// How many different input lists one pre-key may accumulate (a crate whose module set changes).
+const MAX_MANIFESTS: u32 = 8;
+
+/// Environment variables rustc (or the linker it runs) reads, beyond `CARGO_*` and `env-dep`s.
+const OBSERVED_ENV: &[&str] = &[
+    "RUSTC_BOOTSTRAP",
+    "SOURCE_DATE_EPOCH",
+    "RUSTC_OVERRIDE_VERSION_STRING",
+    "RUST_TARGET_PATH",
+    "LIBRARY_PATH",
+    "MACOSX_DEPLOYMENT_TARGET",
+    "IPHONEOS_DEPLOYMENT_TARGET",
+    "SDKROOT",
+];
+
+/// `CARGO_*` variables that never reach a compile's output but differ between machines or runs.
+const IGNORED_CARGO_ENV: &[&str] = &["CARGO", "CARGO_HOME", "CARGO_MAKEFLAGS"];
+
+/// The payload of a manifest entry: what one compile under a pre-key read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct InputList {
+    files: Vec<String>,
+    env: Vec<String>,
+}
+
+/// Entry point of wrapper mode. `args[0]` is the compiler cargo would have run.
+pub fn wrap(args: &[OsString]) -> ExitCode {
+    let compiler = PathBuf::from(&args[0]);
+    let mut rest = &args[1..];
+    let plus = rest.first().and_then(|a| a.to_str()).and_then(|a| a.strip_prefix('+')).map(str::to_owned);
+    if plus.is_some() {
+        rest = &rest[1..];
+    }
+    let mut stats = Stats { requests: 1, ..Stats::default() };
+    let Ok(config) = Config::load() else {
+        // No usable config means no cache dir to count in: just be rustc.
+        return passthrough(&compiler, &args[1..]);
+    };
+    crate::logging::init(&config);
+    let rustc = match classify(rest) {
+        Classified::Cacheable(r) => r,
+        Classified::Passthrough(reason) => {
+            tracing::debug!(reason, "pass-through");
+            *stats.passthrough.entry(reason).or_default() += 1;
+            let _ = Stats::add(&config.stats_path(), &stats);
+            return passthrough(&compiler, &args[1..]);
+        }
+    };
+    let cwd = match std::env::current_dir() {
+        Ok(cwd) => cwd,
+        Err(_) => return passthrough(&compiler, &args[1..]),
+    };
+    let mut job = Job { config, compiler, plus, rustc, cwd, stats, digests: HashMap::new() };
+    let code = job.run();
+    let _ = Stats::add(&job.config.stats_path(), &job.stats);
+    code
+}
+
+/// Replaces this process with the real compiler: exact stdio, exit code and signals, at the cost
+/// of one exec.
+fn passthrough(compiler: &Path, args: &[OsString]) -> ExitCode {
+    let err = process::exec(compiler, args);
+    // Only reached when exec failed: report like a missing compiler would be reported.
+    let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {err}", compiler.display());
+    ExitCode::from(1)
+}
+
+struct Job {
+    config: Config,
+    /// The compiler path cargo gave us; rustc is always run through it, so a miss behaves exactly
+    /// as the unwrapped build would.
+    compiler: PathBuf,
+    plus: Option<String>,
+    rustc: Box<RustcArgs>,
+    cwd: PathBuf,
+    stats: Stats,
+    /// Content digests computed by this process, by path as listed (None: unreadable).
+    digests: HashMap<String, Option<[u8; 32]>>,
+}
+
+/// A reason to fall back to a plain compile.
+struct Fallback(&'static str);
+
+impl Job {
+    fn run(&mut self) -> ExitCode {
+        if self.rustc.links() && self.rustc.target.as_deref().is_some_and(|t| !t.contains("-linux")) {
+            *self.stats.passthrough.entry("link-target-unsupported".into()).or_default() += 1;
+            return self.plain_compile();
+        }
+        match self.cached_compile() {
+            Ok(code) => code,
+            Err(Fallback(reason)) => {
+                tracing::info!(reason, krate = %self.rustc.crate_name, "falling back to a plain compile");
+                *self.stats.fallbacks.entry(reason.into()).or_default() += 1;
+                self.plain_compile()
+            }
+        }
+    }
+
+    fn cached_compile(&mut self) -> Result<ExitCode, Fallback> {
+        let id = self.toolchain_id()?;
+        let store = DiskStore::open(
+            self.config.entries_dir(),
+            DiskConfig { max_bytes: self.config.cache_size, grace: self.config.cache_grace },
+        );
+        let store = match store {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "local cache unavailable");
+                self.stats.cache_errors += 1;
+                return Err(Fallback("cache-unavailable"));
+            }
+        };
+        let pre = self.pre_key(&id)?.finish();
+        let mut known = Vec::new();
+        for generation in 0..MAX_MANIFESTS {
+            let Some(entry) = self.get(&store, &manifest_key(&pre, generation)) else { break };
+            let Ok(list) = serde_json::from_slice::<InputList>(&entry.payload) else { continue };
+            known.push(list.clone());
+            let Some(key) = self.result_key(&pre, &list) else { continue };
+            let Some(entry) = self.get(&store, &key) else { continue };
+            match CompileOutput::decode(&entry.payload) {
+                Ok(output) if self.matches_outputs(&output) => {
+                    self.stats.hits_local += 1;
+                    self.stats.bytes_read += entry.payload.len() as u64;
+                    return self.replay(&output);
+                }
+                Ok(_) => tracing::warn!(%key, "entry's outputs differ from this call's; ignoring it"),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "undecodable result entry");
+                    self.stats.corrupt_entries += 1;
+                }
+            }
+        }
+        self.stats.misses += 1;
+        Ok(self.compile_and_store(&store, &id, &pre, &known))
+    }
+
+    fn toolchain_id(&mut self) -> Result<ToolchainId, Fallback> {
+        let compiler = resolve_compiler(&self.compiler, self.plus.as_deref(), &self.cwd).map_err(|e| {
+            tracing::warn!(error = %e, "cannot resolve the toolchain");
+            Fallback("toolchain-unresolved")
+        })?;
+        let store = LocalStore::open(&self.config.cache_dir).map_err(|e| {
+            tracing::warn!(error = %e, "toolchain store unavailable");
+            Fallback("toolchain-store")
+        })?;
+        let targets: Vec<String> = self.rustc.target.iter().cloned().collect();
+        match store.identify(&compiler, &targets) {
+            Ok(identified) => Ok(identified.id),
+            Err(ToolchainError::UnknownTarget { .. }) => Err(Fallback("target-not-installed")),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot identify the toolchain");
+                Err(Fallback("toolchain-identify"))
+            }
+        }
+    }
+
+    /// Everything that determines the compile and is known before running it.
+    fn pre_key(&mut self, id: &ToolchainId) -> Result<KeyBuilder, Fallback> {
+        let mut k = KeyBuilder::new("rustc-compile");
+        k.field("toolchain", id.to_hex());
+        k.field("cwd", self.cwd.as_os_str().as_encoded_bytes());
+        for (i, arg) in self.rustc.normalized.iter().enumerate() {
+            k.field(&format!("arg{i}"), arg);
+        }
+        for (name, path) in self.rustc.externs.clone() {
+            let digest = self.digest(&path).ok_or(Fallback("extern-unreadable"))?;
+            k.field(&format!("extern:{name}:{path}"), hex(&digest));
+        }
+        let mut env: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| {
+                (name.starts_with("CARGO_") || name == "CARGO") && !IGNORED_CARGO_ENV.contains(&name.as_str())
+                    || OBSERVED_ENV.contains(&name.as_str())
+            })
+            .collect();
+        env.sort();
+        for (name, value) in env {
+            k.field(&format!("env:{name}"), value);
+        }
+        if self.rustc.links() {
+            k.field("linker", self.linker_identity());
+            for (kind, name) in self.rustc.libs.clone() {
+                let found = self.find_native_lib(&name);
+                let value = match found {
+                    Some(path) => {
+                        let digest = self.digest(&path).ok_or(Fallback("native-lib-unreadable"))?;
+                        format!("{path} {}", hex(&digest))
+                    }
+                    None => "system".into(),
+                };
+                k.field(&format!("native-lib:{kind}:{name}"), value);
+            }
+        }
+        Ok(k)
+    }
+
+    /// The key of the result of a compile that read `list`, from the files' current content.
+    /// None when a listed file is gone (that manifest cannot describe this compile).
+    fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<CacheKey> {
+        let mut k = KeyBuilder::new("rustc-result");
+        k.field("pre", pre.to_string());
+        for file in &list.files {
+            let digest = self.digest(file)?;
+            k.field(&format!("file:{file}"), hex(&digest));
+        }
+        for name in &list.env {
+            match std::env::var_os(name) {
+                Some(v) => k.field(&format!("env:{name}"), [b"=", v.as_encoded_bytes()].concat()),
+                None => k.field(&format!("env:{name}"), "unset"),
+            };
+        }
+        Some(k.finish())
+    }
+
+    fn get(&mut self, store: &DiskStore, key: &CacheKey) -> Option<Entry> {
+        match store.get(key) {
+            Ok(found) => found,
+            Err(CacheError::Corrupt { path, reason }) => {
+                tracing::warn!(path = %path.display(), %reason, "corrupt cache entry removed");
+                self.stats.corrupt_entries += 1;
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cache read failed");
+                self.stats.cache_errors += 1;
+                None
+            }
+        }
+    }
+
+    fn put(&mut self, store: &DiskStore, entry: &Entry) -> bool {
+        match store.put(entry) {
+            Ok(PutOutcome::Published { bytes }) => {
+                self.stats.bytes_written += bytes;
+                true
+            }
+            Ok(PutOutcome::AlreadyPresent) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache write failed");
+                self.stats.cache_errors += 1;
+                false
+            }
+        }
+    }
+
+    fn matches_outputs(&self, output: &CompileOutput) -> bool {
+        if output.exit_code != 0 {
+            return output.files.is_empty();
+        }
+        let mut have: Vec<(&str, bool)> = output.files.iter().map(|f| (f.path.as_str(), f.executable)).collect();
+        have.sort();
+        let want = self.rustc.outputs();
+        have.len() == want.len() && have.iter().zip(&want).all(|((p, x), (wp, wx))| p == wp && x == wx)
+    }
+
+    /// Writes every output atomically, then replays stdout and stderr byte for byte.
+    fn replay(&mut self, output: &CompileOutput) -> Result<ExitCode, Fallback> {
+        for file in &output.files {
+            let path = self.cwd.join(&file.path);
+            if let Err(e) = write_atomic(&path, &file.bytes, file.executable) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write a cached output");
+                self.stats.hits_local -= 1;
+                return Err(Fallback("replay-write-failed"));
+            }
+        }
+        let _ = std::io::stdout().write_all(&output.stdout);
+        let _ = std::io::stderr().write_all(&output.stderr);
+        Ok(ExitCode::from(output.exit_code.clamp(0, 255) as u8))
+    }
+
+    fn compile_and_store(
+        &mut self,
+        store: &DiskStore,
+        id: &ToolchainId,
+        pre: &CacheKey,
+        known: &[InputList],
+    ) -> ExitCode {
+        let cargo_dep_info = self.rustc.dep_info_path();
+        let injected = cargo_dep_info
+            .is_none()
+            .then(|| self.config.cache_dir.join("tmp").join(format!("dep-{}-{}.d", std::process::id(), nanos())));
+        let mut args: Vec<OsString> = self.plus.iter().map(|p| OsString::from(format!("+{p}"))).collect();
+        let mut drop_line = None;
+        match &injected {
+            Some(path) => {
+                let _ = fs::create_dir_all(path.parent().expect("tmp dir"));
+                args.extend(inject_dep_info(&self.rustc.args, path).into_iter().map(OsString::from));
+                if self.rustc.json.iter().any(|j| j == "artifacts") {
+                    let artifact = serde_json::to_string(&path.to_string_lossy()).expect("string serializes");
+                    drop_line =
+                        Some(format!(r#"{{"$message_type":"artifact","artifact":{artifact},"emit":"dep-info"}}"#));
+                }
+            }
+            None => args.extend(self.rustc.args.iter().map(OsString::from)),
+        }
+        let dep_info = injected.clone().unwrap_or_else(|| self.cwd.join(cargo_dep_info.as_deref().unwrap_or("")));
+        // Never learn inputs from a stale dep-info left by an earlier compile.
+        let _ = fs::remove_file(&dep_info);
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let run = process::run_teed(&self.compiler, &args, drop_line.as_deref().map(str::as_bytes));
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {e}", self.compiler.display());
+                return ExitCode::from(1);
+            }
+        };
+        self.stats.compiled_local += 1;
+        let compile_ms = clock.elapsed().as_millis() as u64;
+        let stored = self.store_result(store, id, pre, known, &run, &dep_info, started, compile_ms);
+        if let Err(reason) = stored {
+            tracing::debug!(reason, krate = %self.rustc.crate_name, "result not stored");
+            *self.stats.not_stored.entry(reason.into()).or_default() += 1;
+        }
+        if let Some(path) = injected {
+            let _ = fs::remove_file(path);
+        }
+        exit_code(run.status)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_result(
+        &mut self,
+        store: &DiskStore,
+        id: &ToolchainId,
+        pre: &CacheKey,
+        known: &[InputList],
+        run: &process::RunOutput,
+        dep_info: &Path,
+        started: SystemTime,
+        compile_ms: u64,
+    ) -> Result<(), &'static str> {
+        let code = match (run.status.code(), run.status.signal()) {
+            (_, Some(_)) => return Err("killed-by-signal"),
+            (Some(0), _) => 0,
+            (Some(1), _) if self.config.cache_failures => 1,
+            (Some(1), _) => return Err("compile-error"),
+            (Some(101), _) => return Err("internal-compiler-error"),
+            _ => return Err("unexpected-exit-code"),
+        };
+        let text = fs::read_to_string(dep_info).map_err(|_| "no-dep-info")?;
+        let deps = depinfo::parse(&text);
+        for file in &deps.files {
+            let changed = fs::metadata(self.cwd.join(file)).map(|m| modified(&m) > started).unwrap_or(true);
+            if changed {
+                return Err("inputs-changed-during-compile");
+            }
+        }
+        // Digests computed before the compile may describe older content: hash afresh.
+        for file in &deps.files {
+            self.digests.remove(file);
+        }
+        let list = InputList { files: deps.files, env: deps.env };
+        let key = self.result_key(pre, &list).ok_or("input-unreadable")?;
+        let mut files = Vec::new();
+        if code == 0 {
+            for (path, executable) in self.rustc.outputs() {
+                let bytes = fs::read(self.cwd.join(&path)).map_err(|_| "missing-output")?;
+                files.push(OutputFile { path, executable, bytes });
+            }
+        }
+        let output = CompileOutput {
+            exit_code: code,
+            stdout: run.stdout.clone(),
+            stderr: run.stderr.clone(),
+            files,
+            compile_ms,
+        };
+        let entry = Entry { kind: EntryKind::Result, key, toolchain: id.0, payload: output.encode() };
+        if !self.put(store, &entry) {
+            return Err("cache-write-failed");
+        }
+        if !known.contains(&list) {
+            let generation = known.len() as u32;
+            if generation >= MAX_MANIFESTS {
+                return Err("too-many-input-lists");
+            }
+            let payload = serde_json::to_vec(&list).expect("input list serializes");
+            let manifest =
+                Entry { kind: EntryKind::Manifest, key: manifest_key(pre, generation), toolchain: id.0, payload };
+            if !self.put(store, &manifest) {
+                return Err("cache-write-failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// A compile with no cache involvement, for fallbacks: rustc with inherited stdio.
+    fn plain_compile(&mut self) -> ExitCode {
+        let mut args: Vec<OsString> = self.plus.iter().map(|p| OsString::from(format!("+{p}"))).collect();
+        args.extend(self.rustc.args.iter().map(OsString::from));
+        self.stats.compiled_local += 1;
+        match process::run_inherited(&self.compiler, &args) {
+            Ok(status) => exit_code(status),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {e}", self.compiler.display());
+                ExitCode::from(1)
+            }
+        }
+    }
+
+    /// blake3 of a file named as rustc names it (relative to the cwd or absolute), memoized.
+    fn digest(&mut self, path: &str) -> Option<[u8; 32]> {
+        if let Some(d) = self.digests.get(path) {
+            return *d;
+        }
+        let d = fs::read(self.cwd.join(path)).ok().map(|bytes| *blake3::hash(&bytes).as_bytes());
+        self.digests.insert(path.to_owned(), d);
+        d
+    }
+
+    /// The linker rustc will run, identified by its resolved path, file fingerprint and version.
+    fn linker_identity(&self) -> String {
+        let program = self.rustc.linker.clone().unwrap_or_else(|| "cc".into());
+        let resolved = if program.contains('/') {
+            Some(self.cwd.join(&program))
+        } else {
+            std::env::var_os("PATH")
+                .and_then(|p| std::env::split_paths(&p).map(|d| d.join(&program)).find(|c| c.is_file()))
+        };
+        let Some(path) = resolved.and_then(|p| fs::canonicalize(p).ok()) else {
+            return format!("{program} (not found)");
+        };
+        crate::linker::identity(&self.config.cache_dir, &path)
+    }
+
+    fn find_native_lib(&self, name: &str) -> Option<String> {
+        for (kind, dir) in &self.rustc.search_paths {
+            if !matches!(kind.as_str(), "native" | "all") {
+                continue;
+            }
+            for file in [format!("lib{name}.a"), format!("lib{name}.so"), name.to_owned()] {
+                let candidate = Path::new(dir).join(&file);
+                if self.cwd.join(&candidate).is_file() {
+                    return Some(candidate.to_string_lossy().into_owned());
+                }
+            }
+        }
+        None
+    }
+}
+
+fn manifest_key(pre: &CacheKey, generation: u32) -> CacheKey {
+    let mut k = KeyBuilder::new("rustc-manifest");
+    k.field("pre", pre.to_string()).field("generation", generation.to_string());
+    k.finish()
+}
+
+/// The arguments with `dep-info=<path>` added to `--emit` (or an `--emit` added).
+fn inject_dep_info(args: &[String], path: &Path) -> Vec<String> {
+    let extra = format!("dep-info={}", path.display());
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut done = false;
+    let mut iter = args.iter();
+    while let Some(a) = iter.next() {
+        if !done
+            && a == "--emit"
+            && let Some(v) = iter.next()
+        {
+            out.push(a.clone());
+            out.push(format!("{v},{extra}"));
+            done = true;
+            continue;
+        }
+        if !done && let Some(v) = a.strip_prefix("--emit=") {
+            out.push(format!("--emit={v},{extra}"));
+            done = true;
+            continue;
+        }
+        out.push(a.clone());
+    }
+    if !done {
+        out.push(format!("--emit=link,{extra}"));
+    }
+    out
+}
+
+/// Writes a file through a temp file in the same directory and a rename, so a reader (or a
+/// concurrent cargo) never sees a partial output.
+fn write_atomic(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.ferry-{}-{}", std::process::id(), nanos()));
+    let mode = if executable { 0o777 } else { 0o666 };
+    let result = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The wrapper's exit mirrors rustc's: the same code, or the same signal.
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    if let Some(signal) = status.signal() {
+        // SAFETY: restoring the default action and re-raising the signal the child died of.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+        return ExitCode::from(128 + signal as u8);
+    }
+    ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8)
+}
+
+fn modified(meta: &fs::Metadata) -> SystemTime {
+    meta.modified().unwrap_or_else(|_| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(meta.mtime() as u64))
+}
+
+fn hex(digest: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*digest).to_hex().to_string()
+}
+
+fn nanos() -> u32 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dep_info_injection() {
+        let args: Vec<String> = ["--crate-name", "a", "--emit", "link", "a.rs"].map(String::from).into();
+        assert_eq!(inject_dep_info(&args, Path::new("/t/x.d"))[3], "link,dep-info=/t/x.d");
+        let args: Vec<String> = ["--emit=metadata,link", "a.rs"].map(String::from).into();
+        assert_eq!(inject_dep_info(&args, Path::new("/t/x.d"))[0], "--emit=metadata,link,dep-info=/t/x.d");
+        let args: Vec<String> = ["a.rs"].map(String::from).into();
+        assert_eq!(inject_dep_info(&args, Path::new("/t/x.d"))[1], "--emit=link,dep-info=/t/x.d");
+    }
+}

@@ -1,0 +1,205 @@
+//! ferry's configuration: a TOML file, overridden by `FERRY_*` environment variables.
+//!
+//! The file is `FERRY_CONFIG` if set, else `$XDG_CONFIG_HOME/ferry/config.toml` (or
+//! `~/.config/ferry/config.toml`); a missing default file is fine, a missing `FERRY_CONFIG` is not.
+//! Everything is validated once into [`Config`]; errors name the file and the key.
+//!
+//! | setting            | file key          | environment           | default                    |
+//! |--------------------|-------------------|-----------------------|----------------------------|
+//! | cache directory    | `cache.dir`       | `FERRY_CACHE_DIR`     | `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry` |
+//! | cache size limit   | `cache.size`      | `FERRY_CACHE_SIZE`    | `10G`                      |
+//! | cache failures     | `cache.failures`  | `FERRY_CACHE_FAILURES`| `false`                    |
+//! | eviction grace     | `cache.grace_secs`| `FERRY_CACHE_GRACE`   | `600` (seconds)            |
+//! | log filter         | `log.level`       | `FERRY_LOG`           | unset: no logging          |
+//! | log file           | `log.file`        | `FERRY_LOG_FILE`      | `<cache dir>/ferry.log`    |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The resolved configuration every part of the client reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    /// Cache clean compiler-error exits (rustc exit 1) too; off by default because a cached
+    /// failure hides a flaky environment problem from the person who could fix it.
+    pub cache_failures: bool,
+    /// Entries younger than this are never evicted, so a running build keeps what it just wrote.
+    pub cache_grace: Duration,
+    /// A tracing filter (`info`, `ferry=debug`, ...); `None` means no logging at all.
+    pub log: Option<String>,
+    pub log_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    cache: CacheSection,
+    #[serde(default)]
+    log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheSection {
+    dir: Option<PathBuf>,
+    size: Option<toml::Value>,
+    failures: Option<bool>,
+    grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogSection {
+    level: Option<String>,
+    file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the file (if any) and applies the environment on top.
+    pub fn load() -> anyhow::Result<Config> {
+        Config::load_from(&|name| std::env::var(name).ok())
+    }
+
+    pub fn load_from(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let explicit = env("FERRY_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let path = explicit.clone().or_else(|| config_home(env).map(|d| d.join("ferry/config.toml")));
+        let file = match &path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
+                Err(e) => return Err(e).with_context(|| format!("reading config file {}", path.display())),
+            },
+            None => FileConfig::default(),
+        };
+        let origin = |key: &str| match &path {
+            Some(p) => format!("{}: key '{key}'", p.display()),
+            None => format!("key '{key}'"),
+        };
+
+        let cache_dir = match env("FERRY_CACHE_DIR").filter(|s| !s.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => match file.cache.dir {
+                Some(dir) => dir,
+                None => cache_home(env).context("cannot find a cache directory; set FERRY_CACHE_DIR")?.join("ferry"),
+            },
+        };
+        let cache_size = match env("FERRY_CACHE_SIZE") {
+            Some(s) => parse_size(&s).with_context(|| "environment variable FERRY_CACHE_SIZE".to_string())?,
+            None => match file.cache.size {
+                Some(toml::Value::Integer(n)) if n >= 0 => n as u64,
+                Some(toml::Value::String(s)) => parse_size(&s).with_context(|| origin("cache.size"))?,
+                Some(other) => bail!("{}: expected a size like \"10G\", got {other:?}", origin("cache.size")),
+                None => 10 << 30,
+            },
+        };
+        let cache_failures = match env("FERRY_CACHE_FAILURES") {
+            Some(s) => parse_bool(&s).context("environment variable FERRY_CACHE_FAILURES")?,
+            None => file.cache.failures.unwrap_or(false),
+        };
+        let grace = match env("FERRY_CACHE_GRACE") {
+            Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("FERRY_CACHE_GRACE: '{s}' is not seconds"))?,
+            None => file.cache.grace_secs.unwrap_or(600),
+        };
+        let log = env("FERRY_LOG").filter(|s| !s.is_empty()).or(file.log.level);
+        let log_file = env("FERRY_LOG_FILE")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .or(file.log.file)
+            .unwrap_or_else(|| cache_dir.join("ferry.log"));
+        Ok(Config { cache_dir, cache_size, cache_failures, cache_grace: Duration::from_secs(grace), log, log_file })
+    }
+
+    /// Where the local cache tier keeps entries.
+    pub fn entries_dir(&self) -> PathBuf {
+        self.cache_dir.join("cache")
+    }
+
+    pub fn stats_path(&self) -> PathBuf {
+        self.cache_dir.join("stats.json")
+    }
+}
+
+/// Parses `10G`, `512M`, `64KiB`, `1000` (bytes); binary units.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("'{s}' is not a size (try 10G, 512M or a byte count)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => bail!("'{s}' has an unknown unit (use K, M, G or T)"),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| anyhow::anyhow!("'{s}' is too large"))
+}
+
+fn parse_bool(s: &str) -> anyhow::Result<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => bail!("'{s}' is not a boolean (use 1 or 0)"),
+    }
+}
+
+fn config_home(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    env("XDG_CONFIG_HOME").filter(|s| !s.is_empty()).map(PathBuf::from).or_else(|| home(env).map(|h| h.join(".config")))
+}
+
+fn cache_home(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    env("XDG_CACHE_HOME").filter(|s| !s.is_empty()).map(PathBuf::from).or_else(|| home(env).map(|h| h.join(".cache")))
+}
+
+fn home(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    env("HOME").filter(|s| !s.is_empty()).map(PathBuf::from).filter(|p: &PathBuf| p.is_absolute())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let mut vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        vars.push(("HOME".into(), "/h".into()));
+        Config::load_from(&|name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn defaults_and_env_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[cache]\nsize = \"1G\"\nfailures = true\n[log]\nlevel = \"debug\"\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = load(&[("HOME", "/h"), ("FERRY_CONFIG", f)]).unwrap();
+        assert_eq!((c.cache_size, c.cache_failures, c.log.as_deref()), (1 << 30, true, Some("debug")));
+        assert_eq!(c.cache_dir, PathBuf::from("/h/.cache/ferry"));
+        let c = load(&[("HOME", "/h"), ("FERRY_CONFIG", f), ("FERRY_CACHE_SIZE", "5M"), ("FERRY_CACHE_FAILURES", "0")])
+            .unwrap();
+        assert_eq!((c.cache_size, c.cache_failures), (5 << 20, false));
+        let c = load(&[("HOME", "/h")]).unwrap();
+        assert_eq!((c.cache_size, c.cache_failures, c.log), (10 << 30, false, None));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[cache]\nsize = \"lots\"\n").unwrap();
+        let err = format!("{:#}", load(&[("FERRY_CONFIG", file.to_str().unwrap())]).unwrap_err());
+        assert!(err.contains("c.toml: key 'cache.size'") && err.contains("'lots'"), "{err}");
+        std::fs::write(&file, "[cache]\nsize_limit = 3\n").unwrap();
+        let err = format!("{:#}", load(&[("FERRY_CONFIG", file.to_str().unwrap())]).unwrap_err());
+        assert!(err.contains("c.toml") && err.contains("size_limit"), "{err}");
+        let err = format!("{:#}", load(&[("FERRY_CONFIG", "/nonexistent/ferry.toml")]).unwrap_err());
+        assert!(err.contains("/nonexistent/ferry.toml"), "{err}");
+        assert!(load(&[("HOME", "/h"), ("FERRY_CACHE_FAILURES", "maybe")]).is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! Reading rustc's dep-info (`.d`) files: the source files a compile read (modules, `include!`,
+//! `include_str!`, `include_bytes!`, files under `OUT_DIR`) and the environment variables it read
+//! through `env!`/`option_env!` (`# env-dep:` lines).
+
+/// What one compile read, as listed in its dep-info.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DepInfo {
+    /// Input files, as rustc wrote them (relative to the compile's cwd, or absolute), deduplicated
+    /// and sorted.
+    pub files: Vec<String>,
+    /// Names of environment variables read, sorted.
+    pub env: Vec<String>,
+}
+
+/// Parses a dep-info file. The outputs' own rules (`out: in1 in2`) list the inputs; the empty
+/// `in1:` rules repeat them; `# env-dep:NAME[=value]` lines name variables.
+pub fn parse(text: &str) -> DepInfo {
+    let mut info = DepInfo::default();
+    let mut outputs = Vec::new();
+    for line in text.lines() {
+        if let Some(env) = line.strip_prefix("# env-dep:") {
+            let name = env.split_once('=').map_or(env, |(n, _)| n);
+            info.env.push(unescape(name));
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(colon) = find_rule_colon(line) else { continue };
+        let deps = split_escaped(&line[colon + 1..]);
+        if !deps.is_empty() {
+            outputs.push(unescape(line[..colon].trim()));
+            info.files.extend(deps);
+        }
+    }
+    info.files.retain(|f| !outputs.contains(f));
+    info.files.sort();
+    info.files.dedup();
+    info.env.sort();
+    info.env.dedup();
+    info
+}
+
+/// The colon that ends a rule target: the first `: ` or a trailing `:` not escaped.
+fn find_rule_colon(line: &str) -> Option<usize> {
+    let bytes = line.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b':' if i + 1 == bytes.len() || bytes[i + 1] == b' ' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn split_escaped(deps: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = deps.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(' ') => cur.push(' '),
+                Some(other) => {
+                    cur.push('\\');
+                    cur.push(other);
+                }
+                None => {}
+            },
+            ' ' => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\ ", " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_style_dep_info() {
+        let text = "/t/deps/foo-1.d: src/lib.rs src/a\\ b.rs /t/out/gen.rs x.txt\n\n\
+                    /t/deps/libfoo-1.rmeta: src/lib.rs src/a\\ b.rs /t/out/gen.rs x.txt\n\n\
+                    src/lib.rs:\nsrc/a\\ b.rs:\n/t/out/gen.rs:\nx.txt:\n\n\
+                    # env-dep:CARGO_PKG_NAME=foo\n# env-dep:OUT_DIR=/t/out\n# env-dep:UNSET_ONE\n";
+        let info = parse(text);
+        assert_eq!(info.files, ["/t/out/gen.rs", "src/a b.rs", "src/lib.rs", "x.txt"]);
+        assert_eq!(info.env, ["CARGO_PKG_NAME", "OUT_DIR", "UNSET_ONE"]);
+    }
+}

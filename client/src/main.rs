@@ -1,0 +1,60 @@
+//! The `ferry` binary. Two faces: as `RUSTC_WRAPPER` (`ferry /path/to/rustc ARGS...`) it is the
+//! compiler wrapper, whose stdout and stderr belong to the compiler; otherwise it is the command line
+//! (`ferry toolchain ...`, `ferry stats`). This file only decides which face and dispatches.
+
+mod commands;
+mod compile;
+mod config;
+mod depinfo;
+mod linker;
+mod logging;
+mod process;
+mod rustc_args;
+mod stats;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Subcommand names; anything else as the first argument means wrapper mode.
+const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "help"];
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "A distributed compilation scheduler and toolchain-exact build cache")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Package and list compiler toolchains
+    #[command(subcommand)]
+    Toolchain(commands::ToolchainCommand),
+    /// Show or reset the counters of all wrapper processes
+    Stats(commands::StatsArgs),
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    if args.len() > 1 && !SUBCOMMANDS.contains(&first) && !first.starts_with('-') {
+        return compile::wrap(&args[1..]);
+    }
+    // The command line exits quietly on a closed pipe (`ferry stats | head`), like other CLI tools.
+    // SAFETY: called before any other thread exists; resetting a signal disposition is async-safe.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Toolchain(cmd) => commands::toolchain(cmd),
+        Command::Stats(args) => commands::stats(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The one place the wrapper starts processes. With `FERRY_TRACE_SPAWNS=<file>` every command line
+//! is appended to that file, so tests can see exactly what ran (e.g. that a cache hit ran no rustc).
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+
+/// What a compiler run produced. stdout/stderr are also passed through live while it runs.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Replaces this process with `program args` (returns only if that failed): the pass-through path.
+pub fn exec(program: &Path, args: &[OsString]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    trace(program, args);
+    Command::new(program).args(args).exec()
+}
+
+/// Runs `program args` with inherited stdio and waits for it.
+pub fn run_inherited(program: &Path, args: &[OsString]) -> std::io::Result<ExitStatus> {
+    trace(program, args);
+    Command::new(program).args(args).status()
+}
+
+/// Runs `program args`, copying its stdout/stderr to ours as they arrive (cargo's pipelining reads
+/// artifact notifications from stderr while rustc still runs) and keeping a copy of each.
+/// `drop_stderr_line` removes lines the wrapper itself caused (an injected dep-info notification).
+pub fn run_teed(program: &Path, args: &[OsString], drop_stderr_line: Option<&[u8]>) -> std::io::Result<RunOutput> {
+    trace(program, args);
+    let mut child = Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let (stdout, stderr) = std::thread::scope(|s| {
+        let o = s.spawn(move || tee(&mut out, &mut std::io::stdout(), None));
+        let e = tee(&mut err, &mut std::io::stderr(), drop_stderr_line);
+        (o.join().expect("stdout tee panicked"), e)
+    });
+    let status = child.wait()?;
+    Ok(RunOutput { status, stdout: stdout?, stderr: stderr? })
+}
+
+fn tee(from: &mut impl Read, to: &mut impl Write, drop_line: Option<&[u8]>) -> std::io::Result<Vec<u8>> {
+    let mut kept = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut pending = Vec::new();
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            if !pending.is_empty() {
+                let _ = to.write_all(&pending);
+                kept.extend_from_slice(&pending);
+            }
+            let _ = to.flush();
+            return Ok(kept);
+        }
+        let Some(drop_line) = drop_line else {
+            // Errors writing to our own stdout/stderr (a closed pipe) must not stop us reading.
+            let _ = to.write_all(&buf[..n]).and_then(|()| to.flush());
+            kept.extend_from_slice(&buf[..n]);
+            continue;
+        };
+        // Line-oriented so a whole line can be recognised and dropped.
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if line.strip_suffix(b"\n") != Some(drop_line) {
+                let _ = to.write_all(&line).and_then(|()| to.flush());
+                kept.extend_from_slice(&line);
+            }
+        }
+    }
+}
+
+fn trace(program: &Path, args: &[OsString]) {
+    let Some(file) = std::env::var_os("FERRY_TRACE_SPAWNS") else { return };
+    let mut line = program.display().to_string();
+    for a in args {
+        line.push(' ');
+        line.push_str(&a.to_string_lossy());
+    }
+    line.push('\n');
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(file) {
+        let _ = f.write_all(line.as_bytes());
+    }
+}

@@ -1,0 +1,144 @@
+//! Counters shared by every wrapper process: `<cache dir>/stats.json`, updated under a lock file and
+//! replaced atomically, so concurrent compiles never lose or tear an update. Recording is best
+//! effort: a stats problem never affects a compile.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Stats {
+    /// Every wrapper invocation, pass-through included.
+    pub requests: u64,
+    pub hits_local: u64,
+    pub hits_remote: u64,
+    /// Cacheable compiles that found no entry.
+    pub misses: u64,
+    pub compiled_local: u64,
+    pub compiled_remote: u64,
+    /// Calls handed straight to rustc, by reason.
+    pub passthrough: BTreeMap<String, u64>,
+    /// Infrastructure problems that turned into a plain local compile, by reason.
+    pub fallbacks: BTreeMap<String, u64>,
+    /// Compiles that ran but whose result was not stored, by reason.
+    pub not_stored: BTreeMap<String, u64>,
+    pub corrupt_entries: u64,
+    pub cache_errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Compile time the hits did not spend (as measured when the entries were made), milliseconds.
+    pub time_saved_ms: u64,
+}
+
+impl Stats {
+    /// Reads the counters; a missing or damaged file reads as zeros.
+    pub fn read(path: &Path) -> Stats {
+        fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Adds `delta` to the shared counters.
+    pub fn add(path: &Path, delta: &Stats) -> std::io::Result<()> {
+        Stats::update(path, |s| s.merge(delta))
+    }
+
+    pub fn zero(path: &Path) -> std::io::Result<()> {
+        Stats::update(path, |s| *s = Stats::default())
+    }
+
+    fn update(path: &Path, change: impl FnOnce(&mut Stats)) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(path.with_extension("lock"))?;
+        lock.lock()?;
+        let mut stats = Stats::read(path);
+        change(&mut stats);
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let result = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&stats).expect("stats serialize")))
+            .and_then(|()| fs::rename(&tmp, path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn merge(&mut self, d: &Stats) {
+        self.requests += d.requests;
+        self.hits_local += d.hits_local;
+        self.hits_remote += d.hits_remote;
+        self.misses += d.misses;
+        self.compiled_local += d.compiled_local;
+        self.compiled_remote += d.compiled_remote;
+        self.corrupt_entries += d.corrupt_entries;
+        self.cache_errors += d.cache_errors;
+        self.bytes_read += d.bytes_read;
+        self.bytes_written += d.bytes_written;
+        self.time_saved_ms += d.time_saved_ms;
+        for (mine, theirs) in [
+            (&mut self.passthrough, &d.passthrough),
+            (&mut self.fallbacks, &d.fallbacks),
+            (&mut self.not_stored, &d.not_stored),
+        ] {
+            for (k, v) in theirs {
+                *mine.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+
+    /// The human table of `ferry stats`.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(String, String)> = vec![
+            ("requests".into(), self.requests.to_string()),
+            ("hits (local tier)".into(), self.hits_local.to_string()),
+            ("hits (shared tier)".into(), self.hits_remote.to_string()),
+            ("misses".into(), self.misses.to_string()),
+            ("compiled locally".into(), self.compiled_local.to_string()),
+            ("compiled remotely".into(), self.compiled_remote.to_string()),
+            ("corrupt entries".into(), self.corrupt_entries.to_string()),
+            ("cache errors".into(), self.cache_errors.to_string()),
+            ("bytes read".into(), crate::commands::human_bytes(self.bytes_read)),
+            ("bytes written".into(), crate::commands::human_bytes(self.bytes_written)),
+            ("time saved".into(), format!("{:.1} s", self.time_saved_ms as f64 / 1000.0)),
+        ];
+        for (title, map) in
+            [("pass-through", &self.passthrough), ("fallback", &self.fallbacks), ("not stored", &self.not_stored)]
+        {
+            for (reason, n) in map {
+                rows.push((format!("{title}: {reason}"), n.to_string()));
+            }
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter().map(|(k, v)| format!("{k:<width$}  {v:>10}\n")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_adds_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats.json");
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..25 {
+                        let mut d = Stats { requests: 1, ..Stats::default() };
+                        d.fallbacks.insert("x".into(), 2);
+                        Stats::add(&path, &d).unwrap();
+                    }
+                });
+            }
+        });
+        let s = Stats::read(&path);
+        assert_eq!((s.requests, s.fallbacks["x"]), (200, 400));
+        Stats::zero(&path).unwrap();
+        assert_eq!(Stats::read(&path), Stats::default());
+    }
+}

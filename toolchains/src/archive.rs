@@ -1,0 +1,350 @@
+//! The toolchain archive: a deterministic tar, gzip-compressed in parallel, and its checked unpacking.
+//!
+//! Determinism: entries in manifest order, the manifest first (at [`ARCHIVE_MANIFEST_PATH`]), mtime,
+//! uid and gid zeroed, no user or group names, modes normalised to 0755/0644. The tar stream is cut
+//! into fixed 1 MiB chunks, each compressed on its own into a gzip member; members are concatenated
+//! in order (a valid multi-member gzip that `tar -xzf` reads). Fixed cut points make the bytes the same
+//! however many threads compress them.
+//!
+//! Unpacking trusts nothing: every entry is checked against the carried manifest, the manifest against
+//! the expected id, paths and link targets against the root, sizes against limits; a refused archive
+//! leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use flate2::Compression;
+
+use crate::manifest::{check_rel_path, hash_file};
+use crate::set::stays_inside;
+use crate::{Error, Manifest, ManifestKind, ToolchainId, ToolchainSet};
+
+/// Where the manifest lives inside an archive (always the first entry).
+pub const ARCHIVE_MANIFEST_PATH: &str = ".ferry/manifest";
+const CHUNK: usize = 1 << 20;
+const LEVEL: u32 = 2;
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// Bounds for unpacking an archive received from elsewhere.
+#[derive(Debug, Clone)]
+pub struct UnpackLimits {
+    pub max_file_bytes: u64,
+    pub max_total_bytes: u64,
+    pub max_entries: usize,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits { max_file_bytes: 2 << 30, max_total_bytes: 8 << 30, max_entries: 100_000 }
+    }
+}
+
+/// Writes the archive of `set` (whose manifest is `manifest`) to `out`; returns the bytes written.
+/// Every file is re-hashed as it is archived: a file that changed since the manifest was computed
+/// is an error, so an archive never carries content its manifest does not describe.
+pub fn write_archive(set: &ToolchainSet, manifest: &Manifest, out: &mut dyn Write) -> Result<u64, Error> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let (chunk_tx, chunk_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    let chunk_rx = Arc::new(Mutex::new(chunk_rx));
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || produce_tar(set, manifest, ChunkWriter::new(chunk_tx)));
+        for _ in 0..threads {
+            let rx = Arc::clone(&chunk_rx);
+            let tx = done_tx.clone();
+            s.spawn(move || compress_chunks(&rx, &tx));
+        }
+        drop(done_tx);
+        let written = collect_in_order(done_rx, out);
+        let produced = producer.join().expect("tar producer panicked");
+        produced?;
+        written.map_err(|source| Error::Io { path: PathBuf::from("<archive output>"), source })
+    })
+}
+
+/// Unpacks an archive into `dest` (which must not exist) and returns its manifest, after checking
+/// every entry, the limits and that the manifest's id is `expected`.
+pub fn unpack_archive(
+    reader: impl Read,
+    dest: &Path,
+    expected: &ToolchainId,
+    limits: &UnpackLimits,
+) -> Result<Manifest, Error> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.unpack-{}-{}", std::process::id(), nanos()));
+    let result = unpack_into(reader, &tmp, expected, limits);
+    match result {
+        Ok(manifest) => match fs::rename(&tmp, dest) {
+            Ok(()) => Ok(manifest),
+            Err(_) if dest.is_dir() => {
+                // Someone else unpacked the same id first; theirs is as good as ours.
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(manifest)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(Error::Io { path: dest.to_owned(), source: e })
+            }
+        },
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn produce_tar(set: &ToolchainSet, manifest: &Manifest, sink: ChunkWriter) -> Result<(), Error> {
+    let out_err = |source| Error::Io { path: PathBuf::from("<archive stream>"), source };
+    let mut tar = tar::Builder::new(sink);
+    let text = manifest.to_text();
+    let mut header = base_header(tar::EntryType::Regular, 0o644, text.len() as u64);
+    tar.append_data(&mut header, ARCHIVE_MANIFEST_PATH, text.as_bytes()).map_err(out_err)?;
+    let by_path: BTreeMap<&str, &crate::SetFile> = set.files.iter().map(|f| (f.rel.as_str(), f)).collect();
+    for entry in &manifest.entries {
+        let file = by_path.get(entry.path.as_str()).ok_or_else(|| Error::CorruptArchive {
+            reason: format!("manifest entry '{}' is not in the toolchain set", entry.path),
+        })?;
+        match &entry.kind {
+            ManifestKind::Symlink { target } => {
+                let mut header = base_header(tar::EntryType::Symlink, 0o777, 0);
+                tar.append_link(&mut header, &entry.path, target).map_err(out_err)?;
+            }
+            ManifestKind::File { executable, size, digest } => {
+                let mode = if *executable { 0o755 } else { 0o644 };
+                let mut header = base_header(tar::EntryType::Regular, mode, *size);
+                let f = File::open(&file.abs).map_err(Error::io(&file.abs))?;
+                let mut reader = HashingReader { inner: f.take(*size), hasher: blake3::Hasher::new(), len: 0 };
+                tar.append_data(&mut header, &entry.path, &mut reader)
+                    .map_err(|_| Error::Changed { path: file.abs.clone() })?;
+                if reader.len != *size || reader.hasher.finalize().as_bytes() != digest {
+                    return Err(Error::Changed { path: file.abs.clone() });
+                }
+            }
+        }
+    }
+    let sink = tar.into_inner().map_err(out_err)?;
+    sink.finish().map_err(out_err)
+}
+
+fn base_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+fn compress_chunks(rx: &Mutex<Receiver<(u64, Vec<u8>)>>, tx: &SyncSender<(u64, io::Result<Vec<u8>>)>) {
+    loop {
+        let next = rx.lock().expect("chunk queue poisoned").recv();
+        let Ok((seq, chunk)) = next else { return };
+        let mut enc = flate2::GzBuilder::new().write(Vec::with_capacity(chunk.len() / 2), Compression::new(LEVEL));
+        let result = enc.write_all(&chunk).and_then(|()| enc.finish());
+        if tx.send((seq, result)).is_err() {
+            return;
+        }
+    }
+}
+
+fn collect_in_order(rx: Receiver<(u64, io::Result<Vec<u8>>)>, out: &mut dyn Write) -> io::Result<u64> {
+    let mut pending = BTreeMap::new();
+    let mut next = 0u64;
+    let mut written = 0u64;
+    for (seq, result) in rx {
+        pending.insert(seq, result?);
+        while let Some(bytes) = pending.remove(&next) {
+            out.write_all(&bytes)?;
+            written += bytes.len() as u64;
+            next += 1;
+        }
+    }
+    if !pending.is_empty() {
+        return Err(io::Error::other("archive chunks went missing"));
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+/// Cuts the tar stream into fixed-size chunks for the compressors.
+struct ChunkWriter {
+    buf: Vec<u8>,
+    seq: u64,
+    tx: SyncSender<(u64, Vec<u8>)>,
+}
+
+impl ChunkWriter {
+    fn new(tx: SyncSender<(u64, Vec<u8>)>) -> Self {
+        ChunkWriter { buf: Vec::with_capacity(CHUNK), seq: 0, tx }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx.send((self.seq, chunk)).map_err(|_| io::Error::other("archive compressors stopped"))?;
+        self.seq += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+fn unpack_into(
+    reader: impl Read,
+    tmp: &Path,
+    expected: &ToolchainId,
+    limits: &UnpackLimits,
+) -> Result<Manifest, Error> {
+    let corrupt = |e: io::Error| Error::CorruptArchive { reason: e.to_string() };
+    fs::create_dir(tmp).map_err(Error::io(tmp))?;
+    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
+    let mut entries = archive.entries().map_err(corrupt)?;
+
+    let first = entries.next().ok_or_else(|| Error::CorruptArchive { reason: "archive is empty".into() })?;
+    let mut first = first.map_err(corrupt)?;
+    let first_path = entry_path(&first)?;
+    if first_path != ARCHIVE_MANIFEST_PATH || first.header().entry_type() != tar::EntryType::Regular {
+        return Err(Error::CorruptArchive { reason: format!("first entry is '{first_path}', not the manifest") });
+    }
+    if first.size() > MAX_MANIFEST_BYTES {
+        return Err(Error::UnsafeEntry { entry: first_path, reason: "manifest is too large".into() });
+    }
+    let mut text = String::new();
+    first.read_to_string(&mut text).map_err(corrupt)?;
+    let manifest = Manifest::parse(&text)?;
+    let actual = manifest.id();
+    if actual != *expected {
+        return Err(Error::IdMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
+    }
+    if manifest.entries.len() > limits.max_entries {
+        return Err(Error::CorruptArchive {
+            reason: format!("{} entries is over the limit of {}", manifest.entries.len(), limits.max_entries),
+        });
+    }
+
+    let mut wanted = manifest.entries.iter();
+    let mut total = 0u64;
+    // Symlinks unpacked so far: no later entry may be written through one (a chain of links that
+    // each look harmless can still point out of the root).
+    let mut links: Vec<String> = Vec::new();
+    for entry in entries {
+        let mut entry = entry.map_err(corrupt)?;
+        let path = entry_path(&entry)?;
+        let refuse = |reason: &str| Error::UnsafeEntry { entry: path.clone(), reason: reason.to_owned() };
+        check_rel_path(&path).map_err(|r| refuse(&r))?;
+        let kind = entry.header().entry_type();
+        let size = entry.size();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Symlink => {}
+            tar::EntryType::Link => return Err(refuse("hard links are not allowed")),
+            tar::EntryType::Char | tar::EntryType::Block => return Err(refuse("device files are not allowed")),
+            tar::EntryType::Fifo => return Err(refuse("fifos are not allowed")),
+            other => return Err(refuse(&format!("entry type {other:?} is not allowed"))),
+        }
+        if size > limits.max_file_bytes {
+            return Err(refuse(&format!("{size} bytes is over the per-file limit of {}", limits.max_file_bytes)));
+        }
+        total += size;
+        if total > limits.max_total_bytes {
+            return Err(refuse(&format!("archive exceeds the total limit of {} bytes", limits.max_total_bytes)));
+        }
+        if links.iter().any(|l| path.starts_with(l.as_str()) && path.as_bytes().get(l.len()) == Some(&b'/')) {
+            return Err(refuse("path goes through a symlink"));
+        }
+        let Some(want) = wanted.next().filter(|w| w.path == path) else {
+            return Err(refuse("not listed in the manifest (or out of order)"));
+        };
+        let dest = tmp.join(&path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(Error::io(parent))?;
+        }
+        match (&want.kind, kind) {
+            (ManifestKind::Symlink { target }, tar::EntryType::Symlink) => {
+                let link = entry.link_name_bytes().map(|b| String::from_utf8_lossy(&b).into_owned());
+                if link.as_deref() != Some(target.as_str()) {
+                    return Err(refuse("symlink target differs from the manifest"));
+                }
+                if !stays_inside(&path, Path::new(target)) {
+                    return Err(refuse(&format!("symlink target '{target}' leaves the toolchain")));
+                }
+                symlink(target, &dest).map_err(Error::io(&dest))?;
+                links.push(path.clone());
+            }
+            (ManifestKind::File { executable, size: want_size, digest }, tar::EntryType::Regular) => {
+                if size != *want_size {
+                    return Err(refuse("size differs from the manifest"));
+                }
+                let mode = if *executable { 0o755 } else { 0o644 };
+                let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&dest);
+                let mut file = file.map_err(Error::io(&dest))?;
+                let mut reader = HashingReader { inner: &mut entry, hasher: blake3::Hasher::new(), len: 0 };
+                io::copy(&mut reader, &mut file).map_err(corrupt)?;
+                if reader.len != size || reader.hasher.finalize().as_bytes() != digest {
+                    return Err(refuse("content does not match the manifest"));
+                }
+            }
+            _ => return Err(refuse("entry kind differs from the manifest")),
+        }
+    }
+    if let Some(missing) = wanted.next() {
+        return Err(Error::CorruptArchive { reason: format!("entry '{}' is missing", missing.path) });
+    }
+    Ok(manifest)
+}
+
+fn entry_path<R: Read>(entry: &tar::Entry<R>) -> Result<String, Error> {
+    String::from_utf8(entry.path_bytes().into_owned())
+        .map_err(|_| Error::UnsafeEntry { entry: "<non-utf-8 path>".into(), reason: "path is not utf-8".into() })
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// blake3 of a whole file, for checking stored archives.
+pub(crate) fn file_digest(path: &Path) -> Result<([u8; 32], u64), Error> {
+    hash_file(path)
+}
