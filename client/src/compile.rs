@@ -161,6 +161,7 @@ impl Job {
                 Ok(output) if self.matches_outputs(&output) => {
                     self.stats.hits_local += 1;
                     self.stats.bytes_read += entry.payload.len() as u64;
+                    self.stats.time_saved_ms += output.compile_ms;
                     return self.replay(&output);
                 }
                 Ok(_) => tracing::warn!(%key, "entry's outputs differ from this call's; ignoring it"),

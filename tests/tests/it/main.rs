@@ -1,0 +1,4 @@
+//! The one end-to-end test binary. Each module is one area; helpers live in `ferry_tests`.
+
+mod toolchain;
+mod wrapper;

@@ -1,0 +1,1 @@
+//! Toolchain identity end to end (being written).

@@ -1,0 +1,1 @@
+//! The compiler wrapper end to end (being written).
