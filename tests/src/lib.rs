@@ -25,6 +25,7 @@ pub fn installed_sysroot() -> PathBuf {
 }
 
 /// An isolated world for one test: a temp dir holding a cache dir, a HOME and work space.
+#[derive(Debug)]
 pub struct World {
     pub dir: tempfile::TempDir,
     /// Extra environment for every command run through [`World::command`].

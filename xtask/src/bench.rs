@@ -1,0 +1,216 @@
+//! The benchmarks. Every figure is printed next to a baseline measured in the same run, as a ratio.
+//!
+//! `toolchain`: ToolchainId from scratch, the weak-key map hit, and archive creation against
+//! `tar -czf` of the same files. `wrapper`: `cargo build -j2` of a real dependency graph from
+//! crates.io, plain vs through ferry with a cold and a warm cache (fresh target dir each time), and
+//! single warm hits replayed exactly as cargo ran them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_toolchains::{LocalStore, Manifest, ToolchainSet, resolve_compiler, write_archive};
+
+pub fn toolchain() -> anyhow::Result<()> {
+    let sysroot = String::from_utf8(Command::new("rustc").args(["--print", "sysroot"]).output()?.stdout)?;
+    let rustc = Path::new(sysroot.trim()).join("bin/rustc");
+    let compiler = resolve_compiler(&rustc, None, &std::env::current_dir()?)?;
+    let tmp = tempfile::tempdir()?;
+    println!("== toolchain ({})", compiler.root.display());
+
+    // Warm the page cache so both sides read from memory.
+    let probe_store = LocalStore::open(&tmp.path().join("warm"))?;
+    let identified = probe_store.identify(&compiler, &[])?;
+    let mut cold = Vec::new();
+    for i in 0..3 {
+        let store = LocalStore::open(&tmp.path().join(format!("cold{i}")))?;
+        let t = Instant::now();
+        store.identify(&compiler, &[])?;
+        cold.push(t.elapsed());
+    }
+    let mut warm = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        let found = probe_store.identify(&compiler, &[])?;
+        warm.push(t.elapsed());
+        assert!(found.from_map);
+    }
+    println!(
+        "  ToolchainId from scratch ({} files, {:.0} MiB): median {:.3} s   (target <= 1.0 s)",
+        identified.files,
+        identified.bytes as f64 / (1 << 20) as f64,
+        median(&mut cold).as_secs_f64()
+    );
+    println!("  weak-key map hit:                        median {:.2} ms  (target <= 5 ms)", ms(median(&mut warm)));
+
+    let host = identified.probe.host.clone();
+    let set = ToolchainSet::collect(&compiler.root, &host, &[])?;
+    let manifest = Manifest::compute(&set)?;
+    let ours = tmp.path().join("ours.tar.gz");
+    let t = Instant::now();
+    let ours_bytes = write_archive(&set, &manifest, &mut std::io::BufWriter::new(fs::File::create(&ours)?))?;
+    let ours_time = t.elapsed();
+    let list = tmp.path().join("files.txt");
+    let mut names = String::new();
+    for f in &set.files {
+        names.push_str(&f.rel);
+        names.push('\n');
+    }
+    fs::write(&list, names)?;
+    let theirs = tmp.path().join("theirs.tar.gz");
+    let t = Instant::now();
+    let status =
+        Command::new("tar").arg("-czf").arg(&theirs).arg("-C").arg(&compiler.root).arg("-T").arg(&list).status()?;
+    let tar_time = t.elapsed();
+    if !status.success() {
+        bail!("tar -czf failed");
+    }
+    let tar_bytes = fs::metadata(&theirs)?.len();
+    println!(
+        "  archive: ferry {:.2} s, {:.1} MiB | tar -czf {:.2} s, {:.1} MiB | time {:.3}x (target <= 0.25x), size {:.3}x (target <= 1.25x)",
+        ours_time.as_secs_f64(),
+        mib(ours_bytes),
+        tar_time.as_secs_f64(),
+        mib(tar_bytes),
+        ours_time.as_secs_f64() / tar_time.as_secs_f64(),
+        ours_bytes as f64 / tar_bytes as f64
+    );
+    Ok(())
+}
+
+pub fn wrapper() -> anyhow::Result<()> {
+    let ferry = crate::build_ferry()?;
+    let xtask = std::env::current_exe()?;
+    let tmp = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
+    let project = tmp.path().join("graph");
+    crate::sample::write_registry_project(&project)?;
+    let fetch = Command::new(env!("CARGO")).arg("fetch").current_dir(&project).status()?;
+    if !fetch.success() {
+        bail!("cargo fetch failed (the benchmark needs crates.io once)");
+    }
+    let packages = count_packages(&project)?;
+    println!("== wrapper: cargo build -j2 (debug) of {packages} packages from crates.io, fresh target dir each time");
+    let cache = tmp.path().join("cache");
+    let record = tmp.path().join("calls.jsonl");
+    let build = |name: &str, wrapper: Option<&Path>, extra: &[(&str, &Path)]| -> anyhow::Result<Duration> {
+        let target = tmp.path().join(format!("target-{name}"));
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-j2", "--offline", "--quiet"])
+            .current_dir(&project)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("CARGO_INCREMENTAL", "0")
+            .env("FERRY_CACHE_DIR", &cache)
+            .env("XTASK_FERRY", &ferry)
+            .env_remove("RUSTC_WRAPPER");
+        if let Some(w) = wrapper {
+            cmd.env("RUSTC_WRAPPER", w);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let t = Instant::now();
+        let status = cmd.status()?;
+        if !status.success() {
+            bail!("build '{name}' failed");
+        }
+        Ok(t.elapsed())
+    };
+    let plain1 = build("plain1", None, &[])?;
+    let cold = build("cold", Some(&xtask), &[("XTASK_RECORD", &record)])?;
+    let warm = build("warm", Some(&ferry), &[])?;
+    let plain2 = build("plain2", None, &[])?;
+    let plain = (plain1 + plain2) / 2;
+    let stats = Command::new(&ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", &cache).output()?;
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout)?;
+    println!("  plain:      {:.2} s (mean of {:.2} s and {:.2} s)", plain.as_secs_f64(), secs(plain1), secs(plain2));
+    println!("  cold cache: {:.2} s = {:.3}x plain (target <= 1.05x)", secs(cold), ratio(cold, plain));
+    println!("  warm cache: {:.2} s = {:.3}x plain (target <= 0.15x)", secs(warm), ratio(warm, plain));
+    println!(
+        "  ferry stats: hits {} misses {} passthrough {} not_stored {}",
+        stats["hits_local"], stats["misses"], stats["passthrough"], stats["not_stored"]
+    );
+
+    let calls: Vec<serde_json::Value> =
+        fs::read_to_string(&record)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    for (label, crate_name, target_ms) in [("regex-syntax", "regex_syntax", 30.0), ("tiny (cfg-if)", "cfg_if", 8.0)] {
+        let Some(call) = calls.iter().find(|c| {
+            let args = c["args"].as_array().map(Vec::as_slice).unwrap_or_default();
+            args.windows(2).any(|w| w[0] == "--crate-name" && w[1] == crate_name)
+        }) else {
+            println!("  single hit {label}: no recorded call for {crate_name}");
+            continue;
+        };
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            times.push(replay(&ferry, call)?);
+        }
+        let med = median(&mut times);
+        println!(
+            "  single warm hit, {label}: median {:.2} ms of wrapper start to exit (target <= {target_ms} ms)",
+            ms(med)
+        );
+    }
+    Ok(())
+}
+
+/// Recording-wrapper mode (see the crate docs).
+pub fn record_and_exec(file: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k != "XTASK_RECORD").collect();
+    let line = serde_json::json!({ "cwd": std::env::current_dir()?, "args": args, "env": env });
+    let mut f = fs::OpenOptions::new().create(true).append(true).open(file)?;
+    writeln!(f, "{line}")?;
+    drop(f);
+    let ferry = std::env::var_os("XTASK_FERRY").context("XTASK_FERRY is not set")?;
+    let err = Command::new(ferry).args(&args).env_remove("XTASK_RECORD").exec();
+    Err(err.into())
+}
+
+/// Runs one recorded call through ferry (it must be a hit) and returns its wall time.
+fn replay(ferry: &Path, call: &serde_json::Value) -> anyhow::Result<Duration> {
+    let args: Vec<&str> = call["args"].as_array().context("args")?.iter().filter_map(|a| a.as_str()).collect();
+    let mut cmd = Command::new(ferry);
+    cmd.args(&args).current_dir(call["cwd"].as_str().context("cwd")?).env_clear();
+    for (k, v) in call["env"].as_object().context("env")? {
+        cmd.env(k, v.as_str().unwrap_or_default());
+    }
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let t = Instant::now();
+    let status = cmd.status()?;
+    let elapsed = t.elapsed();
+    if !status.success() {
+        bail!("replayed call failed");
+    }
+    Ok(elapsed)
+}
+
+fn count_packages(project: &Path) -> anyhow::Result<usize> {
+    let lock = fs::read_to_string(project.join("Cargo.lock"))?;
+    Ok(lock.matches("[[package]]").count())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn mib(n: u64) -> f64 {
+    n as f64 / (1 << 20) as f64
+}
