@@ -150,9 +150,10 @@ impl Job {
             }
         };
         let pre = self.pre_key(&id)?.finish();
+        let scope = self.manifest_scope(&pre);
         let mut known = Vec::new();
         for generation in 0..MAX_MANIFESTS {
-            let Some(entry) = self.get(&store, &manifest_key(&pre, generation)) else { break };
+            let Some(entry) = self.get(&store, &manifest_key(&scope, generation)) else { break };
             let Ok(list) = serde_json::from_slice::<InputList>(&entry.payload) else { continue };
             known.push(list.clone());
             let Some(key) = self.result_key(&pre, &list) else { continue };
@@ -172,7 +173,7 @@ impl Job {
             }
         }
         self.stats.misses += 1;
-        Ok(self.compile_and_store(&store, &id, &pre, &known))
+        Ok(self.compile_and_store(&store, &id, (&pre, &scope), &known))
     }
 
     fn toolchain_id(&mut self) -> Result<ToolchainId, Fallback> {
@@ -252,6 +253,17 @@ impl Job {
         Some(k.finish())
     }
 
+    /// Manifests live under the pre-key and the crate root's content: the root usually declares the
+    /// modules, so a changed module list mostly lands in a fresh scope instead of using up the
+    /// generations of the old one.
+    fn manifest_scope(&mut self, pre: &CacheKey) -> CacheKey {
+        let input = self.rustc.input.clone();
+        let root = self.digest(&input).map(|d| hex(&d)).unwrap_or_else(|| "unreadable".into());
+        let mut k = KeyBuilder::new("rustc-manifest-scope");
+        k.field("pre", pre.to_string()).field("root", root);
+        k.finish()
+    }
+
     fn get(&mut self, store: &DiskStore, key: &CacheKey) -> Option<Entry> {
         match store.get(key) {
             Ok(found) => found,
@@ -312,18 +324,24 @@ impl Job {
         &mut self,
         store: &DiskStore,
         id: &ToolchainId,
-        pre: &CacheKey,
+        keys: (&CacheKey, &CacheKey),
         known: &[InputList],
     ) -> ExitCode {
         let cargo_dep_info = self.rustc.dep_info_path();
-        let injected = cargo_dep_info
-            .is_none()
-            .then(|| self.config.cache_dir.join("tmp").join(format!("dep-{}-{}.d", std::process::id(), nanos())));
+        // An injected dep-info goes beside the outputs: if rustc can write its outputs there, it can
+        // write this too (ferry's own cache dir may be full or unwritable).
+        let injected = cargo_dep_info.is_none().then(|| {
+            let dir = match (&self.rustc.out_dir, &self.rustc.output) {
+                (Some(dir), _) => self.cwd.join(dir),
+                (None, Some(o)) => self.cwd.join(o).parent().map_or_else(|| self.cwd.clone(), Path::to_owned),
+                (None, None) => self.cwd.clone(),
+            };
+            dir.join(format!(".ferry-dep-info-{}-{}.d", std::process::id(), nanos()))
+        });
         let mut args: Vec<OsString> = self.plus.iter().map(|p| OsString::from(format!("+{p}"))).collect();
         let mut drop_line = None;
         match &injected {
             Some(path) => {
-                let _ = fs::create_dir_all(path.parent().expect("tmp dir"));
                 args.extend(inject_dep_info(&self.rustc.args, path).into_iter().map(OsString::from));
                 if self.rustc.json.iter().any(|j| j == "artifacts") {
                     let artifact = serde_json::to_string(&path.to_string_lossy()).expect("string serializes");
@@ -348,7 +366,7 @@ impl Job {
         };
         self.stats.compiled_local += 1;
         let compile_ms = clock.elapsed().as_millis() as u64;
-        let stored = self.store_result(store, id, pre, known, &run, &dep_info, started, compile_ms);
+        let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms);
         if let Err(reason) = stored {
             tracing::debug!(reason, krate = %self.rustc.crate_name, "result not stored");
             *self.stats.not_stored.entry(reason.into()).or_default() += 1;
@@ -364,7 +382,7 @@ impl Job {
         &mut self,
         store: &DiskStore,
         id: &ToolchainId,
-        pre: &CacheKey,
+        (pre, scope): (&CacheKey, &CacheKey),
         known: &[InputList],
         run: &process::RunOutput,
         dep_info: &Path,
@@ -392,6 +410,10 @@ impl Job {
             self.digests.remove(file);
         }
         let list = InputList { files: deps.files, env: deps.env };
+        let new_generation = (!known.contains(&list)).then_some(known.len() as u32);
+        if new_generation.is_some_and(|g| g >= MAX_MANIFESTS) {
+            return Err("too-many-input-lists");
+        }
         let key = self.result_key(pre, &list).ok_or("input-unreadable")?;
         let mut files = Vec::new();
         if code == 0 {
@@ -411,14 +433,10 @@ impl Job {
         if !self.put(store, &entry) {
             return Err("cache-write-failed");
         }
-        if !known.contains(&list) {
-            let generation = known.len() as u32;
-            if generation >= MAX_MANIFESTS {
-                return Err("too-many-input-lists");
-            }
+        if let Some(generation) = new_generation {
             let payload = serde_json::to_vec(&list).expect("input list serializes");
             let manifest =
-                Entry { kind: EntryKind::Manifest, key: manifest_key(pre, generation), toolchain: id.0, payload };
+                Entry { kind: EntryKind::Manifest, key: manifest_key(scope, generation), toolchain: id.0, payload };
             if !self.put(store, &manifest) {
                 return Err("cache-write-failed");
             }
@@ -481,9 +499,9 @@ impl Job {
     }
 }
 
-fn manifest_key(pre: &CacheKey, generation: u32) -> CacheKey {
+fn manifest_key(scope: &CacheKey, generation: u32) -> CacheKey {
     let mut k = KeyBuilder::new("rustc-manifest");
-    k.field("pre", pre.to_string()).field("generation", generation.to_string());
+    k.field("scope", scope.to_string()).field("generation", generation.to_string());
     k.finish()
 }
 
