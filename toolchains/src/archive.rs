@@ -63,7 +63,7 @@ pub fn write_archive(set: &ToolchainSet, manifest: &Manifest, out: &mut dyn Writ
         let written = collect_in_order(done_rx, out);
         let produced = producer.join().expect("tar producer panicked");
         produced?;
-        written.map_err(|source| Error::Io { path: PathBuf::from("<archive output>"), source })
+        written.map_err(|error| Error::Io { path: PathBuf::from("<archive output>"), error })
     })
 }
 
@@ -90,7 +90,7 @@ pub fn unpack_archive(
             }
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
-                Err(Error::Io { path: dest.to_owned(), source: e })
+                Err(Error::Io { path: dest.to_owned(), error: e })
             }
         },
         Err(e) => {
@@ -101,7 +101,7 @@ pub fn unpack_archive(
 }
 
 fn produce_tar(set: &ToolchainSet, manifest: &Manifest, sink: ChunkWriter) -> Result<(), Error> {
-    let out_err = |source| Error::Io { path: PathBuf::from("<archive stream>"), source };
+    let out_err = |error| Error::Io { path: PathBuf::from("<archive stream>"), error };
     let mut tar = tar::Builder::new(sink);
     let text = manifest.to_text();
     let mut header = base_header(tar::EntryType::Regular, 0o644, text.len() as u64);
@@ -265,6 +265,7 @@ fn unpack_into(
         });
     }
 
+    check_symlink_walks(&manifest)?;
     let mut wanted = manifest.entries.iter();
     let mut total = 0u64;
     // Symlinks unpacked so far: no later entry may be written through one (a chain of links that
@@ -333,6 +334,40 @@ fn unpack_into(
         return Err(Error::CorruptArchive { reason: format!("entry '{}' is missing", missing.path) });
     }
     Ok(manifest)
+}
+
+/// Refuses symlinks whose target, resolved step by step from the link's directory, passes through
+/// another symlink of the archive (`lib/q -> p/..` with `lib/p -> ..`): each link may look contained
+/// on its own while the chain leaves the root. A link to a link (as the last step) is fine: that
+/// link is checked in its own right.
+fn check_symlink_walks(manifest: &Manifest) -> Result<(), Error> {
+    let links: std::collections::HashSet<&str> = manifest
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, ManifestKind::Symlink { .. }))
+        .map(|e| e.path.as_str())
+        .collect();
+    for entry in &manifest.entries {
+        let ManifestKind::Symlink { target } = &entry.kind else { continue };
+        let refuse = |reason: String| Error::UnsafeEntry { entry: entry.path.clone(), reason };
+        if !stays_inside(&entry.path, Path::new(target)) {
+            return Err(refuse(format!("symlink target '{target}' leaves the toolchain")));
+        }
+        let mut parts: Vec<&str> = entry.path.split('/').collect();
+        parts.pop();
+        let steps: Vec<&str> = target.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        for (i, step) in steps.iter().enumerate() {
+            if *step == ".." {
+                parts.pop();
+                continue;
+            }
+            parts.push(step);
+            if i + 1 < steps.len() && links.contains(parts.join("/").as_str()) {
+                return Err(refuse(format!("symlink target '{target}' goes through another symlink")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn entry_path<R: Read>(entry: &tar::Entry<R>) -> Result<String, Error> {

@@ -15,8 +15,9 @@ pub enum Error {
     UnknownTarget { target: String, root: PathBuf },
     #[error("cannot resolve rustup toolchain '{name}': {reason}")]
     Rustup { name: String, reason: String },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is part of the message (not a chained source) so a CLI prints it exactly once.
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("toolchain file '{}' changed while it was being read; try again", path.display())]
     Changed { path: PathBuf },
     #[error("archive entry '{entry}' refused: {reason}")]
@@ -25,13 +26,13 @@ pub enum Error {
     CorruptArchive { reason: String },
     #[error("archive holds toolchain {actual}, not the expected {expected}")]
     IdMismatch { expected: String, actual: String },
-    #[error("cache dir '{}' is not usable: {source}; set FERRY_CACHE_DIR to a writable directory", path.display())]
-    CacheDir { path: PathBuf, source: std::io::Error },
+    #[error("cache dir '{}' is not usable ({error}); set FERRY_CACHE_DIR to a writable directory", path.display())]
+    CacheDir { path: PathBuf, error: std::io::Error },
 }
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, source }
+        move |error| Error::Io { path, error }
     }
 }

@@ -198,10 +198,13 @@ fn resolve_rustup_toolchain(name: &str, cwd: &Path) -> Result<Compiler, Error> {
     let out = Command::new("rustup")
         .args(["which", "rustc", "--toolchain", name])
         .current_dir(cwd)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .output()
         .map_err(|e| Error::Rustup { name: name.into(), reason: format!("cannot run rustup: {e}") })?;
     if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let msg = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no explanation").to_owned();
         return Err(Error::Rustup { name: name.into(), reason: format!("rustup says: {msg}") });
     }
     let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();

@@ -94,11 +94,11 @@ impl LocalStore {
         let dir = cache_dir.join("toolchains");
         for sub in ["archives", "locks"] {
             let path = dir.join(sub);
-            fs::create_dir_all(&path).map_err(|source| Error::CacheDir { path: cache_dir.to_owned(), source })?;
+            fs::create_dir_all(&path).map_err(|error| Error::CacheDir { path: cache_dir.to_owned(), error })?;
         }
         // Creating directories can succeed on a store we cannot write into; find out now.
         let probe = dir.join(format!(".write-test-{}", std::process::id()));
-        File::create(&probe).map_err(|source| Error::CacheDir { path: cache_dir.to_owned(), source })?;
+        File::create(&probe).map_err(|error| Error::CacheDir { path: cache_dir.to_owned(), error })?;
         let _ = fs::remove_file(&probe);
         Ok(LocalStore { dir })
     }
@@ -111,25 +111,29 @@ impl LocalStore {
 
     /// Identifies the toolchain and makes sure its verified archive is in the store.
     pub fn package(&self, compiler: &Compiler, targets: &[String]) -> Result<Packaged, Error> {
-        let (mut identified, manifest) = self.identify_inner(compiler, targets)?;
-        let _lock = self.lock(&format!("archive-{}", identified.id))?;
-        if let Some((archive, archive_bytes)) = self.verified_archive(&identified.id) {
-            return Ok(Packaged { identified, archive, archive_bytes, built: false });
+        // Twice at most: a stale map entry is dropped and the toolchain identified afresh.
+        for _ in 0..2 {
+            let (identified, manifest) = self.identify_inner(compiler, targets)?;
+            let _lock = self.lock(&format!("archive-{}", identified.id))?;
+            if let Some((archive, archive_bytes)) = self.verified_archive(&identified.id) {
+                return Ok(Packaged { identified, archive, archive_bytes, built: false });
+            }
+            // The archive is missing or damaged: rebuild it from the files, re-deriving the id
+            // rather than trusting the map entry that pointed here.
+            let set = ToolchainSet::collect(&compiler.root, &identified.probe.host, targets)?;
+            let manifest = match manifest {
+                Some(m) => m,
+                None => Manifest::compute(&set)?,
+            };
+            if manifest.id() != identified.id {
+                tracing::warn!(stale = %identified.id, fresh = %manifest.id(), "toolchain map entry was stale");
+                self.forget(&identified.id)?;
+                continue;
+            }
+            let (archive, archive_bytes) = self.write_archive_files(&identified, &set, &manifest)?;
+            return Ok(Packaged { identified, archive, archive_bytes, built: true });
         }
-        // The archive is missing or damaged: rebuild it from the files, re-deriving the id rather
-        // than trusting the map entry that pointed here.
-        let set = ToolchainSet::collect(&compiler.root, &identified.probe.host, targets)?;
-        let manifest = match manifest {
-            Some(m) => m,
-            None => Manifest::compute(&set)?,
-        };
-        if manifest.id() != identified.id {
-            tracing::warn!(stale = %identified.id, fresh = %manifest.id(), "toolchain map entry was stale");
-            self.forget(&identified.id)?;
-            identified = self.identify(compiler, targets)?;
-        }
-        let (archive, archive_bytes) = self.write_archive_files(&identified, &set, &manifest)?;
-        Ok(Packaged { identified, archive, archive_bytes, built: true })
+        Err(Error::Changed { path: compiler.root.clone() })
     }
 
     /// Every archive in the store, sorted by id.
