@@ -1,0 +1,527 @@
+//! The scheduler's state machine: workers and their leases, running jobs, and the fair queue of
+//! clients waiting for a slot. Pure: no sockets, no clocks of its own (every call takes `now`), no
+//! async — the service layer feeds it events and carries out what it answers.
+//!
+//! Choosing a worker, best first: free slots at all; toolchain locality (a worker that has the
+//! toolchain unpacked beats one that must fetch it); lower load; fewer recent failures; faster
+//! measured jobs. When no worker has a free slot the request waits in a queue that serves clients
+//! round-robin, so one client's thousand jobs cannot starve another's one.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use ferry_toolchains::ToolchainId;
+
+pub type WorkerId = String;
+pub type ClientId = String;
+
+/// A scheduler-wide job number, unique for the scheduler's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub u64);
+
+/// A queued allocation request, so its waiter can be answered or cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WaitId(pub u64);
+
+/// What a worker says about itself when its session starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub id: WorkerId,
+    /// Where clients send jobs (host:port as the worker advertises it).
+    pub address: String,
+    pub slots: u32,
+    /// Toolchains already unpacked on the worker.
+    pub toolchains: Vec<ToolchainId>,
+    pub version: String,
+}
+
+/// A decision to run one job on one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub job: JobId,
+    pub worker: WorkerId,
+    pub address: String,
+    /// False when the worker will have to fetch the toolchain first.
+    pub has_toolchain: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocation {
+    Assigned(Assignment),
+    /// Every slot is busy; the request waits (answered later from [`Scheduler::finish`] or
+    /// [`Scheduler::register`], or cancelled by the caller's timeout).
+    Queued(WaitId),
+    /// No worker is registered at all: waiting cannot help.
+    NoWorkers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    Succeeded {
+        duration: Duration,
+    },
+    /// The compile could not run on the worker (not a compiler error): counts against the worker.
+    Failed,
+}
+
+/// The cluster as `ferry status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub workers: Vec<WorkerStatus>,
+    pub queued: usize,
+    pub running: usize,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerStatus {
+    pub id: WorkerId,
+    pub address: String,
+    pub slots: u32,
+    pub busy: u32,
+    pub toolchains: Vec<ToolchainId>,
+    pub version: String,
+    /// Time since the last report.
+    pub last_seen: Duration,
+}
+
+/// What happened to jobs and waiters when workers went away or slots freed up.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Effects {
+    /// Jobs that were running on a worker that is gone: their clients must be told to fall back.
+    pub failed_jobs: Vec<JobId>,
+    /// Waiters that now have a slot.
+    pub assigned: Vec<(WaitId, Assignment)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateError {
+    UnknownWorker(WorkerId),
+    UnknownJob(JobId),
+    ZeroSlots(WorkerId),
+}
+
+impl std::fmt::Display for StateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateError::UnknownWorker(id) => write!(f, "worker '{id}' is not registered"),
+            StateError::UnknownJob(id) => write!(f, "job {} is not running", id.0),
+            StateError::ZeroSlots(id) => write!(f, "worker '{id}' offers no slots"),
+        }
+    }
+}
+
+impl std::error::Error for StateError {}
+
+/// The whole scheduler state.
+#[derive(Debug)]
+pub struct Scheduler {
+    workers: BTreeMap<WorkerId, Worker>,
+    jobs: HashMap<JobId, RunningJob>,
+    queue: FairQueue,
+    lease: Duration,
+    next_job: u64,
+    next_wait: u64,
+    jobs_done: u64,
+    jobs_failed: u64,
+}
+
+#[derive(Debug)]
+struct Worker {
+    reg: Registration,
+    toolchains: HashSet<ToolchainId>,
+    busy: u32,
+    jobs: HashSet<JobId>,
+    /// Recent failures, decaying by half with every success, so one bad hour is not held forever.
+    failures: f64,
+    /// Exponentially weighted mean job duration in ms; None until the first job finishes.
+    mean_ms: Option<f64>,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct RunningJob {
+    worker: WorkerId,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: WaitId,
+    toolchain: ToolchainId,
+}
+
+/// Round-robin between clients; FIFO within a client.
+#[derive(Debug, Default)]
+struct FairQueue {
+    by_client: HashMap<ClientId, VecDeque<Waiter>>,
+    ring: VecDeque<ClientId>,
+    len: usize,
+}
+
+impl Scheduler {
+    /// `lease`: how long a worker stays registered without a report.
+    pub fn new(lease: Duration) -> Scheduler {
+        Scheduler {
+            workers: BTreeMap::new(),
+            jobs: HashMap::new(),
+            queue: FairQueue::default(),
+            lease,
+            next_job: 1,
+            next_wait: 1,
+            jobs_done: 0,
+            jobs_failed: 0,
+        }
+    }
+
+    /// A worker (re)starts its session. A worker that registers again under the same id has
+    /// restarted: whatever it was running is lost. New slots serve waiting requests at once.
+    pub fn register(&mut self, reg: Registration, now: Instant) -> Result<Effects, StateError> {
+        if reg.slots == 0 {
+            return Err(StateError::ZeroSlots(reg.id));
+        }
+        let mut effects = self.remove(&reg.id);
+        let worker = Worker {
+            toolchains: reg.toolchains.iter().copied().collect(),
+            reg,
+            busy: 0,
+            jobs: HashSet::new(),
+            failures: 0.0,
+            mean_ms: None,
+            last_seen: now,
+        };
+        let id = worker.reg.id.clone();
+        self.workers.insert(id.clone(), worker);
+        effects.assigned = self.serve_waiters(Some(&id));
+        Ok(effects)
+    }
+
+    /// A worker's periodic report renews its lease and updates its unpacked toolchains.
+    pub fn report(&mut self, id: &str, toolchains: Option<Vec<ToolchainId>>, now: Instant) -> Result<(), StateError> {
+        let worker = self.workers.get_mut(id).ok_or_else(|| StateError::UnknownWorker(id.to_owned()))?;
+        worker.last_seen = now;
+        if let Some(t) = toolchains {
+            worker.toolchains = t.into_iter().collect();
+        }
+        Ok(())
+    }
+
+    /// A worker is gone (stream dropped, lease expired): its running jobs fail.
+    pub fn remove(&mut self, id: &str) -> Effects {
+        let Some(worker) = self.workers.remove(id) else { return Effects::default() };
+        let mut failed_jobs: Vec<JobId> = worker.jobs.into_iter().collect();
+        failed_jobs.sort();
+        for job in &failed_jobs {
+            self.jobs.remove(job);
+        }
+        self.jobs_failed += failed_jobs.len() as u64;
+        Effects { failed_jobs, assigned: Vec::new() }
+    }
+
+    /// Removes every worker whose lease ran out.
+    pub fn expire(&mut self, now: Instant) -> Effects {
+        let dead: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| now.saturating_duration_since(w.last_seen) > self.lease)
+            .map(|w| w.reg.id.clone())
+            .collect();
+        let mut effects = Effects::default();
+        for id in dead {
+            effects.failed_jobs.extend(self.remove(&id).failed_jobs);
+        }
+        effects
+    }
+
+    /// One allocation request from `client` for a job needing `toolchain`.
+    pub fn allocate(&mut self, client: &str, toolchain: ToolchainId) -> Allocation {
+        if self.workers.is_empty() {
+            return Allocation::NoWorkers;
+        }
+        if self.queue.len == 0
+            && let Some(assignment) = self.assign_best(toolchain, None)
+        {
+            return Allocation::Assigned(assignment);
+        }
+        let id = WaitId(self.next_wait);
+        self.next_wait += 1;
+        self.queue.push(client, Waiter { id, toolchain });
+        Allocation::Queued(id)
+    }
+
+    /// A waiter gave up (its timeout); true if it was still queued.
+    pub fn cancel(&mut self, wait: WaitId) -> bool {
+        self.queue.remove(wait)
+    }
+
+    /// A job ended; its slot goes to the next waiter, if any.
+    pub fn finish(&mut self, job: JobId, outcome: JobOutcome) -> Result<Effects, StateError> {
+        let running = self.jobs.remove(&job).ok_or(StateError::UnknownJob(job))?;
+        let worker = self.workers.get_mut(&running.worker).ok_or(StateError::UnknownJob(job))?;
+        worker.jobs.remove(&job);
+        worker.busy -= 1;
+        match outcome {
+            JobOutcome::Succeeded { duration } => {
+                self.jobs_done += 1;
+                worker.failures /= 2.0;
+                let ms = duration.as_secs_f64() * 1000.0;
+                worker.mean_ms = Some(worker.mean_ms.map_or(ms, |m| 0.8 * m + 0.2 * ms));
+            }
+            JobOutcome::Failed => {
+                self.jobs_failed += 1;
+                worker.failures += 1.0;
+            }
+        }
+        let id = running.worker.clone();
+        Ok(Effects { failed_jobs: Vec::new(), assigned: self.serve_waiters(Some(&id)) })
+    }
+
+    /// Marks a toolchain as present on a worker (it fetched and unpacked it).
+    pub fn toolchain_ready(&mut self, worker: &str, toolchain: ToolchainId) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.toolchains.insert(toolchain);
+        }
+    }
+
+    /// Workers holding `toolchain`, by id.
+    pub fn holders(&self, toolchain: &ToolchainId) -> Vec<WorkerId> {
+        self.workers.values().filter(|w| w.toolchains.contains(toolchain)).map(|w| w.reg.id.clone()).collect()
+    }
+
+    pub fn status(&self, now: Instant) -> Status {
+        Status {
+            workers: self
+                .workers
+                .values()
+                .map(|w| {
+                    let mut toolchains: Vec<ToolchainId> = w.toolchains.iter().copied().collect();
+                    toolchains.sort();
+                    WorkerStatus {
+                        id: w.reg.id.clone(),
+                        address: w.reg.address.clone(),
+                        slots: w.reg.slots,
+                        busy: w.busy,
+                        toolchains,
+                        version: w.reg.version.clone(),
+                        last_seen: now.saturating_duration_since(w.last_seen),
+                    }
+                })
+                .collect(),
+            queued: self.queue.len,
+            running: self.jobs.len(),
+            jobs_done: self.jobs_done,
+            jobs_failed: self.jobs_failed,
+        }
+    }
+
+    /// Gives free slots (of `only`, or anywhere) to waiters in fair order.
+    fn serve_waiters(&mut self, only: Option<&str>) -> Vec<(WaitId, Assignment)> {
+        let mut out = Vec::new();
+        while self.queue.len > 0 {
+            let Some(toolchain) = self.queue.peek().map(|w| w.toolchain) else { break };
+            let Some(assignment) = self.assign_best(toolchain, only) else { break };
+            let waiter = self.queue.pop().expect("peeked");
+            out.push((waiter.id, assignment));
+        }
+        out
+    }
+
+    /// Picks the best worker with a free slot and records the job there.
+    fn assign_best(&mut self, toolchain: ToolchainId, only: Option<&str>) -> Option<Assignment> {
+        let candidates: Box<dyn Iterator<Item = &Worker>> = match only {
+            Some(id) => Box::new(self.workers.get(id).into_iter()),
+            None => Box::new(self.workers.values()),
+        };
+        let mean_of_means = {
+            let known: Vec<f64> = self.workers.values().filter_map(|w| w.mean_ms).collect();
+            if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 }
+        };
+        let best = candidates
+            .filter(|w| w.busy < w.reg.slots)
+            .map(|w| {
+                let locality = if w.toolchains.contains(&toolchain) { 0.0 } else { 2.0 };
+                let load = f64::from(w.busy) / f64::from(w.reg.slots);
+                let speed = w.mean_ms.map_or(1.0, |m| m / mean_of_means).min(4.0) * 0.25;
+                (locality + load + w.failures.min(8.0) * 0.5 + speed, &w.reg.id)
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)))
+            .map(|(_, id)| id.clone())?;
+        let worker = self.workers.get_mut(&best).expect("candidate exists");
+        let job = JobId(self.next_job);
+        self.next_job += 1;
+        worker.busy += 1;
+        worker.jobs.insert(job);
+        self.jobs.insert(job, RunningJob { worker: best.clone() });
+        Some(Assignment {
+            job,
+            worker: best,
+            address: worker.reg.address.clone(),
+            has_toolchain: worker.toolchains.contains(&toolchain),
+        })
+    }
+}
+
+impl FairQueue {
+    fn push(&mut self, client: &str, waiter: Waiter) {
+        let queue = self.by_client.entry(client.to_owned()).or_default();
+        if queue.is_empty() {
+            self.ring.push_back(client.to_owned());
+        }
+        queue.push_back(waiter);
+        self.len += 1;
+    }
+
+    fn peek(&self) -> Option<&Waiter> {
+        self.ring.front().and_then(|c| self.by_client.get(c)).and_then(VecDeque::front)
+    }
+
+    fn pop(&mut self) -> Option<Waiter> {
+        let client = self.ring.pop_front()?;
+        let queue = self.by_client.get_mut(&client)?;
+        let waiter = queue.pop_front();
+        if queue.is_empty() {
+            self.by_client.remove(&client);
+        } else {
+            self.ring.push_back(client);
+        }
+        self.len -= usize::from(waiter.is_some());
+        waiter
+    }
+
+    fn remove(&mut self, wait: WaitId) -> bool {
+        let Some((client, queue)) = self.by_client.iter_mut().find(|(_, q)| q.iter().any(|w| w.id == wait)) else {
+            return false;
+        };
+        queue.retain(|w| w.id != wait);
+        self.len -= 1;
+        if queue.is_empty() {
+            let client = client.clone();
+            self.by_client.remove(&client);
+            self.ring.retain(|c| *c != client);
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tc(n: u8) -> ToolchainId {
+        ToolchainId([n; 32])
+    }
+
+    fn reg(id: &str, slots: u32, toolchains: &[ToolchainId]) -> Registration {
+        Registration {
+            id: id.into(),
+            address: format!("{id}:1"),
+            slots,
+            toolchains: toolchains.to_vec(),
+            version: "t".into(),
+        }
+    }
+
+    fn assigned(a: Allocation) -> Assignment {
+        match a {
+            Allocation::Assigned(a) => a,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn locality_beats_load_and_no_workers_is_immediate() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        assert_eq!(s.allocate("c", tc(1)), Allocation::NoWorkers);
+        s.register(reg("a", 4, &[]), now).unwrap();
+        s.register(reg("b", 4, &[tc(1)]), now).unwrap();
+        let first = assigned(s.allocate("c", tc(1)));
+        assert_eq!((first.worker.as_str(), first.has_toolchain), ("b", true));
+        // b is now a quarter loaded, still better than a worker that must fetch.
+        assert_eq!(assigned(s.allocate("c", tc(1))).worker, "b");
+        // For a toolchain nobody has, the least loaded worker wins.
+        assert_eq!(assigned(s.allocate("c", tc(2))).worker, "a");
+        // Once b reports it fetched tc(2), it is preferred for it... unless a is less loaded.
+        s.toolchain_ready("a", tc(1));
+        assert_eq!(assigned(s.allocate("c", tc(1))).worker, "a");
+    }
+
+    #[test]
+    fn full_cluster_queues_fairly_between_clients() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("w", 1, &[tc(1)]), now).unwrap();
+        let running = assigned(s.allocate("greedy", tc(1)));
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            waits.push(("greedy", s.allocate("greedy", tc(1))));
+        }
+        waits.push(("polite", s.allocate("polite", tc(1))));
+        assert!(waits.iter().all(|(_, a)| matches!(a, Allocation::Queued(_))));
+        // The slot frees: greedy's first waiter, then polite's (round-robin), then greedy's again.
+        let mut order = Vec::new();
+        let mut job = running.job;
+        for _ in 0..3 {
+            let effects = s.finish(job, JobOutcome::Succeeded { duration: Duration::from_millis(5) }).unwrap();
+            let (wait, next) = effects.assigned.into_iter().next().expect("a waiter is served");
+            let who = waits.iter().find(|(_, a)| *a == Allocation::Queued(wait)).unwrap().0;
+            order.push(who);
+            job = next.job;
+        }
+        assert_eq!(order, ["greedy", "polite", "greedy"]);
+        assert_eq!(s.status(now).queued, 1);
+    }
+
+    #[test]
+    fn cancelled_waiters_are_skipped_and_new_workers_serve_the_queue() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("w", 1, &[]), now).unwrap();
+        assigned(s.allocate("c", tc(1)));
+        let Allocation::Queued(w1) = s.allocate("c", tc(1)) else { panic!() };
+        let Allocation::Queued(w2) = s.allocate("d", tc(1)) else { panic!() };
+        assert!(s.cancel(w1));
+        assert!(!s.cancel(w1));
+        let effects = s.register(reg("v", 1, &[]), now).unwrap();
+        assert_eq!(effects.assigned.len(), 1);
+        assert_eq!(effects.assigned[0].0, w2);
+        assert_eq!(effects.assigned[0].1.worker, "v");
+    }
+
+    #[test]
+    fn lost_workers_fail_their_jobs() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("w", 2, &[]), now).unwrap();
+        s.register(reg("v", 2, &[]), now).unwrap();
+        let jobs: Vec<Assignment> = (0..4).map(|_| assigned(s.allocate("c", tc(1)))).collect();
+        let on_w: Vec<JobId> = jobs.iter().filter(|a| a.worker == "w").map(|a| a.job).collect();
+        // v keeps reporting; w goes silent past its lease.
+        s.report("v", None, now + Duration::from_secs(8)).unwrap();
+        let effects = s.expire(now + Duration::from_secs(11));
+        assert_eq!(effects.failed_jobs, on_w);
+        assert_eq!(s.status(now).workers.len(), 1);
+        assert_eq!(s.finish(on_w[0], JobOutcome::Failed), Err(StateError::UnknownJob(on_w[0])));
+        // A worker re-registering (restart) loses its running jobs too.
+        let on_v: Vec<JobId> = jobs.iter().filter(|a| a.worker == "v").map(|a| a.job).collect();
+        assert_eq!(s.register(reg("v", 2, &[]), now).unwrap().failed_jobs, on_v);
+        assert!(s.report("w", None, now).is_err());
+    }
+
+    #[test]
+    fn failures_steer_work_away() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("a", 4, &[tc(1)]), now).unwrap();
+        s.register(reg("b", 4, &[tc(1)]), now).unwrap();
+        // Equal workers: the tie goes to "a"; after one failure there, "b" is preferred.
+        let job = assigned(s.allocate("c", tc(1)));
+        assert_eq!(job.worker, "a");
+        s.finish(job.job, JobOutcome::Failed).unwrap();
+        let job = assigned(s.allocate("c", tc(1)));
+        assert_eq!(job.worker, "b");
+        s.finish(job.job, JobOutcome::Succeeded { duration: Duration::from_millis(10) }).unwrap();
+        assert_eq!(assigned(s.allocate("c", tc(1))).worker, "b");
+        assert_eq!((s.status(now).jobs_failed, s.status(now).jobs_done), (1, 1));
+    }
+}
