@@ -148,15 +148,27 @@ impl Store for DiskStore {
 
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
         let path = self.entry_path(&entry.key);
-        // Cheap early exit; the link below is what actually decides.
-        if fs::symlink_metadata(&path).is_ok() {
-            return Ok(PutOutcome::AlreadyPresent);
+        let bytes = entry.encode();
+        // Twice at most: an existing file counts as present only once it verifies, so a damaged
+        // entry (removed by `get`) never blocks its own replacement.
+        for _ in 0..2 {
+            if fs::symlink_metadata(&path).is_ok() {
+                match self.get(&entry.key) {
+                    Ok(Some(_)) => return Ok(PutOutcome::AlreadyPresent),
+                    Ok(None) | Err(Error::Corrupt { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match self.publish(&bytes, &path)? {
+                PutOutcome::Published { bytes } => {
+                    self.account(bytes);
+                    return Ok(PutOutcome::Published { bytes });
+                }
+                // Lost a race with another writer: check what they published.
+                PutOutcome::AlreadyPresent => {}
+            }
         }
-        let outcome = self.publish(&entry.encode(), &path)?;
-        if let PutOutcome::Published { bytes } = outcome {
-            self.account(bytes);
-        }
-        Ok(outcome)
+        Ok(PutOutcome::AlreadyPresent)
     }
 }
 

@@ -27,7 +27,7 @@ use ferry_cache::{
     CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, KeyBuilder, OutputFile,
     PutOutcome, Store,
 };
-use ferry_toolchains::{Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler};
+use ferry_toolchains::{Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler_with};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -177,11 +177,12 @@ impl Job {
     }
 
     fn toolchain_id(&mut self) -> Result<ToolchainId, Fallback> {
-        let compiler = resolve_compiler(&self.compiler, self.plus.as_deref(), &self.cwd).map_err(|e| {
-            tracing::warn!(error = %e, "cannot resolve the toolchain");
-            Fallback("toolchain-unresolved")
-        })?;
-        let store = LocalStore::open(&self.config.cache_dir).map_err(|e| {
+        let compiler = resolve_compiler_with(&self.compiler, self.plus.as_deref(), &self.cwd, process::output)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot resolve the toolchain");
+                Fallback("toolchain-unresolved")
+            })?;
+        let store = LocalStore::open(&self.config.cache_dir).map(|s| s.with_spawn(process::output)).map_err(|e| {
             tracing::warn!(error = %e, "toolchain store unavailable");
             Fallback("toolchain-store")
         })?;
@@ -397,8 +398,7 @@ impl Job {
             (Some(101), _) => return Err("internal-compiler-error"),
             _ => return Err("unexpected-exit-code"),
         };
-        let text = fs::read_to_string(dep_info).map_err(|_| "no-dep-info")?;
-        let deps = depinfo::parse(&text);
+        let deps = self.read_dep_info(dep_info, started).ok_or("dep-info-unusable")?;
         for file in &deps.files {
             let changed = fs::metadata(self.cwd.join(file)).map(|m| modified(&m) > started).unwrap_or(true);
             if changed {
@@ -442,6 +442,24 @@ impl Job {
             }
         }
         Ok(())
+    }
+
+    /// The dep-info this compile wrote: written after it started, unchanged while we read it,
+    /// complete, and listing the crate root. Anything else (another process rewriting the same
+    /// file, say) means we do not know the inputs, and the result is not stored.
+    fn read_dep_info(&self, path: &Path, started: SystemTime) -> Option<depinfo::DepInfo> {
+        let stamp = |m: &fs::Metadata| (m.len(), modified(m), m.ino());
+        let before = fs::metadata(path).ok()?;
+        let text = fs::read_to_string(path).ok()?;
+        let after = fs::metadata(path).ok()?;
+        // File times come from a coarse clock that may lag ours by a tick: allow a margin.
+        let written_before_start = modified(&after) + std::time::Duration::from_millis(100) < started;
+        if stamp(&before) != stamp(&after) || written_before_start {
+            return None;
+        }
+        let deps = depinfo::parse(&text)?;
+        let root = self.cwd.join(&self.rustc.input);
+        deps.files.iter().any(|f| self.cwd.join(f) == root).then_some(deps)
     }
 
     /// A compile with no cache involvement, for fallbacks: rustc with inherited stdio.

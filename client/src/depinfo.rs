@@ -14,9 +14,17 @@ pub struct DepInfo {
 
 /// Parses a dep-info file. The outputs' own rules (`out: in1 in2`) list the inputs; the empty
 /// `in1:` rules repeat them; `# env-dep:NAME[=value]` lines name variables.
-pub fn parse(text: &str) -> DepInfo {
+///
+/// Returns `None` unless the file is complete: it ends with a newline and every listed input also
+/// has its own empty rule (rustc writes those after all output rules, so a file cut short — read
+/// while another process rewrote it — fails this check instead of yielding a shorter input list).
+pub fn parse(text: &str) -> Option<DepInfo> {
+    if !text.ends_with('\n') {
+        return None;
+    }
     let mut info = DepInfo::default();
     let mut outputs = Vec::new();
+    let mut empty_rules = Vec::new();
     for line in text.lines() {
         if let Some(env) = line.strip_prefix("# env-dep:") {
             let name = env.split_once('=').map_or(env, |(n, _)| n);
@@ -27,18 +35,26 @@ pub fn parse(text: &str) -> DepInfo {
             continue;
         }
         let Some(colon) = find_rule_colon(line) else { continue };
+        let target = unescape(line[..colon].trim());
         let deps = split_escaped(&line[colon + 1..]);
-        if !deps.is_empty() {
-            outputs.push(unescape(line[..colon].trim()));
+        if deps.is_empty() {
+            empty_rules.push(target);
+        } else {
+            outputs.push(target);
             info.files.extend(deps);
         }
     }
     info.files.retain(|f| !outputs.contains(f));
     info.files.sort();
     info.files.dedup();
+    empty_rules.sort();
+    empty_rules.dedup();
+    if outputs.is_empty() || info.files != empty_rules {
+        return None;
+    }
     info.env.sort();
     info.env.dedup();
-    info
+    Some(info)
 }
 
 /// The colon that ends a rule target: the first `: ` or a trailing `:` not escaped.
@@ -97,8 +113,18 @@ mod tests {
                     /t/deps/libfoo-1.rmeta: src/lib.rs src/a\\ b.rs /t/out/gen.rs x.txt\n\n\
                     src/lib.rs:\nsrc/a\\ b.rs:\n/t/out/gen.rs:\nx.txt:\n\n\
                     # env-dep:CARGO_PKG_NAME=foo\n# env-dep:OUT_DIR=/t/out\n# env-dep:UNSET_ONE\n";
-        let info = parse(text);
+        let info = parse(text).unwrap();
         assert_eq!(info.files, ["/t/out/gen.rs", "src/a b.rs", "src/lib.rs", "x.txt"]);
         assert_eq!(info.env, ["CARGO_PKG_NAME", "OUT_DIR", "UNSET_ONE"]);
+    }
+
+    #[test]
+    fn incomplete_files_are_refused() {
+        let text = "o.d: a.rs b.rs\n\na.rs:\nb.rs:\n";
+        assert!(parse(text).is_some());
+        for cut in 0..text.len() {
+            assert!(parse(&text[..cut]).is_none(), "cut at {cut}: {:?}", &text[..cut]);
+        }
+        assert!(parse("o.d: a.rs b.rs\n\na.rs:\n").is_none());
     }
 }

@@ -19,9 +19,7 @@ pub fn identity(cache_dir: &Path, linker: &Path) -> String {
     if let Some(version) = known.get(&fingerprint) {
         return format!("{fingerprint}: {version}");
     }
-    let version = Command::new(linker)
-        .arg("--version")
-        .output()
+    let version = crate::process::output(Command::new(linker).arg("--version"))
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
         .unwrap_or_else(|e| format!("(--version failed: {e})"));
     known.insert(fingerprint.clone(), version.clone());

@@ -21,6 +21,13 @@ pub fn exec(program: &Path, args: &[OsString]) -> std::io::Error {
     Command::new(program).args(args).exec()
 }
 
+/// Runs a prepared command to completion, collecting its output (stdin closed).
+pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    let args: Vec<OsString> = cmd.get_args().map(OsString::from).collect();
+    trace(Path::new(cmd.get_program()), &args);
+    cmd.stdin(Stdio::null()).output()
+}
+
 /// Runs `program args` with inherited stdio and waits for it.
 pub fn run_inherited(program: &Path, args: &[OsString]) -> std::io::Result<ExitStatus> {
     trace(program, args);

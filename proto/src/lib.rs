@@ -1,6 +1,86 @@
-//! ferry's wire protocol: the generated `ferry.v1` messages and services.
+//! ferry's wire protocol: the generated `ferry.v1` messages and services, the conversions from
+//! wire to domain values that validate (a digest is checked once, here), and bearer-token roles.
+//! Core logic never sees an unchecked proto value; `tonic::Status` is built only at this edge and
+//! in the service adapters.
 
-#[allow(missing_debug_implementations, clippy::all)]
+mod auth;
+
+pub use auth::{AuthError, Role, Roles, Tokens, bearer, require};
+
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("ferry.v1");
+}
+
+/// A wire value that does not make sense; becomes `InvalidArgument` naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid '{}': {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+impl From<Invalid> for tonic::Status {
+    fn from(e: Invalid) -> tonic::Status {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+/// A required 32-byte digest field.
+pub fn digest(d: Option<&v1::Digest>, field: &'static str) -> Result<[u8; 32], Invalid> {
+    let d = d.ok_or(Invalid { field, reason: "missing".into() })?;
+    d.blake3
+        .as_slice()
+        .try_into()
+        .map_err(|_| Invalid { field, reason: format!("a digest has 32 bytes, not {}", d.blake3.len()) })
+}
+
+/// Every digest of a repeated field.
+pub fn digests(ds: &[v1::Digest], field: &'static str) -> Result<Vec<[u8; 32]>, Invalid> {
+    ds.iter().map(|d| digest(Some(d), field)).collect()
+}
+
+pub fn to_digest(bytes: [u8; 32]) -> v1::Digest {
+    v1::Digest { blake3: bytes.to_vec() }
+}
+
+/// Checks an absolute, normal path from the wire: absolute, no `..`/`.`/empty components, no NUL.
+pub fn absolute_path(path: &str, field: &'static str) -> Result<(), Invalid> {
+    let bad = |reason: &str| Invalid { field, reason: format!("'{path}': {reason}") };
+    if !path.starts_with('/') {
+        return Err(bad("not an absolute path"));
+    }
+    if path.contains('\0') {
+        return Err(bad("contains NUL"));
+    }
+    if path.len() > 4096 {
+        return Err(bad("longer than 4096 bytes"));
+    }
+    if path[1..].split('/').any(|c| matches!(c, "" | "." | "..")) && path != "/" {
+        return Err(bad("has an empty, '.' or '..' component"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_and_paths_are_checked() {
+        assert!(digest(None, "id").is_err());
+        assert!(digest(Some(&v1::Digest { blake3: vec![1; 31] }), "id").is_err());
+        assert_eq!(digest(Some(&to_digest([7; 32])), "id").unwrap(), [7; 32]);
+        for bad in ["rel/x", "/a/../b", "/a//b", "/a/./b", "/a/b/", "/a\0b"] {
+            assert!(absolute_path(bad, "p").is_err(), "{bad}");
+        }
+        assert!(absolute_path("/home/u/p/src/lib.rs", "p").is_ok());
+    }
 }

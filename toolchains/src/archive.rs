@@ -232,14 +232,30 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Checks an archive completely — every entry against the manifest, the manifest against
+/// `expected`, the limits — without writing anything: what a scheduler does with an upload.
+pub fn verify_archive(reader: impl Read, expected: &ToolchainId, limits: &UnpackLimits) -> Result<Manifest, Error> {
+    walk_archive(reader, None, expected, limits)
+}
+
 fn unpack_into(
     reader: impl Read,
     tmp: &Path,
     expected: &ToolchainId,
     limits: &UnpackLimits,
 ) -> Result<Manifest, Error> {
-    let corrupt = |e: io::Error| Error::CorruptArchive { reason: e.to_string() };
     fs::create_dir(tmp).map_err(Error::io(tmp))?;
+    walk_archive(reader, Some(tmp), expected, limits)
+}
+
+/// The checks shared by unpacking (`dest` set: files are written there) and verifying (`None`).
+fn walk_archive(
+    reader: impl Read,
+    dest: Option<&Path>,
+    expected: &ToolchainId,
+    limits: &UnpackLimits,
+) -> Result<Manifest, Error> {
+    let corrupt = |e: io::Error| Error::CorruptArchive { reason: e.to_string() };
     let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
     let mut entries = archive.entries().map_err(corrupt)?;
 
@@ -298,8 +314,8 @@ fn unpack_into(
         let Some(want) = wanted.next().filter(|w| w.path == path) else {
             return Err(refuse("not listed in the manifest (or out of order)"));
         };
-        let dest = tmp.join(&path);
-        if let Some(parent) = dest.parent() {
+        let dest = dest.map(|root| root.join(&path));
+        if let Some(parent) = dest.as_deref().and_then(Path::parent) {
             fs::create_dir_all(parent).map_err(Error::io(parent))?;
         }
         match (&want.kind, kind) {
@@ -311,18 +327,26 @@ fn unpack_into(
                 if !stays_inside(&path, Path::new(target)) {
                     return Err(refuse(&format!("symlink target '{target}' leaves the toolchain")));
                 }
-                symlink(target, &dest).map_err(Error::io(&dest))?;
+                if let Some(dest) = &dest {
+                    symlink(target, dest).map_err(Error::io(dest))?;
+                }
                 links.push(path.clone());
             }
             (ManifestKind::File { executable, size: want_size, digest }, tar::EntryType::Regular) => {
                 if size != *want_size {
                     return Err(refuse("size differs from the manifest"));
                 }
-                let mode = if *executable { 0o755 } else { 0o644 };
-                let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&dest);
-                let mut file = file.map_err(Error::io(&dest))?;
                 let mut reader = HashingReader { inner: &mut entry, hasher: blake3::Hasher::new(), len: 0 };
-                io::copy(&mut reader, &mut file).map_err(corrupt)?;
+                match &dest {
+                    Some(dest) => {
+                        let mode = if *executable { 0o755 } else { 0o644 };
+                        let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(dest);
+                        io::copy(&mut reader, &mut file.map_err(Error::io(dest))?).map_err(corrupt)?;
+                    }
+                    None => {
+                        io::copy(&mut reader, &mut io::sink()).map_err(corrupt)?;
+                    }
+                }
                 if reader.len != size || reader.hasher.finalize().as_bytes() != digest {
                     return Err(refuse("content does not match the manifest"));
                 }

@@ -34,9 +34,23 @@ pub struct Probe {
     pub version: String,
 }
 
+/// How this crate starts processes (`rustc -vV`, `rustup which`), so a caller can route them
+/// through its own spawning (and tracing) code.
+pub type Spawn = fn(&mut Command) -> std::io::Result<std::process::Output>;
+
+/// Runs a command and collects its output: the default [`Spawn`].
+pub fn spawn_output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.output()
+}
+
 /// Resolves `path` (a file path, or a bare name searched in `PATH`) to the real toolchain.
 /// `plus` is a `+toolchain` given on the command line; `cwd` is where the compile runs.
 pub fn resolve_compiler(path: &Path, plus: Option<&str>, cwd: &Path) -> Result<Compiler, Error> {
+    resolve_compiler_with(path, plus, cwd, spawn_output)
+}
+
+/// [`resolve_compiler`], starting any process through `spawn`.
+pub fn resolve_compiler_with(path: &Path, plus: Option<&str>, cwd: &Path, spawn: Spawn) -> Result<Compiler, Error> {
     let found = if path.components().count() == 1 && !path.as_os_str().is_empty() {
         search_path(path).ok_or_else(|| Error::CompilerNotFound { path: path.to_owned() })?
     } else {
@@ -51,19 +65,16 @@ pub fn resolve_compiler(path: &Path, plus: Option<&str>, cwd: &Path) -> Result<C
             Some(name) => name.to_owned(),
             None => rustup_selection(cwd)?,
         };
-        return resolve_rustup_toolchain(&name, cwd);
+        return resolve_rustup_toolchain(&name, cwd, spawn);
     }
     real_compiler(&found, "path".into())
 }
 
 impl Probe {
     /// Runs `rustc -vV`; anything that does not answer like rustc is [`Error::NotRustc`].
-    pub fn run(rustc: &Path) -> Result<Probe, Error> {
+    pub fn run(rustc: &Path, spawn: Spawn) -> Result<Probe, Error> {
         let not_rustc = |reason: String| Error::NotRustc { path: rustc.to_owned(), reason };
-        let out = Command::new(rustc)
-            .arg("-vV")
-            .env_remove("RUSTC_WRAPPER")
-            .output()
+        let out = spawn(Command::new(rustc).arg("-vV").env_remove("RUSTC_WRAPPER"))
             .map_err(|e| not_rustc(format!("cannot run it: {e}")))?;
         if !out.status.success() {
             return Err(not_rustc(format!("'-vV' failed with {}", out.status)));
@@ -179,7 +190,7 @@ fn toolchain_file_selection(text: &str, dir: &Path) -> Option<String> {
     }
 }
 
-fn resolve_rustup_toolchain(name: &str, cwd: &Path) -> Result<Compiler, Error> {
+fn resolve_rustup_toolchain(name: &str, cwd: &Path, spawn: Spawn) -> Result<Compiler, Error> {
     let via = format!("rustup:{name}");
     if let Some(dir) = name.strip_prefix("path:") {
         return real_compiler(&Path::new(dir).join("bin/rustc"), via);
@@ -195,13 +206,14 @@ fn resolve_rustup_toolchain(name: &str, cwd: &Path) -> Result<Compiler, Error> {
         }
     }
     // Names we cannot map by looking (e.g. `1.95` meaning the newest 1.95.x): ask rustup itself.
-    let out = Command::new("rustup")
-        .args(["which", "rustc", "--toolchain", name])
-        .current_dir(cwd)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .map_err(|e| Error::Rustup { name: name.into(), reason: format!("cannot run rustup: {e}") })?;
+    let out = spawn(
+        Command::new("rustup")
+            .args(["which", "rustc", "--toolchain", name])
+            .current_dir(cwd)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE"),
+    )
+    .map_err(|e| Error::Rustup { name: name.into(), reason: format!("cannot run rustup: {e}") })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let msg = stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no explanation").to_owned();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::{file_digest, write_archive};
-use crate::{Compiler, Error, Manifest, Probe, ToolchainId, ToolchainSet};
+use crate::{Compiler, Error, Manifest, Probe, Spawn, ToolchainId, ToolchainSet, spawn_output};
 
 /// Toolchain entries kept in the map; older ones are dropped first.
 const MAX_MAP_ENTRIES: usize = 256;
@@ -29,6 +29,8 @@ const MAX_MAP_ENTRIES: usize = 256;
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     dir: PathBuf,
+    /// How `rustc -vV` is run (the client routes it through its traced spawner).
+    spawn: Spawn,
 }
 
 /// A toolchain whose strong id is known.
@@ -100,7 +102,13 @@ impl LocalStore {
         let probe = dir.join(format!(".write-test-{}", std::process::id()));
         File::create(&probe).map_err(|error| Error::CacheDir { path: cache_dir.to_owned(), error })?;
         let _ = fs::remove_file(&probe);
-        Ok(LocalStore { dir })
+        Ok(LocalStore { dir, spawn: spawn_output })
+    }
+
+    /// Starts processes through `spawn` from now on.
+    pub fn with_spawn(mut self, spawn: Spawn) -> LocalStore {
+        self.spawn = spawn;
+        self
     }
 
     /// Finds the strong id of `compiler` for `targets` (the host is always included), through the
@@ -203,7 +211,7 @@ impl LocalStore {
         if let Some(probe) = self.read_map().probes.get(&key) {
             return Ok(probe.clone());
         }
-        let probe = Probe::run(&compiler.rustc)?;
+        let probe = Probe::run(&compiler.rustc, self.spawn)?;
         self.update_map(|map| {
             map.probes.insert(key.clone(), probe.clone());
         })?;

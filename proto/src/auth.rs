@@ -1,0 +1,132 @@
+//! Bearer tokens with roles. Servers hold [`Tokens`]; an interceptor turns the `authorization`
+//! header into [`Roles`] in the request's extensions, and each handler calls [`require`] for the
+//! role its call needs, so a refusal names the missing role.
+
+use std::collections::HashMap;
+use std::fmt;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Allocate workers, upload and list toolchains, read status, read the shared cache.
+    Client,
+    /// Register as a worker, fetch toolchains, write the shared cache.
+    Worker,
+    /// Write the shared cache from a client (CI machines).
+    CacheWrite,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "client" => Some(Role::Client),
+            "worker" => Some(Role::Worker),
+            "cache-write" => Some(Role::CacheWrite),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Client => "client",
+            Role::Worker => "worker",
+            Role::CacheWrite => "cache-write",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+/// The roles of the caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roles(pub Vec<Role>);
+
+/// The configured tokens. `Open` is the loopback development default: no token needed, every role.
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    Open,
+    /// blake3 of each token → its roles (tokens are not kept in memory in the clear).
+    Required(HashMap<[u8; 32], Vec<Role>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Unknown,
+}
+
+impl Tokens {
+    pub fn new(entries: impl IntoIterator<Item = (String, Vec<Role>)>) -> Tokens {
+        Tokens::Required(entries.into_iter().map(|(t, r)| (*blake3::hash(t.as_bytes()).as_bytes(), r)).collect())
+    }
+
+    /// The roles for an `authorization` header value (`Bearer <token>`).
+    pub fn roles(&self, header: Option<&str>) -> Result<Roles, AuthError> {
+        let map = match self {
+            Tokens::Open => return Ok(Roles(vec![Role::Admin])),
+            Tokens::Required(map) => map,
+        };
+        let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or(AuthError::Missing)?;
+        map.get(blake3::hash(token.trim().as_bytes()).as_bytes()).map(|r| Roles(r.clone())).ok_or(AuthError::Unknown)
+    }
+
+    /// A tonic interceptor: authenticates and stores the caller's roles in the request.
+    pub fn interceptor(self) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+        move |mut req: tonic::Request<()>| {
+            let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            match self.roles(header) {
+                Ok(roles) => {
+                    req.extensions_mut().insert(roles);
+                    Ok(req)
+                }
+                Err(AuthError::Missing) => Err(tonic::Status::unauthenticated(
+                    "this server needs a bearer token; set FERRY_TOKEN (or 'token' in the config file)",
+                )),
+                Err(AuthError::Unknown) => {
+                    Err(tonic::Status::unauthenticated("the bearer token is not known to this server"))
+                }
+            }
+        }
+    }
+}
+
+/// Refuses the call unless the caller has `role` (or admin).
+pub fn require<T>(req: &tonic::Request<T>, role: Role, call: &str) -> Result<(), tonic::Status> {
+    let ok =
+        req.extensions().get::<Roles>().is_some_and(|r| r.0.iter().any(|&have| have == role || have == Role::Admin));
+    if ok {
+        Ok(())
+    } else {
+        Err(tonic::Status::permission_denied(format!("{call} needs a token with the '{role}' role")))
+    }
+}
+
+/// The `authorization` header value for a token.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_follow_tokens() {
+        let t = Tokens::new([("c".to_string(), vec![Role::Client]), ("w".to_string(), vec![Role::Worker])]);
+        assert_eq!(t.roles(Some("Bearer c")), Ok(Roles(vec![Role::Client])));
+        assert_eq!(t.roles(Some("Bearer x")), Err(AuthError::Unknown));
+        assert_eq!(t.roles(None), Err(AuthError::Missing));
+        assert_eq!(t.roles(Some("c")), Err(AuthError::Missing));
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(Roles(vec![Role::Worker]));
+        assert!(require(&req, Role::Worker, "Register").is_ok());
+        let err = require(&req, Role::Client, "Allocate").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("'client'"));
+        assert!(Tokens::Open.roles(None).is_ok());
+    }
+}
