@@ -501,15 +501,15 @@ fn assert_nothing_half_written(dir: &Path) {
 // ---- helpers: toolchains -----------------------------------------------------------------------
 
 /// The installed toolchain (the `rustc` on PATH), probed once.
-struct Installed {
+pub(crate) struct Installed {
     sysroot: PathBuf,
     rustc: PathBuf,
-    host: String,
+    pub(crate) host: String,
     /// First line of `rustc -vV`.
     version: String,
 }
 
-fn installed() -> &'static Installed {
+pub(crate) fn installed() -> &'static Installed {
     static INSTALLED: OnceLock<Installed> = OnceLock::new();
     INSTALLED.get_or_init(|| {
         let sysroot = fs::canonicalize(installed_sysroot()).expect("sysroot");
@@ -524,7 +524,7 @@ fn installed() -> &'static Installed {
 /// A real copy (new inodes, never hard links) of what the installed toolchain's set needs:
 /// `bin/rustc`, the shared libraries at the top of `lib/`, and `lib/rustlib/<host>/`, made with
 /// `cp -a`. Files are only ever changed in the copy, after checking that they are the copy's own.
-struct ToolchainCopy {
+pub(crate) struct ToolchainCopy {
     /// Holds the copy, and beside it pristine reference copies of changed files.
     dir: TempDir,
     /// Canonical root of the copied toolchain.
@@ -532,7 +532,7 @@ struct ToolchainCopy {
 }
 
 impl ToolchainCopy {
-    fn new() -> ToolchainCopy {
+    pub(crate) fn new() -> ToolchainCopy {
         let dir = tempfile::Builder::new().prefix("ferry-toolchain-copy-").tempdir().expect("temp dir");
         let root = dir.path().join("toolchain");
         let from = &installed().sysroot;
@@ -552,7 +552,7 @@ impl ToolchainCopy {
         ToolchainCopy { dir, root }
     }
 
-    fn rustc(&self) -> PathBuf {
+    pub(crate) fn rustc(&self) -> PathBuf {
         self.root.join("bin/rustc")
     }
 
@@ -568,17 +568,17 @@ impl ToolchainCopy {
         format!("{rel}/{}", smallest.file_name().expect("name").to_string_lossy())
     }
 
-    fn len(&self, rel: &str) -> u64 {
+    pub(crate) fn len(&self, rel: &str) -> u64 {
         fs::metadata(self.root.join(rel)).expect("stat").len()
     }
 
-    fn byte_at(&self, rel: &str, offset: u64) -> u8 {
+    pub(crate) fn byte_at(&self, rel: &str, offset: u64) -> u8 {
         fs::read(self.root.join(rel)).expect("read")[offset as usize]
     }
 
     /// Writes one byte into the file itself (same inode, no truncation), then restores its mtime:
     /// only the ctime tells a cheap fingerprint that it changed.
-    fn write_in_place(&self, rel: &str, offset: u64, byte: u8) {
+    pub(crate) fn write_in_place(&self, rel: &str, offset: u64, byte: u8) {
         let (path, reference) = (self.own_file(rel), self.pristine(rel));
         let inode = fs::metadata(&path).expect("stat").ino();
         let mut file = OpenOptions::new().write(true).open(&path).expect("open for writing");

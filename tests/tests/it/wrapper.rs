@@ -61,6 +61,34 @@ fn outputs_are_byte_identical_and_a_rebuild_is_all_hits_without_rustc() {
 }
 
 #[test]
+fn a_changed_toolchain_misses_everywhere_and_reverting_it_hits_again() {
+    // A custom toolchain (a real copy), used the way cargo documents: RUSTC=<its rustc>.
+    let copy = crate::toolchain::ToolchainCopy::new();
+    let mut world = world();
+    world.set("RUSTC", copy.rustc());
+    let ws = workspace_in(&world, "ws");
+    assert_eq!(rebuild(&world, &ws).misses, UNIT_COUNT);
+    clean(&world, &ws);
+    assert_eq!(rebuild(&world, &ws).hits, UNIT_COUNT);
+
+    // One byte of one file of the set, changed in place with size and mtime restored. The file
+    // (a bundled linker these builds never run) keeps every compile working.
+    let rel = format!("lib/rustlib/{}/bin/wasm-component-ld", crate::toolchain::installed().host);
+    let offset = copy.len(&rel) / 2;
+    let original = copy.byte_at(&rel, offset);
+    copy.write_in_place(&rel, offset, original ^ 0x5a);
+    clean(&world, &ws);
+    let changed = rebuild(&world, &ws);
+    assert_eq!((changed.hits, changed.misses), (0, UNIT_COUNT), "a changed toolchain must not hit old entries");
+    assert_eq!(app(&ws), APP_LINE);
+
+    copy.write_in_place(&rel, offset, original);
+    clean(&world, &ws);
+    let reverted = rebuild(&world, &ws);
+    assert_eq!((reverted.hits, reverted.misses), (UNIT_COUNT, 0), "the original bytes hit their entries again");
+}
+
+#[test]
 fn an_edit_misses_exactly_for_what_it_changes() {
     let mut world = world();
     let ws = workspace_in(&world, "ws");
