@@ -1,9 +1,67 @@
-//! ferry's scheduler. Today: the pure allocation state machine ([`Scheduler`]), unit-tested without
-//! sockets. The gRPC service and the `ferry-scheduler` daemon are built on top of it.
+//! ferry's scheduler: the pure allocation state machine ([`Scheduler`]), the toolchain archive
+//! store, the gRPC service over both, and [`run`], which serves it until told to stop.
 
+mod archives;
+mod config;
+mod service;
 mod state;
 
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_proto::v1::scheduler_server::SchedulerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+pub use config::{SchedulerConfig, check_exposure};
+pub use service::Service;
 pub use state::{
     Allocation, Assignment, ClientId, Effects, JobId, JobOutcome, Registration, Scheduler, StateError, Status, WaitId,
     WorkerId, WorkerStatus,
 };
+
+/// Serves the scheduler on `listener` until `shutdown` is cancelled.
+pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    config.check_exposure(addr)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let service = Service::new(config.clone(), shutdown.clone())
+        .with_context(|| format!("opening the toolchain store in {}", config.data_dir.display()))?;
+    let expiry = {
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        let every = config.lease / 4;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(every) => service.expire(),
+                }
+            }
+        })
+    };
+    let api = tonic::service::interceptor::InterceptedService::new(
+        SchedulerServer::new(service)
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        config.tokens.clone().interceptor(),
+    );
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(3600));
+    if let Some((cert, key)) = &config.tls {
+        server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    tracing::info!(%addr, tls = config.tls.is_some(), "scheduler serving");
+    let served = server
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    let _ = expiry.await;
+    served.context("serving")
+}

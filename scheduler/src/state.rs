@@ -62,6 +62,8 @@ pub enum JobOutcome {
     },
     /// The compile could not run on the worker (not a compiler error): counts against the worker.
     Failed,
+    /// The job never started (its client went away before reaching the worker): counts nothing.
+    Released,
 }
 
 /// The cluster as `ferry status` shows it.
@@ -143,6 +145,9 @@ struct Worker {
 #[derive(Debug)]
 struct RunningJob {
     worker: WorkerId,
+    /// When the scheduler handed it out; a job the worker still does not list as running well
+    /// after this was never claimed by its client.
+    assigned_at: Instant,
 }
 
 #[derive(Debug)]
@@ -196,14 +201,38 @@ impl Scheduler {
         Ok(effects)
     }
 
-    /// A worker's periodic report renews its lease and updates its unpacked toolchains.
-    pub fn report(&mut self, id: &str, toolchains: Option<Vec<ToolchainId>>, now: Instant) -> Result<(), StateError> {
+    /// A worker's periodic report renews its lease and updates its unpacked toolchains. With
+    /// `running` (the jobs the worker runs now), assignments older than `claim_within` that the
+    /// worker never saw are released: their clients went away.
+    pub fn report(
+        &mut self,
+        id: &str,
+        toolchains: Option<Vec<ToolchainId>>,
+        running: Option<&[JobId]>,
+        claim_within: Duration,
+        now: Instant,
+    ) -> Result<Effects, StateError> {
         let worker = self.workers.get_mut(id).ok_or_else(|| StateError::UnknownWorker(id.to_owned()))?;
         worker.last_seen = now;
         if let Some(t) = toolchains {
             worker.toolchains = t.into_iter().collect();
         }
-        Ok(())
+        let mut effects = Effects::default();
+        if let Some(running) = running {
+            let unclaimed: Vec<JobId> = worker
+                .jobs
+                .iter()
+                .filter(|j| !running.contains(j))
+                .filter(|j| {
+                    self.jobs.get(j).is_some_and(|r| now.saturating_duration_since(r.assigned_at) > claim_within)
+                })
+                .copied()
+                .collect();
+            for job in unclaimed {
+                effects.assigned.extend(self.finish(job, JobOutcome::Released)?.assigned);
+            }
+        }
+        Ok(effects)
     }
 
     /// A worker is gone (stream dropped, lease expired): its running jobs fail.
@@ -271,6 +300,7 @@ impl Scheduler {
                 self.jobs_failed += 1;
                 worker.failures += 1.0;
             }
+            JobOutcome::Released => {}
         }
         let id = running.worker.clone();
         Ok(Effects { failed_jobs: Vec::new(), assigned: self.serve_waiters(Some(&id)) })
@@ -328,6 +358,7 @@ impl Scheduler {
 
     /// Picks the best worker with a free slot and records the job there.
     fn assign_best(&mut self, toolchain: ToolchainId, only: Option<&str>) -> Option<Assignment> {
+        let now = Instant::now();
         let candidates: Box<dyn Iterator<Item = &Worker>> = match only {
             Some(id) => Box::new(self.workers.get(id).into_iter()),
             None => Box::new(self.workers.values()),
@@ -351,7 +382,7 @@ impl Scheduler {
         self.next_job += 1;
         worker.busy += 1;
         worker.jobs.insert(job);
-        self.jobs.insert(job, RunningJob { worker: best.clone() });
+        self.jobs.insert(job, RunningJob { worker: best.clone(), assigned_at: now });
         Some(Assignment {
             job,
             worker: best,
@@ -497,7 +528,7 @@ mod tests {
         let jobs: Vec<Assignment> = (0..4).map(|_| assigned(s.allocate("c", tc(1)))).collect();
         let on_w: Vec<JobId> = jobs.iter().filter(|a| a.worker == "w").map(|a| a.job).collect();
         // v keeps reporting; w goes silent past its lease.
-        s.report("v", None, now + Duration::from_secs(8)).unwrap();
+        s.report("v", None, None, Duration::ZERO, now + Duration::from_secs(8)).unwrap();
         let effects = s.expire(now + Duration::from_secs(11));
         assert_eq!(effects.failed_jobs, on_w);
         assert_eq!(s.status(now).workers.len(), 1);
@@ -505,7 +536,24 @@ mod tests {
         // A worker re-registering (restart) loses its running jobs too.
         let on_v: Vec<JobId> = jobs.iter().filter(|a| a.worker == "v").map(|a| a.job).collect();
         assert_eq!(s.register(reg("v", 2, &[]), now).unwrap().failed_jobs, on_v);
-        assert!(s.report("w", None, now).is_err());
+        assert!(s.report("w", None, None, Duration::ZERO, now).is_err());
+    }
+
+    #[test]
+    fn assignments_never_claimed_are_released() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("w", 1, &[]), now).unwrap();
+        let job = assigned(s.allocate("gone", tc(1)));
+        let Allocation::Queued(wait) = s.allocate("c", tc(1)) else { panic!("slot is busy") };
+        // Within the claim window nothing happens; after it, the slot goes to the waiter.
+        let later = Instant::now() + Duration::from_secs(30);
+        assert!(s.report("w", None, Some(&[]), Duration::from_secs(60), later).unwrap().assigned.is_empty());
+        let effects = s.report("w", None, Some(&[]), Duration::from_secs(5), later).unwrap();
+        assert_eq!(effects.assigned.len(), 1);
+        assert_eq!(effects.assigned[0].0, wait);
+        assert_eq!(s.finish(job.job, JobOutcome::Failed), Err(StateError::UnknownJob(job.job)));
+        assert_eq!(s.status(now).jobs_failed, 0);
     }
 
     #[test]

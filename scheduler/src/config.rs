@@ -1,0 +1,184 @@
+//! The scheduler's configuration: a TOML file (`--config`), `FERRY_*` environment variables over
+//! it, flags over both; validated once into [`SchedulerConfig`]. Errors name the file and the key.
+//!
+//! | setting | file key | environment | default |
+//! |---|---|---|---|
+//! | listen address | `listen` | `FERRY_LISTEN` | `127.0.0.1:7700` |
+//! | data directory | `data_dir` | `FERRY_DATA_DIR` | `$XDG_DATA_HOME/ferry-scheduler` (`~/.local/share/ferry-scheduler`) |
+//! | worker lease | `lease_ms` | — | `10000` |
+//! | queue wait before "compile locally" | `queue_timeout_ms` | — | `5000` |
+//! | largest gRPC message | `max_message_bytes` | — | `16777216` |
+//! | largest toolchain archive | `max_toolchain_bytes` | — | `4294967296` |
+//! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
+//! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
+//! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferry_proto::{Role, Tokens};
+use serde::Deserialize;
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    /// A worker that does not report within this is removed and its jobs fail over.
+    pub lease: Duration,
+    /// How long an allocation waits for a free slot before the client compiles locally.
+    pub queue_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_toolchain_bytes: u64,
+    /// PEM certificate and key; `None` serves plain HTTP/2 (loopback or `insecure` only).
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub tokens: Tokens,
+    pub insecure: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    lease_ms: Option<u64>,
+    queue_timeout_ms: Option<u64>,
+    max_message_bytes: Option<usize>,
+    max_toolchain_bytes: Option<u64>,
+    tls: Option<TlsFiles>,
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+    insecure: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsFiles {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokenEntry {
+    token: String,
+    roles: Vec<String>,
+}
+
+impl SchedulerConfig {
+    /// Loads `file` (if given), then the environment, then the flags.
+    pub fn load(file: Option<&Path>, listen: Option<String>, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        let parsed: FileConfig = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
+            }
+            None => FileConfig::default(),
+        };
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let listen =
+            listen.or_else(|| env("FERRY_LISTEN")).or(parsed.listen).unwrap_or_else(|| "127.0.0.1:7700".into());
+        let data_dir = match data_dir.or_else(|| env("FERRY_DATA_DIR").map(PathBuf::from)).or(parsed.data_dir) {
+            Some(d) => d,
+            None => default_data_dir().context("cannot find a data directory; pass --data-dir")?,
+        };
+        let tls = match parsed.tls {
+            Some(t) => Some(read_tls(&t).with_context(|| format!("{origin}: key 'tls'"))?),
+            None => None,
+        };
+        let tokens = tokens(parsed.tokens).with_context(|| format!("{origin}: key 'tokens'"))?;
+        Ok(SchedulerConfig {
+            listen,
+            data_dir,
+            lease: Duration::from_millis(parsed.lease_ms.unwrap_or(10_000).max(100)),
+            queue_timeout: Duration::from_millis(parsed.queue_timeout_ms.unwrap_or(5_000)),
+            max_message_bytes: parsed.max_message_bytes.unwrap_or(16 << 20),
+            max_toolchain_bytes: parsed.max_toolchain_bytes.unwrap_or(4 << 30),
+            tls,
+            tokens,
+            insecure: parsed.insecure.unwrap_or(false),
+        })
+    }
+
+    /// The development default holds only on loopback: anywhere else a server needs TLS and
+    /// tokens, unless the operator wrote `insecure = true`.
+    pub fn check_exposure(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        check_exposure(addr, self.tls.is_some(), matches!(self.tokens, Tokens::Required(_)), self.insecure)
+    }
+}
+
+/// Shared by the scheduler and the worker.
+pub fn check_exposure(addr: SocketAddr, tls: bool, tokens: bool, insecure: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || (tls && tokens) {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(%addr, "INSECURE: serving on a non-loopback address without TLS and tokens, as configured");
+        return Ok(());
+    }
+    bail!(
+        "refusing to listen on {addr} without TLS and tokens: configure 'tls' and 'tokens', \
+         listen on 127.0.0.1, or set 'insecure = true' if this network is trusted"
+    )
+}
+
+pub(crate) fn read_tls(t: &TlsFiles) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let cert = std::fs::read(&t.cert).with_context(|| format!("reading certificate {}", t.cert.display()))?;
+    let key = std::fs::read(&t.key).with_context(|| format!("reading key {}", t.key.display()))?;
+    Ok((cert, key))
+}
+
+pub(crate) fn tokens(entries: Vec<TokenEntry>) -> anyhow::Result<Tokens> {
+    if entries.is_empty() {
+        return Ok(Tokens::Open);
+    }
+    let mut out = Vec::new();
+    for e in entries {
+        if e.token.len() < 16 {
+            bail!("a token must be at least 16 characters");
+        }
+        let roles = e
+            .roles
+            .iter()
+            .map(|r| Role::parse(r).with_context(|| format!("unknown role '{r}' (client, worker, cache-write, admin)")))
+            .collect::<anyhow::Result<Vec<Role>>>()?;
+        out.push((e.token, roles));
+    }
+    Ok(Tokens::new(out))
+}
+
+fn default_data_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("XDG_DATA_HOME").or_else(|| env("HOME").map(|h| h.join(".local/share"))).map(|d| d.join("ferry-scheduler"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_rules() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        assert!(check_exposure(lo, false, false, false).is_ok());
+        assert!(check_exposure(any, false, false, false).is_err());
+        assert!(check_exposure(any, true, false, false).is_err());
+        assert!(check_exposure(any, true, true, false).is_ok());
+        assert!(check_exposure(any, false, false, true).is_ok());
+    }
+
+    #[test]
+    fn config_errors_name_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(&file, "[[tokens]]\ntoken = \"0123456789abcdef\"\nroles = [\"wizard\"]\n").unwrap();
+        let err = format!("{:#}", SchedulerConfig::load(Some(&file), None, Some(dir.path().into())).unwrap_err());
+        assert!(err.contains("s.toml: key 'tokens'") && err.contains("'wizard'"), "{err}");
+        std::fs::write(&file, "lease = 3\n").unwrap();
+        let err = format!("{:#}", SchedulerConfig::load(Some(&file), None, Some(dir.path().into())).unwrap_err());
+        assert!(err.contains("s.toml") && err.contains("lease"), "{err}");
+    }
+}

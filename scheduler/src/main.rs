@@ -1,0 +1,62 @@
+//! `ferry-scheduler`: binds, prints `listening on ADDR` as its first stdout line (so scripts and
+//! tests can use port 0), and serves until SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Parser;
+use ferry_scheduler::{SchedulerConfig, run};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry-scheduler", version, about = "ferry's scheduler: allocates workers, stores toolchains")]
+struct Args {
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:7700; port 0 picks a free port)
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Where toolchain archives are stored (default ~/.local/share/ferry-scheduler)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-scheduler: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let config = SchedulerConfig::load(args.config.as_deref(), args.listen, args.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    config.check_exposure(addr)?;
+    println!("listening on {addr}");
+    std::io::stdout().flush()?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        signal.cancel();
+    });
+    run(config, listener, shutdown).await
+}

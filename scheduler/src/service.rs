@@ -1,0 +1,411 @@
+//! The gRPC adapter over the state machine and the archive store. Every handler checks the
+//! caller's role, validates its input through `ferry-proto`, takes the state lock only for the
+//! pure state call, and turns domain outcomes into `tonic::Status` here and nowhere else.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
+use ferry_proto::v1::{self, scheduler_message, worker_message};
+use ferry_proto::{Role, digest, digests, require, to_digest};
+use ferry_toolchains::ToolchainId;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::archives::{ArchiveStore, Record};
+use crate::config::SchedulerConfig;
+use crate::state::{Allocation, Assignment, Effects, JobId, JobOutcome, Registration, Scheduler, WaitId};
+
+const CHUNK: usize = 1 << 20;
+/// A worker that has not sent `register` this long after opening its session is dropped.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// An assignment whose client has not reached the worker after this is released.
+const CLAIM_WITHIN: Duration = Duration::from_secs(30);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The service object tonic serves.
+#[derive(Debug, Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    archives: ArchiveStore,
+    config: SchedulerConfig,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Scheduler,
+    /// Queued allocations waiting for a slot.
+    waiters: HashMap<WaitId, oneshot::Sender<Assignment>>,
+    /// The current session number of each worker: a stale session ending must not remove the
+    /// worker's newer registration.
+    sessions: HashMap<String, u64>,
+    next_session: u64,
+}
+
+impl Service {
+    pub fn new(config: SchedulerConfig, shutdown: CancellationToken) -> std::io::Result<Service> {
+        let archives = ArchiveStore::open(&config.data_dir)?;
+        let inner = Inner {
+            state: Scheduler::new(config.lease),
+            waiters: HashMap::new(),
+            sessions: HashMap::new(),
+            next_session: 1,
+        };
+        Ok(Service { shared: Arc::new(Shared { inner: Mutex::new(inner), archives, config, shutdown }) })
+    }
+
+    /// Removes workers whose lease ran out; the server runs this periodically.
+    pub fn expire(&self) {
+        let mut inner = self.shared.lock();
+        let effects = inner.state.expire(Instant::now());
+        for job in &effects.failed_jobs {
+            warn!(job = job.0, "worker lease expired: job failed");
+        }
+        inner.apply(effects);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// Hands assignments to their waiters; an assignment whose waiter is gone frees its slot
+    /// again (which may serve the next waiter, hence the work list).
+    fn apply(&mut self, effects: Effects) {
+        let mut pending = effects.assigned;
+        while let Some((wait, assignment)) = pending.pop() {
+            let unclaimed = match self.waiters.remove(&wait) {
+                Some(tx) => tx.send(assignment).err(),
+                None => Some(assignment),
+            };
+            if let Some(a) = unclaimed
+                && let Ok(more) = self.state.finish(a.job, JobOutcome::Released)
+            {
+                pending.extend(more.assigned);
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SchedulerApi for Service {
+    type WorkerSessionStream = BoxStream<v1::SchedulerMessage>;
+    type FetchToolchainStream = BoxStream<v1::Chunk>;
+
+    async fn worker_session(
+        &self,
+        request: Request<Streaming<v1::WorkerMessage>>,
+    ) -> Result<Response<Self::WorkerSessionStream>, Status> {
+        require(&request, Role::Worker, "WorkerSession")?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no 'register' message within 10 s"))??;
+        let Some(v1::WorkerMessage { kind: Some(worker_message::Kind::Register(reg)) }) = first else {
+            return Err(Status::invalid_argument("the first message of a worker session must be 'register'"));
+        };
+        let reg = registration(reg)?;
+        let id = reg.id.clone();
+        let session = {
+            let mut inner = self.shared.lock();
+            inner.next_session += 1;
+            let session = inner.next_session;
+            inner.sessions.insert(id.clone(), session);
+            let effects = inner
+                .state
+                .register(reg.clone(), Instant::now())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            inner.apply(effects);
+            session
+        };
+        info!(worker = %id, address = %reg.address, slots = reg.slots, "worker registered");
+        let (tx, rx) = mpsc::channel(4);
+        let lease_ms = self.shared.config.lease.as_millis() as u32;
+        let registered = scheduler_message::Kind::Registered(v1::Registered { lease_ms });
+        let _ = tx.send(Ok(v1::SchedulerMessage { kind: Some(registered) })).await;
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = shared.shutdown.cancelled() => break,
+                    m = inbound.message() => m,
+                };
+                match message {
+                    Ok(Some(v1::WorkerMessage { kind: Some(worker_message::Kind::Report(report)) })) => {
+                        if let Err(status) = apply_report(&shared, &id, report) {
+                            let _ = tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    Ok(Some(_)) => {
+                        let _ = tx.send(Err(Status::invalid_argument("only 'report' may follow 'register'"))).await;
+                        break;
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut inner = shared.lock();
+            if inner.sessions.get(&id) == Some(&session) {
+                inner.sessions.remove(&id);
+                let effects = inner.state.remove(&id);
+                info!(worker = %id, failed_jobs = effects.failed_jobs.len(), "worker session ended");
+                inner.apply(effects);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn allocate(&self, request: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
+        require(&request, Role::Client, "Allocate")?;
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
+        let client = if r.client_id.is_empty() {
+            peer.map(|p: SocketAddr| p.ip().to_string()).unwrap_or_default()
+        } else {
+            r.client_id
+        };
+        let (wait, rx) = {
+            let mut inner = self.shared.lock();
+            match inner.state.allocate(&client, toolchain) {
+                Allocation::Assigned(a) => return Ok(Response::new(assigned(a))),
+                Allocation::NoWorkers => return Ok(Response::new(local("no workers are registered"))),
+                Allocation::Queued(wait) => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(wait, tx);
+                    (wait, rx)
+                }
+            }
+        };
+        let timeout = self.shared.config.queue_timeout;
+        if let Ok(Ok(a)) = tokio::time::timeout(timeout, rx).await {
+            return Ok(Response::new(assigned(a)));
+        }
+        // Timed out. If the slot came at the last moment, `apply` saw the waiter gone and
+        // released it, so cancelling here never leaks a slot.
+        let mut inner = self.shared.lock();
+        inner.waiters.remove(&wait);
+        inner.state.cancel(wait);
+        Ok(Response::new(local(&format!("every worker slot stayed busy for {} ms", timeout.as_millis()))))
+    }
+
+    async fn has_toolchain(
+        &self,
+        request: Request<v1::ToolchainRef>,
+    ) -> Result<Response<v1::HasToolchainResponse>, Status> {
+        require(&request, Role::Client, "HasToolchain")?;
+        let id = ToolchainId(digest(request.get_ref().id.as_ref(), "id")?);
+        Ok(Response::new(v1::HasToolchainResponse { present: self.shared.archives.has(&id) }))
+    }
+
+    async fn upload_toolchain(
+        &self,
+        request: Request<Streaming<v1::ToolchainUpload>>,
+    ) -> Result<Response<v1::UploadToolchainResponse>, Status> {
+        require(&request, Role::Client, "UploadToolchain")?;
+        let mut inbound = request.into_inner();
+        let Some(v1::ToolchainUpload { kind: Some(v1::toolchain_upload::Kind::Header(header)) }) =
+            inbound.message().await?
+        else {
+            return Err(Status::invalid_argument("an upload starts with a 'header' message"));
+        };
+        let id = ToolchainId(digest(header.id.as_ref(), "header.id")?);
+        let max = self.shared.config.max_toolchain_bytes;
+        if header.size > max {
+            return Err(Status::invalid_argument(format!(
+                "archive of {} bytes is over the limit of {max}",
+                header.size
+            )));
+        }
+        if self.shared.archives.has(&id) {
+            return Ok(Response::new(v1::UploadToolchainResponse { stored: false }));
+        }
+        let mut incoming =
+            self.shared.archives.begin().map_err(|e| Status::internal(format!("storing the upload: {e}")))?;
+        while let Some(message) = inbound.message().await? {
+            let Some(v1::toolchain_upload::Kind::Data(data)) = message.kind else {
+                return Err(Status::invalid_argument("only 'data' may follow the header"));
+            };
+            if incoming.received + data.len() as u64 > header.size {
+                return Err(Status::invalid_argument(format!(
+                    "archive is larger than the {} bytes announced",
+                    header.size
+                )));
+            }
+            incoming.write(&data).map_err(|e| Status::internal(format!("storing the upload: {e}")))?;
+        }
+        if incoming.received != header.size {
+            return Err(Status::invalid_argument(format!(
+                "archive ended after {} of the {} bytes announced",
+                incoming.received, header.size
+            )));
+        }
+        let record = Record {
+            id: String::new(),
+            rustc_version: header.rustc_version,
+            targets: header.targets,
+            bytes: 0,
+            uploaded: 0,
+            last_used: 0,
+        };
+        let shared = Arc::clone(&self.shared);
+        let stored = tokio::task::spawn_blocking(move || shared.archives.finish(incoming, &id, record))
+            .await
+            .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
+            .map_err(Status::invalid_argument)?;
+        info!(toolchain = %id, stored, "toolchain uploaded");
+        Ok(Response::new(v1::UploadToolchainResponse { stored }))
+    }
+
+    async fn fetch_toolchain(
+        &self,
+        request: Request<v1::ToolchainRef>,
+    ) -> Result<Response<Self::FetchToolchainStream>, Status> {
+        require(&request, Role::Worker, "FetchToolchain")?;
+        let id = ToolchainId(digest(request.get_ref().id.as_ref(), "id")?);
+        let path = self.shared.archives.path(&id);
+        let mut file = tokio::fs::File::open(&path).await.map_err(|_| {
+            Status::not_found(format!("toolchain {id} is not stored here; upload it with 'ferry toolchain upload'"))
+        })?;
+        self.shared.archives.touch(&id);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(v1::Chunk { data: buf })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading the archive: {e}")))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_toolchains(
+        &self,
+        request: Request<v1::ListToolchainsRequest>,
+    ) -> Result<Response<v1::ListToolchainsResponse>, Status> {
+        require(&request, Role::Client, "ListToolchains")?;
+        let records = self.shared.archives.list();
+        let inner = self.shared.lock();
+        let toolchains = records
+            .into_iter()
+            .filter_map(|r| {
+                let id: ToolchainId = r.id.parse().ok()?;
+                Some(v1::ToolchainInfo {
+                    id: Some(to_digest(id.0)),
+                    rustc_version: r.rustc_version,
+                    targets: r.targets,
+                    bytes: r.bytes,
+                    uploaded: r.uploaded,
+                    last_used: r.last_used,
+                    workers: inner.state.holders(&id),
+                })
+            })
+            .collect();
+        Ok(Response::new(v1::ListToolchainsResponse { toolchains }))
+    }
+
+    async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        require(&request, Role::Client, "Status")?;
+        let status = self.shared.lock().state.status(Instant::now());
+        Ok(Response::new(v1::StatusResponse {
+            workers: status
+                .workers
+                .into_iter()
+                .map(|w| v1::WorkerStatus {
+                    id: w.id,
+                    address: w.address,
+                    slots: w.slots,
+                    busy: w.busy,
+                    toolchains: w.toolchains.iter().map(|t| to_digest(t.0)).collect(),
+                    version: w.version,
+                    last_seen_ms: w.last_seen.as_millis() as u64,
+                })
+                .collect(),
+            queued: status.queued as u32,
+            running: status.running as u32,
+            jobs_done: status.jobs_done,
+            jobs_failed: status.jobs_failed,
+        }))
+    }
+}
+
+fn registration(r: v1::Register) -> Result<Registration, Status> {
+    if r.worker_id.is_empty() || r.worker_id.len() > 128 || r.worker_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument("'worker_id' must be 1 to 128 printable characters"));
+    }
+    if r.address.parse::<SocketAddr>().is_err() && !r.address.contains(':') {
+        return Err(Status::invalid_argument(format!("'address' '{}' is not host:port", r.address)));
+    }
+    if r.slots == 0 || r.slots > 4096 {
+        return Err(Status::invalid_argument(format!("'slots' must be 1 to 4096, not {}", r.slots)));
+    }
+    let toolchains = digests(&r.toolchains, "toolchains")?.into_iter().map(ToolchainId).collect();
+    Ok(Registration { id: r.worker_id, address: r.address, slots: r.slots, toolchains, version: r.version })
+}
+
+fn apply_report(shared: &Shared, id: &str, report: v1::Report) -> Result<(), Status> {
+    let toolchains: Vec<ToolchainId> =
+        digests(&report.toolchains, "toolchains")?.into_iter().map(ToolchainId).collect();
+    let running: Vec<JobId> = report.running.iter().copied().map(JobId).collect();
+    let mut inner = shared.lock();
+    for ended in report.ended {
+        let outcome = if ended.ok {
+            JobOutcome::Succeeded { duration: Duration::from_millis(ended.duration_ms) }
+        } else {
+            JobOutcome::Failed
+        };
+        if let Ok(effects) = inner.state.finish(JobId(ended.job_id), outcome) {
+            inner.apply(effects);
+        }
+    }
+    let effects = inner
+        .state
+        .report(id, Some(toolchains), Some(&running), CLAIM_WITHIN, Instant::now())
+        .map_err(|_| Status::not_found(format!("worker '{id}' is no longer registered (lease expired); reconnect")))?;
+    inner.apply(effects);
+    Ok(())
+}
+
+fn assigned(a: Assignment) -> v1::AllocateResponse {
+    v1::AllocateResponse {
+        result: Some(v1::allocate_response::Result::Assigned(v1::Assignment {
+            job_id: a.job.0,
+            worker_id: a.worker,
+            address: a.address,
+            has_toolchain: a.has_toolchain,
+        })),
+    }
+}
+
+fn local(reason: &str) -> v1::AllocateResponse {
+    v1::AllocateResponse { result: Some(v1::allocate_response::Result::Local(reason.to_owned())) }
+}
