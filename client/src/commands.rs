@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 use ferry_toolchains::{LocalStore, resolve_compiler};
 
@@ -14,6 +14,8 @@ use crate::stats::Stats;
 pub enum ToolchainCommand {
     /// Identify a toolchain and build its archive into the local store
     Package(PackageArgs),
+    /// Package a toolchain and upload it to the scheduler (skipped when it is already there)
+    Upload(PackageArgs),
     /// List toolchains
     List(ListArgs),
 }
@@ -36,9 +38,15 @@ pub struct PackageArgs {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// List the local store (the cluster listing needs a scheduler)
+    /// List the local store instead of the scheduler's
     #[arg(long)]
     local: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
     #[arg(long)]
     json: bool,
 }
@@ -57,11 +65,22 @@ pub fn toolchain(cmd: ToolchainCommand) -> anyhow::Result<()> {
     crate::logging::init(&config);
     match cmd {
         ToolchainCommand::Package(args) => package(&config, args),
-        ToolchainCommand::List(args) => list(&config, args),
+        ToolchainCommand::Upload(args) => upload(&config, args),
+        ToolchainCommand::List(args) if args.local => list(&config, args),
+        ToolchainCommand::List(args) => list_cluster(&config, args),
     }
 }
 
 fn package(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
+    let (compiler, packaged) = package_only(config, &args)?;
+    print_packaged(&compiler, &packaged, args.json);
+    Ok(())
+}
+
+fn package_only(
+    config: &Config,
+    args: &PackageArgs,
+) -> anyhow::Result<(ferry_toolchains::Compiler, ferry_toolchains::Packaged)> {
     let plus = match &args.plus {
         Some(p) => {
             Some(p.strip_prefix('+').with_context(|| format!("unexpected argument '{p}' (did you mean +{p}?)"))?)
@@ -77,8 +96,12 @@ fn package(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
     let compiler = resolve_compiler(&rustc, plus, &cwd)?;
     let store = LocalStore::open(&config.cache_dir)?;
     let packaged = store.package(&compiler, &args.targets)?;
+    Ok((compiler, packaged))
+}
+
+fn print_packaged(compiler: &ferry_toolchains::Compiler, packaged: &ferry_toolchains::Packaged, json: bool) {
     let t = &packaged.identified;
-    if args.json {
+    if json {
         let json = serde_json::json!({
             "id": t.id.to_hex(),
             "files": t.files,
@@ -103,13 +126,133 @@ fn package(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
         println!("files     {} ({})", t.files, human_bytes(t.bytes));
         println!("archive   {} ({}, {state})", packaged.archive.display(), human_bytes(packaged.archive_bytes));
     }
+}
+
+fn upload(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
+    let (_, packaged) = package_only(config, &args)?;
+    let id = packaged.identified.id;
+    let sent = runtime()?.block_on(async {
+        let mut client = crate::cluster::scheduler(config).await?;
+        crate::cluster::upload(&mut client, &packaged).await
+    })?;
+    if args.json {
+        println!("{}", serde_json::json!({ "id": id.to_hex(), "uploaded": sent > 0, "bytes_sent": sent }));
+    } else if sent > 0 {
+        println!("uploaded toolchain {id} ({})", human_bytes(sent));
+    } else {
+        println!("toolchain {id} is already on the scheduler");
+    }
     Ok(())
 }
 
-fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
-    if !args.local {
-        bail!("the cluster listing is not available yet; use 'ferry toolchain list --local'");
+fn list_cluster(config: &Config, args: ListArgs) -> anyhow::Result<()> {
+    let list = runtime()?.block_on(async {
+        let mut client = crate::cluster::scheduler(config).await?;
+        let r = client.list_toolchains(ferry_proto::v1::ListToolchainsRequest {}).await;
+        r.map_err(crate::cluster::status).map(|r| r.into_inner())
+    })?;
+    if args.json {
+        let items: Vec<serde_json::Value> = list
+            .toolchains
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": crate::cluster::hex(&t.id),
+                    "rustc_version": t.rustc_version,
+                    "targets": t.targets,
+                    "bytes": t.bytes,
+                    "uploaded": t.uploaded,
+                    "last_used": t.last_used,
+                    "workers": t.workers,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
     }
+    if list.toolchains.is_empty() {
+        println!("no toolchains on the scheduler; upload one with 'ferry toolchain upload'");
+        return Ok(());
+    }
+    println!("{:<16}  {:<40}  {:>9}  {:<10}  WORKERS", "ID", "RUSTC", "ARCHIVE", "UPLOADED");
+    for t in &list.toolchains {
+        println!(
+            "{:<16}  {:<40}  {:>9}  {:<10}  {}",
+            &crate::cluster::hex(&t.id)[..16],
+            t.rustc_version,
+            human_bytes(t.bytes),
+            date(t.uploaded),
+            t.workers.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let s = runtime()?.block_on(async {
+        let mut client = crate::cluster::scheduler(&config).await?;
+        let r = client.status(ferry_proto::v1::StatusRequest {}).await;
+        r.map_err(crate::cluster::status).map(|r| r.into_inner())
+    })?;
+    if args.json {
+        let workers: Vec<serde_json::Value> = s
+            .workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.id,
+                    "address": w.address,
+                    "slots": w.slots,
+                    "busy": w.busy,
+                    "toolchains": w.toolchains.iter().map(|t| crate::cluster::hex(&Some(t.clone()))).collect::<Vec<_>>(),
+                    "version": w.version,
+                    "last_seen_ms": w.last_seen_ms,
+                })
+            })
+            .collect();
+        let json = serde_json::json!({
+            "workers": workers,
+            "queued": s.queued,
+            "running": s.running,
+            "jobs_done": s.jobs_done,
+            "jobs_failed": s.jobs_failed,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{} workers, {} jobs running, {} queued, {} done, {} failed",
+        s.workers.len(),
+        s.running,
+        s.queued,
+        s.jobs_done,
+        s.jobs_failed
+    );
+    if !s.workers.is_empty() {
+        println!("{:<20}  {:<22}  {:>5}  {:>5}  {:>10}  TOOLCHAINS", "WORKER", "ADDRESS", "SLOTS", "BUSY", "LAST SEEN");
+    }
+    for w in &s.workers {
+        let toolchains: Vec<String> =
+            w.toolchains.iter().map(|t| crate::cluster::hex(&Some(t.clone()))[..16].to_owned()).collect();
+        println!(
+            "{:<20}  {:<22}  {:>5}  {:>5}  {:>8}ms  {}",
+            w.id,
+            w.address,
+            w.slots,
+            w.busy,
+            w.last_seen_ms,
+            toolchains.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
     let store = LocalStore::open(&config.cache_dir)?;
     let all = store.list()?;
     if args.json {

@@ -12,6 +12,9 @@
 //! | eviction grace     | `cache.grace_secs`| `FERRY_CACHE_GRACE`   | `600` (seconds)            |
 //! | log filter         | `log.level`       | `FERRY_LOG`           | unset: no logging          |
 //! | log file           | `log.file`        | `FERRY_LOG_FILE`      | `<cache dir>/ferry.log`    |
+//! | scheduler URL      | `cluster.scheduler` | `FERRY_SCHEDULER`   | unset: no cluster          |
+//! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
+//! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,6 +35,11 @@ pub struct Config {
     /// A tracing filter (`info`, `ferry=debug`, ...); `None` means no logging at all.
     pub log: Option<String>,
     pub log_file: PathBuf,
+    /// `http://host:port` or `https://host:port`; `None` means no cluster.
+    pub scheduler: Option<String>,
+    pub token: Option<String>,
+    /// PEM CA certificate the scheduler's and workers' TLS certificates chain to.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +49,16 @@ struct FileConfig {
     cache: CacheSection,
     #[serde(default)]
     log: LogSection,
+    #[serde(default)]
+    cluster: ClusterSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    scheduler: Option<String>,
+    token: Option<String>,
+    ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,7 +130,25 @@ impl Config {
             .map(PathBuf::from)
             .or(file.log.file)
             .unwrap_or_else(|| cache_dir.join("ferry.log"));
-        Ok(Config { cache_dir, cache_size, cache_failures, cache_grace: Duration::from_secs(grace), log, log_file })
+        let scheduler = env("FERRY_SCHEDULER").filter(|s| !s.is_empty()).or(file.cluster.scheduler);
+        if let Some(url) = &scheduler
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("scheduler URL '{url}' must start with http:// or https:// ({})", origin("cluster.scheduler"));
+        }
+        let token = env("FERRY_TOKEN").filter(|s| !s.is_empty()).or(file.cluster.token);
+        let ca = env("FERRY_CA").filter(|s| !s.is_empty()).map(PathBuf::from).or(file.cluster.ca);
+        Ok(Config {
+            cache_dir,
+            cache_size,
+            cache_failures,
+            cache_grace: Duration::from_secs(grace),
+            log,
+            log_file,
+            scheduler,
+            token,
+            ca,
+        })
     }
 
     /// Where the local cache tier keeps entries.

@@ -2,6 +2,7 @@
 //! compiler wrapper, whose stdout and stderr belong to the compiler; otherwise it is the command line
 //! (`ferry toolchain ...`, `ferry stats`). This file only decides which face and dispatches.
 
+mod cluster;
 mod commands;
 mod compile;
 mod config;
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Subcommand names; anything else as the first argument means wrapper mode.
-const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "help"];
+const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "help"];
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version, about = "A distributed compilation scheduler and toolchain-exact build cache")]
@@ -34,6 +35,8 @@ enum Command {
     Toolchain(commands::ToolchainCommand),
     /// Show or reset the counters of all wrapper processes
     Stats(commands::StatsArgs),
+    /// Show the cluster: workers, slots, load, toolchains, queue
+    Status(commands::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Toolchain(cmd) => commands::toolchain(cmd),
         Command::Stats(args) => commands::stats(args),
+        Command::Status(args) => commands::status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,121 @@
+//! Talking to the cluster from the command line: connecting to the scheduler (TLS with `FERRY_CA`,
+//! bearer token from `FERRY_TOKEN`), `ferry toolchain upload`, the cluster's toolchain list and
+//! `ferry status`.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ferry_proto::v1::scheduler_client::SchedulerClient;
+use ferry_proto::v1::{self, toolchain_upload};
+use ferry_proto::{bearer, to_digest};
+use ferry_toolchains::Packaged;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::config::Config;
+
+pub type Scheduler = SchedulerClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// Adds the bearer token (if any) to every call.
+#[derive(Debug, Clone)]
+pub struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel to `url` with the configured TLS trust and token.
+pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, TokenInterceptor)> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("'{url}' is not a valid URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &config.ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading CA file {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
+    }
+    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+    let token = match &config.token {
+        Some(t) => Some(bearer(t).parse().context("FERRY_TOKEN contains characters a header cannot carry")?),
+        None => None,
+    };
+    Ok((channel, TokenInterceptor(token)))
+}
+
+pub async fn scheduler(config: &Config) -> anyhow::Result<Scheduler> {
+    let Some(url) = &config.scheduler else {
+        bail!("no scheduler configured; set FERRY_SCHEDULER (e.g. http://127.0.0.1:7700) or 'cluster.scheduler'");
+    };
+    let (channel, token) = channel(config, url).await?;
+    Ok(SchedulerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20))
+}
+
+/// Uploads a packaged toolchain unless the scheduler already has it. Returns bytes sent.
+pub async fn upload(client: &mut Scheduler, packaged: &Packaged) -> anyhow::Result<u64> {
+    let id = to_digest(packaged.identified.id.0);
+    let present = client.has_toolchain(v1::ToolchainRef { id: Some(id.clone()) }).await.map_err(status)?;
+    if present.into_inner().present {
+        return Ok(0);
+    }
+    let size = packaged.archive_bytes;
+    let header = v1::ToolchainHeader {
+        id: Some(id),
+        size,
+        rustc_version: packaged.identified.probe.version.clone(),
+        targets: packaged.identified.targets.clone(),
+    };
+    let path = packaged.archive.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use std::io::Read;
+        let first = v1::ToolchainUpload { kind: Some(toolchain_upload::Kind::Header(header)) };
+        if tx.blocking_send(first).is_err() {
+            return Ok(());
+        }
+        let mut file = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let progress = std::io::stderr().is_terminal();
+        let mut sent = 0u64;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            sent += n as u64;
+            if tx.blocking_send(v1::ToolchainUpload { kind: Some(toolchain_upload::Kind::Data(buf)) }).is_err() {
+                break;
+            }
+            if progress {
+                let _ = write!(std::io::stderr(), "\ruploading {:>3}% ({} MiB)", sent * 100 / size.max(1), sent >> 20);
+            }
+        }
+        if progress {
+            let _ = writeln!(std::io::stderr());
+        }
+        Ok(())
+    });
+    let response = client.upload_toolchain(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(status)?;
+    reader.await.context("reading the archive")??;
+    Ok(if response.into_inner().stored { size } else { 0 })
+}
+
+/// A gRPC status as an error a person can read.
+pub fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("scheduler refused: {} ({:?})", s.message(), s.code())
+}
+
+pub fn hex(d: &Option<v1::Digest>) -> String {
+    d.as_ref().map(|d| d.blake3.iter().map(|b| format!("{b:02x}")).collect()).unwrap_or_default()
+}
