@@ -94,6 +94,41 @@ impl Tokens {
     }
 }
 
+/// Builds [`Tokens`] from configured `(token, role names)`; none configured means [`Tokens::Open`].
+pub fn tokens_from_config(entries: Vec<(String, Vec<String>)>) -> Result<Tokens, String> {
+    if entries.is_empty() {
+        return Ok(Tokens::Open);
+    }
+    let mut out = Vec::new();
+    for (token, names) in entries {
+        if token.len() < 16 {
+            return Err("a token must be at least 16 characters".into());
+        }
+        let roles = names
+            .iter()
+            .map(|r| Role::parse(r).ok_or_else(|| format!("unknown role '{r}' (client, worker, cache-write, admin)")))
+            .collect::<Result<Vec<Role>, String>>()?;
+        out.push((token, roles));
+    }
+    Ok(Tokens::new(out))
+}
+
+/// The serving rule for every ferry server: the development default (plain, no tokens) holds
+/// only on loopback; anywhere else TLS and tokens are required unless `insecure` is configured.
+pub fn check_exposure(addr: std::net::SocketAddr, tls: bool, tokens: bool, insecure: bool) -> Result<(), String> {
+    if addr.ip().is_loopback() || (tls && tokens) {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(%addr, "INSECURE: serving on a non-loopback address without TLS and tokens, as configured");
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to listen on {addr} without TLS and tokens: configure 'tls' and 'tokens', \
+         listen on 127.0.0.1, or set 'insecure = true' if this network is trusted"
+    ))
+}
+
 /// Refuses the call unless the caller has `role` (or admin).
 pub fn require<T>(req: &tonic::Request<T>, role: Role, call: &str) -> Result<(), tonic::Status> {
     let ok =

@@ -5,7 +5,7 @@
 
 mod auth;
 
-pub use auth::{AuthError, Role, Roles, Tokens, bearer, require};
+pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, tokens_from_config};
 
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {

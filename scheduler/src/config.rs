@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use ferry_proto::{Role, Tokens};
+use anyhow::Context;
+use ferry_proto::{Tokens, check_exposure, tokens_from_config};
 use serde::Deserialize;
 
 /// The resolved configuration.
@@ -107,22 +107,8 @@ impl SchedulerConfig {
     /// tokens, unless the operator wrote `insecure = true`.
     pub fn check_exposure(&self, addr: SocketAddr) -> anyhow::Result<()> {
         check_exposure(addr, self.tls.is_some(), matches!(self.tokens, Tokens::Required(_)), self.insecure)
+            .map_err(anyhow::Error::msg)
     }
-}
-
-/// Shared by the scheduler and the worker.
-pub fn check_exposure(addr: SocketAddr, tls: bool, tokens: bool, insecure: bool) -> anyhow::Result<()> {
-    if addr.ip().is_loopback() || (tls && tokens) {
-        return Ok(());
-    }
-    if insecure {
-        tracing::warn!(%addr, "INSECURE: serving on a non-loopback address without TLS and tokens, as configured");
-        return Ok(());
-    }
-    bail!(
-        "refusing to listen on {addr} without TLS and tokens: configure 'tls' and 'tokens', \
-         listen on 127.0.0.1, or set 'insecure = true' if this network is trusted"
-    )
 }
 
 pub(crate) fn read_tls(t: &TlsFiles) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
@@ -132,22 +118,7 @@ pub(crate) fn read_tls(t: &TlsFiles) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
 }
 
 pub(crate) fn tokens(entries: Vec<TokenEntry>) -> anyhow::Result<Tokens> {
-    if entries.is_empty() {
-        return Ok(Tokens::Open);
-    }
-    let mut out = Vec::new();
-    for e in entries {
-        if e.token.len() < 16 {
-            bail!("a token must be at least 16 characters");
-        }
-        let roles = e
-            .roles
-            .iter()
-            .map(|r| Role::parse(r).with_context(|| format!("unknown role '{r}' (client, worker, cache-write, admin)")))
-            .collect::<anyhow::Result<Vec<Role>>>()?;
-        out.push((e.token, roles));
-    }
-    Ok(Tokens::new(out))
+    tokens_from_config(entries.into_iter().map(|e| (e.token, e.roles)).collect()).map_err(anyhow::Error::msg)
 }
 
 fn default_data_dir() -> Option<PathBuf> {
@@ -161,8 +132,8 @@ mod tests {
 
     #[test]
     fn exposure_rules() {
-        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let any: SocketAddr = "0.0.0.0:1".parse().unwrap();
+        let lo: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let any: std::net::SocketAddr = "0.0.0.0:1".parse().unwrap();
         assert!(check_exposure(lo, false, false, false).is_ok());
         assert!(check_exposure(any, false, false, false).is_err());
         assert!(check_exposure(any, true, false, false).is_err());

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
-pub use config::{SchedulerConfig, check_exposure};
+pub use config::SchedulerConfig;
 pub use service::Service;
 pub use state::{
     Allocation, Assignment, ClientId, Effects, JobId, JobOutcome, Registration, Scheduler, StateError, Status, WaitId,
