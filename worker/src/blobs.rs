@@ -1,0 +1,125 @@
+//! Input blobs by content: `<data dir>/blobs/<2 hex>/<64 hex>`. A blob is stored only after its
+//! bytes hash to the claimed digest, written to a temp file and published with `link(2)`; so an
+//! extern rlib or a registry source crosses the network once, not once per job. Jobs get copies
+//! (the sandbox owns its tree), never the stored file itself.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+/// A blob being received, chunk by chunk; removed unless it verifies.
+#[derive(Debug)]
+pub struct IncomingBlob {
+    digest: [u8; 32],
+    tmp: PathBuf,
+    file: Option<File>,
+    hasher: blake3::Hasher,
+    pub received: u64,
+}
+
+impl BlobStore {
+    pub fn open(data_dir: &Path) -> std::io::Result<BlobStore> {
+        let dir = data_dir.join("blobs");
+        fs::create_dir_all(dir.join("tmp"))?;
+        for stale in fs::read_dir(dir.join("tmp"))?.flatten() {
+            let _ = fs::remove_file(stale.path());
+        }
+        Ok(BlobStore { dir })
+    }
+
+    pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
+        let hex = hex(digest);
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    pub fn has(&self, digest: &[u8; 32]) -> bool {
+        self.path(digest).is_file()
+    }
+
+    pub fn begin(&self, digest: [u8; 32]) -> std::io::Result<IncomingBlob> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp =
+            self.dir.join("tmp").join(format!("{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let file = File::options().write(true).create_new(true).open(&tmp)?;
+        Ok(IncomingBlob { digest, tmp, file: Some(file), hasher: blake3::Hasher::new(), received: 0 })
+    }
+
+    /// Verifies and publishes a received blob. An existing blob with that digest is kept.
+    pub fn finish(&self, mut blob: IncomingBlob) -> Result<(), String> {
+        let actual = *blob.hasher.finalize().as_bytes();
+        if actual != blob.digest {
+            return Err(format!("blob content hashes to {}, not the claimed {}", hex(&actual), hex(&blob.digest)));
+        }
+        let file = blob.file.take().expect("finish once");
+        file.sync_all().map_err(|e| format!("storing blob: {e}"))?;
+        let path = self.path(&blob.digest);
+        fs::create_dir_all(path.parent().expect("sharded")).map_err(|e| format!("storing blob: {e}"))?;
+        match fs::hard_link(&blob.tmp, &path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(format!("storing blob: {e}")),
+        }
+    }
+
+    /// Copies a blob to `dest` (creating parents) with the given executable bit.
+    pub fn materialize(&self, digest: &[u8; 32], dest: &Path, executable: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::copy(self.path(digest), dest)?;
+        fs::set_permissions(dest, fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 }))
+    }
+}
+
+impl IncomingBlob {
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.hasher.update(data);
+        self.received += data.len() as u64;
+        self.file.as_mut().expect("open").write_all(data)
+    }
+}
+
+impl Drop for IncomingBlob {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+pub fn hex(d: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*d).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_verified_blobs_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let good = *blake3::hash(b"hello").as_bytes();
+        let mut blob = store.begin(good).unwrap();
+        blob.write(b"hel").unwrap();
+        blob.write(b"lo").unwrap();
+        store.finish(blob).unwrap();
+        assert!(store.has(&good));
+        let claimed = [7u8; 32];
+        let mut bad = store.begin(claimed).unwrap();
+        bad.write(b"not what was claimed").unwrap();
+        let err = store.finish(bad).unwrap_err();
+        assert!(err.contains("not the claimed"), "{err}");
+        assert!(!store.has(&claimed));
+        assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+    }
+}

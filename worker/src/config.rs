@@ -1,0 +1,162 @@
+//! The worker's configuration: a TOML file (`--config`), `FERRY_*` environment variables over it,
+//! flags over both. Errors name the file and the key.
+//!
+//! | setting | file key | environment / flag | default |
+//! |---|---|---|---|
+//! | scheduler URL | `scheduler` | `FERRY_SCHEDULER` / `--scheduler` | required |
+//! | listen address | `listen` | `--listen` | `127.0.0.1:0` |
+//! | address clients use | `advertise` | — | the bound address |
+//! | worker id | `id` | — | `<hostname>-<port>` |
+//! | job slots | `slots` | `--slots` | number of CPUs |
+//! | data directory | `data_dir` | `FERRY_DATA_DIR` / `--data-dir` | `~/.local/share/ferry-worker` |
+//! | token for the scheduler | `token` | `FERRY_TOKEN` | none |
+//! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
+//! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
+//! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
+//! | tokens accepted from clients | `[[tokens]] token, roles` | — | none |
+//! | non-loopback without TLS/tokens | `insecure` | — | `false` |
+//! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs` | — | 600, 8 GiB, 1 GiB, 4096, 600 |
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_proto::{Tokens, tokens_from_config};
+use serde::Deserialize;
+
+use crate::sandbox::SandboxConfig;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub scheduler: String,
+    pub listen: String,
+    pub advertise: Option<String>,
+    pub id: Option<String>,
+    pub slots: u32,
+    pub data_dir: PathBuf,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub toolchain_cache_bytes: u64,
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub tokens: Tokens,
+    pub insecure: bool,
+    pub sandbox: SandboxConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    scheduler: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    id: Option<String>,
+    slots: Option<u32>,
+    data_dir: Option<PathBuf>,
+    token: Option<String>,
+    ca: Option<PathBuf>,
+    toolchain_cache_bytes: Option<u64>,
+    tls: Option<Tls>,
+    #[serde(default)]
+    tokens: Vec<Token>,
+    insecure: Option<bool>,
+    #[serde(default)]
+    sandbox: SandboxSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Token {
+    token: String,
+    roles: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxSection {
+    cpu_secs: Option<u64>,
+    memory_bytes: Option<u64>,
+    file_size_bytes: Option<u64>,
+    max_processes: Option<u64>,
+    wall_clock_secs: Option<u64>,
+}
+
+/// Flags that override the file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub scheduler: Option<String>,
+    pub listen: Option<String>,
+    pub slots: Option<u32>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl WorkerConfig {
+    pub fn load(file: Option<&Path>, flags: Overrides) -> anyhow::Result<WorkerConfig> {
+        let parsed: FileConfig = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
+            }
+            None => FileConfig::default(),
+        };
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let scheduler = flags
+            .scheduler
+            .or_else(|| env("FERRY_SCHEDULER"))
+            .or(parsed.scheduler)
+            .context("no scheduler: pass --scheduler URL (or set FERRY_SCHEDULER, or 'scheduler' in the config)")?;
+        if !(scheduler.starts_with("http://") || scheduler.starts_with("https://")) {
+            anyhow::bail!("scheduler URL '{scheduler}' must start with http:// or https://");
+        }
+        let data_dir = match flags.data_dir.or_else(|| env("FERRY_DATA_DIR").map(PathBuf::from)).or(parsed.data_dir) {
+            Some(d) => d,
+            None => {
+                let home = env("HOME").context("cannot find a data directory; pass --data-dir")?;
+                PathBuf::from(home).join(".local/share/ferry-worker")
+            }
+        };
+        let tls = match parsed.tls {
+            Some(t) => {
+                let cert = std::fs::read(&t.cert).with_context(|| format!("{origin}: key 'tls.cert'"))?;
+                let key = std::fs::read(&t.key).with_context(|| format!("{origin}: key 'tls.key'"))?;
+                Some((cert, key))
+            }
+            None => None,
+        };
+        let tokens = tokens_from_config(parsed.tokens.into_iter().map(|t| (t.token, t.roles)).collect())
+            .map_err(|e| anyhow::anyhow!("{origin}: key 'tokens': {e}"))?;
+        let defaults = SandboxConfig::default();
+        let s = parsed.sandbox;
+        let sandbox = SandboxConfig {
+            cpu_secs: s.cpu_secs.unwrap_or(defaults.cpu_secs),
+            memory_bytes: s.memory_bytes.unwrap_or(defaults.memory_bytes),
+            file_size_bytes: s.file_size_bytes.unwrap_or(defaults.file_size_bytes),
+            max_processes: s.max_processes.unwrap_or(defaults.max_processes),
+            wall_clock: s.wall_clock_secs.map(Duration::from_secs).unwrap_or(defaults.wall_clock),
+            ..defaults
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        Ok(WorkerConfig {
+            scheduler,
+            listen: flags.listen.or(parsed.listen).unwrap_or_else(|| "127.0.0.1:0".into()),
+            advertise: parsed.advertise,
+            id: parsed.id,
+            slots: flags.slots.or(parsed.slots).unwrap_or(cpus).max(1),
+            data_dir,
+            token: env("FERRY_TOKEN").or(parsed.token),
+            ca: env("FERRY_CA").map(PathBuf::from).or(parsed.ca),
+            toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
+            tls,
+            tokens,
+            insecure: parsed.insecure.unwrap_or(false),
+            sandbox,
+        })
+    }
+}

@@ -1,0 +1,17 @@
+//! ferry's worker: the sandbox every compile job runs in ([`run`], synchronous, called from a
+//! blocking thread), the blob store and toolchain cache, the `Worker` gRPC service, the scheduler
+//! session, and [`serve`], which runs all of it until told to stop. A job may load a
+//! client-supplied proc-macro — arbitrary code — so nothing a client sends runs outside the sandbox.
+
+mod blobs;
+mod config;
+mod sandbox;
+mod server;
+mod service;
+mod session;
+mod toolchain_cache;
+
+pub use config::{Overrides, WorkerConfig};
+pub use server::run as serve;
+
+pub use sandbox::{Limit, SandboxConfig, SandboxError, SandboxJob, SandboxOutcome, Stream, run};

@@ -1,0 +1,68 @@
+//! `ferry-worker`: binds, prints `listening on ADDR` as its first stdout line, registers with the
+//! scheduler (reconnecting with backoff whenever it goes away) and runs jobs until SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Parser;
+use ferry_worker::{Overrides, WorkerConfig, serve as run_worker};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry-worker", version, about = "ferry's worker: runs compile jobs in a sandbox")]
+struct Args {
+    /// The scheduler, e.g. http://127.0.0.1:7700
+    #[arg(long, value_name = "URL")]
+    scheduler: Option<String>,
+    /// Address to listen on for jobs (default 127.0.0.1:0)
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Jobs run at once (default: the number of CPUs)
+    #[arg(long, value_name = "N")]
+    slots: Option<u32>,
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where blobs, toolchains and job directories live (default ~/.local/share/ferry-worker)
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-worker: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let flags =
+        Overrides { scheduler: args.scheduler, listen: args.listen, slots: args.slots, data_dir: args.data_dir };
+    let config = WorkerConfig::load(args.config.as_deref(), flags)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        signal.cancel();
+    });
+    run_worker(config, listener, shutdown).await
+}

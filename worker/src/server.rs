@@ -1,0 +1,139 @@
+//! [`run`]: serve the `Worker` service on a listener and hold the scheduler session, until the
+//! shutdown token is cancelled.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_proto::v1::scheduler_client::SchedulerClient;
+use ferry_proto::v1::worker_server::WorkerServer;
+use ferry_proto::{Tokens, bearer, check_exposure, to_digest};
+use ferry_toolchains::ToolchainId;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+
+use crate::blobs::BlobStore;
+use crate::config::WorkerConfig;
+use crate::service::{Fetcher, Service, Shared};
+use crate::session;
+use crate::toolchain_cache::ToolchainCache;
+
+pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    check_exposure(addr, config.tls.is_some(), matches!(config.tokens, Tokens::Required(_)), config.insecure)
+        .map_err(anyhow::Error::msg)?;
+    let data = &config.data_dir;
+    std::fs::create_dir_all(data).with_context(|| format!("creating data dir {}", data.display()))?;
+    let jobs_dir = data.join("jobs");
+    let _ = std::fs::remove_dir_all(&jobs_dir);
+    std::fs::create_dir_all(&jobs_dir)?;
+    // The sandbox runs as an unprivileged user that must reach the toolchains and job trees
+    // (the directories above the data dir are the operator's to keep traversable).
+    for dir in [data.clone(), jobs_dir.clone(), data.join("toolchains")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("making {} traversable", dir.display()))?;
+    }
+    let token = match &config.token {
+        Some(t) => Some(bearer(t).parse().context("the token contains characters a header cannot carry")?),
+        None => None,
+    };
+    let connect = {
+        let (url, ca) = (config.scheduler.clone(), config.ca.clone());
+        move || {
+            let (url, ca) = (url.clone(), ca.clone());
+            Box::pin(async move { connect(&url, ca.as_deref()).await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Channel>> + Send>>
+        }
+    };
+    let fetch: Fetcher = {
+        let connect = connect.clone();
+        let token = token.clone();
+        Arc::new(move |id: ToolchainId, dest| {
+            let (connect, token) = (connect.clone(), token.clone());
+            Box::pin(async move { fetch(connect().await.map_err(|e| format!("{e:#}"))?, token, id, dest).await })
+        })
+    };
+    let shared = Arc::new(Shared {
+        blobs: BlobStore::open(data).context("opening the blob store")?,
+        toolchains: ToolchainCache::open(data, config.toolchain_cache_bytes).context("opening the toolchain cache")?,
+        sandbox: config.sandbox.clone(),
+        jobs_dir,
+        slots: Semaphore::new(config.slots as usize),
+        fetch,
+        running: Mutex::new(Default::default()),
+        ended: Mutex::new(Vec::new()),
+    });
+    let identity = session::Identity {
+        id: config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port())),
+        address: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
+        slots: config.slots,
+    };
+    let session = tokio::spawn(session::run(connect, token, identity, Arc::clone(&shared), shutdown.clone()));
+    let api = InterceptedService::new(
+        WorkerServer::new(Service { shared }).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20),
+        config.tokens.clone().interceptor(),
+    );
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let Some((cert, key)) = &config.tls {
+        server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    tracing::info!(%addr, slots = config.slots, "worker serving");
+    let served = server
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    let _ = session.await;
+    served.context("serving")
+}
+
+async fn connect(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+}
+
+async fn fetch(
+    channel: Channel,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    id: ToolchainId,
+    dest: std::path::PathBuf,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut client = SchedulerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(t) = &token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    });
+    let mut stream = client
+        .fetch_toolchain(ferry_proto::v1::ToolchainRef { id: Some(to_digest(id.0)) })
+        .await
+        .map_err(|s| format!("fetching toolchain {id}: {}", s.message()))?
+        .into_inner();
+    let mut file = tokio::fs::File::create(&dest).await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    while let Some(chunk) = stream.message().await.map_err(|s| format!("fetching toolchain {id}: {}", s.message()))? {
+        file.write_all(&chunk.data).await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    }
+    file.sync_all().await.map_err(|e| format!("writing {}: {e}", dest.display()))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into())
+}

@@ -1,0 +1,366 @@
+//! The worker's gRPC service: which blobs are missing, receiving blobs (verified by digest), and
+//! running one job in the sandbox while streaming its stdout/stderr, then its declared outputs.
+//!
+//! Nothing from the wire is trusted: paths must be absolute and normal, may not land in system
+//! directories or inside the toolchain mount, the program must be the toolchain's own rustc, every
+//! input must already be here by digest, and a job must declare at least one output. Outputs are
+//! read only from the declared paths and only when they are regular files (never through a link).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::v1::worker_server::Worker as WorkerApi;
+use ferry_proto::v1::{self, job_event};
+use ferry_proto::{Role, absolute_path, digest, digests, require, to_digest};
+use ferry_toolchains::ToolchainId;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::blobs::BlobStore;
+use crate::sandbox::{self, SandboxConfig, SandboxJob};
+use crate::toolchain_cache::ToolchainCache;
+
+const CHUNK: usize = 1 << 20;
+/// Top-level directories a job's files may never be placed in.
+const SYSTEM_DIRS: &[&str] =
+    &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "tmp", "run", "var", "boot"];
+
+/// Fetches toolchain archives (from the scheduler) into a file.
+pub type Fetcher = Arc<
+    dyn Fn(ToolchainId, PathBuf) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> + Send + Sync,
+>;
+
+#[derive(Clone)]
+pub struct Service {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub blobs: BlobStore,
+    pub toolchains: ToolchainCache,
+    pub sandbox: SandboxConfig,
+    pub jobs_dir: PathBuf,
+    pub slots: Semaphore,
+    pub fetch: Fetcher,
+    /// Jobs running now, and jobs that ended since the last report (for the scheduler).
+    pub running: Mutex<HashSet<u64>>,
+    pub ended: Mutex<Vec<v1::JobEnded>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").field("jobs_dir", &self.shared.jobs_dir).finish()
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A job request after validation.
+struct Job {
+    id: u64,
+    toolchain: ToolchainId,
+    toolchain_root: String,
+    program: String,
+    args: Vec<String>,
+    cwd: String,
+    env: Vec<(String, String)>,
+    inputs: Vec<(String, [u8; 32], bool)>,
+    outputs: Vec<String>,
+    dirs: Vec<String>,
+}
+
+#[tonic::async_trait]
+impl WorkerApi for Service {
+    type RunJobStream = BoxStream<v1::JobEvent>;
+
+    async fn find_missing(
+        &self,
+        request: Request<v1::FindMissingRequest>,
+    ) -> Result<Response<v1::FindMissingResponse>, Status> {
+        require(&request, Role::Client, "FindMissing")?;
+        let wanted = digests(&request.get_ref().digests, "digests")?;
+        let missing = wanted.iter().filter(|d| !self.shared.blobs.has(d)).map(|d| to_digest(*d)).collect();
+        Ok(Response::new(v1::FindMissingResponse { missing }))
+    }
+
+    async fn upload_blobs(
+        &self,
+        request: Request<Streaming<v1::BlobChunk>>,
+    ) -> Result<Response<v1::UploadBlobsResponse>, Status> {
+        require(&request, Role::Client, "UploadBlobs")?;
+        let mut inbound = request.into_inner();
+        let mut current: Option<crate::blobs::IncomingBlob> = None;
+        let mut stored = 0;
+        while let Some(chunk) = inbound.message().await? {
+            let d = digest(chunk.digest.as_ref(), "digest")?;
+            if current.as_ref().is_some_and(|b| b.digest() != d) {
+                return Err(Status::invalid_argument("a blob's chunks must be consecutive and end with 'last'"));
+            }
+            let blob = match &mut current {
+                Some(b) => b,
+                None => current
+                    .insert(self.shared.blobs.begin(d).map_err(|e| Status::internal(format!("storing blob: {e}")))?),
+            };
+            blob.write(&chunk.data).map_err(|e| Status::internal(format!("storing blob: {e}")))?;
+            if chunk.last {
+                let blob = current.take().expect("current blob");
+                self.shared.blobs.finish(blob).map_err(Status::invalid_argument)?;
+                stored += 1;
+            }
+        }
+        if current.is_some() {
+            return Err(Status::invalid_argument("the stream ended inside a blob (no chunk marked 'last')"));
+        }
+        Ok(Response::new(v1::UploadBlobsResponse { stored }))
+    }
+
+    async fn run_job(&self, request: Request<v1::RunJobRequest>) -> Result<Response<Self::RunJobStream>, Status> {
+        require(&request, Role::Client, "RunJob")?;
+        let job = validate(request.into_inner())?;
+        let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d)).count();
+        if missing > 0 {
+            return Err(Status::failed_precondition(format!("{missing} input blobs are missing; upload them first")));
+        }
+        let shared = Arc::clone(&self.shared);
+        let permit = Arc::clone(&self.shared).slots_permit().await?;
+        let fetch = Arc::clone(&shared.fetch);
+        let id = job.toolchain;
+        let (lease, _) = shared
+            .toolchains
+            .get(id, move |dest| fetch(id, dest))
+            .await
+            .map_err(|e| Status::unavailable(format!("toolchain {id}: {e}")))?;
+        shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id);
+        let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let ok = run_blocking(&shared, &job, &lease.dir, &tx).is_ok();
+            drop(lease);
+            drop(permit);
+            shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
+            shared.ended.lock().unwrap_or_else(|p| p.into_inner()).push(v1::JobEnded {
+                job_id: job.id,
+                ok,
+                duration_ms: started.elapsed().as_millis() as u64,
+            });
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Shared {
+    async fn slots_permit(self: Arc<Self>) -> Result<SlotPermit, Status> {
+        let permit = tokio::time::timeout(Duration::from_secs(60), self.slots.acquire())
+            .await
+            .map_err(|_| Status::resource_exhausted("every slot of this worker stayed busy for 60 s"))?
+            .map_err(|_| Status::unavailable("worker is shutting down"))?;
+        permit.forget();
+        Ok(SlotPermit(self))
+    }
+}
+
+/// Gives its slot back when dropped.
+struct SlotPermit(Arc<Shared>);
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        self.0.slots.add_permits(1);
+    }
+}
+
+/// Runs the job and streams its events; Err means an infrastructure failure (already reported).
+fn run_blocking(
+    shared: &Shared,
+    job: &Job,
+    toolchain: &Path,
+    tx: &mpsc::Sender<Result<v1::JobEvent, Status>>,
+) -> Result<(), ()> {
+    let send = |kind| tx.blocking_send(Ok(v1::JobEvent { kind: Some(kind) })).map_err(|_| ());
+    let fail = |msg: String| {
+        let _ = tx.blocking_send(Err(Status::internal(msg)));
+    };
+    let dir = shared.jobs_dir.join(format!("{}-{}", job.id, std::process::id()));
+    let tree = dir.join("tree");
+    let cleanup = || {
+        let _ = std::fs::remove_dir_all(&dir);
+    };
+    for (path, d, executable) in &job.inputs {
+        if let Err(e) = shared.blobs.materialize(d, &tree.join(&path[1..]), *executable) {
+            cleanup();
+            fail(format!("placing input {path}: {e}"));
+            return Err(());
+        }
+    }
+    for d in job.dirs.iter().chain([&job.cwd]) {
+        if let Err(e) = std::fs::create_dir_all(tree.join(&d[1..])) {
+            cleanup();
+            fail(format!("creating {d}: {e}"));
+            return Err(());
+        }
+    }
+    let sandbox_job = SandboxJob {
+        program: &job.program,
+        args: &job.args,
+        cwd: &job.cwd,
+        env: &job.env,
+        toolchain: (toolchain, &job.toolchain_root),
+        tree: &tree,
+    };
+    let mut streaming_ok = true;
+    // stderr goes line by line: when rustc announces a finished `.rmeta`, that file is sent before
+    // the announcement, so the client can hand both to cargo while codegen continues.
+    let mut line = Vec::new();
+    let mut sent_early: HashSet<String> = HashSet::new();
+    let forward_stderr = |bytes: &[u8], sent_early: &mut HashSet<String>| -> Result<(), ()> {
+        if let Some(path) = metadata_artifact(bytes, &job.cwd)
+            && job.outputs.contains(&path)
+            && sent_early.insert(path.clone())
+        {
+            send_output(&tree, &path, &send)?;
+        }
+        send(job_event::Kind::Stderr(bytes.to_vec()))
+    };
+    let outcome = sandbox::run(&shared.sandbox, &sandbox_job, &mut |stream, data| match stream {
+        sandbox::Stream::Stdout => streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok(),
+        sandbox::Stream::Stderr => {
+            line.extend_from_slice(data);
+            while let Some(pos) = line.iter().position(|&b| b == b'\n') {
+                let complete: Vec<u8> = line.drain(..=pos).collect();
+                streaming_ok &= forward_stderr(&complete, &mut sent_early).is_ok();
+            }
+        }
+    });
+    if !line.is_empty() {
+        streaming_ok &= forward_stderr(&line, &mut sent_early).is_ok();
+    }
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            cleanup();
+            fail(format!("sandbox: {e}"));
+            return Err(());
+        }
+    };
+    if outcome.exit_code == Some(0) {
+        for out in job.outputs.iter().filter(|o| !sent_early.contains(*o)) {
+            if send_output(&tree, out, &send).is_err() {
+                break;
+            }
+        }
+    }
+    let finished = v1::JobFinished {
+        exit_code: outcome.exit_code,
+        signal: outcome.signal,
+        limit: outcome.limit.map(|l| l.to_string()).unwrap_or_default(),
+        duration_ms: outcome.duration.as_millis() as u64,
+    };
+    let _ = send(job_event::Kind::Finished(finished));
+    cleanup();
+    if streaming_ok { Ok(()) } else { Err(()) }
+}
+
+/// Streams one declared output; a missing one is simply not sent (the client notices).
+fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<(), ()>) -> Result<(), ()> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tree.join(&out[1..]);
+    // Never follow a link the job may have planted, at the file or along its directories.
+    let Ok(meta) = std::fs::symlink_metadata(&path) else { return Ok(()) };
+    let inside = match (path.canonicalize(), tree.canonicalize()) {
+        (Ok(p), Ok(t)) => p.starts_with(t),
+        _ => false,
+    };
+    if !meta.file_type().is_file() || !inside {
+        return Ok(());
+    }
+    let executable = meta.permissions().mode() & 0o111 != 0;
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(()) };
+    let count = bytes.len().div_ceil(CHUNK).max(1);
+    for i in 0..count {
+        let data = bytes[(i * CHUNK).min(bytes.len())..((i + 1) * CHUNK).min(bytes.len())].to_vec();
+        send(job_event::Kind::Output(v1::OutputChunk {
+            path: out.to_owned(),
+            executable,
+            data,
+            last: i + 1 == count,
+        }))?;
+    }
+    Ok(())
+}
+
+/// The absolute path of a metadata artifact announced on this stderr line, if it is one.
+fn metadata_artifact(line: &[u8], cwd: &str) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?.trim_end();
+    if !text.starts_with(r#"{"$message_type":"artifact""#) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value.get("emit")?.as_str()? != "metadata" {
+        return None;
+    }
+    let path = value.get("artifact")?.as_str()?;
+    Some(if path.starts_with('/') { path.to_owned() } else { format!("{cwd}/{path}") })
+}
+
+fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
+    let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
+    absolute_path(&r.toolchain_root, "toolchain_root")?;
+    if r.program != format!("{}/bin/rustc", r.toolchain_root) {
+        return Err(Status::invalid_argument("'program' must be the toolchain's bin/rustc"));
+    }
+    absolute_path(&r.cwd, "cwd")?;
+    if r.outputs.is_empty() {
+        return Err(Status::invalid_argument("a job must declare at least one output"));
+    }
+    let place = |path: &str, field: &'static str| -> Result<(), Status> {
+        absolute_path(path, field)?;
+        let top = path[1..].split('/').next().unwrap_or_default();
+        if SYSTEM_DIRS.contains(&top) {
+            return Err(Status::invalid_argument(format!("'{field}' {path} is inside a system directory")));
+        }
+        if Path::new(path).starts_with(&r.toolchain_root) {
+            return Err(Status::invalid_argument(format!("'{field}' {path} is inside the toolchain")));
+        }
+        Ok(())
+    };
+    place(&r.cwd, "cwd")?;
+    let mut inputs = Vec::with_capacity(r.inputs.len());
+    let mut seen = HashMap::new();
+    for input in r.inputs {
+        place(&input.path, "inputs.path")?;
+        let d = digest(input.digest.as_ref(), "inputs.digest")?;
+        if seen.insert(input.path.clone(), d).is_some() {
+            return Err(Status::invalid_argument(format!("input {} is listed twice", input.path)));
+        }
+        inputs.push((input.path, d, input.executable));
+    }
+    for o in &r.outputs {
+        place(o, "outputs")?;
+    }
+    for d in &r.dirs {
+        place(d, "dirs")?;
+    }
+    let mut env = Vec::with_capacity(r.env.len());
+    for v in r.env {
+        if v.name.is_empty() || v.name.contains(['=', '\0']) || v.value.contains('\0') {
+            return Err(Status::invalid_argument(format!("bad environment variable name '{}'", v.name)));
+        }
+        env.push((v.name, v.value));
+    }
+    Ok(Job {
+        id: r.job_id,
+        toolchain,
+        toolchain_root: r.toolchain_root,
+        program: r.program,
+        args: r.args,
+        cwd: r.cwd,
+        env,
+        inputs,
+        outputs: r.outputs,
+        dirs: r.dirs,
+    })
+}

@@ -1,0 +1,182 @@
+//! Toolchains on a worker: fetched from the scheduler by id, verified and unpacked once into
+//! `<data dir>/toolchains/<id>` (read-only), kept in a size-bounded LRU. Concurrent jobs that need
+//! the same toolchain wait for one unpack (a lock per id); different toolchains never wait on
+//! each other. Toolchains in use are never evicted.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ferry_toolchains::{ToolchainId, UnpackLimits, unpack_archive};
+
+#[derive(Debug)]
+pub struct ToolchainCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Per-id unpack locks and bookkeeping.
+    entries: Mutex<HashMap<ToolchainId, Arc<Slot>>>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    unpack: tokio::sync::Mutex<()>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    in_use: usize,
+    last_used: Option<Instant>,
+    bytes: u64,
+}
+
+/// A toolchain held for one job: it is not evicted while the lease lives.
+#[derive(Debug)]
+pub struct Lease {
+    pub dir: PathBuf,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut s = self.slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.in_use -= 1;
+        s.last_used = Some(Instant::now());
+    }
+}
+
+impl ToolchainCache {
+    pub fn open(data_dir: &Path, max_bytes: u64) -> std::io::Result<ToolchainCache> {
+        let dir = data_dir.join("toolchains");
+        fs::create_dir_all(&dir)?;
+        let mut entries = HashMap::new();
+        for entry in fs::read_dir(&dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Ok(id) = name.parse::<ToolchainId>() {
+                let slot = Slot::default();
+                slot.state.lock().expect("fresh").bytes = tree_bytes(&entry.path());
+                entries.insert(id, Arc::new(slot));
+            } else {
+                // Half-finished unpacks from a crash.
+                make_writable(&entry.path());
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(ToolchainCache { dir, max_bytes, entries: Mutex::new(entries) })
+    }
+
+    /// The toolchains unpacked here.
+    pub fn present(&self) -> Vec<ToolchainId> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<ToolchainId> = entries.keys().filter(|id| self.path(id).is_dir()).copied().collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn path(&self, id: &ToolchainId) -> PathBuf {
+        self.dir.join(id.to_hex())
+    }
+
+    /// The unpacked toolchain, fetching (`fetch` writes the archive to the given file) and
+    /// unpacking it first if needed. Returns whether this call unpacked it.
+    pub async fn get<F, Fut>(&self, id: ToolchainId, fetch: F) -> Result<(Lease, bool), String>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let slot = Arc::clone(self.entries.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default());
+        slot.state.lock().unwrap_or_else(|p| p.into_inner()).in_use += 1;
+        let lease = Lease { dir: self.path(&id), slot: Arc::clone(&slot) };
+        let _guard = slot.unpack.lock().await;
+        if lease.dir.is_dir() {
+            return Ok((lease, false));
+        }
+        let archive = self.dir.join(format!(".{}.fetch-{}", id.to_hex(), std::process::id()));
+        let fetched = fetch(archive.clone()).await;
+        let unpacked = match fetched {
+            Ok(()) => {
+                let (archive, dest) = (archive.clone(), lease.dir.clone());
+                tokio::task::spawn_blocking(move || -> Result<u64, String> {
+                    let file = fs::File::open(&archive).map_err(|e| format!("reading fetched archive: {e}"))?;
+                    unpack_archive(std::io::BufReader::new(file), &dest, &id, &UnpackLimits::default())
+                        .map_err(|e| format!("toolchain {id} refused: {e}"))?;
+                    make_read_only(&dest);
+                    Ok(tree_bytes(&dest))
+                })
+                .await
+                .map_err(|e| format!("unpacking: {e}"))?
+            }
+            Err(e) => Err(e),
+        };
+        let _ = fs::remove_file(&archive);
+        let bytes = unpacked?;
+        slot.state.lock().unwrap_or_else(|p| p.into_inner()).bytes = bytes;
+        self.evict();
+        Ok((lease, true))
+    }
+
+    /// Removes least recently used toolchains not in use until the total fits.
+    fn evict(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let total: u64 = entries.values().map(|s| s.state.lock().map_or(0, |s| s.bytes)).sum();
+            if total <= self.max_bytes {
+                return;
+            }
+            let victim = entries
+                .iter()
+                .filter_map(|(id, s)| {
+                    let st = s.state.lock().ok()?;
+                    (st.in_use == 0 && st.bytes > 0).then_some((st.last_used, *id))
+                })
+                .min();
+            let Some((_, id)) = victim else { return };
+            let path = self.path(&id);
+            make_writable(&path);
+            let _ = fs::remove_dir_all(&path);
+            entries.remove(&id);
+            tracing::info!(toolchain = %id, "evicted toolchain");
+        }
+    }
+}
+
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => total += tree_bytes(&entry.path()),
+            Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+            _ => {}
+        }
+    }
+    total
+}
+
+/// Directories 0555 and files without write bits: a job (or a bug) cannot change a toolchain.
+fn make_read_only(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => make_read_only(&path),
+            Ok(t) if t.is_file() => {
+                if let Ok(m) = fs::metadata(&path) {
+                    let _ = fs::set_permissions(&path, fs::Permissions::from_mode(m.permissions().mode() & 0o555));
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o555));
+}
+
+fn make_writable(dir: &Path) {
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_writable(&entry.path());
+        }
+    }
+}
