@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+
 use crate::entry::EntryError;
 
 /// Everything a cache hit must replay: the exit code, the streams byte for byte, and the files.
@@ -32,8 +34,8 @@ pub struct OutputFile {
     pub path: String,
     /// Restored as the executable bit, so cached binaries and build scripts still run.
     pub executable: bool,
-    /// The file's content.
-    pub bytes: Vec<u8>,
+    /// The file's content; a slice of the decoded entry's buffer (no copy on a hit).
+    pub bytes: Bytes,
 }
 
 const OUTPUT_VERSION: u32 = 1;
@@ -67,6 +69,12 @@ impl CompileOutput {
 
     /// Parses an encoded output, rejecting truncation, bad values and trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, EntryError> {
+        Self::decode_shared(Bytes::copy_from_slice(bytes))
+    }
+
+    /// [`CompileOutput::decode`] without copying: the files are slices of `shared`.
+    pub fn decode_shared(shared: Bytes) -> Result<Self, EntryError> {
+        let bytes: &[u8] = &shared;
         let mut r = Reader { bytes, pos: 0 };
         let version = u32::from_le_bytes(r.array("version")?);
         if version != OUTPUT_VERSION {
@@ -93,8 +101,9 @@ impl CompileOutput {
                     return Err(EntryError::Invalid { what: "executable flag", offset: at });
                 }
             };
-            let bytes = r.bytes_u64("file bytes")?.to_vec();
-            files.push(OutputFile { path, executable, bytes });
+            let content = r.bytes_u64("file bytes")?;
+            let start = content.as_ptr() as usize - bytes.as_ptr() as usize;
+            files.push(OutputFile { path, executable, bytes: shared.slice(start..start + content.len()) });
         }
         if r.remaining() > 0 {
             return Err(EntryError::TrailingBytes { count: r.remaining() });
@@ -172,9 +181,13 @@ mod tests {
                 OutputFile {
                     path: "target/debug/deps/libfoo-1234.rlib".to_owned(),
                     executable: false,
-                    bytes: vec![1, 2, 3, 4, 5],
+                    bytes: vec![1, 2, 3, 4, 5].into(),
                 },
-                OutputFile { path: "build/bar/build_script_build-99".to_owned(), executable: true, bytes: Vec::new() },
+                OutputFile {
+                    path: "build/bar/build_script_build-99".to_owned(),
+                    executable: true,
+                    bytes: Bytes::new(),
+                },
             ],
         }
     }

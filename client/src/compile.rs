@@ -27,12 +27,13 @@ use ferry_cache::{
     CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, KeyBuilder, OutputFile,
     PutOutcome, Store,
 };
-use ferry_toolchains::{Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler_with};
+use ferry_toolchains::{Compiler, Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler_with};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::depinfo;
 use crate::process;
+use crate::remote;
 use crate::rustc_args::{Classified, RustcArgs, classify};
 use crate::stats::Stats;
 
@@ -75,6 +76,7 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
         return passthrough(&compiler, &args[1..]);
     };
     crate::logging::init(&config);
+    crate::digests::init(&config.cache_dir);
     let rustc = match classify(rest) {
         Classified::Cacheable(r) => r,
         Classified::Passthrough(reason) => {
@@ -136,7 +138,7 @@ impl Job {
     }
 
     fn cached_compile(&mut self) -> Result<ExitCode, Fallback> {
-        let id = self.toolchain_id()?;
+        let (compiler, id) = self.toolchain_id()?;
         let store = DiskStore::open(
             self.config.entries_dir(),
             DiskConfig { max_bytes: self.config.cache_size, grace: self.config.cache_grace },
@@ -158,10 +160,11 @@ impl Job {
             known.push(list.clone());
             let Some(key) = self.result_key(&pre, &list) else { continue };
             let Some(entry) = self.get(&store, &key) else { continue };
-            match CompileOutput::decode(&entry.payload) {
+            let payload_len = entry.payload.len() as u64;
+            match CompileOutput::decode_shared(entry.payload.into()) {
                 Ok(output) if self.matches_outputs(&output) => {
                     self.stats.hits_local += 1;
-                    self.stats.bytes_read += entry.payload.len() as u64;
+                    self.stats.bytes_read += payload_len;
                     self.stats.time_saved_ms += output.compile_ms;
                     return self.replay(&output);
                 }
@@ -173,10 +176,10 @@ impl Job {
             }
         }
         self.stats.misses += 1;
-        Ok(self.compile_and_store(&store, &id, (&pre, &scope), &known))
+        Ok(self.compile_and_store(&store, &compiler, &id, (&pre, &scope), &known))
     }
 
-    fn toolchain_id(&mut self) -> Result<ToolchainId, Fallback> {
+    fn toolchain_id(&mut self) -> Result<(Compiler, ToolchainId), Fallback> {
         let compiler = resolve_compiler_with(&self.compiler, self.plus.as_deref(), &self.cwd, process::output)
             .map_err(|e| {
                 tracing::warn!(error = %e, "cannot resolve the toolchain");
@@ -188,7 +191,7 @@ impl Job {
         })?;
         let targets: Vec<String> = self.rustc.target.iter().cloned().collect();
         match store.identify(&compiler, &targets) {
-            Ok(identified) => Ok(identified.id),
+            Ok(identified) => Ok((compiler, identified.id)),
             Err(ToolchainError::UnknownTarget { .. }) => Err(Fallback("target-not-installed")),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot identify the toolchain");
@@ -324,10 +327,22 @@ impl Job {
     fn compile_and_store(
         &mut self,
         store: &DiskStore,
+        compiler: &Compiler,
         id: &ToolchainId,
         keys: (&CacheKey, &CacheKey),
         known: &[InputList],
     ) -> ExitCode {
+        let mut remote_failure = None;
+        if self.config.scheduler.is_some() && remote::distributable(&self.rustc).is_ok() {
+            match self.compile_remotely(store, compiler, id, keys, known) {
+                Ok(code) => return code,
+                Err(reason) => {
+                    tracing::info!(reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
+                    *self.stats.fallbacks.entry(reason.clone()).or_default() += 1;
+                    remote_failure = Some(reason);
+                }
+            }
+        }
         let cargo_dep_info = self.rustc.dep_info_path();
         // An injected dep-info goes beside the outputs: if rustc can write its outputs there, it can
         // write this too (ferry's own cache dir may be full or unwritable).
@@ -366,6 +381,12 @@ impl Job {
             }
         };
         self.stats.compiled_local += 1;
+        if remote_failure.is_some_and(|r| r.starts_with("remote-exit")) && run.status.success() {
+            // The worker's compile failed where ours succeeded: a broken worker or a missing
+            // input; the local result stands, and the discrepancy is counted.
+            tracing::warn!(krate = %self.rustc.crate_name, "remote compile failed but local succeeded");
+            *self.stats.fallbacks.entry("discrepancy".into()).or_default() += 1;
+        }
         let compile_ms = clock.elapsed().as_millis() as u64;
         let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms);
         if let Err(reason) = stored {
@@ -419,7 +440,7 @@ impl Job {
         if code == 0 {
             for (path, executable) in self.rustc.outputs() {
                 let bytes = fs::read(self.cwd.join(&path)).map_err(|_| "missing-output")?;
-                files.push(OutputFile { path, executable, bytes });
+                files.push(OutputFile { path, executable, bytes: bytes.into() });
             }
         }
         let output = CompileOutput {
@@ -460,6 +481,40 @@ impl Job {
         let deps = depinfo::parse(&text)?;
         let root = self.cwd.join(&self.rustc.input);
         deps.files.iter().any(|f| self.cwd.join(f) == root).then_some(deps)
+    }
+
+    /// Runs the compile on a worker and stores its result like a local one. Err: the reason to
+    /// fall back.
+    fn compile_remotely(
+        &mut self,
+        store: &DiskStore,
+        compiler: &Compiler,
+        id: &ToolchainId,
+        keys: (&CacheKey, &CacheKey),
+        known: &[InputList],
+    ) -> Result<ExitCode, String> {
+        let dep_info = self.cwd.join(self.rustc.dep_info_path().expect("distributable compiles ask for dep-info"));
+        let _ = fs::remove_file(&dep_info);
+        let env_names = known.iter().flat_map(|l| l.env.iter().cloned()).collect();
+        let job = remote::Job {
+            config: &self.config,
+            rustc: &self.rustc,
+            compiler,
+            toolchain: *id,
+            cwd: &self.cwd,
+            env_names,
+        };
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let remote = remote::run(&job)?;
+        self.stats.compiled_remote += 1;
+        self.stats.bytes_sent += remote.bytes_sent;
+        tracing::info!(worker = %remote.worker, krate = %self.rustc.crate_name, "compiled remotely");
+        let compile_ms = clock.elapsed().as_millis() as u64;
+        if let Err(reason) = self.store_result(store, id, keys, known, &remote.run, &dep_info, started, compile_ms) {
+            *self.stats.not_stored.entry(reason.into()).or_default() += 1;
+        }
+        Ok(exit_code(remote.run.status))
     }
 
     /// A compile with no cache involvement, for fallbacks: rustc with inherited stdio.

@@ -7,9 +7,11 @@ mod commands;
 mod compile;
 mod config;
 mod depinfo;
+mod digests;
 mod linker;
 mod logging;
 mod process;
+mod remote;
 mod rustc_args;
 mod stats;
 

@@ -58,6 +58,10 @@ const VALUED: &[&str] = &[
     "--remap-path-prefix",
     "--codegen",
     "--force-warn",
+    "--allow",
+    "--warn",
+    "--deny",
+    "--forbid",
     "-o",
     "-L",
     "-l",
@@ -370,6 +374,18 @@ mod tests {
                 cacheable m ["proc-macro"] links=true externs=[] libs=[]
                 outputs: out/libm.so
                 key: --crate-name=m m.rs --crate-type=proc-macro --extern=proc_macro -o=out/libm.so"#]],
+        );
+    }
+
+    #[test]
+    fn long_lint_flags_as_cargo_passes_them() {
+        check(
+            "--crate-name regex_syntax --edition=2021 src/lib.rs --allow=unexpected_cfgs --cap-lints allow \
+             --crate-type lib --emit=dep-info,metadata,link --warn missing_docs --deny=warnings --out-dir /t",
+            expect![[r#"
+                cacheable regex_syntax ["rlib"] links=false externs=[] libs=[]
+                outputs: /t/libregex_syntax.rlib /t/libregex_syntax.rmeta /t/regex_syntax.d
+                key: --crate-name=regex_syntax --edition=2021 src/lib.rs --allow=unexpected_cfgs --cap-lints=allow --crate-type=lib --emit=dep-info,metadata,link --warn=missing_docs --deny=warnings --out-dir=/t"#]],
         );
     }
 

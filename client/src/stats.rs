@@ -30,6 +30,8 @@ pub struct Stats {
     pub cache_errors: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Input bytes uploaded to workers (blobs they did not have yet).
+    pub bytes_sent: u64,
     /// Compile time the hits did not spend (as measured when the entries were made), milliseconds.
     pub time_saved_ms: u64,
 }
@@ -78,6 +80,7 @@ impl Stats {
         self.cache_errors += d.cache_errors;
         self.bytes_read += d.bytes_read;
         self.bytes_written += d.bytes_written;
+        self.bytes_sent += d.bytes_sent;
         self.time_saved_ms += d.time_saved_ms;
         for (mine, theirs) in [
             (&mut self.passthrough, &d.passthrough),
@@ -103,6 +106,7 @@ impl Stats {
             ("cache errors".into(), self.cache_errors.to_string()),
             ("bytes read".into(), crate::commands::human_bytes(self.bytes_read)),
             ("bytes written".into(), crate::commands::human_bytes(self.bytes_written)),
+            ("bytes sent to workers".into(), crate::commands::human_bytes(self.bytes_sent)),
             ("time saved".into(), format!("{:.1} s", self.time_saved_ms as f64 / 1000.0)),
         ];
         for (title, map) in

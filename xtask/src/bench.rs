@@ -96,8 +96,13 @@ pub fn wrapper() -> anyhow::Result<()> {
     println!("== wrapper: cargo build -j2 (debug) of {packages} packages from crates.io, fresh target dir each time");
     let cache = tmp.path().join("cache");
     let record = tmp.path().join("calls.jsonl");
+    // One target dir path for every variant, removed before each build: keys contain the output
+    // paths, and sharing across different target dirs is the separate, opt-in FERRY_BASEDIRS.
+    let target = project.join("target");
     let build = |name: &str, wrapper: Option<&Path>, extra: &[(&str, &Path)]| -> anyhow::Result<Duration> {
-        let target = tmp.path().join(format!("target-{name}"));
+        if target.exists() {
+            fs::remove_dir_all(&target)?;
+        }
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-j2", "--offline", "--quiet"])
             .current_dir(&project)
@@ -164,7 +169,8 @@ pub fn record_and_exec(file: &Path) -> anyhow::Result<()> {
     let env: BTreeMap<String, String> = std::env::vars().filter(|(k, _)| k != "XTASK_RECORD").collect();
     let line = serde_json::json!({ "cwd": std::env::current_dir()?, "args": args, "env": env });
     let mut f = fs::OpenOptions::new().create(true).append(true).open(file)?;
-    writeln!(f, "{line}")?;
+    // One write per record: concurrent appenders (cargo -j2) then never interleave lines.
+    f.write_all(format!("{line}\n").as_bytes())?;
     drop(f);
     let ferry = std::env::var_os("XTASK_FERRY").context("XTASK_FERRY is not set")?;
     let err = Command::new(ferry).args(&args).env_remove("XTASK_RECORD").exec();
@@ -180,6 +186,21 @@ fn replay(ferry: &Path, call: &serde_json::Value) -> anyhow::Result<Duration> {
         cmd.env(k, v.as_str().unwrap_or_default());
     }
     cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // As after `cargo clean`: the outputs are not there (replacing existing files would add the
+    // kernel's cost of freeing their pages, which a warm build never pays).
+    let value = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    let stem = format!(
+        "{}{}",
+        value("--crate-name").unwrap_or_default(),
+        args.iter().find_map(|a| a.strip_prefix("extra-filename=")).unwrap_or_default()
+    );
+    if let Some(out_dir) = value("--out-dir") {
+        for entry in fs::read_dir(out_dir)?.flatten() {
+            if entry.file_name().to_string_lossy().contains(&stem) {
+                fs::remove_file(entry.path())?;
+            }
+        }
+    }
     let t = Instant::now();
     let status = cmd.status()?;
     let elapsed = t.elapsed();

@@ -1,0 +1,439 @@
+//! Remote compiles: a cache miss of a distributable compile becomes a job on a worker.
+//!
+//! No local rustc pass decides what to send. We ship what the compile may read: the package
+//! directory (`CARGO_MANIFEST_DIR`, bounded, without `target/` and VCS dirs, with every directory
+//! so `..` paths resolve), the `--extern` files, the metadata and proc-macro files of the
+//! `-L dependency=` directories (rustc loads transitive crates from there), and `OUT_DIR`. All
+//! by content: the worker says which digests it lacks and only those travel. The exact inputs
+//! come back in the job's dep-info, which the caller uses for the cache key as for a local compile.
+//!
+//! Every failure is a reason string; the caller compiles locally and counts it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_proto::to_digest;
+use ferry_proto::v1::worker_client::WorkerClient;
+use ferry_proto::v1::{self, allocate_response, job_event};
+use ferry_toolchains::{Compiler, LocalStore, ToolchainId};
+
+use crate::config::Config;
+use crate::process::RunOutput;
+use crate::rustc_args::RustcArgs;
+
+/// Most files a job may ship, and most bytes (beyond these the compile stays local).
+const MAX_FILES: usize = 20_000;
+const MAX_BYTES: u64 = 1 << 30;
+const CHUNK: usize = 1 << 20;
+/// Directories never shipped from a package.
+const SKIPPED_DIRS: &[&str] = &["target", ".git", ".hg", ".svn", ".jj"];
+
+/// What the caller needs to run a job remotely.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub config: &'a Config,
+    pub rustc: &'a RustcArgs,
+    pub compiler: &'a Compiler,
+    pub toolchain: ToolchainId,
+    pub cwd: &'a Path,
+    /// Environment variable names earlier compiles of this crate read (from its manifests).
+    pub env_names: Vec<String>,
+}
+
+/// A finished remote job (outputs already written locally).
+#[derive(Debug)]
+pub struct Remote {
+    pub run: RunOutput,
+    pub worker: String,
+    pub bytes_sent: u64,
+}
+
+/// Why a compile cannot go to the cluster at all (it is then simply local, not a fallback).
+pub fn distributable(rustc: &RustcArgs) -> Result<(), &'static str> {
+    if rustc.crate_types.iter().any(|t| t != "rlib") {
+        return Err("crate-type-not-distributed");
+    }
+    if rustc.output.is_some() || rustc.out_dir.is_none() {
+        return Err("no-out-dir");
+    }
+    for (kind, path) in &rustc.emit {
+        if path.is_some() || !matches!(kind.as_str(), "link" | "metadata" | "dep-info") {
+            return Err("emit-not-distributed");
+        }
+    }
+    if rustc.dep_info_path().is_none() {
+        return Err("no-dep-info");
+    }
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_none() {
+        return Err("not-under-cargo");
+    }
+    Ok(())
+}
+
+/// Runs the job on a worker. Err is a fallback reason.
+pub fn run(job: &Job) -> Result<Remote, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|_| "runtime-unavailable".to_string())?;
+    runtime.block_on(run_async(job))
+}
+
+async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
+    let mut scheduler = tokio::time::timeout(Duration::from_secs(5), crate::cluster::scheduler(job.config))
+        .await
+        .map_err(|_| "scheduler-timeout".to_string())?
+        .map_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "scheduler unreachable");
+            "scheduler-unreachable".to_string()
+        })?;
+    ensure_toolchain(job, &mut scheduler).await?;
+    let allocation = scheduler
+        .allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() })
+        .await
+        .map_err(|s| reason_for("allocate", &s))?
+        .into_inner();
+    let assignment = match allocation.result {
+        Some(allocate_response::Result::Assigned(a)) => a,
+        Some(allocate_response::Result::Local(why)) => {
+            tracing::info!(why, "scheduler says compile locally");
+            return Err(if why.contains("no workers") { "no-workers" } else { "no-capacity" }.into());
+        }
+        None => return Err("scheduler-bad-answer".into()),
+    };
+    // Blocking on this single-threaded runtime is fine: nothing else runs on it meanwhile.
+    let inputs = gather(job)?;
+    let url = format!(
+        "{}://{}",
+        if job.config.scheduler.as_deref().is_some_and(|u| u.starts_with("https")) { "https" } else { "http" },
+        assignment.address
+    );
+    let (channel, token) =
+        crate::cluster::channel(job.config, &url).await.map_err(|_| "worker-unreachable".to_string())?;
+    let mut worker = WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
+    let digests: Vec<v1::Digest> = inputs.files.values().map(|f| to_digest(f.digest)).collect();
+    let missing = worker
+        .find_missing(v1::FindMissingRequest { digests })
+        .await
+        .map_err(|s| reason_for("find-missing", &s))?
+        .into_inner()
+        .missing;
+    let bytes_sent = upload_blobs(&mut worker, &inputs, &missing).await?;
+    let request = v1::RunJobRequest {
+        job_id: assignment.job_id,
+        toolchain: Some(to_digest(job.toolchain.0)),
+        toolchain_root: job.compiler.root.display().to_string(),
+        program: job.compiler.root.join("bin/rustc").display().to_string(),
+        args: job.rustc.args.clone(),
+        cwd: job.cwd.display().to_string(),
+        env: environment(job),
+        inputs: inputs
+            .files
+            .iter()
+            .map(|(path, f)| v1::InputFile {
+                path: path.clone(),
+                digest: Some(to_digest(f.digest)),
+                executable: f.executable,
+            })
+            .collect(),
+        outputs: outputs(job),
+        dirs: inputs.dirs.clone(),
+    };
+    let mut events = worker.run_job(request).await.map_err(|s| reason_for("run-job", &s))?.into_inner();
+    let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
+    // Diagnostics are held back until the job succeeds (a failed remote job is re-run locally,
+    // and cargo must not see its messages twice); artifact notifications go through at once,
+    // right after the file they announce, so pipelining starts dependents early.
+    let mut held = Vec::new();
+    let mut partial: BTreeMap<String, (bool, Vec<u8>)> = BTreeMap::new();
+    let mut received = Vec::new();
+    let mut finished = None;
+    loop {
+        let event = match events.message().await {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(s) => {
+                tracing::warn!(worker = %assignment.worker_id, status = %s.message(), "worker lost during the job");
+                return Err("worker-lost".into());
+            }
+        };
+        match event.kind {
+            Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
+            Some(job_event::Kind::Stderr(data)) => {
+                if data.starts_with(br#"{"$message_type":"artifact""#) {
+                    let _ = std::io::stderr().write_all(&data);
+                } else {
+                    held.extend_from_slice(&data);
+                }
+                run.stderr.extend_from_slice(&data);
+            }
+            Some(job_event::Kind::Output(chunk)) => {
+                let entry = partial.entry(chunk.path.clone()).or_insert((chunk.executable, Vec::new()));
+                entry.1.extend_from_slice(&chunk.data);
+                if chunk.last {
+                    let (executable, bytes) = partial.remove(&chunk.path).expect("just inserted");
+                    write_output(Path::new(&chunk.path), &bytes, executable)
+                        .map_err(|_| "output-write-failed".to_string())?;
+                    received.push(chunk.path);
+                }
+            }
+            Some(job_event::Kind::Finished(f)) => finished = Some(f),
+            None => {}
+        }
+    }
+    let finished = finished.ok_or_else(|| "worker-lost".to_string())?;
+    if !finished.limit.is_empty() {
+        tracing::warn!(worker = %assignment.worker_id, limit = %finished.limit, "remote job stopped by a sandbox limit");
+        return Err("sandbox-limit".into());
+    }
+    run.status = match (finished.exit_code, finished.signal) {
+        (Some(code), _) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
+        (None, Some(signal)) => std::process::ExitStatus::from_raw(signal & 0x7f),
+        (None, None) => return Err("worker-bad-answer".into()),
+    };
+    if run.status.code() != Some(0) {
+        return Err(format!("remote-exit-{}", run.status.code().map_or("signal".into(), |c| c.to_string())));
+    }
+    if outputs(job).iter().any(|o| !received.contains(o)) {
+        return Err("missing-output".into());
+    }
+    let _ = std::io::stderr().write_all(&held);
+    let _ = std::io::stdout().write_all(&run.stdout);
+    Ok(Remote { run, worker: assignment.worker_id, bytes_sent })
+}
+
+/// Makes sure the scheduler has the toolchain, packaging and uploading it once (other wrapper
+/// processes wait on the same lock and find it there).
+async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
+    let id = Some(to_digest(job.toolchain.0));
+    let has = |present: Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>| {
+        present.map(|r| r.into_inner().present).map_err(|s| reason_for("has-toolchain", &s))
+    };
+    if has(scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() }).await)? {
+        return Ok(());
+    }
+    let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
+    let lock = (|| -> std::io::Result<fs::File> {
+        fs::create_dir_all(lock_path.parent().expect("locks dir"))?;
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+        f.lock()?;
+        Ok(f)
+    })()
+    .map_err(|_| "toolchain-lock".to_string())?;
+    if has(scheduler.has_toolchain(v1::ToolchainRef { id }).await)? {
+        return Ok(());
+    }
+    let targets: Vec<String> = job.rustc.target.iter().cloned().collect();
+    let packaged = LocalStore::open(&job.config.cache_dir)
+        .and_then(|s| s.with_spawn(crate::process::output).package(job.compiler, &targets))
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot package the toolchain");
+            "toolchain-package-failed".to_string()
+        })?;
+    crate::cluster::upload(scheduler, &packaged).await.map_err(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "toolchain upload failed");
+        "toolchain-upload-failed".to_string()
+    })?;
+    drop(lock);
+    Ok(())
+}
+
+#[derive(Debug)]
+struct InputFile {
+    digest: [u8; 32],
+    executable: bool,
+    /// Where to read it (the path rustc will use, resolved).
+    source: PathBuf,
+}
+
+#[derive(Debug, Default)]
+struct Inputs {
+    files: BTreeMap<String, InputFile>,
+    dirs: Vec<String>,
+    bytes: u64,
+}
+
+fn gather(job: &Job) -> Result<Inputs, String> {
+    let mut inputs = Inputs::default();
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).ok_or("not-under-cargo")?;
+    walk(&manifest_dir, &mut inputs, true)?;
+    let input = normalize(&job.cwd.join(&job.rustc.input));
+    add_file(&input, &mut inputs)?;
+    for (_, path) in &job.rustc.externs {
+        add_file(&normalize(&job.cwd.join(path)), &mut inputs)?;
+    }
+    for (kind, dir) in &job.rustc.search_paths {
+        if kind != "dependency" {
+            continue;
+        }
+        let dir = normalize(&job.cwd.join(dir));
+        inputs.dirs.push(dir.display().to_string());
+        for entry in fs::read_dir(&dir).map_err(|_| "dependency-dir-unreadable")?.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "rmeta" || e == "so") {
+                add_file(&path, &mut inputs)?;
+            }
+        }
+    }
+    if let Some(out_dir) = std::env::var_os("OUT_DIR") {
+        walk(&normalize(&job.cwd.join(out_dir)), &mut inputs, false)?;
+    }
+    if let Some(out) = &job.rustc.out_dir {
+        inputs.dirs.push(normalize(&job.cwd.join(out)).display().to_string());
+    }
+    inputs.dirs.sort();
+    inputs.dirs.dedup();
+    Ok(inputs)
+}
+
+fn walk(dir: &Path, inputs: &mut Inputs, skip_build_dirs: bool) -> Result<(), String> {
+    inputs.dirs.push(dir.display().to_string());
+    let entries = fs::read_dir(dir).map_err(|_| "package-unreadable".to_string())?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let Ok(kind) = entry.file_type() else { continue };
+        if kind.is_dir() {
+            if skip_build_dirs && SKIPPED_DIRS.iter().any(|s| name == *s) {
+                continue;
+            }
+            walk(&path, inputs, skip_build_dirs)?;
+        } else if kind.is_file() || (kind.is_symlink() && path.is_file()) {
+            add_file(&path, inputs)?;
+        }
+        if inputs.files.len() > MAX_FILES {
+            return Err("too-many-input-files".into());
+        }
+    }
+    Ok(())
+}
+
+fn add_file(path: &Path, inputs: &mut Inputs) -> Result<(), String> {
+    let key = path.display().to_string();
+    if inputs.files.contains_key(&key) {
+        return Ok(());
+    }
+    let meta = fs::metadata(path).map_err(|_| "input-unreadable".to_string())?;
+    inputs.bytes += meta.len();
+    if inputs.bytes > MAX_BYTES {
+        return Err("inputs-too-large".into());
+    }
+    let digest = crate::digests::digest(path, &meta).ok_or("input-unreadable")?;
+    let executable = meta.permissions().mode() & 0o111 != 0;
+    inputs.files.insert(key, InputFile { digest, executable, source: path.to_owned() });
+    Ok(())
+}
+
+async fn upload_blobs(
+    worker: &mut WorkerClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::cluster::TokenInterceptor>,
+    >,
+    inputs: &Inputs,
+    missing: &[v1::Digest],
+) -> Result<u64, String> {
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let wanted: std::collections::HashSet<&[u8]> = missing.iter().map(|d| d.blake3.as_slice()).collect();
+    let mut sources: BTreeMap<[u8; 32], PathBuf> = BTreeMap::new();
+    for f in inputs.files.values() {
+        if wanted.contains(f.digest.as_slice()) {
+            sources.entry(f.digest).or_insert_with(|| f.source.clone());
+        }
+    }
+    let total: u64 = sources.values().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for (digest, path) in sources {
+            let bytes = fs::read(&path).map_err(|_| "input-unreadable".to_string())?;
+            if *blake3::hash(&bytes).as_bytes() != digest {
+                return Err("input-changed".into());
+            }
+            let count = bytes.len().div_ceil(CHUNK).max(1);
+            for i in 0..count {
+                let data = bytes[(i * CHUNK).min(bytes.len())..((i + 1) * CHUNK).min(bytes.len())].to_vec();
+                let chunk = v1::BlobChunk { digest: Some(to_digest(digest)), data, last: i + 1 == count };
+                if tx.blocking_send(chunk).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    });
+    worker
+        .upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| reason_for("upload-blobs", &s))?;
+    reader.await.map_err(|_| "input-unreadable".to_string())??;
+    Ok(total)
+}
+
+/// The environment a job sees: cargo's variables (not the jobserver), `OUT_DIR`, the variables
+/// rustc itself reads, and those earlier compiles of this crate read through `env!`.
+fn environment(job: &Job) -> Vec<v1::EnvVar> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in std::env::vars() {
+        let wanted = (name.starts_with("CARGO") && name != "CARGO_MAKEFLAGS")
+            || ["OUT_DIR", "RUSTC_BOOTSTRAP", "SOURCE_DATE_EPOCH", "RUST_MIN_STACK"].contains(&name.as_str())
+            || job.env_names.contains(&name);
+        if wanted {
+            env.insert(name, value);
+        }
+    }
+    env.into_iter().map(|(name, value)| v1::EnvVar { name, value }).collect()
+}
+
+fn outputs(job: &Job) -> Vec<String> {
+    job.rustc.outputs().into_iter().map(|(p, _)| normalize(&job.cwd.join(p)).display().to_string()).collect()
+}
+
+fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.ferry-{}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = fs::write(&tmp, bytes)
+        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 })))
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Lexically normal absolute path (no `.`/`..`), without touching the file system: rustc resolves
+/// `a/b/../c` the same way only when `b` exists, which shipping every package directory ensures.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn client_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+fn reason_for(call: &str, s: &tonic::Status) -> String {
+    tracing::warn!(call, code = ?s.code(), message = %s.message(), "cluster call failed");
+    match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!("{call}-refused"),
+        tonic::Code::Unavailable => format!("{call}-unavailable"),
+        tonic::Code::DeadlineExceeded => format!("{call}-timeout"),
+        _ => format!("{call}-failed"),
+    }
+}
