@@ -325,8 +325,9 @@ fn pump(
 const NOBODY: u32 = 65534;
 
 /// Top-level tree names that would hide (or be hidden by) the sandbox's own system directories.
-const RESERVED: &[&str] =
-    &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "tmp", "run", "var", "boot"];
+/// Top-level names a job tree may not use. `tmp` is allowed: projects often live under /tmp, and
+/// then the job's own `tmp` replaces the sandbox's private tmpfs.
+const RESERVED: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
 
 /// Host paths mirrored into the sandbox as the host has them: a symlink stays the same symlink, a
 /// directory is bound read-only, a missing one is skipped.
@@ -406,7 +407,9 @@ fn command_line(config: &SandboxConfig, job: &SandboxJob) -> Result<Vec<OsString
     }
     let tmp_size = config.file_size_bytes.to_string();
     push(&[os("--hostname"), os("ferry-sandbox"), os("--proc"), os("/proc"), os("--dev"), os("/dev")]);
-    push(&[os("--size"), tmp_size.as_ref(), os("--tmpfs"), os("/tmp")]);
+    if !tree.iter().any(|(name, _)| name == "tmp") {
+        push(&[os("--size"), tmp_size.as_ref(), os("--tmpfs"), os("/tmp")]);
+    }
     push(&[os("--ro-bind"), os("/usr"), os("/usr")]);
     for dir in MIRRORED {
         match fs::symlink_metadata(dir) {

