@@ -3,8 +3,10 @@
 //! Everything runs for real: the installed rustc, cargo, processes on loopback.
 
 use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Path of a binary built by this workspace (`ferry`, later `ferry-scheduler`, `ferry-worker`).
 /// The test command builds them first (`cargo build --workspace`); a missing one is a clear panic.
@@ -41,6 +43,11 @@ impl Default for World {
 impl World {
     pub fn new() -> World {
         let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir().expect("temp dir");
+        // Traversable by the sandbox's unprivileged user, for worker data dirs and job inputs.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         let cache = dir.path().join("cache");
         let env = vec![
             ("FERRY_CACHE_DIR".to_owned(), cache.display().to_string()),
@@ -109,4 +116,101 @@ pub fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `ferry-scheduler` or `ferry-worker`, killed when dropped. Its stderr (the log) goes
+/// to `<dir>/<name>.log`.
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: Child,
+    /// The address it printed on its `listening on ADDR` line.
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `program args`, waits (bounded) for its `listening on` line.
+    pub fn start(mut cmd: Command, log: PathBuf) -> Daemon {
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log_file).spawn().expect("daemon starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("daemon did not print 'listening on': {line:?}\nlog:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        };
+        Daemon { addr: addr.to_owned(), child, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl World {
+    /// `ferry-scheduler --listen 127.0.0.1:0 --data-dir <world>/scheduler [extra...]`.
+    pub fn scheduler(&self, extra: &[&str]) -> Daemon {
+        self.scheduler_at("127.0.0.1:0", extra)
+    }
+
+    pub fn scheduler_at(&self, listen: &str, extra: &[&str]) -> Daemon {
+        let mut cmd = self.command(bin("ferry-scheduler"));
+        cmd.args(["--listen", listen, "--data-dir"]).arg(self.path().join("scheduler")).args(extra);
+        Daemon::start(cmd, self.path().join(format!("scheduler-{}.log", now_nanos())))
+    }
+
+    /// `ferry-worker --scheduler URL --listen 127.0.0.1:0 --data-dir <world>/<name> [extra...]`.
+    /// The data dir is made traversable (the sandbox runs as an unprivileged user).
+    pub fn worker(&self, name: &str, scheduler: &str, extra: &[&str]) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(self.path(), std::fs::Permissions::from_mode(0o755));
+        let mut cmd = self.command(bin("ferry-worker"));
+        cmd.args(["--scheduler", scheduler, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.path().join(name))
+            .args(extra);
+        Daemon::start(cmd, self.path().join(format!("{name}.log")))
+    }
+
+    /// Polls `ferry status --json` until `ready` holds (bounded by `limit`); returns the last one.
+    pub fn wait_for_status(&self, limit: Duration, ready: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let out = self.ferry(&["status", "--json"]);
+            if out.status.success()
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                && (ready(&v) || start.elapsed() > limit)
+            {
+                return v;
+            }
+            assert!(start.elapsed() <= limit, "status never became ready: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
