@@ -7,7 +7,7 @@
 //! measured jobs. When no worker has a free slot the request waits in a queue that serves clients
 //! round-robin, so one client's thousand jobs cannot starve another's one.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ferry_toolchains::ToolchainId;
@@ -120,6 +120,10 @@ impl std::error::Error for StateError {}
 #[derive(Debug)]
 pub struct Scheduler {
     workers: BTreeMap<WorkerId, Worker>,
+    /// Workers with a free slot by score, best first; and the same per toolchain they hold, so
+    /// picking the best worker is two lookups, not a scan of every worker.
+    free: BTreeSet<(u32, WorkerId)>,
+    free_holding: HashMap<ToolchainId, BTreeSet<(u32, WorkerId)>>,
     jobs: HashMap<JobId, RunningJob>,
     queue: FairQueue,
     lease: Duration,
@@ -140,6 +144,8 @@ struct Worker {
     /// Exponentially weighted mean job duration in ms; None until the first job finishes.
     mean_ms: Option<f64>,
     last_seen: Instant,
+    /// The score this worker is indexed under in the free sets (None: not indexed).
+    indexed: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -169,6 +175,8 @@ impl Scheduler {
     pub fn new(lease: Duration) -> Scheduler {
         Scheduler {
             workers: BTreeMap::new(),
+            free: BTreeSet::new(),
+            free_holding: HashMap::new(),
             jobs: HashMap::new(),
             queue: FairQueue::default(),
             lease,
@@ -194,9 +202,11 @@ impl Scheduler {
             failures: 0.0,
             mean_ms: None,
             last_seen: now,
+            indexed: None,
         };
         let id = worker.reg.id.clone();
         self.workers.insert(id.clone(), worker);
+        self.index(&id);
         effects.assigned = self.serve_waiters(Some(&id));
         Ok(effects)
     }
@@ -212,11 +222,16 @@ impl Scheduler {
         claim_within: Duration,
         now: Instant,
     ) -> Result<Effects, StateError> {
-        let worker = self.workers.get_mut(id).ok_or_else(|| StateError::UnknownWorker(id.to_owned()))?;
-        worker.last_seen = now;
-        if let Some(t) = toolchains {
-            worker.toolchains = t.into_iter().collect();
+        if !self.workers.contains_key(id) {
+            return Err(StateError::UnknownWorker(id.to_owned()));
         }
+        if let Some(t) = toolchains {
+            self.unindex(id);
+            self.workers.get_mut(id).expect("checked").toolchains = t.into_iter().collect();
+            self.index(id);
+        }
+        let worker = self.workers.get_mut(id).expect("checked");
+        worker.last_seen = now;
         let mut effects = Effects::default();
         if let Some(running) = running {
             let unclaimed: Vec<JobId> = worker
@@ -237,6 +252,7 @@ impl Scheduler {
 
     /// A worker is gone (stream dropped, lease expired): its running jobs fail.
     pub fn remove(&mut self, id: &str) -> Effects {
+        self.unindex(id);
         let Some(worker) = self.workers.remove(id) else { return Effects::default() };
         let mut failed_jobs: Vec<JobId> = worker.jobs.into_iter().collect();
         failed_jobs.sort();
@@ -286,6 +302,7 @@ impl Scheduler {
     /// A job ended; its slot goes to the next waiter, if any.
     pub fn finish(&mut self, job: JobId, outcome: JobOutcome) -> Result<Effects, StateError> {
         let running = self.jobs.remove(&job).ok_or(StateError::UnknownJob(job))?;
+        self.unindex(&running.worker);
         let worker = self.workers.get_mut(&running.worker).ok_or(StateError::UnknownJob(job))?;
         worker.jobs.remove(&job);
         worker.busy -= 1;
@@ -303,14 +320,17 @@ impl Scheduler {
             JobOutcome::Released => {}
         }
         let id = running.worker.clone();
+        self.index(&id);
         Ok(Effects { failed_jobs: Vec::new(), assigned: self.serve_waiters(Some(&id)) })
     }
 
     /// Marks a toolchain as present on a worker (it fetched and unpacked it).
     pub fn toolchain_ready(&mut self, worker: &str, toolchain: ToolchainId) {
+        self.unindex(worker);
         if let Some(w) = self.workers.get_mut(worker) {
             w.toolchains.insert(toolchain);
         }
+        self.index(worker);
     }
 
     /// Workers holding `toolchain`, by id.
@@ -356,40 +376,90 @@ impl Scheduler {
         out
     }
 
-    /// Picks the best worker with a free slot and records the job there.
+    /// Picks the best worker with a free slot and records the job there: the lowest score
+    /// (load, recent failures, measured speed), where not holding the toolchain costs
+    /// [`LOCALITY_PENALTY`]; ties go to the holder, then to the smaller id.
     fn assign_best(&mut self, toolchain: ToolchainId, only: Option<&str>) -> Option<Assignment> {
-        let now = Instant::now();
-        let candidates: Box<dyn Iterator<Item = &Worker>> = match only {
-            Some(id) => Box::new(self.workers.get(id).into_iter()),
-            None => Box::new(self.workers.values()),
+        let best = match only {
+            Some(id) => {
+                let w = self.workers.get(id)?;
+                (w.busy < w.reg.slots).then(|| id.to_owned())?
+            }
+            None => {
+                let holder = self.free_holding.get(&toolchain).and_then(BTreeSet::first);
+                let any = self.free.first();
+                match (holder, any) {
+                    (Some((h, hid)), Some((a, aid))) => {
+                        if *h <= a + LOCALITY_PENALTY {
+                            hid.clone()
+                        } else {
+                            aid.clone()
+                        }
+                    }
+                    (Some((_, id)), None) | (None, Some((_, id))) => id.clone(),
+                    (None, None) => return None,
+                }
+            }
         };
-        let mean_of_means = {
-            let known: Vec<f64> = self.workers.values().filter_map(|w| w.mean_ms).collect();
-            if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 }
-        };
-        let best = candidates
-            .filter(|w| w.busy < w.reg.slots)
-            .map(|w| {
-                let locality = if w.toolchains.contains(&toolchain) { 0.0 } else { 2.0 };
-                let load = f64::from(w.busy) / f64::from(w.reg.slots);
-                let speed = w.mean_ms.map_or(1.0, |m| m / mean_of_means).min(4.0) * 0.25;
-                (locality + load + w.failures.min(8.0) * 0.5 + speed, &w.reg.id)
-            })
-            .min_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)))
-            .map(|(_, id)| id.clone())?;
+        self.unindex(&best);
         let worker = self.workers.get_mut(&best).expect("candidate exists");
         let job = JobId(self.next_job);
         self.next_job += 1;
         worker.busy += 1;
         worker.jobs.insert(job);
-        self.jobs.insert(job, RunningJob { worker: best.clone(), assigned_at: now });
-        Some(Assignment {
+        let assignment = Assignment {
             job,
-            worker: best,
+            worker: best.clone(),
             address: worker.reg.address.clone(),
             has_toolchain: worker.toolchains.contains(&toolchain),
-        })
+        };
+        self.jobs.insert(job, RunningJob { worker: best.clone(), assigned_at: Instant::now() });
+        self.index(&best);
+        Some(assignment)
     }
+
+    /// Takes a worker out of the free sets (before anything its score depends on changes).
+    fn unindex(&mut self, id: &str) {
+        let Some(w) = self.workers.get_mut(id) else { return };
+        let Some(score) = w.indexed.take() else { return };
+        let key = (score, id.to_owned());
+        self.free.remove(&key);
+        for t in &w.toolchains {
+            if let Some(set) = self.free_holding.get_mut(t) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.free_holding.remove(t);
+                }
+            }
+        }
+    }
+
+    /// Puts a worker into the free sets under its current score, if it has a free slot.
+    fn index(&mut self, id: &str) {
+        let Some(w) = self.workers.get_mut(id) else { return };
+        if w.busy >= w.reg.slots || w.indexed.is_some() {
+            return;
+        }
+        let score = score(w);
+        w.indexed = Some(score);
+        self.free.insert((score, id.to_owned()));
+        for t in &w.toolchains {
+            self.free_holding.entry(*t).or_default().insert((score, id.to_owned()));
+        }
+    }
+}
+
+/// What fetching a toolchain first costs, in score units: more than a fully loaded worker
+/// (1000), so a holder with a free slot always wins over an idle worker that must fetch.
+const LOCALITY_PENALTY: u32 = 2000;
+
+/// Lower is better: load in permille of slots, 500 per recent failure (at most 8), and up to 250
+/// for slow jobs (mean duration, saturating at one minute).
+fn score(w: &Worker) -> u32 {
+    let load = w.busy * 1000 / w.reg.slots;
+    let failures = (w.failures.min(8.0) * 500.0) as u32;
+    let speed = w.mean_ms.map_or(0, |m| (m.min(60_000.0) * 250.0 / 60_000.0) as u32);
+    load + failures + speed
 }
 
 impl FairQueue {
@@ -554,6 +624,91 @@ mod tests {
         assert_eq!(effects.assigned[0].0, wait);
         assert_eq!(s.finish(job.job, JobOutcome::Failed), Err(StateError::UnknownJob(job.job)));
         assert_eq!(s.status(now).jobs_failed, 0);
+    }
+
+    /// The free-worker indexes must always agree with a scan of every worker.
+    fn check_index(s: &Scheduler) {
+        let mut expected = BTreeSet::new();
+        let mut holding: HashMap<ToolchainId, BTreeSet<(u32, WorkerId)>> = HashMap::new();
+        for (id, w) in &s.workers {
+            if w.busy < w.reg.slots {
+                expected.insert((score(w), id.clone()));
+                for t in &w.toolchains {
+                    holding.entry(*t).or_default().insert((score(w), id.clone()));
+                }
+            }
+        }
+        assert_eq!(s.free, expected);
+        assert_eq!(s.free_holding, holding);
+    }
+
+    #[test]
+    fn indexes_stay_exact_through_any_sequence() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        let mut running: Vec<JobId> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..5_000 {
+            match next(7) {
+                0 => {
+                    let id = format!("w{}", next(6));
+                    let toolchains: Vec<ToolchainId> = (0..next(3)).map(|t| tc(t as u8)).collect();
+                    s.register(reg(&id, 1 + next(3) as u32, &toolchains), now).unwrap();
+                }
+                1 => {
+                    s.remove(&format!("w{}", next(6)));
+                }
+                2 | 3 => {
+                    if let Allocation::Assigned(a) = s.allocate("c", tc(next(3) as u8)) {
+                        running.push(a.job);
+                    }
+                }
+                4 | 5 if !running.is_empty() => {
+                    let job = running.swap_remove(next(running.len() as u64) as usize);
+                    let outcome = match next(3) {
+                        0 => JobOutcome::Failed,
+                        1 => JobOutcome::Released,
+                        _ => JobOutcome::Succeeded { duration: Duration::from_millis(next(90_000)) },
+                    };
+                    let _ = s.finish(job, outcome);
+                }
+                _ => {
+                    let id = format!("w{}", next(6));
+                    let _ = s.report(&id, Some(vec![tc(next(3) as u8)]), None, Duration::ZERO, now);
+                }
+            }
+            check_index(&s);
+            // The chosen worker is the brute-force best.
+            let t = tc(next(3) as u8);
+            let brute = s
+                .workers
+                .values()
+                .filter(|w| w.busy < w.reg.slots)
+                .map(|w| {
+                    let penalty = if w.toolchains.contains(&t) { 0 } else { LOCALITY_PENALTY };
+                    (score(w) + penalty, u8::from(!w.toolchains.contains(&t)), w.reg.id.clone())
+                })
+                .min()
+                .map(|(total, _, _)| total);
+            if let Some(a) = s.assign_best(t, None) {
+                let w = &s.workers[&a.worker];
+                let penalty = if w.toolchains.contains(&t) { 0 } else { LOCALITY_PENALTY };
+                // Its score before this assignment raised its load by one job.
+                let load = |busy: u32| busy * 1000 / w.reg.slots;
+                let before = score(w) - load(w.busy) + load(w.busy - 1);
+                assert_eq!(Some(before + penalty), brute, "step {step}");
+                running.push(a.job);
+            } else {
+                assert_eq!(brute, None, "step {step}");
+            }
+            check_index(&s);
+        }
     }
 
     #[test]

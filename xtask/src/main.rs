@@ -10,6 +10,7 @@
 //! replayed and timed exactly as cargo ran them.
 
 mod bench;
+mod bench_cluster;
 mod sample;
 
 use std::path::{Path, PathBuf};
@@ -26,11 +27,13 @@ fn main() -> anyhow::Result<()> {
         ["demo"] => demo(),
         ["bench"] | ["bench", "all"] => {
             bench::toolchain()?;
-            bench::wrapper()
+            bench::wrapper()?;
+            bench_cluster::allocations()
         }
+        ["bench", "cluster"] => bench_cluster::allocations(),
         ["bench", "toolchain"] => bench::toolchain(),
         ["bench", "wrapper"] => bench::wrapper(),
-        _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|all]"),
+        _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|cluster|all]"),
     }
 }
 
