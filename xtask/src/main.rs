@@ -40,12 +40,12 @@ fn main() -> anyhow::Result<()> {
 /// Builds the release binaries and returns the path of `ferry`.
 pub fn build_ferry() -> anyhow::Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "-p", "ferry-client"])
+        .args(["build", "--release", "--quiet", "-p", "ferry-client", "-p", "ferry-scheduler", "-p", "ferry-worker"])
         .current_dir(workspace_root())
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build --release -p ferry-client failed");
+        bail!("cargo build --release failed");
     }
     Ok(workspace_root().join("target/release/ferry"))
 }
@@ -56,11 +56,34 @@ pub fn workspace_root() -> PathBuf {
 
 fn demo() -> anyhow::Result<()> {
     let ferry = build_ferry()?;
+    let release = ferry.parent().expect("target/release").to_owned();
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
+    // The worker's sandbox runs as an unprivileged user that must reach the worker's files.
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let project = tmp.path().join("sample");
     sample::write_workspace(&project)?;
     let cache = tmp.path().join("cache");
-    let run = |what: &str| -> anyhow::Result<()> {
+
+    println!("== starting a scheduler and a worker on loopback");
+    let scheduler = Daemon::start(
+        Command::new(release.join("ferry-scheduler"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("scheduler")),
+        &tmp.path().join("scheduler.log"),
+    )?;
+    let url = format!("http://{}", scheduler.addr);
+    let worker = Daemon::start(
+        Command::new(release.join("ferry-worker"))
+            .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("worker")),
+        &tmp.path().join("worker.log"),
+    )?;
+    println!("   scheduler {url}, worker {}", worker.addr);
+
+    let ferry_cmd = |args: &[&str]| {
+        Command::new(&ferry).args(args).env("FERRY_CACHE_DIR", &cache).env("FERRY_SCHEDULER", &url).status()
+    };
+    let build = |what: &str| -> anyhow::Result<()> {
         println!("\n== {what}");
         let started = std::time::Instant::now();
         let status = Command::new(env!("CARGO"))
@@ -68,6 +91,7 @@ fn demo() -> anyhow::Result<()> {
             .current_dir(&project)
             .env("RUSTC_WRAPPER", &ferry)
             .env("FERRY_CACHE_DIR", &cache)
+            .env("FERRY_SCHEDULER", &url)
             .env("CARGO_INCREMENTAL", "0")
             .status()?;
         if !status.success() {
@@ -76,14 +100,48 @@ fn demo() -> anyhow::Result<()> {
         println!("   ({:.2} s)", started.elapsed().as_secs_f64());
         Ok(())
     };
-    let ferry_cmd = |args: &[&str]| Command::new(&ferry).args(args).env("FERRY_CACHE_DIR", &cache).status();
-    ferry_cmd(&["toolchain", "package"])?;
-    run("cold build through ferry (every unit compiled and stored)")?;
+    build("cold build: libraries compile on the worker (the toolchain is packaged and uploaded first)")?;
+    ferry_cmd(&["status"])?;
     Command::new(env!("CARGO")).args(["clean", "-q"]).current_dir(&project).status()?;
-    run("after cargo clean: every unit is a cache hit")?;
+    build("after cargo clean: every unit is a cache hit")?;
     let out = Command::new(project.join("target/debug/app")).output()?;
-    println!("\n== the cached binary runs: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("\n== the binary (from the cache) runs: {}", String::from_utf8_lossy(&out.stdout).trim());
     println!("\n== ferry stats");
     ferry_cmd(&["stats"])?;
+    drop(worker);
+    drop(scheduler);
+    println!("\n== stopped the worker and the scheduler");
     Ok(())
+}
+
+/// A daemon started for the demo, stopped (SIGTERM, then waited for) when dropped.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(cmd: &mut Command, log: &Path) -> anyhow::Result<Daemon> {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("{:?} did not start: {}", cmd.get_program(), std::fs::read_to_string(log).unwrap_or_default());
+        };
+        Ok(Daemon { addr: addr.to_owned(), child })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child process by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
 }
