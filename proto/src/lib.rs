@@ -84,3 +84,39 @@ mod tests {
         assert!(absolute_path("/home/u/p/src/lib.rs", "p").is_ok());
     }
 }
+
+/// Reads, on a blocking thread, the chunks an async task receives from a blob stream (a toolchain
+/// being uploaded or fetched), so verifying or unpacking overlaps the transfer instead of
+/// following it. The sender ends the stream by dropping its side, or fails it with a message.
+#[derive(Debug)]
+pub struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl ChunkReader {
+    pub fn channel(depth: usize) -> (tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>, ChunkReader) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth);
+        (tx, ChunkReader { rx, current: Vec::new(), pos: 0 })
+    }
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Some(Err(message)) => return Err(std::io::Error::other(message)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

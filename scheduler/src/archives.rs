@@ -1,7 +1,8 @@
 //! The scheduler's toolchain store: archives by ToolchainId under `<data dir>/toolchains`, each
-//! with a small JSON record. An upload is written to a temp file, verified completely (every entry
-//! against the manifest, the manifest against the claimed id) and only then published with
-//! `link(2)`, which never replaces an existing archive. A refused upload leaves nothing.
+//! with a small JSON record. An upload is written to a temp file while it is verified completely
+//! (every entry against the manifest, the manifest against the claimed id; the service runs the
+//! check as the bytes arrive) and only then published with `link(2)`, which never replaces an
+//! existing archive. A refused upload leaves nothing.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_toolchains::{ToolchainId, UnpackLimits, verify_archive};
+use ferry_toolchains::ToolchainId;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
@@ -80,15 +81,12 @@ impl ArchiveStore {
         Ok(Incoming { path, file: Some(file), received: 0 })
     }
 
-    /// Verifies the received archive against `id` and publishes it with its record. Blocking:
-    /// verification reads and hashes the whole archive.
-    pub fn finish(&self, mut incoming: Incoming, id: &ToolchainId, mut record: Record) -> Result<bool, String> {
-        let file = incoming.file.take().expect("finish once");
+    /// Publishes a received archive, which the caller has verified against `id` (as it arrived),
+    /// with its record. Blocking.
+    pub fn publish(&self, mut incoming: Incoming, id: &ToolchainId, mut record: Record) -> Result<bool, String> {
+        let file = incoming.file.take().expect("publish once");
         file.sync_all().map_err(|e| format!("storing the upload: {e}"))?;
         drop(file);
-        let reader = File::open(&incoming.path).map_err(|e| format!("reading the upload back: {e}"))?;
-        verify_archive(std::io::BufReader::new(reader), id, &UnpackLimits::default())
-            .map_err(|e| format!("the archive is not toolchain {id}: {e}"))?;
         let published = match fs::hard_link(&incoming.path, self.path(id)) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
-use ferry_proto::{Role, digest, digests, require, to_digest};
-use ferry_toolchains::ToolchainId;
+use ferry_proto::{ChunkReader, Role, digest, digests, require, to_digest};
+use ferry_toolchains::{ToolchainId, UnpackLimits, verify_archive};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -239,6 +239,13 @@ impl SchedulerApi for Service {
         }
         let mut incoming =
             self.shared.archives.begin().map_err(|e| Status::internal(format!("storing the upload: {e}")))?;
+        // Verification runs while the bytes arrive, on a blocking thread.
+        let (tx, reader) = ChunkReader::channel(16);
+        let verifier = tokio::task::spawn_blocking(move || {
+            verify_archive(reader, &id, &UnpackLimits::default())
+                .map(|_| ())
+                .map_err(|e| format!("the archive is not toolchain {id}: {e}"))
+        });
         while let Some(message) = inbound.message().await? {
             let Some(v1::toolchain_upload::Kind::Data(data)) = message.kind else {
                 return Err(Status::invalid_argument("only 'data' may follow the header"));
@@ -250,7 +257,10 @@ impl SchedulerApi for Service {
                 )));
             }
             incoming.write(&data).map_err(|e| Status::internal(format!("storing the upload: {e}")))?;
+            // A verifier that stopped early has found a problem; it is reported below.
+            let _ = tx.send(Ok(data)).await;
         }
+        drop(tx);
         if incoming.received != header.size {
             return Err(Status::invalid_argument(format!(
                 "archive ended after {} of the {} bytes announced",
@@ -265,8 +275,12 @@ impl SchedulerApi for Service {
             uploaded: 0,
             last_used: 0,
         };
+        verifier
+            .await
+            .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
+            .map_err(Status::invalid_argument)?;
         let shared = Arc::clone(&self.shared);
-        let stored = tokio::task::spawn_blocking(move || shared.archives.finish(incoming, &id, record))
+        let stored = tokio::task::spawn_blocking(move || shared.archives.publish(incoming, &id, record))
             .await
             .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
             .map_err(Status::invalid_argument)?;

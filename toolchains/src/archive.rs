@@ -70,7 +70,7 @@ pub fn write_archive(set: &ToolchainSet, manifest: &Manifest, out: &mut dyn Writ
 /// Unpacks an archive into `dest` (which must not exist) and returns its manifest, after checking
 /// every entry, the limits and that the manifest's id is `expected`.
 pub fn unpack_archive(
-    reader: impl Read,
+    reader: impl Read + Send,
     dest: &Path,
     expected: &ToolchainId,
     limits: &UnpackLimits,
@@ -234,12 +234,16 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// Checks an archive completely — every entry against the manifest, the manifest against
 /// `expected`, the limits — without writing anything: what a scheduler does with an upload.
-pub fn verify_archive(reader: impl Read, expected: &ToolchainId, limits: &UnpackLimits) -> Result<Manifest, Error> {
+pub fn verify_archive(
+    reader: impl Read + Send,
+    expected: &ToolchainId,
+    limits: &UnpackLimits,
+) -> Result<Manifest, Error> {
     walk_archive(reader, None, expected, limits)
 }
 
 fn unpack_into(
-    reader: impl Read,
+    reader: impl Read + Send,
     tmp: &Path,
     expected: &ToolchainId,
     limits: &UnpackLimits,
@@ -250,13 +254,71 @@ fn unpack_into(
 
 /// The checks shared by unpacking (`dest` set: files are written there) and verifying (`None`).
 fn walk_archive(
+    reader: impl Read + Send,
+    dest: Option<&Path>,
+    expected: &ToolchainId,
+    limits: &UnpackLimits,
+) -> Result<Manifest, Error> {
+    // Decompression on its own thread, feeding the tar walk (hashing, writing) through a bounded
+    // channel: the two halves of the work then use two cores.
+    let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(16);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut decoder = flate2::read::MultiGzDecoder::new(reader);
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                match decoder.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(buf)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        walk_tar(ChannelReader { rx, current: Vec::new(), pos: 0 }, dest, expected, limits)
+    })
+}
+
+/// Reads what another thread sends; dropping it stops the sender.
+struct ChannelReader {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn walk_tar(
     reader: impl Read,
     dest: Option<&Path>,
     expected: &ToolchainId,
     limits: &UnpackLimits,
 ) -> Result<Manifest, Error> {
     let corrupt = |e: io::Error| Error::CorruptArchive { reason: e.to_string() };
-    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(reader));
+    let mut archive = tar::Archive::new(reader);
     let mut entries = archive.entries().map_err(corrupt)?;
 
     let first = entries.next().ok_or_else(|| Error::CorruptArchive { reason: "archive is empty".into() })?;

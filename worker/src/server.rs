@@ -54,9 +54,9 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     let fetch: Fetcher = {
         let connect = connect.clone();
         let token = token.clone();
-        Arc::new(move |id: ToolchainId, dest| {
+        Arc::new(move |id: ToolchainId, sink| {
             let (connect, token) = (connect.clone(), token.clone());
-            Box::pin(async move { fetch(connect().await.map_err(|e| format!("{e:#}"))?, token, id, dest).await })
+            Box::pin(async move { fetch(connect().await.map_err(|e| format!("{e:#}"))?, token, id, sink).await })
         })
     };
     let shared = Arc::new(Shared {
@@ -112,9 +112,8 @@ async fn fetch(
     channel: Channel,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     id: ToolchainId,
-    dest: std::path::PathBuf,
+    sink: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
 ) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
     let mut client = SchedulerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         if let Some(t) = &token {
             req.metadata_mut().insert("authorization", t.clone());
@@ -126,11 +125,22 @@ async fn fetch(
         .await
         .map_err(|s| format!("fetching toolchain {id}: {}", s.message()))?
         .into_inner();
-    let mut file = tokio::fs::File::create(&dest).await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
-    while let Some(chunk) = stream.message().await.map_err(|s| format!("fetching toolchain {id}: {}", s.message()))? {
-        file.write_all(&chunk.data).await.map_err(|e| format!("writing {}: {e}", dest.display()))?;
+    loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => {
+                if sink.send(Ok(chunk.data)).await.is_err() {
+                    // The unpacker stopped: it has refused the archive and says why.
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(s) => {
+                let message = format!("fetching toolchain {id}: {}", s.message());
+                let _ = sink.send(Err(message.clone())).await;
+                return Err(message);
+            }
+        }
     }
-    file.sync_all().await.map_err(|e| format!("writing {}: {e}", dest.display()))
 }
 
 fn hostname() -> String {

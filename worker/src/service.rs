@@ -31,7 +31,12 @@ const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "pro
 
 /// Fetches toolchain archives (from the scheduler) into a file.
 pub type Fetcher = Arc<
-    dyn Fn(ToolchainId, PathBuf) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> + Send + Sync,
+    dyn Fn(
+            ToolchainId,
+            mpsc::Sender<Result<Vec<u8>, String>>,
+        ) -> Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
 >;
 
 #[derive(Clone)]

@@ -80,11 +80,12 @@ impl ToolchainCache {
         self.dir.join(id.to_hex())
     }
 
-    /// The unpacked toolchain, fetching (`fetch` writes the archive to the given file) and
-    /// unpacking it first if needed. Returns whether this call unpacked it.
+    /// The unpacked toolchain, fetching and unpacking it first if needed; `fetch` sends the
+    /// archive's chunks, which are verified and unpacked as they arrive. Returns whether this
+    /// call unpacked it.
     pub async fn get<F, Fut>(&self, id: ToolchainId, fetch: F) -> Result<(Lease, bool), String>
     where
-        F: FnOnce(PathBuf) -> Fut,
+        F: FnOnce(tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
     {
         let slot = Arc::clone(self.entries.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default());
@@ -94,24 +95,18 @@ impl ToolchainCache {
         if lease.dir.is_dir() {
             return Ok((lease, false));
         }
-        let archive = self.dir.join(format!(".{}.fetch-{}", id.to_hex(), std::process::id()));
-        let fetched = fetch(archive.clone()).await;
-        let unpacked = match fetched {
-            Ok(()) => {
-                let (archive, dest) = (archive.clone(), lease.dir.clone());
-                tokio::task::spawn_blocking(move || -> Result<u64, String> {
-                    let file = fs::File::open(&archive).map_err(|e| format!("reading fetched archive: {e}"))?;
-                    unpack_archive(std::io::BufReader::new(file), &dest, &id, &UnpackLimits::default())
-                        .map_err(|e| format!("toolchain {id} refused: {e}"))?;
-                    make_read_only(&dest);
-                    Ok(tree_bytes(&dest))
-                })
-                .await
-                .map_err(|e| format!("unpacking: {e}"))?
-            }
-            Err(e) => Err(e),
-        };
-        let _ = fs::remove_file(&archive);
+        let (tx, reader) = ferry_proto::ChunkReader::channel(16);
+        let dest = lease.dir.clone();
+        let unpacker = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            unpack_archive(reader, &dest, &id, &UnpackLimits::default())
+                .map_err(|e| format!("toolchain {id} refused: {e}"))?;
+            make_read_only(&dest);
+            Ok(tree_bytes(&dest))
+        });
+        let fetched = fetch(tx).await;
+        let unpacked = unpacker.await.map_err(|e| format!("unpacking: {e}"))?;
+        // A failed transfer explains a failed unpack better than the unpack's own message.
+        fetched?;
         let bytes = unpacked?;
         slot.state.lock().unwrap_or_else(|p| p.into_inner()).bytes = bytes;
         self.evict();
