@@ -80,9 +80,11 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         WorkerServer::new(Service { shared }).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20),
         config.tokens.clone().interceptor(),
     );
+    // No call outlives the sandbox's own wall clock by much.
     let mut server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(config.sandbox.wall_clock + Duration::from_secs(300));
     if let Some((cert, key)) = &config.tls {
         server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }

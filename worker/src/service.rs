@@ -26,6 +26,10 @@ use crate::sandbox::{self, SandboxConfig, SandboxJob};
 use crate::toolchain_cache::ToolchainCache;
 
 const CHUNK: usize = 1 << 20;
+/// The largest input blob, and the most one `UploadBlobs` call may carry: a client cannot fill
+/// the worker's disk with one endless stream.
+const MAX_BLOB_BYTES: u64 = 1 << 30;
+const MAX_UPLOAD_BYTES: u64 = 4 << 30;
 /// Top-level directories a job's files may never be placed in.
 const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
 
@@ -103,7 +107,12 @@ impl WorkerApi for Service {
         let mut inbound = request.into_inner();
         let mut current: Option<crate::blobs::IncomingBlob> = None;
         let mut stored = 0;
+        let mut total = 0u64;
         while let Some(chunk) = inbound.message().await? {
+            total += chunk.data.len() as u64;
+            if total > MAX_UPLOAD_BYTES {
+                return Err(Status::resource_exhausted(format!("one upload may carry at most {MAX_UPLOAD_BYTES} bytes")));
+            }
             let d = digest(chunk.digest.as_ref(), "digest")?;
             if current.as_ref().is_some_and(|b| b.digest() != d) {
                 return Err(Status::invalid_argument("a blob's chunks must be consecutive and end with 'last'"));
@@ -113,6 +122,9 @@ impl WorkerApi for Service {
                 None => current
                     .insert(self.shared.blobs.begin(d).map_err(|e| Status::internal(format!("storing blob: {e}")))?),
             };
+            if blob.received + chunk.data.len() as u64 > MAX_BLOB_BYTES {
+                return Err(Status::resource_exhausted(format!("a blob may be at most {MAX_BLOB_BYTES} bytes")));
+            }
             blob.write(&chunk.data).map_err(|e| Status::internal(format!("storing blob: {e}")))?;
             if chunk.last {
                 let blob = current.take().expect("current blob");
