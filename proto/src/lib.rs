@@ -4,6 +4,7 @@
 //! in the service adapters.
 
 mod auth;
+pub mod daemon;
 
 pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, tokens_from_config};
 

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use ferry_scheduler::{SchedulerConfig, run};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry-scheduler", version, about = "ferry's scheduler: allocates workers, stores toolchains")]
@@ -24,10 +23,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    ferry_proto::daemon::init_logging();
     match serve(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -47,16 +43,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.check_exposure(addr)?;
     println!("listening on {addr}");
     std::io::stdout().flush()?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        signal.cancel();
-    });
+    let shutdown = ferry_proto::daemon::shutdown_on_signals()?;
     run(config, listener, shutdown).await
 }

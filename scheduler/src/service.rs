@@ -60,7 +60,10 @@ impl Service {
     pub fn new(config: SchedulerConfig, shutdown: CancellationToken) -> std::io::Result<Service> {
         let archives = ArchiveStore::open(&config.data_dir)?;
         let inner = Inner {
-            state: Scheduler::new(config.lease),
+            // Microseconds since the epoch: ids of this run start above any of an earlier run.
+            state: Scheduler::new(config.lease).starting_jobs_at(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64),
+            ),
             waiters: HashMap::new(),
             sessions: HashMap::new(),
             next_session: 1,

@@ -187,6 +187,13 @@ impl Scheduler {
         }
     }
 
+    /// Numbers jobs from `first` on: a restarted scheduler must not hand out ids that workers may
+    /// still be running from before the restart.
+    pub fn starting_jobs_at(mut self, first: u64) -> Scheduler {
+        self.next_job = first.max(1);
+        self
+    }
+
     /// A worker (re)starts its session. A worker that registers again under the same id has
     /// restarted: whatever it was running is lost. New slots serve waiting requests at once.
     pub fn register(&mut self, reg: Registration, now: Instant) -> Result<Effects, StateError> {

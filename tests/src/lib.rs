@@ -144,7 +144,10 @@ impl Daemon {
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("daemon did not print 'listening on': {line:?}\nlog:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "daemon did not print 'listening on': {line:?}\nlog:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         };
         Daemon { addr: addr.to_owned(), child, log }
     }

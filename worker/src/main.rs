@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use ferry_worker::{Overrides, WorkerConfig, serve as run_worker};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry-worker", version, about = "ferry's worker: runs compile jobs in a sandbox")]
@@ -30,10 +29,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    ferry_proto::daemon::init_logging();
     match serve(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -51,18 +47,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    println!("listening on {}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    // Refuse before announcing: whoever waits for the line must not take a refused worker for
+    // a started one.
+    let tokens_required = matches!(config.tokens, ferry_proto::Tokens::Required(_));
+    ferry_proto::check_exposure(addr, config.tls.is_some(), tokens_required, config.insecure)
+        .map_err(anyhow::Error::msg)?;
+    println!("listening on {addr}");
     std::io::stdout().flush()?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        signal.cancel();
-    });
+    let shutdown = ferry_proto::daemon::shutdown_on_signals()?;
     run_worker(config, listener, shutdown).await
 }

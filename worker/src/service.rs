@@ -111,7 +111,9 @@ impl WorkerApi for Service {
         while let Some(chunk) = inbound.message().await? {
             total += chunk.data.len() as u64;
             if total > MAX_UPLOAD_BYTES {
-                return Err(Status::resource_exhausted(format!("one upload may carry at most {MAX_UPLOAD_BYTES} bytes")));
+                return Err(Status::resource_exhausted(format!(
+                    "one upload may carry at most {MAX_UPLOAD_BYTES} bytes"
+                )));
             }
             let d = digest(chunk.digest.as_ref(), "digest")?;
             if current.as_ref().is_some_and(|b| b.digest() != d) {
@@ -154,7 +156,9 @@ impl WorkerApi for Service {
             .get(id, move |dest| fetch(id, dest))
             .await
             .map_err(|e| Status::unavailable(format!("toolchain {id}: {e}")))?;
-        shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id);
+        if !shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id) {
+            return Err(Status::already_exists(format!("job {} is already running here", job.id)));
+        }
         let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -204,7 +208,9 @@ fn run_blocking(
     let fail = |msg: String| {
         let _ = tx.blocking_send(Err(Status::internal(msg)));
     };
-    let dir = shared.jobs_dir.join(format!("{}-{}", job.id, std::process::id()));
+    // Unique per call, whatever id the client claims: no two jobs ever share a tree.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = shared.jobs_dir.join(format!("{}-{}", job.id, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let tree = dir.join("tree");
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&dir);

@@ -104,7 +104,11 @@ impl ToolchainCache {
             Ok(tree_bytes(&dest))
         });
         let fetched = fetch(tx).await;
-        let unpacked = unpacker.await.map_err(|e| format!("unpacking: {e}"))?;
+        let unpacked = unpacker.await.map_err(|e| format!("unpacking: {e}")).and_then(|r| r);
+        if fetched.is_err() || unpacked.is_err() {
+            // Unknown or refused ids leave no bookkeeping behind (waiters hold their own slot).
+            self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        }
         // A failed transfer explains a failed unpack better than the unpack's own message.
         fetched?;
         let bytes = unpacked?;

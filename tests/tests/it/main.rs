@@ -1,4 +1,5 @@
 //! The one end-to-end test binary. Each module is one area; helpers live in `ferry_tests`.
 
+mod security;
 mod toolchain;
 mod wrapper;

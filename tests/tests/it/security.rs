@@ -1,0 +1,1233 @@
+//! Security end to end, as DESIGN.md ("Security", "Worker") promises it: bearer tokens with roles
+//! on the scheduler and the worker, TLS with a CA made here by the real `openssl`, the refusal to
+//! serve a non-loopback address in the clear, toolchain uploads verified before anything is stored,
+//! and the worker's sandbox and request validation driven over gRPC exactly as a client (or an
+//! attacker posing as one) would drive them.
+//!
+//! Everything is real: `ferry-scheduler` and `ferry-worker` processes on loopback, real `bwrap`,
+//! proc-macros compiled here with the installed rustc whose code is the attack. Where an attack is
+//! harmless on the host (connecting to the test's own listener, reading files), it is also run
+//! there with plain rustc as a control, so a macro that cannot do what it claims fails the test
+//! instead of passing it vacuously; after each attack the same worker must still compile a benign
+//! crate. Helpers are at the bottom of the file.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use ferry_proto::v1::scheduler_client::SchedulerClient;
+use ferry_proto::v1::worker_client::WorkerClient;
+use ferry_proto::v1::{self, job_event, toolchain_upload};
+use ferry_proto::{bearer, to_digest};
+use ferry_tests::{Daemon, World, bin, installed_sysroot, ok};
+use serde_json::Value;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+const CLIENT_TOKEN: &str = "client-token-5f0c2a9e41d7";
+const WORKER_TOKEN: &str = "worker-token-b83e6d10c4a2";
+
+/// The sandbox limits of the worker the attacks run on.
+const SANDBOX_LIMITS: &str = "[sandbox]\ncpu_secs = 2\nwall_clock_secs = 4\nmax_processes = 128\n\
+                              memory_bytes = 2147483648\nfile_size_bytes = 10485760\n";
+
+// ---- tokens ------------------------------------------------------------------------------------
+
+#[test]
+fn tokens_decide_who_may_do_what() {
+    let mut world = World::new();
+    let config = write(&world, "scheduler.toml", &tokens_toml(&[(CLIENT_TOKEN, "client"), (WORKER_TOKEN, "worker")]));
+    let scheduler = world.scheduler(&["--config", utf8(&config)]);
+    world.set("FERRY_SCHEDULER", scheduler.url());
+
+    assert_refused(&ferry(&world, &["status", "--json"]), &["needs a bearer token", "FERRY_TOKEN"]);
+    world.set("FERRY_TOKEN", "an-unknown-token-0123456789");
+    assert_refused(&ferry(&world, &["status", "--json"]), &["token is not known"]);
+    world.set("FERRY_TOKEN", WORKER_TOKEN);
+    assert_refused(&ferry(&world, &["status", "--json"]), &["'client' role"]);
+    assert_refused(&ferry(&world, &["toolchain", "list", "--json"]), &["'client' role"]);
+    world.set("FERRY_TOKEN", CLIENT_TOKEN);
+    assert_eq!(workers(&status(&world)), Vec::<String>::new());
+
+    // A worker holding a client token cannot register, however often it retries.
+    let impostor_config = write(&world, "impostor.toml", &format!("token = \"{CLIENT_TOKEN}\"\n"));
+    let impostor =
+        without_token(&mut world, |w| w.worker("impostor", &scheduler.url(), &["--config", utf8(&impostor_config)]));
+    wait_until(Duration::from_secs(20), "the impostor's log shows two refusals", || {
+        impostor.log_text().matches("WorkerSession needs a token with the 'worker' role").count() >= 2
+    });
+    assert_eq!(workers(&status(&world)), Vec::<String>::new(), "a worker registered with a client token");
+
+    // A worker with the worker token registers. It accepts the client token from its clients.
+    let worker_config = write(
+        &world,
+        "worker.toml",
+        &format!("token = \"{WORKER_TOKEN}\"\n{}", tokens_toml(&[(CLIENT_TOKEN, "client"), (WORKER_TOKEN, "worker")])),
+    );
+    let worker = without_token(&mut world, |w| w.worker("w1", &scheduler.url(), &["--config", utf8(&worker_config)]));
+    let registered = world.wait_for_status(Duration::from_secs(30), |s| !workers(s).is_empty());
+    assert_eq!(
+        workers(&registered),
+        std::slice::from_ref(&worker.addr),
+        "only the worker with the worker token registers"
+    );
+    assert!(!impostor.log_text().contains("registered with the scheduler"), "{}", impostor.log_text());
+
+    // The worker's own service checks tokens too.
+    let rt = runtime();
+    let url = format!("http://{}", worker.addr);
+    let call = |token: Option<&str>| rt.block_on(bounded(find_missing_as(&url, None, token, vec![[1; 32]])));
+    let refused = call(None).expect_err("FindMissing without a token");
+    assert_status(&refused, Code::Unauthenticated, &["needs a bearer token"]);
+    let refused = call(Some("an-unknown-token-0123456789")).expect_err("FindMissing with an unknown token");
+    assert_status(&refused, Code::Unauthenticated, &["not known"]);
+    let refused = call(Some(WORKER_TOKEN)).expect_err("FindMissing with the worker token");
+    assert_status(&refused, Code::PermissionDenied, &["FindMissing", "'client' role"]);
+    assert_eq!(call(Some(CLIENT_TOKEN)).expect("FindMissing with the client token"), [[1; 32]]);
+}
+
+// ---- TLS and exposure --------------------------------------------------------------------------
+
+#[test]
+fn tls_serves_only_clients_that_trust_its_ca() {
+    let mut world = World::new();
+    let pki = Pki::new(&world.path().join("pki"));
+    let tls = format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", pki.cert.display(), pki.key.display());
+    let config = write(&world, "scheduler.toml", &tls);
+    let scheduler = world.scheduler(&["--config", utf8(&config)]);
+    let https = format!("https://{}", scheduler.addr);
+
+    world.set("FERRY_SCHEDULER", &https).set("FERRY_CA", &pki.ca);
+    assert_eq!(workers(&status(&world)), Vec::<String>::new());
+
+    unset(&mut world, "FERRY_CA");
+    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer"]);
+    world.set("FERRY_CA", &pki.other_ca);
+    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer"]);
+    world.set("FERRY_CA", &pki.ca).set("FERRY_SCHEDULER", scheduler.url());
+    let plain = ferry(&world, &["status", "--json"]);
+    assert!(!plain.status.success(), "plain HTTP/2 to the TLS port worked:\n{}", text(&plain.stdout));
+    assert!(text(&plain.stdout).is_empty(), "{}", text(&plain.stdout));
+
+    // A worker that trusts the CA (its `ca` key) registers over TLS, and serves TLS itself: the
+    // client speaks https to workers when it does to the scheduler.
+    unset(&mut world, "FERRY_CA");
+    let worker_config = write(&world, "worker.toml", &format!("ca = \"{}\"\n{tls}", pki.ca.display()));
+    let worker = world.worker("w1", &https, &["--config", utf8(&worker_config)]);
+    world.set("FERRY_SCHEDULER", &https).set("FERRY_CA", &pki.ca);
+    let registered = world.wait_for_status(Duration::from_secs(30), |s| !workers(s).is_empty());
+    assert_eq!(workers(&registered), std::slice::from_ref(&worker.addr));
+
+    let rt = runtime();
+    let (https, http) = (format!("https://{}", worker.addr), format!("http://{}", worker.addr));
+    let call = |url: &str, ca: Option<&Path>| rt.block_on(bounded(find_missing_as(url, ca, None, vec![[1; 32]])));
+    assert_eq!(call(&https, Some(&pki.ca)).expect("FindMissing over TLS"), [[1; 32]]);
+    let err = call(&https, None).expect_err("TLS without the CA");
+    assert!(err.message().contains("UnknownIssuer"), "{err:?}");
+    let err = call(&https, Some(&pki.other_ca)).expect_err("TLS with another CA");
+    assert!(err.message().contains("UnknownIssuer"), "{err:?}");
+    call(&http, None).expect_err("plain HTTP/2 to the worker's TLS port worked");
+}
+
+#[test]
+fn a_scheduler_on_a_non_loopback_address_needs_tls_and_tokens_or_insecure() {
+    let world = World::new();
+    let refused = serve_at_any_address(&world, "ferry-scheduler", None);
+    assert_exposure_refused(&refused);
+    let tokens_only = write(&world, "tokens.toml", &tokens_toml(&[(CLIENT_TOKEN, "client")]));
+    assert_exposure_refused(&serve_at_any_address(&world, "ferry-scheduler", Some(&tokens_only)));
+
+    let insecure = write(&world, "insecure.toml", "insecure = true\n");
+    let scheduler = world.scheduler_at("0.0.0.0:0", &["--config", utf8(&insecure)]);
+    assert!(scheduler.addr.starts_with("0.0.0.0:"), "{}", scheduler.addr);
+    let log = scheduler.log_text();
+    assert!(log.contains("WARN") && log.contains("INSECURE"), "no loud warning in the log:\n{log}");
+    let port = scheduler.addr.rsplit(':').next().expect("port");
+    let mut world = world;
+    world.set("FERRY_SCHEDULER", format!("http://127.0.0.1:{port}"));
+    assert_eq!(workers(&status(&world)), Vec::<String>::new(), "the insecure scheduler does not serve");
+}
+
+#[test]
+fn a_worker_on_a_non_loopback_address_needs_tls_and_tokens_or_insecure() {
+    let world = World::new();
+    let insecure = write(&world, "insecure.toml", "insecure = true\n");
+    let mut cmd = world.command(bin("ferry-worker"));
+    cmd.args(["--scheduler", "http://127.0.0.1:9", "--listen", "0.0.0.0:0", "--config", utf8(&insecure), "--data-dir"])
+        .arg(world.path().join("w1"));
+    let worker = Daemon::start(cmd, world.path().join("w1.log"));
+    wait_until(Duration::from_secs(10), "the insecure worker warns", || worker.log_text().contains("INSECURE"));
+    let port = worker.addr.rsplit(':').next().expect("port");
+    let url = format!("http://127.0.0.1:{port}");
+    let missing = runtime().block_on(bounded(find_missing_as(&url, None, None, vec![[1; 32]])));
+    assert_eq!(missing.expect("the insecure worker serves"), [[1; 32]]);
+
+    // Like the scheduler, it must not announce an address it then refuses to serve: whatever
+    // waits for its `listening on` line (a supervisor, this DSL) would take it for started.
+    assert_exposure_refused(&serve_at_any_address(&world, "ferry-worker", None));
+}
+
+// ---- toolchain uploads -------------------------------------------------------------------------
+
+#[test]
+fn an_upload_that_is_not_its_claimed_toolchain_is_refused_and_nothing_is_stored() {
+    let world = World::new();
+    let packaged = packaged();
+    let archive = PathBuf::from(packaged["archive"].as_str().expect("archive path"));
+    let size = fs::metadata(&archive).expect("archive").len();
+    let real = digest_from_hex(packaged["id"].as_str().expect("id"));
+    let claimed = *blake3::hash(b"some other toolchain").as_bytes();
+    let scheduler = world.scheduler(&[]);
+    let api = SchedulerApi::connect(&scheduler);
+    let store = world.path().join("scheduler/toolchains");
+
+    let err = api.upload(claimed, size, &archive, None).expect_err("an archive under another id was stored");
+    assert_status(&err, Code::InvalidArgument, &[&hex(&claimed), "is not toolchain"]);
+    assert!(!api.has(claimed) && !api.has(real));
+    assert_store_empty(&store);
+
+    let err = api.upload(real, size, &archive, Some(1 << 20)).expect_err("a truncated archive was stored");
+    assert_status(&err, Code::InvalidArgument, &[&format!("ended after 1048576 of the {size} bytes")]);
+    assert!(!api.has(real));
+    assert_store_empty(&store);
+
+    let err = api.upload(real, 1 << 20, &archive, Some(2 << 20)).expect_err("an overlong archive was stored");
+    assert_status(&err, Code::InvalidArgument, &["larger than the 1048576 bytes announced"]);
+    assert!(!api.has(real));
+    assert_store_empty(&store);
+
+    // Control: the same bytes under their own id are what the scheduler was waiting for.
+    assert!(api.upload(real, size, &archive, None).expect("the real upload"), "not stored");
+    assert!(api.has(real));
+    let mut stored = files_in(&store);
+    stored.sort();
+    assert_eq!(stored, [format!("{}.json", hex(&real)), format!("{}.tar.gz", hex(&real))]);
+    assert_eq!(files_in(&store.join("tmp")), Vec::<String>::new());
+}
+
+// ---- the sandbox, through the worker -----------------------------------------------------------
+
+#[test]
+fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
+    let cluster = Cluster::new(SANDBOX_LIMITS);
+    let world = &cluster.world;
+    cluster.assert_still_serves(); // also fetches and unpacks the toolchain once
+
+    // The network: a listener on the host's loopback is out of reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let address = listener.local_addr().expect("address").to_string();
+    let connect = Job::attack(
+        world,
+        "connect",
+        &r#"match std::net::TcpStream::connect_timeout(&"@ADDR@".parse().unwrap(), std::time::Duration::from_secs(3)) {
+            Ok(_) => "pub fn connected() {}".parse().unwrap(),
+            Err(e) => panic!("connect @ADDR@: {e}"),
+        }"#
+        .replace("@ADDR@", &address),
+    );
+    cluster.run(&connect).assert_macro_failed(&format!("connect {address}:"));
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the job connected");
+    ok(connect.run_on_host());
+    assert!(listener.accept().is_ok(), "control: the macro connects on the host");
+    cluster.assert_still_serves();
+
+    // Reading host files: the system's, the worker's own data, the scheduler's, the world's.
+    let secret = write(world, "secret.txt", "a secret the job must not see");
+    let benign = hex(&Job::benign_digest());
+    let blob = cluster.worker_data.join("blobs").join(&benign[..2]).join(&benign);
+    let record = world.path().join("scheduler/toolchains").join(format!("{}.json", hex(&cluster.toolchain)));
+    let paths = ["/etc/hostname".to_owned(), path_string(&blob), path_string(&record), path_string(&secret)];
+    for path in &paths {
+        assert!(Path::new(path).is_file(), "{path} is not there to steal");
+    }
+    let read = Job::attack(
+        world,
+        "read",
+        &r#"let mut errors = Vec::new();
+        for path in @PATHS@ {
+            match std::fs::read(path) {
+                Ok(bytes) => return format!("pub const LEAKED: &[u8] = &{bytes:?};").parse().unwrap(),
+                Err(e) => errors.push(format!("read {path}: {e}")),
+            }
+        }
+        panic!("{}", errors.join("; "))"#
+            .replace("@PATHS@", &format!("{paths:?}")),
+    );
+    let run = cluster.run(&read);
+    run.assert_macro_failed("read /etc/hostname");
+    for path in &paths {
+        assert!(run.stderr.contains(&format!("read {path}: No such file or directory")), "{path}: {run:#?}");
+    }
+    ok(read.run_on_host());
+    cluster.assert_still_serves();
+
+    // Writing outside the job's own tree: the system, the root, the worker's data, the world.
+    let marker = format!("ferry-security-{}", std::process::id());
+    let targets = [
+        format!("/usr/{marker}"),
+        format!("/{marker}"),
+        path_string(&cluster.worker_data.join(&marker)),
+        path_string(&cluster.worker_data.join("blobs/tmp").join(&marker)),
+        path_string(&world.path().join(&marker)),
+    ];
+    let write_job = Job::attack(
+        world,
+        "write",
+        &r#"let report: Vec<String> = @TARGETS@.iter()
+            .map(|path| match std::fs::write(path, "evil") {
+                Ok(()) => format!("write {path}: ok"),
+                Err(e) => format!("write {path}: {e}"),
+            })
+            .collect();
+        panic!("{}", report.join("; "))"#
+            .replace("@TARGETS@", &format!("{targets:?}")),
+    );
+    let run = cluster.run(&write_job);
+    run.assert_macro_failed("write /usr/");
+    assert!(run.stderr.contains(&format!("write /usr/{marker}: Read-only file system")), "{run:#?}");
+    assert!(run.stderr.contains(&format!("write /{marker}: Read-only file system")), "{run:#?}");
+    for target in &targets {
+        assert!(!Path::new(target).exists(), "{target} was written on the host");
+    }
+    cluster.assert_still_serves();
+
+    // Limits. A process count no other process uses, to find leftovers by their command line.
+    let sleeper = (1_000_000 + std::process::id()).to_string();
+    let fork = Job::attack(
+        world,
+        "fork",
+        &r#"let mut children = Vec::new();
+        while children.len() < 1000 {
+            match std::process::Command::new("/usr/bin/sleep").arg("@SLEEP@").spawn() {
+                Ok(child) => children.push(child),
+                Err(e) => panic!("spawn after {} children: {e}", children.len()),
+            }
+        }
+        "pub fn unbounded() {}".parse().unwrap()"#
+            .replace("@SLEEP@", &sleeper),
+    );
+    let run = cluster.run(&fork);
+    run.assert_limit("processes");
+    assert!(run.stderr.contains("Resource temporarily unavailable"), "{run:#?}");
+    let spawned: usize =
+        run.stderr.split("spawn after ").nth(1).and_then(|s| s.split(' ').next()?.parse().ok()).unwrap();
+    assert!(spawned < 128, "{spawned} children under a limit of 128");
+    assert_no_processes_with(&["/usr/bin/sleep", &sleeper]);
+    cluster.assert_still_serves();
+
+    // Two threads, so CPU time outruns the wall clock even on a busy machine.
+    let spin = Job::attack(
+        world,
+        "spin",
+        r#"fn spin() { let mut n = 0u64; loop { n = std::hint::black_box(n.wrapping_add(1)); } }
+        std::thread::spawn(spin);
+        spin();
+        unreachable!()"#,
+    );
+    let run = cluster.run(&spin);
+    run.assert_limit("cpu time");
+    assert!(run.elapsed < Duration::from_secs(30), "{run:#?}");
+    cluster.assert_still_serves();
+
+    let sleep_forever = (2_000_000 + std::process::id()).to_string();
+    let sleep = Job::attack(
+        world,
+        "sleep",
+        &r#"let _ = std::process::Command::new("/usr/bin/sleep").arg("@SLEEP@").status();
+        loop { std::thread::sleep(std::time::Duration::from_secs(1000)); }"#
+            .replace("@SLEEP@", &sleep_forever),
+    );
+    let run = cluster.run(&sleep);
+    run.assert_limit("wall-clock time");
+    assert!(run.elapsed >= Duration::from_secs(4) && run.elapsed < Duration::from_secs(30), "{run:#?}");
+    assert_no_processes_with(&["/usr/bin/sleep", &sleep_forever]);
+    cluster.assert_still_serves();
+
+    // Zeroed blocks: if the limit were missing, the macro would stop at 4 GiB of address space
+    // (untouched, so no real memory) and the compile would succeed.
+    let allocate = Job::attack(
+        world,
+        "allocate",
+        r#"let mut blocks = Vec::new();
+        while blocks.len() < 64 { blocks.push(vec![0u8; 64 << 20]); }
+        "pub fn unbounded() {}".parse().unwrap()"#,
+    );
+    let run = cluster.run(&allocate);
+    run.assert_limit("memory");
+    assert!(run.stderr.contains("memory allocation of 67108864 bytes failed"), "{run:#?}");
+    cluster.assert_still_serves();
+}
+
+/// Job ids come from the client (normally from the scheduler's assignment, but the scheduler
+/// numbers from 1 again after a restart, and nothing stops a client from choosing one). Two jobs
+/// that share an id must still not share their files.
+#[test]
+fn concurrent_jobs_with_the_same_id_do_not_share_files() {
+    let cluster = Cluster::new("slots = 2\n");
+    let world = &cluster.world;
+    cluster.assert_still_serves();
+    let victim = Job::attack(
+        world,
+        "victim",
+        r#"println!("victim running");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        "pub fn victim() {}".parse().unwrap()"#,
+    );
+    let victim_source = path_string(&victim.dir.join("lib.rs"));
+    let snoop = Job::attack(
+        world,
+        "snoop",
+        &r#"match std::fs::read_to_string("@PATH@") {
+            Ok(text) => format!("pub const STOLEN: &str = {text:?};").parse().unwrap(),
+            Err(e) => panic!("read @PATH@: {e}"),
+        }"#
+        .replace("@PATH@", &victim_source),
+    );
+    let (victim_run, snoop) = cluster.run_overlapping(&victim, &snoop, 77);
+    // A second job under a running id is refused (its client compiles locally); were it ever
+    // accepted, it must not see the first's files.
+    match snoop {
+        Err(refused) => assert_status(&refused, Code::AlreadyExists, &["77", "already running"]),
+        Ok(snoop_run) => {
+            assert_ne!(snoop_run.finished().exit_code, Some(0), "the second job read the first's {victim_source}");
+            snoop_run.assert_macro_failed(&format!("read {victim_source}: No such file or directory"));
+        }
+    }
+    victim_run.assert_compiled();
+    cluster.assert_clean();
+}
+
+// ---- bad requests to the worker ----------------------------------------------------------------
+
+#[test]
+fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
+    let cluster = Cluster::without_toolchain();
+    let world = &cluster.world;
+    let job = Job::benign(world);
+    cluster.upload_inputs(&job);
+    let root = path_string(sysroot());
+    let unknown = *blake3::hash(b"a toolchain nobody uploaded").as_bytes();
+    let good = || job.request(unknown, &root);
+    let with_input = |path: &str, digest: v1::Digest| {
+        let mut r = good();
+        r.inputs.push(v1::InputFile { path: path.to_owned(), digest: Some(digest), executable: false });
+        r
+    };
+    let never_uploaded = to_digest(*blake3::hash(b"never uploaded").as_bytes());
+    let short = v1::Digest { blake3: vec![7; 31] };
+    let in_toolchain = format!("{root}/lib/evil.so");
+    let cases: Vec<(&str, v1::RunJobRequest, Code, Vec<String>)> = vec![
+        (
+            "an input never uploaded",
+            with_input("/srv/x.rs", never_uploaded.clone()),
+            Code::FailedPrecondition,
+            vec!["1 input blobs are missing".into()],
+        ),
+        (
+            "a '..' input",
+            with_input("/a/../b", never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec!["'/a/../b'".into(), "'..' component".into()],
+        ),
+        (
+            "an input in /etc",
+            with_input("/etc/x", never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec!["/etc/x is inside a system directory".into()],
+        ),
+        (
+            "a relative input",
+            with_input("a/b", never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec!["'a/b'".into(), "not an absolute path".into()],
+        ),
+        (
+            "an input in the toolchain",
+            with_input(&in_toolchain, never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec![format!("{in_toolchain} is inside the toolchain")],
+        ),
+        (
+            "a 31-byte input digest",
+            with_input("/srv/x.rs", short.clone()),
+            Code::InvalidArgument,
+            vec!["inputs.digest".into(), "32 bytes, not 31".into()],
+        ),
+        (
+            "a 31-byte toolchain id",
+            v1::RunJobRequest { toolchain: Some(short.clone()), ..good() },
+            Code::InvalidArgument,
+            vec!["'toolchain'".into(), "32 bytes, not 31".into()],
+        ),
+        (
+            "no outputs",
+            v1::RunJobRequest { outputs: vec![], ..good() },
+            Code::InvalidArgument,
+            vec!["at least one output".into()],
+        ),
+        (
+            "an output in /usr",
+            v1::RunJobRequest { outputs: vec!["/usr/x".into()], ..good() },
+            Code::InvalidArgument,
+            vec!["/usr/x is inside a system directory".into()],
+        ),
+        (
+            "another program",
+            v1::RunJobRequest { program: "/usr/bin/rustc".into(), ..good() },
+            Code::InvalidArgument,
+            vec!["'program' must be the toolchain's bin/rustc".into()],
+        ),
+        (
+            "a program reached through '..'",
+            v1::RunJobRequest { program: format!("{root}/bin/../../../../bin/sh"), ..good() },
+            Code::InvalidArgument,
+            vec!["'program'".into()],
+        ),
+        (
+            "a toolchain root with '..'",
+            v1::RunJobRequest {
+                toolchain_root: "/opt/../etc".into(),
+                program: "/opt/../etc/bin/rustc".into(),
+                ..good()
+            },
+            Code::InvalidArgument,
+            vec!["'toolchain_root'".into(), "'..' component".into()],
+        ),
+        ("an unknown toolchain", good(), Code::Unavailable, vec![hex(&unknown), "is not stored here".into()]),
+    ];
+    for (what, request, code, needles) in cases {
+        let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+        let err = cluster.worker.run_job(request).expect_err(what);
+        assert_status(&err, code, &needles);
+        cluster.assert_clean();
+    }
+    assert_eq!(files_in(&cluster.worker_data.join("toolchains")), Vec::<String>::new(), "a fetch left something");
+
+    // Blobs whose bytes are not what their digest says, or that never end, are not stored.
+    let claimed = *blake3::hash(b"the claimed content").as_bytes();
+    let chunk =
+        |digest: v1::Digest, data: &[u8], last: bool| v1::BlobChunk { digest: Some(digest), data: data.to_vec(), last };
+    let err = cluster.worker.upload(vec![chunk(to_digest(claimed), b"other content", true)]).expect_err("stored");
+    assert_status(&err, Code::InvalidArgument, &[&format!("not the claimed {}", hex(&claimed))]);
+    let real = *blake3::hash(b"real content").as_bytes();
+    let err = cluster.worker.upload(vec![chunk(to_digest(real), b"real content", false)]).expect_err("stored");
+    assert_status(&err, Code::InvalidArgument, &["ended inside a blob"]);
+    let err = cluster.worker.upload(vec![chunk(short.clone(), b"x", true)]).expect_err("stored");
+    assert_status(&err, Code::InvalidArgument, &["digest", "32 bytes, not 31"]);
+    let err = cluster.worker.find_missing(vec![short]).expect_err("a short digest was looked up");
+    assert_status(&err, Code::InvalidArgument, &["digests", "32 bytes, not 31"]);
+    assert_eq!(cluster.worker.find_missing_digests(&[claimed, real]), [claimed, real]);
+    cluster.assert_clean();
+
+    // One message over the 16 MiB limit.
+    let big = vec![3u8; 17 << 20];
+    let big_digest = *blake3::hash(&big).as_bytes();
+    let err = cluster.worker.upload(vec![chunk(to_digest(big_digest), &big, true)]).expect_err("a 17 MiB message");
+    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{err:?}");
+    assert!(err.message().contains("too large") || err.message().contains("limit"), "{err:?}");
+    assert_eq!(cluster.worker.find_missing_digests(&[big_digest]), [big_digest]);
+    cluster.assert_clean();
+
+    // Still serving.
+    let fine = *blake3::hash(b"fine").as_bytes();
+    assert_eq!(cluster.worker.upload(vec![chunk(to_digest(fine), b"fine", true)]).expect("a good blob"), 1);
+    assert_eq!(cluster.worker.find_missing_digests(&[fine, claimed]), [claimed]);
+    cluster.assert_clean();
+}
+
+// ---- helpers: a scheduler and one worker, reached over gRPC ------------------------------------
+
+/// A scheduler with the installed toolchain uploaded (unless made without), one worker `w1`, and a
+/// gRPC client to that worker. Daemons are declared first so they die before the world's dir goes.
+struct Cluster {
+    worker: WorkerApi,
+    _worker_daemon: Daemon,
+    _scheduler: Daemon,
+    toolchain: [u8; 32],
+    root: String,
+    worker_data: PathBuf,
+    world: World,
+}
+
+impl Cluster {
+    /// With the toolchain uploaded; `worker_toml` is the worker's config file.
+    fn new(worker_toml: &str) -> Cluster {
+        Cluster::start(worker_toml, true)
+    }
+
+    fn without_toolchain() -> Cluster {
+        Cluster::start("", false)
+    }
+
+    fn start(worker_toml: &str, upload: bool) -> Cluster {
+        let mut world = World::new();
+        let scheduler = world.scheduler(&[]);
+        world.set("FERRY_SCHEDULER", scheduler.url());
+        let mut toolchain = [0; 32];
+        if upload {
+            toolchain = digest_from_hex(packaged()["id"].as_str().expect("id"));
+            let log = world.path().join("ferry.log");
+            world.set("FERRY_CACHE_DIR", shared_store()).set("FERRY_LOG_FILE", log);
+            let uploaded = json(&ferry(&world, &["toolchain", "upload", "--json"]));
+            assert_eq!(uploaded["id"], packaged()["id"], "{uploaded}");
+        }
+        let config = write(&world, "worker.toml", worker_toml);
+        let worker = world.worker("w1", &scheduler.url(), &["--config", utf8(&config)]);
+        world.wait_for_status(Duration::from_secs(30), |s| !workers(s).is_empty());
+        Cluster {
+            worker: WorkerApi::connect(&worker.addr),
+            _worker_daemon: worker,
+            _scheduler: scheduler,
+            toolchain,
+            root: path_string(sysroot()),
+            worker_data: world.path().join("w1"),
+            world,
+        }
+    }
+
+    fn upload_inputs(&self, job: &Job) {
+        let blobs: BTreeMap<[u8; 32], PathBuf> =
+            job.inputs.iter().map(|p| (*blake3::hash(&fs::read(p).expect("input")).as_bytes(), p.clone())).collect();
+        let missing = self.worker.find_missing_digests(&blobs.keys().copied().collect::<Vec<_>>());
+        let chunks: Vec<v1::BlobChunk> = missing
+            .iter()
+            .flat_map(|d| {
+                let bytes = fs::read(&blobs[d]).expect("input");
+                let pieces: Vec<Vec<u8>> = bytes.chunks(1 << 20).map(<[u8]>::to_vec).collect();
+                let count = pieces.len();
+                pieces.into_iter().enumerate().map(move |(i, data)| v1::BlobChunk {
+                    digest: Some(to_digest(*d)),
+                    data,
+                    last: i + 1 == count,
+                })
+            })
+            .collect();
+        if !chunks.is_empty() {
+            assert_eq!(self.worker.upload(chunks).expect("uploading inputs"), missing.len() as u32);
+        }
+        assert_eq!(
+            self.worker.find_missing_digests(&blobs.keys().copied().collect::<Vec<_>>()),
+            Vec::<[u8; 32]>::new()
+        );
+    }
+
+    /// Uploads the job's inputs, runs it and reads its events to the end.
+    fn run(&self, job: &Job) -> JobRun {
+        self.upload_inputs(job);
+        let run = self.worker.run_job(job.request(self.toolchain, &self.root)).expect("RunJob was refused");
+        self.assert_clean();
+        run
+    }
+
+    /// Starts `first` (whose macro prints to stdout, then takes a while), runs `second` to its end
+    /// meanwhile (or takes its refusal), then reads `first` to its end; both under the same job id.
+    fn run_overlapping(&self, first: &Job, second: &Job, job_id: u64) -> (JobRun, Result<JobRun, Status>) {
+        self.upload_inputs(first);
+        self.upload_inputs(second);
+        let requests = [first, second].map(|j| v1::RunJobRequest { job_id, ..j.request(self.toolchain, &self.root) });
+        let [first, second] = requests;
+        let mut client = self.worker.client.clone();
+        self.worker
+            .rt
+            .block_on(bounded(async move {
+                let start = Instant::now();
+                let mut events = client.run_job(first).await?.into_inner();
+                let mut early = JobRun::empty();
+                while early.stdout.is_empty() {
+                    let Some(event) = events.message().await? else { break };
+                    early.add(event);
+                }
+                let second = match client.run_job(second).await {
+                    Ok(events) => Ok(collect(events.into_inner(), Instant::now()).await?),
+                    Err(refused) => Err(refused),
+                };
+                let mut rest = collect(events, start).await?;
+                rest.stdout.insert_str(0, &early.stdout);
+                rest.stderr.insert_str(0, &early.stderr);
+                Ok((rest, second))
+            }))
+            .expect("overlapping jobs")
+    }
+
+    /// A benign job on the same worker compiles and its rlib comes back.
+    fn assert_still_serves(&self) {
+        self.run(&Job::benign(&self.world)).assert_compiled();
+    }
+
+    /// No job directory and no half-received blob is left on the worker.
+    fn assert_clean(&self) {
+        assert_eq!(files_in(&self.worker_data.join("jobs")), Vec::<String>::new(), "a job directory was left");
+        assert_eq!(files_in(&self.worker_data.join("blobs/tmp")), Vec::<String>::new(), "a blob temp file was left");
+    }
+}
+
+/// A gRPC client to a worker, with its own runtime so the tests stay synchronous.
+struct WorkerApi {
+    rt: tokio::runtime::Runtime,
+    client: WorkerClient<Channel>,
+}
+
+impl WorkerApi {
+    fn connect(addr: &str) -> WorkerApi {
+        let rt = runtime();
+        let channel = rt.block_on(connect(&format!("http://{addr}"))).expect("connecting to the worker");
+        WorkerApi { rt, client: WorkerClient::new(channel) }
+    }
+
+    fn find_missing(&self, digests: Vec<v1::Digest>) -> Result<Vec<v1::Digest>, Status> {
+        let mut client = self.client.clone();
+        self.rt.block_on(bounded(async move {
+            Ok(client.find_missing(v1::FindMissingRequest { digests }).await?.into_inner().missing)
+        }))
+    }
+
+    fn find_missing_digests(&self, digests: &[[u8; 32]]) -> Vec<[u8; 32]> {
+        let missing = self.find_missing(digests.iter().map(|d| to_digest(*d)).collect()).expect("FindMissing");
+        missing.iter().map(|d| d.blake3.as_slice().try_into().expect("32 bytes")).collect()
+    }
+
+    fn upload(&self, chunks: Vec<v1::BlobChunk>) -> Result<u32, Status> {
+        let mut client = self.client.clone();
+        self.rt.block_on(bounded(async move {
+            Ok(client.upload_blobs(tokio_stream::iter(chunks)).await?.into_inner().stored)
+        }))
+    }
+
+    fn run_job(&self, request: v1::RunJobRequest) -> Result<JobRun, Status> {
+        let mut client = self.client.clone();
+        self.rt.block_on(bounded(async move {
+            let start = Instant::now();
+            collect(client.run_job(request).await?.into_inner(), start).await
+        }))
+    }
+}
+
+/// What one job sent back, from its event stream read to the end.
+struct JobRun {
+    stdout: String,
+    stderr: String,
+    /// Output files by path, reassembled from their chunks.
+    outputs: BTreeMap<String, Vec<u8>>,
+    finished: Option<v1::JobFinished>,
+    elapsed: Duration,
+}
+
+/// Outputs as their sizes: the bytes themselves would drown the diagnostics.
+impl std::fmt::Debug for JobRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sizes: BTreeMap<&String, usize> = self.outputs.iter().map(|(p, b)| (p, b.len())).collect();
+        f.debug_struct("JobRun")
+            .field("finished", &self.finished)
+            .field("elapsed", &self.elapsed)
+            .field("output_sizes", &sizes)
+            .field("stdout", &self.stdout)
+            .field("stderr", &self.stderr)
+            .finish()
+    }
+}
+
+impl JobRun {
+    fn empty() -> JobRun {
+        JobRun {
+            stdout: String::new(),
+            stderr: String::new(),
+            outputs: BTreeMap::new(),
+            finished: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn add(&mut self, event: v1::JobEvent) {
+        match event.kind {
+            Some(job_event::Kind::Stdout(b)) => self.stdout.push_str(&String::from_utf8_lossy(&b)),
+            Some(job_event::Kind::Stderr(b)) => self.stderr.push_str(&String::from_utf8_lossy(&b)),
+            Some(job_event::Kind::Output(o)) => self.outputs.entry(o.path).or_default().extend_from_slice(&o.data),
+            Some(job_event::Kind::Finished(f)) => self.finished = Some(f),
+            None => {}
+        }
+    }
+
+    fn finished(&self) -> &v1::JobFinished {
+        self.finished.as_ref().unwrap_or_else(|| panic!("the job never said it finished: {self:#?}"))
+    }
+
+    /// rustc exited 0 and the rlib came back.
+    fn assert_compiled(&self) {
+        let f = self.finished();
+        assert_eq!((f.exit_code, f.limit.as_str()), (Some(0), ""), "{self:#?}");
+        let rlib = self.outputs.iter().find(|(p, _)| p.ends_with("/out/libvictim.rlib"));
+        assert!(rlib.is_some_and(|(_, bytes)| bytes.starts_with(b"!<arch>\n")), "no rlib came back: {self:#?}");
+    }
+
+    /// The macro ran, met `needle` (an error it panicked with) and the compile failed, no limit hit.
+    fn assert_macro_failed(&self, needle: &str) {
+        let f = self.finished();
+        assert!(f.exit_code.is_some_and(|c| c != 0), "the compile did not fail: {self:#?}");
+        assert_eq!(f.limit, "", "{self:#?}");
+        assert!(self.stderr.contains("proc macro panicked"), "the macro did not run: {self:#?}");
+        assert!(self.stderr.contains(needle), "stderr lacks {needle:?}: {self:#?}");
+        assert!(self.outputs.is_empty(), "a failed job sent outputs: {self:#?}");
+    }
+
+    fn assert_limit(&self, limit: &str) {
+        let f = self.finished();
+        assert_ne!(f.exit_code, Some(0), "{self:#?}");
+        assert_eq!(f.limit, limit, "{self:#?}");
+        assert!(self.outputs.is_empty(), "a stopped job sent outputs: {self:#?}");
+    }
+}
+
+async fn collect(mut events: tonic::Streaming<v1::JobEvent>, start: Instant) -> Result<JobRun, Status> {
+    let mut run = JobRun::empty();
+    while let Some(event) = events.message().await? {
+        run.add(event);
+    }
+    run.elapsed = start.elapsed();
+    Ok(run)
+}
+
+/// One compile of crate `victim` from `<world>/job-<name>/lib.rs`, maybe with a proc-macro `evil`
+/// built here from an attack, everything at absolute paths in the world (as a client sends them).
+struct Job {
+    dir: PathBuf,
+    args: Vec<String>,
+    inputs: Vec<PathBuf>,
+}
+
+impl Job {
+    const BENIGN: &'static str = "pub fn answer() -> u32 { 42 }\n";
+
+    /// blake3 of [`Job::BENIGN`], the blob every benign job uploads.
+    fn benign_digest() -> [u8; 32] {
+        *blake3::hash(Job::BENIGN.as_bytes()).as_bytes()
+    }
+
+    fn benign(world: &World) -> Job {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let dir = world.path().join(format!("benign-{}", COUNT.fetch_add(1, Ordering::Relaxed)));
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("lib.rs"), Job::BENIGN).expect("write lib.rs");
+        Job::new(dir, false)
+    }
+
+    /// `body` is the macro's body: Rust returning a `proc_macro::TokenStream`.
+    fn attack(world: &World, name: &str, body: &str) -> Job {
+        let dir = world.path().join(format!("job-{name}"));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let source = format!(
+            "extern crate proc_macro;\n#[proc_macro]\n\
+             pub fn evil(_: proc_macro::TokenStream) -> proc_macro::TokenStream {{\n{body}\n}}\n"
+        );
+        let src = world.path().join(format!("evil-{name}.rs"));
+        fs::write(&src, source).expect("write macro");
+        let mut rustc = Command::new(sysroot().join("bin/rustc"));
+        rustc.args(["--crate-type", "proc-macro", "--edition", "2021", "--crate-name", "evil"]);
+        rustc.arg(&src).arg("-o").arg(dir.join("libevil.so"));
+        ok(run_bounded(rustc, Duration::from_secs(120)));
+        fs::write(dir.join("lib.rs"), "evil::evil!();\n").expect("write lib.rs");
+        Job::new(dir, true)
+    }
+
+    fn new(dir: PathBuf, with_macro: bool) -> Job {
+        let mut args: Vec<String> =
+            ["--crate-name", "victim", "--crate-type", "lib", "--edition", "2021"].map(String::from).into();
+        let mut inputs = vec![dir.join("lib.rs")];
+        if with_macro {
+            args.extend(["--extern".to_owned(), format!("evil={}", dir.join("libevil.so").display())]);
+            inputs.push(dir.join("libevil.so"));
+        }
+        args.extend([path_string(&dir.join("lib.rs")), "--out-dir".into(), path_string(&dir.join("out"))]);
+        Job { dir, args, inputs }
+    }
+
+    /// The RunJob request a client would send for this compile.
+    fn request(&self, toolchain: [u8; 32], root: &str) -> v1::RunJobRequest {
+        static JOB_IDS: AtomicU64 = AtomicU64::new(1000);
+        v1::RunJobRequest {
+            job_id: JOB_IDS.fetch_add(1, Ordering::Relaxed),
+            toolchain: Some(to_digest(toolchain)),
+            toolchain_root: root.to_owned(),
+            program: format!("{root}/bin/rustc"),
+            args: self.args.clone(),
+            cwd: path_string(&self.dir),
+            env: Vec::new(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|p| v1::InputFile {
+                    path: path_string(p),
+                    digest: Some(to_digest(*blake3::hash(&fs::read(p).expect("input")).as_bytes())),
+                    executable: false,
+                })
+                .collect(),
+            outputs: vec![path_string(&self.dir.join("out/libvictim.rlib"))],
+            dirs: vec![path_string(&self.dir.join("out"))],
+        }
+    }
+
+    /// The control: the same compile with plain rustc on the host, outside any sandbox.
+    fn run_on_host(&self) -> Output {
+        fs::create_dir_all(self.dir.join("host-out")).expect("mkdir");
+        let mut args = self.args.clone();
+        *args.last_mut().expect("out dir") = path_string(&self.dir.join("host-out"));
+        let mut rustc = Command::new(sysroot().join("bin/rustc"));
+        rustc.args(&args).current_dir(&self.dir);
+        run_bounded(rustc, Duration::from_secs(120))
+    }
+}
+
+/// A gRPC client to the scheduler (no token: the loopback default).
+struct SchedulerApi {
+    rt: tokio::runtime::Runtime,
+    client: SchedulerClient<Channel>,
+}
+
+impl SchedulerApi {
+    fn connect(scheduler: &Daemon) -> SchedulerApi {
+        let rt = runtime();
+        let channel = rt.block_on(connect(&scheduler.url())).expect("connecting to the scheduler");
+        SchedulerApi { rt, client: SchedulerClient::new(channel) }
+    }
+
+    fn has(&self, id: [u8; 32]) -> bool {
+        let mut client = self.client.clone();
+        let request = v1::ToolchainRef { id: Some(to_digest(id)) };
+        self.rt
+            .block_on(bounded(async move { Ok(client.has_toolchain(request).await?.into_inner().present) }))
+            .expect("HasToolchain")
+    }
+
+    /// `UploadToolchain`: a header claiming `id` and `size`, then the archive's bytes (only the
+    /// first `send` bytes when given) in 1 MiB chunks. Returns whether it was stored.
+    fn upload(&self, id: [u8; 32], size: u64, archive: &Path, send: Option<u64>) -> Result<bool, Status> {
+        let header =
+            v1::ToolchainHeader { id: Some(to_digest(id)), size, rustc_version: "test".into(), targets: vec![] };
+        let mut file = fs::File::open(archive).expect("open archive").take(send.unwrap_or(u64::MAX));
+        let data = std::iter::from_fn(move || {
+            let mut buf = Vec::with_capacity(1 << 20);
+            (&mut file).take(1 << 20).read_to_end(&mut buf).expect("read archive");
+            (!buf.is_empty()).then_some(v1::ToolchainUpload { kind: Some(toolchain_upload::Kind::Data(buf)) })
+        });
+        let messages =
+            std::iter::once(v1::ToolchainUpload { kind: Some(toolchain_upload::Kind::Header(header)) }).chain(data);
+        let mut client = self.client.clone();
+        self.rt.block_on(bounded(async move {
+            Ok(client.upload_toolchain(tokio_stream::iter(messages)).await?.into_inner().stored)
+        }))
+    }
+}
+
+/// `FindMissing` on the worker at `url` as a caller trusting `ca` and holding `token`.
+async fn find_missing_as(
+    url: &str,
+    ca: Option<&Path>,
+    token: Option<&str>,
+    digests: Vec<[u8; 32]>,
+) -> Result<Vec<[u8; 32]>, Status> {
+    let channel = connect_trusting(url, ca).await?;
+    let mut request =
+        tonic::Request::new(v1::FindMissingRequest { digests: digests.into_iter().map(to_digest).collect() });
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", bearer(token).parse().expect("header value"));
+    }
+    let missing = WorkerClient::new(channel).find_missing(request).await?.into_inner().missing;
+    Ok(missing.iter().map(|d| d.blake3.as_slice().try_into().expect("32 bytes")).collect())
+}
+
+async fn connect(url: &str) -> Result<Channel, Status> {
+    connect_trusting(url, None).await
+}
+
+/// A channel to `url`; for `https://`, trusting only `ca` (when given). A failure is an
+/// `Unavailable` status carrying the whole error chain (where TLS says what it disliked).
+async fn connect_trusting(url: &str, ca: Option<&Path>) -> Result<Channel, Status> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).expect("url").connect_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(fs::read(ca).expect("read CA")));
+        }
+        endpoint = endpoint.tls_config(tls).expect("TLS config");
+    }
+    endpoint.connect().await.map_err(|e| {
+        let mut chain = format!("connecting to {url}: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            chain.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        Status::unavailable(chain)
+    })
+}
+
+/// Every gRPC exchange here is bounded: a hang is a failure, not a stuck test.
+async fn bounded<T>(f: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(Duration::from_secs(120), f).await.unwrap_or_else(|_| panic!("no answer within 120 s"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime")
+}
+
+fn assert_status(status: &Status, code: Code, needles: &[&str]) {
+    assert_eq!(status.code(), code, "{status:?}");
+    for needle in needles {
+        assert!(status.message().contains(needle), "{:?} lacks {needle:?}", status.message());
+    }
+}
+
+// ---- helpers: the toolchain, packaged once ----------------------------------------------------
+
+/// `ferry toolchain package --json` of the installed toolchain into [`shared_store`]: the archive
+/// costs seconds to build, so it is built once and kept between runs (the store heals itself).
+fn packaged() -> &'static Value {
+    static PACKAGED: OnceLock<Value> = OnceLock::new();
+    PACKAGED.get_or_init(|| {
+        let mut world = World::new();
+        let log = world.path().join("ferry.log");
+        world.set("FERRY_CACHE_DIR", shared_store()).set("FERRY_LOG_FILE", log);
+        json(&ferry(&world, &["toolchain", "package", "--json"]))
+    })
+}
+
+/// The installed toolchain's canonical root: where clients have it, so where jobs see it.
+fn sysroot() -> &'static Path {
+    static SYSROOT: OnceLock<PathBuf> = OnceLock::new();
+    SYSROOT.get_or_init(|| fs::canonicalize(installed_sysroot()).expect("canonical sysroot"))
+}
+
+fn shared_store() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("ferry-security-store")
+}
+
+/// The scheduler's toolchain store holds no archive and no record, and no temp file.
+fn assert_store_empty(store: &Path) {
+    let left: Vec<String> =
+        files_in(store).into_iter().filter(|f| f.ends_with(".tar.gz") || f.ends_with(".json")).collect();
+    assert_eq!(left, Vec::<String>::new(), "a refused upload left files in {}", store.display());
+    assert_eq!(files_in(&store.join("tmp")), Vec::<String>::new(), "a refused upload left a temp file");
+}
+
+// ---- helpers: TLS material ---------------------------------------------------------------------
+
+/// A CA, a server certificate it signed for IP 127.0.0.1, and an unrelated second CA; all made
+/// by the `openssl` command line with P-256 keys.
+struct Pki {
+    ca: PathBuf,
+    other_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Pki {
+        fs::create_dir_all(dir).expect("mkdir");
+        let openssl = |args: &[&str]| {
+            let mut cmd = Command::new("openssl");
+            cmd.args(args).current_dir(dir);
+            ok(run_bounded(cmd, Duration::from_secs(30)));
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for name in ["ca", "other-ca"] {
+            let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=ferry test {name}"));
+            let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem];
+            args.extend(ec);
+            args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+            args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            openssl(&args);
+        }
+        let mut args = vec!["req", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr"];
+        args.extend(ec);
+        openssl(&args);
+        let extensions = "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                          keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+        fs::write(dir.join("server.ext"), extensions).expect("write extensions");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Pki {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
+/// Runs `<daemon> --listen 0.0.0.0:0` (with `--config` when given), expecting it to refuse.
+fn serve_at_any_address(world: &World, daemon: &str, config: Option<&Path>) -> Output {
+    let mut cmd = world.command(bin(daemon));
+    cmd.args(["--listen", "0.0.0.0:0", "--data-dir"]).arg(world.path().join(format!("{daemon}-data")));
+    if daemon == "ferry-worker" {
+        cmd.args(["--scheduler", "http://127.0.0.1:9"]);
+    }
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// Exited non-zero, saying what would make it serve, and never announced an address.
+fn assert_exposure_refused(out: &Output) {
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "it served on 0.0.0.0 without TLS and tokens:\n{stderr}");
+    for needle in ["refusing to listen on 0.0.0.0", "TLS", "tokens", "insecure = true"] {
+        assert!(stderr.contains(needle), "the refusal lacks {needle:?}:\n{stderr}");
+    }
+    assert!(
+        !text(&out.stdout).contains("listening on"),
+        "it announced an address it refuses to serve:\n{}",
+        text(&out.stdout)
+    );
+}
+
+// ---- helpers: processes, files, output ---------------------------------------------------------
+
+/// Runs a command to its end, killing it (and failing) if it takes longer than `limit`.
+fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            // SAFETY: plain system call; the child is not reaped yet, so the pid is still ours.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+    }
+}
+
+fn ferry(world: &World, args: &[&str]) -> Output {
+    let mut cmd = world.command(bin("ferry"));
+    cmd.args(args);
+    run_bounded(cmd, Duration::from_secs(120))
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = ok(out.clone());
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{stdout}"))
+}
+
+fn status(world: &World) -> Value {
+    json(&ferry(world, &["status", "--json"]))
+}
+
+/// Addresses of the registered workers in a `ferry status --json`.
+fn workers(status: &Value) -> Vec<String> {
+    let list = status["workers"].as_array().unwrap_or_else(|| panic!("no workers list: {status}"));
+    list.iter().map(|w| w["address"].as_str().expect("address").to_owned()).collect()
+}
+
+/// `ferry` failed with one clear line on stderr containing every needle, and printed nothing.
+fn assert_refused(out: &Output, needles: &[&str]) {
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "it worked:\n{}", text(&out.stdout));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line:\n{stderr}");
+    assert!(stderr.starts_with("ferry: error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "the error lacks {needle:?}: {stderr}");
+    }
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+}
+
+/// Runs `f` with `FERRY_TOKEN` out of the world's environment (a daemon must use its config file).
+fn without_token<T>(world: &mut World, f: impl FnOnce(&World) -> T) -> T {
+    let saved = world.env.iter().find(|(k, _)| k == "FERRY_TOKEN").cloned();
+    unset(world, "FERRY_TOKEN");
+    let result = f(world);
+    if let Some((k, v)) = saved {
+        world.set(&k, v);
+    }
+    result
+}
+
+fn unset(world: &mut World, key: &str) {
+    world.env.retain(|(k, _)| k != key);
+}
+
+fn tokens_toml(tokens: &[(&str, &str)]) -> String {
+    tokens.iter().map(|(token, role)| format!("[[tokens]]\ntoken = \"{token}\"\nroles = [\"{role}\"]\n")).collect()
+}
+
+fn wait_until(limit: Duration, what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fails unless, within a few seconds, no process has all of `needles` in its command line.
+fn assert_no_processes_with(needles: &[&str]) {
+    let find = || -> Vec<String> {
+        let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| needles.iter().all(|n| c.contains(n)))
+            .collect()
+    };
+    let start = Instant::now();
+    while !find().is_empty() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(find(), Vec::<String>::new(), "processes left behind");
+}
+
+fn write(world: &World, name: &str, content: &str) -> PathBuf {
+    let path = world.path().join(name);
+    fs::write(&path, content).expect("write");
+    path
+}
+
+/// Names in `dir` (none when it does not exist), except a `tmp` directory, which callers list
+/// on its own.
+fn files_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n != "tmp").collect()
+}
+
+fn digest_from_hex(s: &str) -> [u8; 32] {
+    *blake3::Hash::from_hex(s).unwrap_or_else(|e| panic!("{s}: {e}")).as_bytes()
+}
+
+fn hex(d: &[u8; 32]) -> String {
+    blake3::Hash::from_bytes(*d).to_hex().to_string()
+}
+
+fn utf8(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn path_string(path: &Path) -> String {
+    utf8(path).to_owned()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
