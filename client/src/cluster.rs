@@ -36,7 +36,11 @@ pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, Tok
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("'{url}' is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // A peer that stops answering (frozen, or its machine gone) is noticed within ~10 s.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &config.ca {

@@ -336,10 +336,11 @@ impl Job {
         if self.config.scheduler.is_some() && remote::distributable(&self.rustc).is_ok() {
             match self.compile_remotely(store, compiler, id, keys, known) {
                 Ok(code) => return code,
-                Err(reason) => {
+                Err(failed) => {
+                    let reason = failed.reason.clone();
                     tracing::info!(reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
-                    *self.stats.fallbacks.entry(reason.clone()).or_default() += 1;
-                    remote_failure = Some(reason);
+                    *self.stats.fallbacks.entry(reason).or_default() += 1;
+                    remote_failure = Some(failed);
                 }
             }
         }
@@ -355,14 +356,16 @@ impl Job {
             dir.join(format!(".ferry-dep-info-{}-{}.d", std::process::id(), nanos()))
         });
         let mut args: Vec<OsString> = self.plus.iter().map(|p| OsString::from(format!("+{p}"))).collect();
-        let mut drop_line = None;
+        let mut drop_lines: Vec<Vec<u8>> = remote_failure.as_ref().map(|f| f.forwarded.clone()).unwrap_or_default();
         match &injected {
             Some(path) => {
                 args.extend(inject_dep_info(&self.rustc.args, path).into_iter().map(OsString::from));
                 if self.rustc.json.iter().any(|j| j == "artifacts") {
                     let artifact = serde_json::to_string(&path.to_string_lossy()).expect("string serializes");
-                    drop_line =
-                        Some(format!(r#"{{"$message_type":"artifact","artifact":{artifact},"emit":"dep-info"}}"#));
+                    drop_lines.push(
+                        format!(r#"{{"$message_type":"artifact","artifact":{artifact},"emit":"dep-info"}}"#)
+                            .into_bytes(),
+                    );
                 }
             }
             None => args.extend(self.rustc.args.iter().map(OsString::from)),
@@ -372,7 +375,7 @@ impl Job {
         let _ = fs::remove_file(&dep_info);
         let started = SystemTime::now();
         let clock = Instant::now();
-        let run = process::run_teed(&self.compiler, &args, drop_line.as_deref().map(str::as_bytes));
+        let run = process::run_teed(&self.compiler, &args, &drop_lines);
         let run = match run {
             Ok(run) => run,
             Err(e) => {
@@ -381,7 +384,7 @@ impl Job {
             }
         };
         self.stats.compiled_local += 1;
-        if remote_failure.is_some_and(|r| r.starts_with("remote-exit")) && run.status.success() {
+        if remote_failure.is_some_and(|f| f.reason.starts_with("remote-exit")) && run.status.success() {
             // The worker's compile failed where ours succeeded: a broken worker or a missing
             // input; the local result stands, and the discrepancy is counted.
             tracing::warn!(krate = %self.rustc.crate_name, "remote compile failed but local succeeded");
@@ -492,7 +495,7 @@ impl Job {
         id: &ToolchainId,
         keys: (&CacheKey, &CacheKey),
         known: &[InputList],
-    ) -> Result<ExitCode, String> {
+    ) -> Result<ExitCode, remote::Failed> {
         let dep_info = self.cwd.join(self.rustc.dep_info_path().expect("distributable compiles ask for dep-info"));
         let _ = fs::remove_file(&dep_info);
         let env_names = known.iter().flat_map(|l| l.env.iter().cloned()).collect();

@@ -57,6 +57,37 @@ pub fn parse(text: &str) -> Option<DepInfo> {
     Some(info)
 }
 
+/// The `# env-dep:` lines with the value the compile saw (`None`: the variable was unset).
+pub fn env_values(text: &str) -> Vec<(String, Option<String>)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# env-dep:"))
+        .map(|dep| match dep.split_once('=') {
+            Some((name, value)) => (name.to_owned(), Some(unescape_env(value))),
+            None => (dep.to_owned(), None),
+        })
+        .collect()
+}
+
+/// Undoes rustc's escaping of env-dep values (`\\` for a backslash, `\n` for a newline).
+fn unescape_env(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match (c, chars.clone().next()) {
+            ('\\', Some('\\')) => {
+                out.push('\\');
+                chars.next();
+            }
+            ('\\', Some('n')) => {
+                out.push('\n');
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
 /// The colon that ends a rule target: the first `: ` or a trailing `:` not escaped.
 fn find_rule_colon(line: &str) -> Option<usize> {
     let bytes = line.as_bytes();
@@ -116,6 +147,15 @@ mod tests {
         let info = parse(text).unwrap();
         assert_eq!(info.files, ["/t/out/gen.rs", "src/a b.rs", "src/lib.rs", "x.txt"]);
         assert_eq!(info.env, ["CARGO_PKG_NAME", "OUT_DIR", "UNSET_ONE"]);
+    }
+
+    #[test]
+    fn env_values_are_unescaped() {
+        let text = "# env-dep:A=x\\ny\\\\z\n# env-dep:B\n# env-dep:C=\n";
+        assert_eq!(
+            env_values(text),
+            [("A".into(), Some("x\ny\\z".into())), ("B".into(), None), ("C".into(), Some(String::new()))]
+        );
     }
 
     #[test]

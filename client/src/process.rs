@@ -36,22 +36,23 @@ pub fn run_inherited(program: &Path, args: &[OsString]) -> std::io::Result<ExitS
 
 /// Runs `program args`, copying its stdout/stderr to ours as they arrive (cargo's pipelining reads
 /// artifact notifications from stderr while rustc still runs) and keeping a copy of each.
-/// `drop_stderr_line` removes lines the wrapper itself caused (an injected dep-info notification).
-pub fn run_teed(program: &Path, args: &[OsString], drop_stderr_line: Option<&[u8]>) -> std::io::Result<RunOutput> {
+/// `drop_stderr_lines` (without their newline) are not passed on: lines the wrapper itself caused
+/// (an injected dep-info notification) or already passed on (a failed remote job's artifacts).
+pub fn run_teed(program: &Path, args: &[OsString], drop_stderr_lines: &[Vec<u8>]) -> std::io::Result<RunOutput> {
     trace(program, args);
     let mut child = Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let (stdout, stderr) = std::thread::scope(|s| {
-        let o = s.spawn(move || tee(&mut out, &mut std::io::stdout(), None));
-        let e = tee(&mut err, &mut std::io::stderr(), drop_stderr_line);
+        let o = s.spawn(move || tee(&mut out, &mut std::io::stdout(), &[]));
+        let e = tee(&mut err, &mut std::io::stderr(), drop_stderr_lines);
         (o.join().expect("stdout tee panicked"), e)
     });
     let status = child.wait()?;
     Ok(RunOutput { status, stdout: stdout?, stderr: stderr? })
 }
 
-fn tee(from: &mut impl Read, to: &mut impl Write, drop_line: Option<&[u8]>) -> std::io::Result<Vec<u8>> {
+fn tee(from: &mut impl Read, to: &mut impl Write, drop_lines: &[Vec<u8>]) -> std::io::Result<Vec<u8>> {
     let mut kept = Vec::new();
     let mut buf = [0u8; 64 * 1024];
     let mut pending = Vec::new();
@@ -65,17 +66,18 @@ fn tee(from: &mut impl Read, to: &mut impl Write, drop_line: Option<&[u8]>) -> s
             let _ = to.flush();
             return Ok(kept);
         }
-        let Some(drop_line) = drop_line else {
+        if drop_lines.is_empty() {
             // Errors writing to our own stdout/stderr (a closed pipe) must not stop us reading.
             let _ = to.write_all(&buf[..n]).and_then(|()| to.flush());
             kept.extend_from_slice(&buf[..n]);
             continue;
-        };
+        }
         // Line-oriented so a whole line can be recognised and dropped.
         pending.extend_from_slice(&buf[..n]);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            if line.strip_suffix(b"\n") != Some(drop_line) {
+            let bare = line.strip_suffix(b"\n").unwrap_or(&line);
+            if !drop_lines.iter().any(|d| d.as_slice() == bare) {
                 let _ = to.write_all(&line).and_then(|()| to.flush());
                 kept.extend_from_slice(&line);
             }

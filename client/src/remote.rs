@@ -75,8 +75,28 @@ pub fn distributable(rustc: &RustcArgs) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Why a remote compile did not produce the answer, and what of it cargo has already seen.
+#[derive(Debug)]
+pub struct Failed {
+    pub reason: String,
+    /// stderr lines already passed to cargo (artifact notifications): a local re-run must not
+    /// repeat them (cargo panics on a second notification for the same unit).
+    pub forwarded: Vec<Vec<u8>>,
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Failed {
+        Failed { reason, forwarded: Vec::new() }
+    }
+}
+
+/// How long one control call may take, and how long a job may go without any event (HTTP/2
+/// keepalive notices a dead peer sooner; this bounds a live one that stopped answering).
+const CALL_DEADLINE: Duration = Duration::from_secs(15);
+const EVENT_IDLE: Duration = Duration::from_secs(900);
+
 /// Runs the job on a worker. Err is a fallback reason.
-pub fn run(job: &Job) -> Result<Remote, String> {
+pub fn run(job: &Job) -> Result<Remote, Failed> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -84,7 +104,22 @@ pub fn run(job: &Job) -> Result<Remote, String> {
     runtime.block_on(run_async(job))
 }
 
-async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
+/// `call` within [`CALL_DEADLINE`], its failure as a reason.
+async fn deadline<T>(
+    call: &str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_DEADLINE, fut).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(reason_for(call, &s)),
+        Err(_) => {
+            tracing::warn!(call, "cluster call timed out");
+            Err(format!("{call}-timeout"))
+        }
+    }
+}
+
+async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
     let mut scheduler = tokio::time::timeout(Duration::from_secs(5), crate::cluster::scheduler(job.config))
         .await
         .map_err(|_| "scheduler-timeout".to_string())?
@@ -93,18 +128,18 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
             "scheduler-unreachable".to_string()
         })?;
     ensure_toolchain(job, &mut scheduler).await?;
-    let allocation = scheduler
-        .allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() })
-        .await
-        .map_err(|s| reason_for("allocate", &s))?
-        .into_inner();
+    let allocation = deadline(
+        "allocate",
+        scheduler.allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() }),
+    )
+    .await?;
     let assignment = match allocation.result {
         Some(allocate_response::Result::Assigned(a)) => a,
         Some(allocate_response::Result::Local(why)) => {
             tracing::info!(why, "scheduler says compile locally");
-            return Err(if why.contains("no workers") { "no-workers" } else { "no-capacity" }.into());
+            return Err(String::from(if why.contains("no workers") { "no-workers" } else { "no-capacity" }).into());
         }
-        None => return Err("scheduler-bad-answer".into()),
+        None => return Err(String::from("scheduler-bad-answer").into()),
     };
     // Blocking on this single-threaded runtime is fine: nothing else runs on it meanwhile.
     let inputs = gather(job)?;
@@ -117,12 +152,7 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
         crate::cluster::channel(job.config, &url).await.map_err(|_| "worker-unreachable".to_string())?;
     let mut worker = WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
     let digests: Vec<v1::Digest> = inputs.files.values().map(|f| to_digest(f.digest)).collect();
-    let missing = worker
-        .find_missing(v1::FindMissingRequest { digests })
-        .await
-        .map_err(|s| reason_for("find-missing", &s))?
-        .into_inner()
-        .missing;
+    let missing = deadline("find-missing", worker.find_missing(v1::FindMissingRequest { digests })).await?.missing;
     let bytes_sent = upload_blobs(&mut worker, &inputs, &missing).await?;
     let request = v1::RunJobRequest {
         job_id: assignment.job_id,
@@ -144,29 +174,48 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
         outputs: outputs(job),
         dirs: inputs.dirs.clone(),
     };
-    let mut events = worker.run_job(request).await.map_err(|s| reason_for("run-job", &s))?.into_inner();
+    let mut events = deadline("run-job", worker.run_job(request)).await?;
+    let mut forwarded = Vec::new();
+    let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded).await;
+    let (run, held) = received.map_err(|reason| Failed { reason, forwarded })?;
+    let _ = std::io::stderr().write_all(&held);
+    let _ = std::io::stdout().write_all(&run.stdout);
+    Ok(Remote { run, worker: assignment.worker_id, bytes_sent })
+}
+
+/// Reads a job's events to the end: stdout and stderr kept (artifact notifications passed to
+/// cargo at once, recorded in `forwarded`; diagnostics held back), output files written as they
+/// complete. The dep-info is checked against this machine's environment as soon as it arrives —
+/// before the `.rmeta` announcement that follows it — so a job that saw another value of an
+/// `env!`/`option_env!` variable is abandoned before cargo acts on any of it.
+async fn receive(
+    events: &mut tonic::Streaming<v1::JobEvent>,
+    job: &Job<'_>,
+    worker: &str,
+    forwarded: &mut Vec<Vec<u8>>,
+) -> Result<(RunOutput, Vec<u8>), String> {
+    let dep_info = job.rustc.dep_info_path().map(|p| normalize(&job.cwd.join(p)).display().to_string());
     let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
-    // Diagnostics are held back until the job succeeds (a failed remote job is re-run locally,
-    // and cargo must not see its messages twice); artifact notifications go through at once,
-    // right after the file they announce, so pipelining starts dependents early.
     let mut held = Vec::new();
     let mut partial: BTreeMap<String, (bool, Vec<u8>)> = BTreeMap::new();
     let mut received = Vec::new();
     let mut finished = None;
     loop {
-        let event = match events.message().await {
-            Ok(Some(e)) => e,
-            Ok(None) => break,
-            Err(s) => {
-                tracing::warn!(worker = %assignment.worker_id, status = %s.message(), "worker lost during the job");
+        let event = match tokio::time::timeout(EVENT_IDLE, events.message()).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) => break,
+            Ok(Err(s)) => {
+                tracing::warn!(worker, status = %s.message(), "worker lost during the job");
                 return Err("worker-lost".into());
             }
+            Err(_) => return Err("worker-silent".into()),
         };
         match event.kind {
             Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
             Some(job_event::Kind::Stderr(data)) => {
                 if data.starts_with(br#"{"$message_type":"artifact""#) {
                     let _ = std::io::stderr().write_all(&data);
+                    forwarded.push(data.strip_suffix(b"\n").unwrap_or(&data).to_vec());
                 } else {
                     held.extend_from_slice(&data);
                 }
@@ -177,6 +226,9 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
                 entry.1.extend_from_slice(&chunk.data);
                 if chunk.last {
                     let (executable, bytes) = partial.remove(&chunk.path).expect("just inserted");
+                    if dep_info.as_deref() == Some(chunk.path.as_str()) {
+                        check_environment(&bytes)?;
+                    }
                     write_output(Path::new(&chunk.path), &bytes, executable)
                         .map_err(|_| "output-write-failed".to_string())?;
                     received.push(chunk.path);
@@ -188,7 +240,7 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
     }
     let finished = finished.ok_or_else(|| "worker-lost".to_string())?;
     if !finished.limit.is_empty() {
-        tracing::warn!(worker = %assignment.worker_id, limit = %finished.limit, "remote job stopped by a sandbox limit");
+        tracing::warn!(worker, limit = %finished.limit, "remote job stopped by a sandbox limit");
         return Err("sandbox-limit".into());
     }
     run.status = match (finished.exit_code, finished.signal) {
@@ -202,19 +254,33 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, String> {
     if outputs(job).iter().any(|o| !received.contains(o)) {
         return Err("missing-output".into());
     }
-    let _ = std::io::stderr().write_all(&held);
-    let _ = std::io::stdout().write_all(&run.stdout);
-    Ok(Remote { run, worker: assignment.worker_id, bytes_sent })
+    Ok((run, held))
+}
+
+/// Every variable the remote compile read must have had the value it has here; otherwise its
+/// outputs are not what a local compile would make (the variable was not sent: its name is
+/// learned from this compile's manifest and sent next time).
+fn check_environment(dep_info: &[u8]) -> Result<(), String> {
+    for (name, seen) in crate::depinfo::env_values(&String::from_utf8_lossy(dep_info)) {
+        if std::env::var(&name).ok() != seen {
+            tracing::info!(name, "a variable the remote compile read differs from ours");
+            return Err("env-not-sent".into());
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure the scheduler has the toolchain, packaging and uploading it once (other wrapper
 /// processes wait on the same lock and find it there).
 async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
     let id = Some(to_digest(job.toolchain.0));
-    let has = |present: Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>| {
-        present.map(|r| r.into_inner().present).map_err(|s| reason_for("has-toolchain", &s))
+    type Answer = Result<Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>, tokio::time::error::Elapsed>;
+    let has = |answer: Answer| match answer {
+        Ok(Ok(r)) => Ok(r.into_inner().present),
+        Ok(Err(s)) => Err(reason_for("has-toolchain", &s)),
+        Err(_) => Err("has-toolchain-timeout".to_string()),
     };
-    if has(scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() }).await)? {
+    if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await)? {
         return Ok(());
     }
     let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
@@ -225,7 +291,7 @@ async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Schedul
         Ok(f)
     })()
     .map_err(|_| "toolchain-lock".to_string())?;
-    if has(scheduler.has_toolchain(v1::ToolchainRef { id }).await)? {
+    if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id })).await)? {
         return Ok(());
     }
     let targets: Vec<String> = job.rustc.target.iter().cloned().collect();
@@ -365,10 +431,13 @@ async fn upload_blobs(
         }
         Ok(())
     });
-    worker
-        .upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| reason_for("upload-blobs", &s))?;
+    // Generous but bounded: the keepalive catches a dead worker sooner.
+    let upload = worker.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx));
+    match tokio::time::timeout(Duration::from_secs(600), upload).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(s)) => return Err(reason_for("upload-blobs", &s)),
+        Err(_) => return Err("upload-blobs-timeout".into()),
+    }
     reader.await.map_err(|_| "input-unreadable".to_string())??;
     Ok(total)
 }

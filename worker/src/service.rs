@@ -238,12 +238,13 @@ fn run_blocking(
         tree: &tree,
     };
     let mut streaming_ok = true;
-    // stderr goes line by line: when rustc announces a finished `.rmeta`, that file is sent before
-    // the announcement, so the client can hand both to cargo while codegen continues.
+    // stderr goes line by line: when rustc announces a finished dep-info or `.rmeta`, that file is
+    // sent before the announcement, so the client can check the one and hand the other to cargo
+    // while codegen continues.
     let mut line = Vec::new();
     let mut sent_early: HashSet<String> = HashSet::new();
     let forward_stderr = |bytes: &[u8], sent_early: &mut HashSet<String>| -> Result<(), ()> {
-        if let Some(path) = metadata_artifact(bytes, &job.cwd)
+        if let Some(path) = early_artifact(bytes, &job.cwd)
             && job.outputs.contains(&path)
             && sent_early.insert(path.clone())
         {
@@ -318,14 +319,16 @@ fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<
     Ok(())
 }
 
-/// The absolute path of a metadata artifact announced on this stderr line, if it is one.
-fn metadata_artifact(line: &[u8], cwd: &str) -> Option<String> {
+/// The absolute path of a file announced on this stderr line that is sent ahead of the
+/// announcement: the `.rmeta` (cargo's pipelining) and the dep-info (which the client checks
+/// against its own environment before it passes anything on).
+fn early_artifact(line: &[u8], cwd: &str) -> Option<String> {
     let text = std::str::from_utf8(line).ok()?.trim_end();
     if !text.starts_with(r#"{"$message_type":"artifact""#) {
         return None;
     }
     let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    if value.get("emit")?.as_str()? != "metadata" {
+    if !matches!(value.get("emit")?.as_str()?, "metadata" | "dep-info") {
         return None;
     }
     let path = value.get("artifact")?.as_str()?;

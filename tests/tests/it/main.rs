@@ -1,5 +1,6 @@
 //! The one end-to-end test binary. Each module is one area; helpers live in `ferry_tests`.
 
+mod cluster;
 mod security;
 mod toolchain;
 mod wrapper;

@@ -625,7 +625,7 @@ fn big_source(attempt: usize) -> String {
 
 /// `cargo build -j2 --offline` in `dir`, through ferry or plain, with nothing of the test runner's
 /// own cargo/rustc configuration leaking in (only the world's environment).
-fn cargo_build(world: &World, dir: &Path, wrapper: bool) -> Output {
+pub(crate) fn cargo_build(world: &World, dir: &Path, wrapper: bool) -> Output {
     let mut cmd = cargo(world, dir);
     cmd.args(["build", "-j2", "--offline"]);
     if wrapper {
@@ -636,7 +636,7 @@ fn cargo_build(world: &World, dir: &Path, wrapper: bool) -> Output {
     cmd.output().expect("cargo runs")
 }
 
-fn clean(world: &World, dir: &Path) {
+pub(crate) fn clean(world: &World, dir: &Path) {
     ok(cargo(world, dir).args(["clean", "--offline"]).output().expect("cargo runs"));
 }
 
@@ -654,7 +654,7 @@ fn cargo(world: &World, dir: &Path) -> Command {
 }
 
 /// Asserts a cargo build succeeded; returns its stderr (cargo's progress and rustc's messages).
-fn ok_build(out: Output) -> String {
+pub(crate) fn ok_build(out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     stderr
@@ -662,7 +662,7 @@ fn ok_build(out: Output) -> String {
 
 /// The lines of a cargo build's stderr, sorted (the order of `Compiling` lines varies with -j2) and
 /// without the build time.
-fn build_log(stderr: &str) -> Vec<String> {
+pub(crate) fn build_log(stderr: &str) -> Vec<String> {
     let mut lines: Vec<String> =
         stderr.lines().map(|l| l.split(" target(s) in ").next().unwrap_or(l).to_owned()).collect();
     lines.sort();
@@ -701,7 +701,7 @@ fn app(ws: &Path) -> String {
 }
 
 /// The real rustc of the installed toolchain (not the rustup proxy).
-fn rustc() -> PathBuf {
+pub(crate) fn rustc() -> PathBuf {
     installed_sysroot().join("bin/rustc")
 }
 
@@ -772,7 +772,7 @@ fn assert_x_value(dir: &Path, value: u32) {
 /// blake3 of every compiler output of a workspace build, by path under `target/debug`: the
 /// `deps/` libraries, metadata, proc-macros, dep-info and the `app` binary, the build script
 /// binaries (`build/<pkg>-<hash>/build_script_build-<hash>`) and what they wrote to `out/`.
-fn outputs(ws: &Path) -> BTreeMap<String, blake3::Hash> {
+pub(crate) fn outputs(ws: &Path) -> BTreeMap<String, blake3::Hash> {
     let debug = ws.join("target/debug");
     let mut found = BTreeMap::new();
     let mut add = |path: PathBuf| {
@@ -801,7 +801,7 @@ fn outputs(ws: &Path) -> BTreeMap<String, blake3::Hash> {
     found
 }
 
-fn assert_same_outputs(expected: &BTreeMap<String, blake3::Hash>, actual: &BTreeMap<String, blake3::Hash>) {
+pub(crate) fn assert_same_outputs(expected: &BTreeMap<String, blake3::Hash>, actual: &BTreeMap<String, blake3::Hash>) {
     let names = expected.keys().chain(actual.keys()).collect::<std::collections::BTreeSet<_>>();
     let differ: Vec<&String> = names.into_iter().filter(|n| expected.get(*n) != actual.get(*n)).collect();
     assert!(differ.is_empty(), "outputs differ from the expected build (missing, extra or other bytes): {differ:#?}");
@@ -809,7 +809,7 @@ fn assert_same_outputs(expected: &BTreeMap<String, blake3::Hash>, actual: &BTree
 
 /// A counter of `ferry stats --json` by JSON pointer (`/misses`, `/not_stored/compile-error`);
 /// an absent reason is 0.
-fn n(stats: &Value, pointer: &str) -> u64 {
+pub(crate) fn n(stats: &Value, pointer: &str) -> u64 {
     stats.pointer(pointer).map_or(0, |v| v.as_u64().unwrap_or_else(|| panic!("{pointer} is not a count: {v}")))
 }
 
@@ -960,7 +960,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn files_in(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = match fs::read_dir(dir) {
         Ok(entries) => entries.map(|e| e.expect("read dir").path()).collect(),
         Err(_) => Vec::new(),
@@ -969,13 +969,13 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
-fn write(path: &Path, content: &str) {
+pub(crate) fn write(path: &Path, content: &str) {
     fs::create_dir_all(path.parent().expect("a parent")).unwrap();
     File::create(path).and_then(|mut f| f.write_all(content.as_bytes())).unwrap();
 }
 
 /// Replaces `from` (which must occur) with `to` in a file.
-fn edit(path: &Path, from: &str, to: &str) {
+pub(crate) fn edit(path: &Path, from: &str, to: &str) {
     let text = fs::read_to_string(path).unwrap();
     assert!(text.contains(from), "{} has no {from:?}", path.display());
     fs::write(path, text.replace(from, to)).unwrap();

@@ -1,0 +1,977 @@
+//! The cluster end to end: a real `ferry-scheduler`, real `ferry-worker`s running jobs in real
+//! bubblewrap sandboxes, the real `ferry` wrapper under real cargo builds, all on loopback. Faults
+//! are real too: workers and schedulers are SIGKILLed, restarted on the same port, or frozen with
+//! SIGSTOP.
+//!
+//! Packaging, uploading and unpacking the installed toolchain costs tens of seconds, so tests
+//! that are not about those steps start from a [`Seed`]: the state a real scheduler and a real
+//! worker left on disk after a real `ferry toolchain upload` and a first remote job, hard-linked
+//! into the test's own data directories. The tests about uploading and the first fetch start
+//! from nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{Daemon, World, bin, ok};
+use serde_json::Value;
+
+use crate::wrapper::{
+    assert_same_outputs, build_log, cargo_build, clean, edit, files_in, n, ok_build, outputs, rustc, write,
+};
+
+#[test]
+fn a_remote_job_is_byte_identical_to_a_local_compile() {
+    let c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    let plain = x.plain(&c.world);
+    let remote = x.ferry(&c.world);
+    assert_eq!(
+        (remote.code, &remote.stdout, &remote.stderr),
+        (plain.code, &plain.stdout, &plain.stderr),
+        "exit code, stdout and stderr (with its artifact notifications) of a remote compile"
+    );
+    assert!(plain.stderr.contains(r#""emit":"metadata""#), "rustc announced no artifacts:\n{}", plain.stderr);
+    assert_same_files("remote compile", &plain.files, &remote.files);
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 0), "{s:#}");
+    assert_no_fallbacks(&s);
+    assert!(n(&s, "/bytes_sent") > 0, "the source must have travelled: {s:#}");
+
+    // A warning: the diagnostic arrives once (held back until the job succeeded), next to the
+    // same artifact notifications in their order.
+    let w = Lib::new(&c.world, "w", "pub fn w() -> u32 {\n    let unused = 1;\n    2\n}\n");
+    let plain = w.plain(&c.world);
+    let remote = w.ferry(&c.world);
+    assert!(plain.stderr.contains("unused variable"), "the crate must warn:\n{}", plain.stderr);
+    assert_eq!(sorted_lines(&remote.stderr), sorted_lines(&plain.stderr), "the same messages, each once");
+    assert_eq!(artifact_lines(&remote.stderr), artifact_lines(&plain.stderr));
+    assert_same_files("remote compile with a warning", &plain.files, &remote.files);
+    assert_eq!(n(&c.world.stats(), "/compiled_remote"), 2);
+
+    // A cargo build: every rlib goes to the cluster, the rest (proc-macro, build script, binary)
+    // stays local, and everything is byte for byte what a plain build at the same path makes.
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let plain_log = ok_build(cargo_build(&c.world, &ws, false));
+    let expected = outputs(&ws);
+    clean(&c.world, &ws);
+    c.world.ferry_ok(&["stats", "--zero"]);
+    let before = remote_jobs(&c.world).len();
+    let log = ok_build(cargo_build(&c.world, &ws, true));
+    assert_same_outputs(&expected, &outputs(&ws));
+    assert_eq!(build_log(&log), build_log(&plain_log), "cargo's output through the cluster differs");
+    let s = c.world.stats();
+    assert_no_fallbacks(&s);
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (RLIBS.len() as u64, 3), "{s:#}");
+    let mut remote_crates: Vec<String> = remote_jobs(&c.world)[before..].iter().map(|j| j.krate.clone()).collect();
+    remote_crates.sort();
+    assert_eq!(remote_crates, RLIBS, "every rlib unit is compiled on a worker");
+    assert_eq!(app(&ws), APP_LINE);
+}
+
+#[test]
+fn the_second_job_goes_to_the_worker_with_the_toolchain() {
+    let mut c = Cluster::start(Setup { seed_scheduler: true, ..Setup::default() });
+    let id = &seed().id;
+    c.add_worker("worker-b");
+    ok(Lib::new(&c.world, "a", "pub fn a() -> u32 { 1 }\n").ferry_output(&c.world));
+    let jobs = remote_jobs(&c.world);
+    assert_eq!(jobs.len(), 1, "the first job did not run remotely: {:#}", c.world.stats());
+    assert_eq!(jobs[0].worker, "worker-b");
+    // The worker reports the fetched toolchain when the job ends.
+    c.status_until("worker-b reports the toolchain and is idle again", |s| {
+        workers_of(s).iter().all(|w| has_toolchain(w, id) && w["busy"] == 0)
+    });
+
+    // Without locality, worker-a would win: both are idle, and ties go to the lower id.
+    c.add_worker("worker-a");
+    let status = c.status_until("worker-a registers", |s| workers_of(s).len() == 2);
+    let lacking: Vec<&str> =
+        workers_of(&status).iter().filter(|w| !has_toolchain(w, id)).filter_map(|w| w["id"].as_str()).collect();
+    assert_eq!(lacking, ["worker-a"], "{status:#}");
+
+    ok(Lib::new(&c.world, "b", "pub fn b() -> u32 { 2 }\n").ferry_output(&c.world));
+    let jobs = remote_jobs(&c.world);
+    assert_eq!(jobs.len(), 2, "the second job did not run remotely: {:#}", c.world.stats());
+    assert_eq!((jobs[1].krate.as_str(), jobs[1].worker.as_str()), ("b", "worker-b"), "{jobs:?}");
+    let status = c.status();
+    let lacking: Vec<&str> =
+        workers_of(&status).iter().filter(|w| !has_toolchain(w, id)).filter_map(|w| w["id"].as_str()).collect();
+    assert_eq!(lacking, ["worker-a"], "the worker without the toolchain fetched it anyway: {status:#}");
+    assert!(!c.workers[1].log_text().contains("starting sandbox"), "the worker without the toolchain ran a job");
+    assert_no_fallbacks(&c.world.stats());
+}
+
+#[test]
+fn a_killed_worker_fails_its_job_promptly_and_the_build_goes_on() {
+    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let ws = c.world.path().join("slow");
+    slow_workspace(&ws);
+    let started = Instant::now();
+    ok_build(cargo_build(&c.world, &ws, false));
+    let plain_secs = started.elapsed();
+    let expected = deps_outputs(&ws);
+    clean(&c.world, &ws);
+    c.world.ferry_ok(&["stats", "--zero"]);
+
+    let killed = kill_mid_build(&mut c, &ws, KillWhen::Compiling);
+    assert!(killed.status.success(), "the build failed after a worker died:\n{}", killed.stderr);
+    // The local compile of `big` is most of this; a connection left hanging would take far longer.
+    let bound = Duration::from_secs(10) + plain_secs * 2;
+    assert!(killed.after_kill < bound, "the build took {:?} after the kill (bound {bound:?})", killed.after_kill);
+    assert_same_files("build after the kill", &expected, &deps_outputs(&ws));
+    let s = c.world.stats();
+    assert!(n(&s, "/fallbacks/worker-lost") >= 1, "the lost job is counted as worker-lost: {s:#}");
+
+    let status = c.status_until_within(Duration::from_secs(8), "the scheduler drops the dead worker", |s| {
+        workers_of(s).len() == 1
+    });
+    assert!(workers_of(&status)[0]["id"] != killed.worker.as_str(), "{status:#}");
+    assert!(status["jobs_failed"].as_u64().unwrap_or(0) >= 1, "the dead worker's job is counted failed: {status:#}");
+    let survivor = workers_of(&status)[0]["id"].as_str().unwrap_or_default().to_owned();
+
+    c.world.ferry_ok(&["stats", "--zero"]);
+    edit(&ws.join("crates/user/src/lib.rs"), "f1(3)", "f2(3)");
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 0), "{s:#}");
+    let last = remote_jobs(&c.world).pop().expect("a remote job");
+    assert_eq!((last.krate.as_str(), last.worker.as_str()), ("user", survivor.as_str()));
+}
+
+#[test]
+fn a_worker_lost_after_the_early_metadata_does_not_break_cargo() {
+    // The wrapper hands a remote job's `.rmeta` and its artifact notification to cargo before the
+    // job ends (pipelining); if the worker dies after that, the local compile must not announce
+    // the metadata a second time: cargo has already started the dependents.
+    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let ws = c.world.path().join("slow");
+    slow_workspace(&ws);
+    let killed = kill_mid_build(&mut c, &ws, KillWhen::AfterMetadata);
+    assert!(killed.status.success(), "the build failed after a worker died:\n{}", killed.stderr);
+    assert!(!killed.stderr.contains("panicked"), "{}", killed.stderr);
+    assert!(n(&c.world.stats(), "/fallbacks/worker-lost") >= 1, "{:#}", c.world.stats());
+}
+
+#[test]
+fn workers_reconnect_after_a_scheduler_restart() {
+    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let addr = c.scheduler.addr.clone();
+    c.scheduler.kill();
+
+    // Meanwhile, builds go on locally.
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    ok(x.ferry_output(&c.world));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_local"), n(&s, "/fallbacks/scheduler-unreachable")), (1, 1), "{s:#}");
+
+    c.scheduler = c.world.scheduler_at(&addr, &[]);
+    let id = &seed().id;
+    c.status_until_within(Duration::from_secs(20), "both workers re-register with their toolchains", |s| {
+        workers_of(s).len() == 2 && workers_of(s).iter().all(|w| has_toolchain(w, id))
+    });
+    c.world.ferry_ok(&["stats", "--zero"]);
+    edit(&x.dir.join("x.rs"), "a + b", "b + a");
+    let remote = x.ferry(&c.world);
+    assert_eq!(remote.code, Some(0), "{}", remote.stderr);
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 0), "{s:#}");
+    assert_no_fallbacks(&s);
+}
+
+#[test]
+fn toolchain_upload_once_and_list_shows_holders() {
+    let c = Cluster::start(Setup { workers: 2, ..Setup::default() });
+    let packaged = c.world.ferry_json(&["toolchain", "package", "--json"]);
+    let id = packaged["id"].as_str().expect("an id").to_owned();
+    assert_eq!(c.world.ferry_json(&["toolchain", "list", "--json"]), serde_json::json!([]));
+
+    let first = c.world.ferry_json(&["toolchain", "upload", "--json"]);
+    assert_eq!((&first["id"], &first["uploaded"]), (&Value::from(id.as_str()), &Value::Bool(true)), "{first}");
+    assert_eq!(first["bytes_sent"], packaged["archive_bytes"], "{first}");
+    let second = c.world.ferry_json(&["toolchain", "upload", "--json"]);
+    assert_eq!((&second["uploaded"], &second["bytes_sent"]), (&Value::Bool(false), &Value::from(0)), "{second}");
+
+    let list = c.world.ferry_json(&["toolchain", "list", "--json"]);
+    let listed = list.as_array().filter(|l| l.len() == 1).map(|l| &l[0]).unwrap_or_else(|| panic!("{list:#}"));
+    assert_eq!(listed["id"], id.as_str());
+    assert_eq!(listed["rustc_version"], packaged["rustc_version"]);
+    assert_eq!(listed["targets"], packaged["targets"]);
+    assert_eq!(listed["bytes"], packaged["archive_bytes"]);
+    assert!(listed["uploaded"].as_u64().unwrap_or(0) > 1_700_000_000, "upload time in Unix seconds: {listed}");
+    assert_eq!(listed["workers"], serde_json::json!([]), "no worker has fetched it yet");
+
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    ok(x.ferry_output(&c.world));
+    let job = remote_jobs(&c.world).pop().unwrap_or_else(|| panic!("no remote job: {:#}", c.world.stats()));
+    let holders = wait_until(Duration::from_secs(10), "the list names the worker that ran the job", || {
+        let list = c.world.ferry_json(&["toolchain", "list", "--json"]);
+        let workers = list[0]["workers"].clone();
+        (workers != serde_json::json!([])).then_some(workers)
+    });
+    assert_eq!(holders, serde_json::json!([job.worker]));
+    assert_no_fallbacks(&c.world.stats());
+
+    // A scheduler that is down from the start: the build goes on, with a counted fallback.
+    let mut down = World::new();
+    down.set("FERRY_SCHEDULER", format!("http://{}", closed_port()));
+    let pkg = down.path().join("pkg");
+    write(&pkg.join("Cargo.toml"), "[package]\nname = \"pkg\"\nversion = \"0.1.0\"\nedition = \"2021\"\n");
+    write(&pkg.join("src/lib.rs"), "pub fn pkg() -> u32 { 7 }\n");
+    ok_build(cargo_build(&down, &pkg, true));
+    let s = down.stats();
+    assert_eq!((n(&s, "/compiled_local"), n(&s, "/compiled_remote")), (1, 0), "{s:#}");
+    assert_eq!(s["fallbacks"], serde_json::json!({"scheduler-unreachable": 1}), "{s:#}");
+}
+
+#[test]
+fn toolchain_upload_to_first_job_time() {
+    let c = Cluster::start(Setup { workers: 1, ..Setup::default() });
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    let plain = x.plain(&c.world);
+    let started = Instant::now();
+    let upload = c.world.ferry_json(&["toolchain", "upload", "--json"]);
+    let uploaded = started.elapsed();
+    let remote = x.ferry(&c.world);
+    let total = started.elapsed();
+    eprintln!(
+        "toolchain upload to the end of the first remote job on a worker without it: {:.1} s \
+         (package + upload {:.1} s, first job with fetch and unpack {:.1} s)",
+        total.as_secs_f64(),
+        uploaded.as_secs_f64(),
+        (total - uploaded).as_secs_f64()
+    );
+    assert_eq!(upload["uploaded"], true, "{upload}");
+    assert_eq!((remote.code, &remote.stderr), (plain.code, &plain.stderr));
+    assert_same_files("first remote compile", &plain.files, &remote.files);
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 0), "{s:#}");
+    let id = upload["id"].as_str().expect("an id");
+    c.status_until("the worker reports the fetched toolchain", |s| workers_of(s).iter().all(|w| has_toolchain(w, id)));
+}
+
+#[test]
+fn a_remote_compile_sees_the_variables_a_local_one_sees() {
+    // `option_env!` compiles either way: a variable the job does not carry silently changes the
+    // crate, and the result is stored under the key of the value the client has.
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    c.world.set("FERRY_TEST_OPTIONAL", "hello");
+    let source = "pub const VALUE: Option<&str> = option_env!(\"FERRY_TEST_OPTIONAL\");\n\n\
+                  pub fn value_len() -> usize {\n    VALUE.map_or(0, str::len)\n}\n";
+    let opt = Lib::new(&c.world, "opt", source);
+    let plain = opt.plain(&c.world);
+    let remote = opt.ferry(&c.world);
+    assert_eq!(remote.code, Some(0), "{}", remote.stderr);
+    let s = c.world.stats();
+    assert_eq!(n(&s, "/compiled_remote") + n(&s, "/compiled_local"), 1, "{s:#}");
+
+    // The same compile again, without a cluster: a hit in the local cache.
+    remove_outputs(&opt);
+    c.world.set("FERRY_SCHEDULER", "");
+    let hit = opt.ferry(&c.world);
+    assert_eq!(n(&c.world.stats(), "/hits_local"), 1, "{:#}", c.world.stats());
+    let cached = if hit.files == plain.files { "right" } else { "wrong" };
+    assert_same_files(
+        &format!("remote compile (the cache now serves the {cached} bytes)"),
+        &plain.files,
+        &remote.files,
+    );
+    assert_same_files("local cache hit", &plain.files, &hit.files);
+}
+
+#[test]
+fn a_stopped_scheduler_costs_a_bounded_wait_not_the_build() {
+    let c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    let plain = x.plain(&c.world);
+    // A frozen scheduler (a paused VM, a stuck process): connections are accepted by the kernel,
+    // nothing ever answers.
+    let _frozen = Frozen::new(&c.scheduler);
+    let mut run = Background::spawn(x.ferry_command(&c.world), &c.world.path().join("frozen-scheduler"));
+    let (status, took) = run.wait_bounded(HANG_BOUND);
+    let stderr = run.stderr();
+    assert!(status.is_some(), "the wrapper still waits for a frozen scheduler after {took:?}:\n{stderr}");
+    assert_eq!((status.and_then(|s| s.code()), stderr.as_str()), (Some(0), plain.stderr.as_str()));
+    assert_same_files("local fallback", &plain.files, &x.outputs());
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_local"), fallback_count(&s)), (1, 1), "{s:#}");
+}
+
+#[test]
+fn a_stopped_worker_costs_a_bounded_wait_not_the_build() {
+    let c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let big = Lib::new(&c.world, "big", &big_source(8000));
+    let mut run = Background::spawn(big.ferry_command(&c.world), &c.world.path().join("frozen-worker"));
+    wait_until(Duration::from_secs(90), "the worker compiling big", || {
+        assert!(run.running(), "the compile ended before the worker was frozen:\n{}", run.stderr());
+        rustc_running_under(c.workers[0].child.id(), "big").then_some(())
+    });
+    let _frozen = Frozen::new(&c.workers[0]);
+    let frozen_at = Instant::now();
+    c.status_until_within(Duration::from_secs(8), "the scheduler drops the frozen worker (2 s lease)", |s| {
+        workers_of(s).is_empty()
+    });
+    let (status, _) = run.wait_bounded(HANG_BOUND.saturating_sub(frozen_at.elapsed()));
+    let took = frozen_at.elapsed();
+    assert!(status.is_some(), "the wrapper still waits for a frozen worker after {took:?}:\n{}", run.stderr());
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", run.stderr());
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/compiled_local"), fallback_count(&s)), (1, 1), "{s:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A cluster on loopback
+// ---------------------------------------------------------------------------------------------
+
+/// How long a wrapper may wait on a frozen peer before compiling locally: generous (a cold
+/// connection, a slow machine), and far from "forever".
+const HANG_BOUND: Duration = Duration::from_secs(30);
+
+/// What [`Cluster::start`] starts from.
+#[derive(Debug, Default)]
+struct Setup {
+    /// Workers started with the scheduler.
+    workers: usize,
+    /// The scheduler already stores the installed toolchain.
+    seed_scheduler: bool,
+    /// Every worker already has it unpacked.
+    seed_workers: bool,
+    /// The scheduler's worker lease (default: the scheduler's own, 10 s).
+    lease_ms: Option<u64>,
+}
+
+/// A scheduler and workers (2 slots each) in one world whose `FERRY_SCHEDULER` points at them.
+#[derive(Debug)]
+struct Cluster {
+    world: World,
+    scheduler: Daemon,
+    workers: Vec<Daemon>,
+}
+
+impl Cluster {
+    fn start(setup: Setup) -> Cluster {
+        let mut world = World::new();
+        if setup.seed_scheduler {
+            seed().seed_scheduler_dir(&world.path().join("scheduler"));
+        }
+        let mut extra = Vec::new();
+        if let Some(lease) = setup.lease_ms {
+            let config = world.path().join("scheduler.toml");
+            write(&config, &format!("lease_ms = {lease}\n"));
+            extra = vec!["--config".to_owned(), config.display().to_string()];
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let scheduler = world.scheduler(&extra);
+        world.set("FERRY_SCHEDULER", scheduler.url());
+        let workers: Vec<Daemon> = (0..setup.workers)
+            .map(|i| {
+                let name = format!("worker{i}");
+                if setup.seed_workers {
+                    seed().seed_worker_dir(&world.path().join(&name));
+                }
+                world.worker(&name, &scheduler.url(), &["--slots", "2"])
+            })
+            .collect();
+        let c = Cluster { world, scheduler, workers };
+        let id = &seed_id_if(setup.seed_workers);
+        c.status_until("every worker registers", |s| {
+            workers_of(s).len() == setup.workers && workers_of(s).iter().all(|w| id.is_empty() || has_toolchain(w, id))
+        });
+        c
+    }
+
+    /// Starts one more worker (2 slots), with the id `id`, and waits for it to register.
+    fn add_worker(&mut self, id: &str) {
+        let config = self.world.path().join(format!("{id}.toml"));
+        write(&config, &format!("id = \"{id}\"\n"));
+        let config = config.display().to_string();
+        let worker = self.world.worker(id, &self.scheduler.url(), &["--slots", "2", "--config", &config]);
+        self.workers.push(worker);
+        self.status_until(&format!("{id} registers"), |s| workers_of(s).iter().any(|w| w["id"] == id));
+    }
+
+    fn status(&self) -> Value {
+        self.world.ferry_json(&["status", "--json"])
+    }
+
+    fn status_until(&self, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        self.status_until_within(Duration::from_secs(30), what, ready)
+    }
+
+    /// Polls `ferry status --json` until `ready` holds; panics (with the last status and the
+    /// daemons' logs' tails) when it does not within `limit`.
+    fn status_until_within(&self, limit: Duration, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let status = self.world.wait_for_status(limit, &ready);
+        if !ready(&status) {
+            let logs: Vec<String> = std::iter::once(&self.scheduler)
+                .chain(&self.workers)
+                .map(|d| format!("--- {}:\n{}", d.log.display(), tail(&d.log_text(), 15)))
+                .collect();
+            panic!("not within {limit:?}: {what}; last status:\n{status:#}\n{}", logs.join("\n"));
+        }
+        status
+    }
+
+    /// The id the scheduler knows worker `i` by.
+    fn worker_id(&self, i: usize) -> String {
+        let status = self.status();
+        let addr = &self.workers[i].addr;
+        let found = workers_of(&status).into_iter().find(|w| w["address"] == addr.as_str()).map(|w| w["id"].clone());
+        found.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| panic!("{addr} not in {status:#}"))
+    }
+}
+
+/// When [`kill_mid_build`] kills the worker compiling `big`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillWhen {
+    /// As soon as its rustc runs (well before the metadata is written).
+    Compiling,
+    /// Once `big`'s `.rmeta` came back (cargo has been told and starts `user`), while its rustc
+    /// is still generating code.
+    AfterMetadata,
+}
+
+/// How a build went after its worker was killed.
+#[derive(Debug)]
+struct Killed {
+    status: std::process::ExitStatus,
+    stderr: String,
+    /// From the kill to the end of the build.
+    after_kill: Duration,
+    /// The killed worker's id.
+    worker: String,
+}
+
+/// Builds [`slow_workspace`] through the cluster and SIGKILLs the worker compiling `big`.
+fn kill_mid_build(c: &mut Cluster, ws: &Path, when: KillWhen) -> Killed {
+    let ids: Vec<String> = (0..c.workers.len()).map(|i| c.worker_id(i)).collect();
+    let mut cmd = cargo_command(&c.world, ws);
+    cmd.env("RUSTC_WRAPPER", bin("ferry"));
+    let mut build = Background::spawn(cmd, &c.world.path().join("killed-build"));
+    let deps = ws.join("target/debug/deps");
+    let rmeta_back =
+        || files_in(&deps).iter().any(|p| name_of(p).starts_with("libbig-") && name_of(p).ends_with(".rmeta"));
+    let victim = wait_until(Duration::from_secs(90), &format!("a worker compiling big ({when:?})"), || {
+        assert!(build.running(), "the build ended before a worker was killed:\n{}", build.stderr());
+        if when == KillWhen::AfterMetadata && !rmeta_back() {
+            return None;
+        }
+        c.workers.iter().position(|w| rustc_running_under(w.child.id(), "big"))
+    });
+    c.workers[victim].kill();
+    let killed = Instant::now();
+    let status = build.wait(Duration::from_secs(180));
+    Killed { status, stderr: build.stderr(), after_kill: killed.elapsed(), worker: ids[victim].clone() }
+}
+
+fn workers_of(status: &Value) -> Vec<&Value> {
+    status["workers"].as_array().map(|w| w.iter().collect()).unwrap_or_default()
+}
+
+fn has_toolchain(worker: &Value, id: &str) -> bool {
+    worker["toolchains"].as_array().is_some_and(|t| t.iter().any(|t| t == id))
+}
+
+/// One "compiled remotely" line of the wrapper's log.
+#[derive(Debug, Clone)]
+struct RemoteJob {
+    worker: String,
+    krate: String,
+}
+
+/// Every remote compile the world's wrappers logged, in order.
+fn remote_jobs(world: &World) -> Vec<RemoteJob> {
+    let log = fs::read_to_string(world.cache_dir().join("ferry.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains(" compiled remotely "))
+        .map(|l| {
+            let field = |name: &str| {
+                l.split(' ').find_map(|w| w.strip_prefix(name)).unwrap_or_default().trim_matches('"').to_owned()
+            };
+            RemoteJob { worker: field("worker="), krate: field("krate=") }
+        })
+        .collect()
+}
+
+fn assert_no_fallbacks(stats: &Value) {
+    assert_eq!(fallback_count(stats), 0, "{stats:#}");
+}
+
+fn fallback_count(stats: &Value) -> u64 {
+    stats["fallbacks"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
+}
+
+/// An address where nothing listens.
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
+}
+
+/// A daemon stopped with SIGSTOP until dropped.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(daemon: &Daemon) -> Frozen {
+        signal(daemon.child.id(), libc::SIGSTOP);
+        Frozen(daemon.child.id())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a process this test started (and has not reaped).
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+}
+
+/// Whether a `rustc` compiling `krate` runs below process `pid` (a worker: its sandbox).
+fn rustc_running_under(pid: u32, krate: &str) -> bool {
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid ...": comm may hold anything, so read after its last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+        if let Some(ppid) = ppid {
+            parent.insert(p, ppid);
+        }
+    }
+    let below = |mut p: u32| {
+        while let Some(&up) = parent.get(&p) {
+            if up == pid {
+                return true;
+            }
+            p = up;
+        }
+        false
+    };
+    parent.keys().any(|&p| {
+        let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        comm.trim() == "rustc"
+            && args.windows(2).any(|w| w[0] == b"--crate-name" && w[1] == krate.as_bytes())
+            && below(p)
+    })
+}
+
+/// Polls `f` every 50 ms until it gives a value; panics after `limit`.
+fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().filter(|l| !l.contains("h2::") && !l.contains("hyper")).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The seed: a toolchain uploaded and unpacked once per test process
+// ---------------------------------------------------------------------------------------------
+
+/// What a real scheduler and a real worker left on disk after `ferry toolchain upload` and one
+/// remote job: the scheduler's archive store and the worker's unpacked toolchain. Removed when
+/// the test process exits.
+#[derive(Debug)]
+struct Seed {
+    root: PathBuf,
+    id: String,
+}
+
+fn seed() -> &'static Seed {
+    static SEED: OnceLock<Seed> = OnceLock::new();
+    SEED.get_or_init(|| {
+        let c = Cluster::start(Setup { workers: 1, ..Setup::default() });
+        let upload = c.world.ferry_json(&["toolchain", "upload", "--json"]);
+        let id = upload["id"].as_str().expect("an id").to_owned();
+        ok(Lib::new(&c.world, "seed", "pub fn seed() {}\n").ferry_output(&c.world));
+        assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1, "the seed job: {:#}", c.world.stats());
+        c.status_until("the seed worker unpacked the toolchain", |s| {
+            workers_of(s).iter().all(|w| has_toolchain(w, &id))
+        });
+        let Cluster { world, scheduler, workers } = c;
+        drop((scheduler, workers));
+        let root = world.dir.keep();
+        let _ = SEED_ROOT.set(root.clone());
+        // SAFETY: registers a plain function without arguments, run once at exit.
+        unsafe { libc::atexit(remove_seed) };
+        Seed { root, id }
+    })
+}
+
+static SEED_ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_seed() {
+    if let Some(root) = SEED_ROOT.get() {
+        make_writable(root);
+        let _ = fs::remove_dir_all(root);
+    }
+}
+
+/// The seed's toolchain id, or "" when not seeding.
+fn seed_id_if(seeded: bool) -> String {
+    if seeded { seed().id.clone() } else { String::new() }
+}
+
+impl Seed {
+    /// Hard-links the scheduler's archive store into the data dir `dir`.
+    fn seed_scheduler_dir(&self, dir: &Path) {
+        fs::create_dir_all(dir).expect("scheduler dir");
+        copy_linked(&self.root.join("scheduler/toolchains"), dir);
+    }
+
+    /// Hard-links the unpacked toolchain into the worker data dir `dir`.
+    fn seed_worker_dir(&self, dir: &Path) {
+        fs::create_dir_all(dir.join("toolchains")).expect("worker dir");
+        copy_linked(&self.root.join("worker0/toolchains").join(&self.id), &dir.join("toolchains"));
+    }
+}
+
+/// `cp -al from into/`: the same files (hard links), so a seed costs no copying.
+fn copy_linked(from: &Path, into: &Path) {
+    ok(Command::new("cp").arg("-al").arg(from).arg(into).output().expect("cp runs"));
+}
+
+fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o755));
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_writable(&entry.path());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiling: one library by hand, as cargo would, and generated workspaces
+// ---------------------------------------------------------------------------------------------
+
+/// A few functions, no diagnostics.
+const X_SOURCE: &str = "pub fn add(a: u64, b: u64) -> u64 {\n    a + b\n}\n\n\
+                        pub fn twice(x: u64) -> u64 {\n    add(x, x)\n}\n\n\
+                        pub fn name() -> &'static str {\n    \"x\"\n}\n";
+
+/// A library `<name>.rs` alone in `<world>/<name>/`, compiled into its `out/` as cargo would.
+#[derive(Debug)]
+struct Lib {
+    dir: PathBuf,
+    name: String,
+}
+
+/// One compile: its exit code, streams, and output files by name.
+#[derive(Debug)]
+struct Compiled {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Lib {
+    fn new(world: &World, name: &str, source: &str) -> Lib {
+        let dir = world.path().join(name);
+        write(&dir.join(format!("{name}.rs")), source);
+        fs::create_dir_all(dir.join("out")).expect("out dir");
+        Lib { dir, name: name.to_owned() }
+    }
+
+    fn args(&self) -> Vec<String> {
+        let out = self.dir.join("out").display().to_string();
+        let name = self.name.as_str();
+        let args = ["--crate-name", name, "--edition=2021", &format!("{name}.rs"), "--crate-type", "lib"];
+        let more = ["--emit=dep-info,metadata,link", "--out-dir", &out, "-C", "extra-filename=-abc"];
+        let json = ["--error-format=json", "--json=artifacts"];
+        args.iter().chain(&more).chain(&json).map(|s| (*s).to_owned()).collect()
+    }
+
+    /// `program` in the crate's directory with the world's environment, `CARGO_MANIFEST_DIR`
+    /// set as cargo sets it, and nothing of the test runner's own cargo environment.
+    fn command(&self, world: &World, program: &Path) -> Command {
+        let mut cmd = world.command(program);
+        for (name, _) in std::env::vars() {
+            if (name.starts_with("CARGO") || name.starts_with("RUSTC")) && !world.env.iter().any(|(k, _)| *k == name) {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.env("CARGO_MANIFEST_DIR", &self.dir).current_dir(&self.dir);
+        cmd
+    }
+
+    /// `ferry <real rustc> ARGS`.
+    fn ferry_command(&self, world: &World) -> Command {
+        let mut cmd = self.command(world, &bin("ferry"));
+        cmd.arg(rustc()).args(self.args());
+        cmd
+    }
+
+    fn ferry_output(&self, world: &World) -> Output {
+        self.ferry_command(world).output().expect("ferry runs")
+    }
+
+    /// A plain rustc compile; its outputs are then removed, so the next compile starts clean.
+    fn plain(&self, world: &World) -> Compiled {
+        let out = self.command(world, &rustc()).args(self.args()).output().expect("rustc runs");
+        let compiled = self.compiled(out);
+        assert_eq!(compiled.code, Some(0), "plain rustc failed:\n{}", compiled.stderr);
+        remove_outputs(self);
+        compiled
+    }
+
+    fn ferry(&self, world: &World) -> Compiled {
+        self.compiled(self.ferry_output(world))
+    }
+
+    fn compiled(&self, out: Output) -> Compiled {
+        Compiled {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            files: self.outputs(),
+        }
+    }
+
+    fn outputs(&self) -> BTreeMap<String, Vec<u8>> {
+        let files = files_in(&self.dir.join("out"));
+        files.iter().map(|p| (name_of(p), fs::read(p).expect("read output"))).collect()
+    }
+}
+
+/// Removes a library's outputs, so the next compile starts clean.
+fn remove_outputs(lib: &Lib) {
+    for path in files_in(&lib.dir.join("out")) {
+        fs::remove_file(&path).expect("remove output");
+    }
+}
+
+fn name_of(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn assert_same_files<T: AsRef<[u8]>>(what: &str, expected: &BTreeMap<String, T>, actual: &BTreeMap<String, T>) {
+    let names = |m: &BTreeMap<String, T>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(actual), names(expected), "{what}: output file names");
+    let differ: Vec<&String> = expected
+        .iter()
+        .filter(|(name, bytes)| actual[*name].as_ref() != bytes.as_ref())
+        .map(|(name, _)| name)
+        .collect();
+    // Dep-info is text, and says what the compile read: show it.
+    let text = |b: &T| String::from_utf8_lossy(b.as_ref()).into_owned();
+    let dep_info: Vec<String> = differ
+        .iter()
+        .filter(|name| name.ends_with(".d"))
+        .map(|name| format!("{name} expected:\n{}\n{name} got:\n{}", text(&expected[*name]), text(&actual[*name])))
+        .collect();
+    assert!(differ.is_empty(), "{what}: {differ:?} differ from the plain compile's\n{}", dep_info.join("\n"));
+}
+
+fn sorted_lines(text: &str) -> Vec<&str> {
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_unstable();
+    lines
+}
+
+fn artifact_lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| l.starts_with(r#"{"$message_type":"artifact""#)).collect()
+}
+
+/// `.rlib`, `.rmeta` and `.d` files of `target/debug/deps`, by name.
+fn deps_outputs(ws: &Path) -> BTreeMap<String, Vec<u8>> {
+    files_in(&ws.join("target/debug/deps"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "rlib" || e == "rmeta" || e == "d"))
+        .map(|p| (name_of(&p), fs::read(&p).expect("read output")))
+        .collect()
+}
+
+/// A library source that takes rustc a few seconds, most of it generating code after the
+/// metadata is written.
+fn big_source(functions: usize) -> String {
+    let mut source = String::new();
+    for i in 0..functions {
+        source.push_str(&format!(
+            "pub fn f{i}(x: u64) -> u64 {{ let a = x.wrapping_mul({i}).rotate_left(7) ^ {i}; \
+             if a % 3 == 0 {{ a / 3 }} else {{ a + {i} }} }}\n"
+        ));
+    }
+    source
+}
+
+/// The rlib units of [`workspace`], sorted.
+const RLIBS: &[&str] = &["base", "generated", "middle", "texty", "top"];
+
+/// What the binary of [`workspace`] prints.
+const APP_LINE: &str = "answer=42 chain=base+middle+top generated=from a build script text=hello from a text file";
+
+/// A workspace of lib crates in a chain (`base` ← `middle` ← `top`), a proc-macro `top` uses, a
+/// lib with a build script writing the source it `include!`s, a lib using `include_str!`, and
+/// the binary `app` using them all. Path dependencies only.
+fn workspace(root: &Path) {
+    write(&root.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"crates/*\"]\n");
+    let krate = |name: &str, deps: &[&str], extra: &str, files: &[(&str, &str)]| {
+        let dir = root.join("crates").join(name);
+        let mut manifest = format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n{extra}");
+        manifest.push_str("\n[dependencies]\n");
+        for dep in deps {
+            manifest.push_str(&format!("{dep} = {{ path = \"../{dep}\" }}\n"));
+        }
+        write(&dir.join("Cargo.toml"), &manifest);
+        for (path, content) in files {
+            write(&dir.join(path), content);
+        }
+    };
+    krate("base", &[], "", &[("src/lib.rs", "pub fn name() -> String {\n    \"base\".to_owned()\n}\n")]);
+    krate("middle", &["base"], "", &[("src/lib.rs", "pub fn name() -> String {\n    base::name() + \"+middle\"\n}\n")]);
+    krate(
+        "macros",
+        &[],
+        "\n[lib]\nproc-macro = true\n",
+        &[(
+            "src/lib.rs",
+            "use proc_macro::TokenStream;\n\n#[proc_macro]\npub fn answer(_input: TokenStream) -> TokenStream {\n    \
+             \"42\".parse().unwrap()\n}\n",
+        )],
+    );
+    krate(
+        "top",
+        &["middle", "macros"],
+        "",
+        &[(
+            "src/lib.rs",
+            "pub const ANSWER: u32 = macros::answer!();\n\npub fn name() -> String {\n    middle::name() + \"+top\"\n}\n",
+        )],
+    );
+    krate(
+        "generated",
+        &[],
+        "build = \"build.rs\"\n",
+        &[
+            (
+                "build.rs",
+                "fn main() {\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
+                 let code = \"pub const GENERATED: &str = \\\"from a build script\\\";\\n\";\n    \
+                 std::fs::write(format!(\"{out}/generated.rs\"), code).unwrap();\n    \
+                 println!(\"cargo::rerun-if-changed=build.rs\");\n}\n",
+            ),
+            ("src/lib.rs", "include!(concat!(env!(\"OUT_DIR\"), \"/generated.rs\"));\n"),
+        ],
+    );
+    krate(
+        "texty",
+        &[],
+        "",
+        &[
+            ("src/lib.rs", "pub const TEXT: &str = include_str!(\"message.txt\");\n"),
+            ("src/message.txt", "hello from a text file\n"),
+        ],
+    );
+    krate(
+        "app",
+        &["top", "generated", "texty"],
+        "",
+        &[(
+            "src/main.rs",
+            "fn main() {\n    println!(\n        \"answer={} chain={} generated={} text={}\",\n        top::ANSWER,\n        \
+             top::name(),\n        generated::GENERATED,\n        texty::TEXT.trim(),\n    );\n}\n",
+        )],
+    );
+}
+
+/// A workspace of `big` (a few seconds of codegen) and `user`, which depends on it.
+fn slow_workspace(root: &Path) {
+    write(&root.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"crates/*\"]\n");
+    let package = |name: &str, deps: &str| {
+        format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n{deps}")
+    };
+    write(&root.join("crates/big/Cargo.toml"), &package("big", ""));
+    write(&root.join("crates/big/src/lib.rs"), &big_source(8000));
+    write(&root.join("crates/user/Cargo.toml"), &package("user", "big = { path = \"../big\" }\n"));
+    write(&root.join("crates/user/src/lib.rs"), "pub fn user() -> u64 {\n    big::f1(3)\n}\n");
+}
+
+fn app(ws: &Path) -> String {
+    ok(Command::new(ws.join("target/debug/app")).output().expect("app runs")).trim().to_owned()
+}
+
+/// `cargo build -j2 --offline` in `dir` as [`cargo_build`] runs it, to be spawned.
+fn cargo_command(world: &World, dir: &Path) -> Command {
+    let mut cmd = world.command("cargo");
+    for (name, _) in std::env::vars() {
+        let config = (name.starts_with("CARGO_") && name != "CARGO_HOME")
+            || ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTDOCFLAGS"].contains(&&*name);
+        if config && !world.env.iter().any(|(k, _)| *k == name) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(["build", "-j2", "--offline"]).current_dir(dir);
+    cmd
+}
+
+/// A process running in the background, its stdout and stderr going to files.
+#[derive(Debug)]
+struct Background {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Background {
+    fn spawn(mut cmd: Command, prefix: &Path) -> Background {
+        let stderr = prefix.with_extension("stderr");
+        let out = File::create(prefix.with_extension("stdout")).expect("stdout file");
+        let err = File::create(&stderr).expect("stderr file");
+        let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().expect("spawn");
+        Background { child, stderr }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits at most `limit`; kills it (and says None) if it is still running then.
+    fn wait_bounded(&mut self, limit: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (Some(status), start.elapsed());
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return (None, start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let (status, took) = self.wait_bounded(limit);
+        status.unwrap_or_else(|| panic!("still running after {took:?}:\n{}", self.stderr()))
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
