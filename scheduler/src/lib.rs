@@ -49,7 +49,11 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
             .max_encoding_message_size(config.max_message_bytes),
         config.tokens.clone().interceptor(),
     );
+    // Large flow-control windows: toolchain archives are hundreds of megabytes.
     let mut server = Server::builder()
+        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(Duration::from_secs(3600));

@@ -148,12 +148,156 @@ fn compress_chunks(rx: &Mutex<Receiver<(u64, Vec<u8>)>>, tx: &SyncSender<(u64, i
     loop {
         let next = rx.lock().expect("chunk queue poisoned").recv();
         let Ok((seq, chunk)) = next else { return };
-        let mut enc = flate2::GzBuilder::new().write(Vec::with_capacity(chunk.len() / 2), Compression::new(LEVEL));
-        let result = enc.write_all(&chunk).and_then(|()| enc.finish());
-        if tx.send((seq, result)).is_err() {
+        if tx.send((seq, gzip_member(&chunk))).is_err() {
             return;
         }
     }
+}
+
+/// One gzip member holding `data`, with its own total size in an `FR` extra subfield (like BGZF's
+/// `BC`): readers split the stream into members without inflating it, and inflate them on every
+/// core. Still plain gzip to any other reader.
+fn gzip_member(data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut deflate = flate2::write::DeflateEncoder::new(Vec::with_capacity(data.len() / 2), Compression::new(LEVEL));
+    deflate.write_all(data)?;
+    let body = deflate.finish()?;
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    let total = MEMBER_HEADER + body.len() + 8;
+    let total32 = u32::try_from(total).map_err(|_| io::Error::other("gzip member over 4 GiB"))?;
+    let mut out = Vec::with_capacity(total);
+    // magic, deflate, FEXTRA, mtime 0, no extra flags, OS unknown; XLEN 8; subfield FR, 4 bytes.
+    out.extend_from_slice(&[0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 8, 0, b'F', b'R', 4, 0]);
+    out.extend_from_slice(&total32.to_le_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    Ok(out)
+}
+
+/// Bytes of a member's header up to the deflate data.
+const MEMBER_HEADER: usize = 20;
+
+/// Inflates a gzip stream into `tx` in order. Members that carry their size (archives made by
+/// [`write_archive`]) are inflated in parallel; any other gzip falls back to one thread.
+fn inflate(mut reader: impl Read + Send, tx: SyncSender<io::Result<Vec<u8>>>) {
+    let mut header = [0u8; MEMBER_HEADER];
+    let got = read_full(&mut reader, &mut header);
+    let sized = |h: &[u8; MEMBER_HEADER]| h[..4] == [0x1f, 0x8b, 8, 4] && h[10..16] == [8, 0, b'F', b'R', 4, 0];
+    if got.as_ref().is_ok_and(|&n| n == MEMBER_HEADER) && sized(&header) {
+        inflate_parallel(reader, header, &tx);
+        return;
+    }
+    let Ok(n) = got else {
+        let _ = tx.send(Err(got.unwrap_err()));
+        return;
+    };
+    let mut decoder = flate2::read::MultiGzDecoder::new(io::Cursor::new(header[..n].to_vec()).chain(reader));
+    loop {
+        let mut buf = vec![0u8; 256 << 10];
+        match decoder.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+}
+
+fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx: &SyncSender<io::Result<Vec<u8>>>) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let (job_tx, job_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let (rx, done) = (Arc::clone(&job_rx), done_tx.clone());
+            s.spawn(move || {
+                loop {
+                    let next = rx.lock().expect("member queue poisoned").recv();
+                    let Ok((seq, member)) = next else { return };
+                    let mut out = Vec::with_capacity(1 << 20);
+                    let mut decoder = flate2::read::GzDecoder::new(&member[..]);
+                    let result = decoder.read_to_end(&mut out).and_then(|_| {
+                        if decoder.into_inner().is_empty() {
+                            Ok(out)
+                        } else {
+                            Err(io::Error::other("gzip member is longer than its data"))
+                        }
+                    });
+                    if done.send((seq, result)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        // The splitter: reads whole members by their recorded size.
+        s.spawn(move || {
+            let mut header = first;
+            for seq in 0u64.. {
+                let total = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
+                if total < MEMBER_HEADER + 8 || total > 64 << 20 {
+                    let _ = job_tx.send((seq, header.to_vec())); // inflating it reports the damage
+                    return;
+                }
+                let mut member = header.to_vec();
+                member.resize(total, 0);
+                match read_full(&mut reader, &mut member[MEMBER_HEADER..]) {
+                    Ok(n) if n == total - MEMBER_HEADER => {}
+                    _ => {
+                        member.truncate(MEMBER_HEADER);
+                        let _ = job_tx.send((seq, member));
+                        return;
+                    }
+                }
+                if job_tx.send((seq, member)).is_err() {
+                    return;
+                }
+                match read_full(&mut reader, &mut header) {
+                    Ok(0) => return,
+                    Ok(n) if n == MEMBER_HEADER => {}
+                    _ => {
+                        let _ = job_tx.send((seq + 1, header.to_vec()));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut pending = BTreeMap::new();
+        let mut next = 0u64;
+        for (seq, result) in done_rx {
+            pending.insert(seq, result);
+            while let Some(result) = pending.remove(&next) {
+                let failed = result.is_err();
+                if tx.send(result).is_err() || failed {
+                    return;
+                }
+                next += 1;
+            }
+        }
+    });
+}
+
+/// Reads until `buf` is full or the stream ends; the count read.
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn collect_in_order(rx: Receiver<(u64, io::Result<Vec<u8>>)>, out: &mut dyn Write) -> io::Result<u64> {
@@ -259,29 +403,11 @@ fn walk_archive(
     expected: &ToolchainId,
     limits: &UnpackLimits,
 ) -> Result<Manifest, Error> {
-    // Decompression on its own thread, feeding the tar walk (hashing, writing) through a bounded
-    // channel: the two halves of the work then use two cores.
+    // Inflating on other threads (members in parallel), feeding the tar walk (hashing, writing)
+    // through a bounded channel: the work uses every core.
     let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(16);
     std::thread::scope(|s| {
-        s.spawn(move || {
-            let mut decoder = flate2::read::MultiGzDecoder::new(reader);
-            loop {
-                let mut buf = vec![0u8; 256 << 10];
-                match decoder.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        if tx.send(Ok(buf)).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                }
-            }
-        });
+        s.spawn(move || inflate(reader, tx));
         walk_tar(ChannelReader { rx, current: Vec::new(), pos: 0 }, dest, expected, limits)
     })
 }

@@ -82,6 +82,9 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     );
     // No call outlives the sandbox's own wall clock by much.
     let mut server = Server::builder()
+        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(config.sandbox.wall_clock + Duration::from_secs(300));
@@ -99,7 +102,12 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
 }
 
 async fn connect(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Channel> {
-    let mut endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20);
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = ca {
