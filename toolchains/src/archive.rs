@@ -244,7 +244,7 @@ fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx
             let mut header = first;
             for seq in 0u64.. {
                 let total = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
-                if total < MEMBER_HEADER + 8 || total > 64 << 20 {
+                if !(MEMBER_HEADER + 8..=64 << 20).contains(&total) {
                     let _ = job_tx.send((seq, header.to_vec())); // inflating it reports the damage
                     return;
                 }
