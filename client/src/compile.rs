@@ -334,13 +334,18 @@ impl Job {
     ) -> ExitCode {
         let mut remote_failure = None;
         if self.config.scheduler.is_some() && remote::distributable(&self.rustc).is_ok() {
-            match self.compile_remotely(store, compiler, id, keys, known) {
-                Ok(code) => return code,
-                Err(failed) => {
-                    let reason = failed.reason.clone();
-                    tracing::info!(reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
-                    *self.stats.fallbacks.entry(reason).or_default() += 1;
-                    remote_failure = Some(failed);
+            if remote::backing_off(&self.config.cache_dir, self.config.cluster_backoff) {
+                *self.stats.fallbacks.entry("cluster-backoff".into()).or_default() += 1;
+            } else {
+                match self.compile_remotely(store, compiler, id, keys, known) {
+                    Ok(code) => return code,
+                    Err(failed) => {
+                        let reason = failed.reason.clone();
+                        tracing::info!(reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
+                        remote::note_failure(&self.config.cache_dir, &reason);
+                        *self.stats.fallbacks.entry(reason).or_default() += 1;
+                        remote_failure = Some(failed);
+                    }
                 }
             }
         }

@@ -15,6 +15,7 @@
 //! | scheduler URL      | `cluster.scheduler` | `FERRY_SCHEDULER`   | unset: no cluster          |
 //! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
 //! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
+//! | cluster backoff    | `cluster.backoff_secs` | `FERRY_CLUSTER_BACKOFF` | `10` (seconds)       |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub struct Config {
     pub token: Option<String>,
     /// PEM CA certificate the scheduler's and workers' TLS certificates chain to.
     pub ca: Option<PathBuf>,
+    /// After the scheduler failed to answer, every wrapper compiles locally without trying for
+    /// this long: an unreachable scheduler costs a build one timeout, not one per compile.
+    pub cluster_backoff: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +63,7 @@ struct ClusterSection {
     scheduler: Option<String>,
     token: Option<String>,
     ca: Option<PathBuf>,
+    backoff_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +143,10 @@ impl Config {
         }
         let token = env("FERRY_TOKEN").filter(|s| !s.is_empty()).or(file.cluster.token);
         let ca = env("FERRY_CA").filter(|s| !s.is_empty()).map(PathBuf::from).or(file.cluster.ca);
+        let backoff = match env("FERRY_CLUSTER_BACKOFF") {
+            Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("FERRY_CLUSTER_BACKOFF: '{s}' is not seconds"))?,
+            None => file.cluster.backoff_secs.unwrap_or(10),
+        };
         Ok(Config {
             cache_dir,
             cache_size,
@@ -148,6 +157,7 @@ impl Config {
             scheduler,
             token,
             ca,
+            cluster_backoff: Duration::from_secs(backoff),
         })
     }
 

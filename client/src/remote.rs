@@ -95,6 +95,23 @@ impl From<String> for Failed {
 const CALL_DEADLINE: Duration = Duration::from_secs(15);
 const EVENT_IDLE: Duration = Duration::from_secs(900);
 
+/// True while a recent scheduler failure (within `backoff`) says to compile locally without
+/// trying: one unreachable scheduler costs a build one timeout, not one per compile.
+pub fn backing_off(cache_dir: &Path, backoff: Duration) -> bool {
+    fs::metadata(cache_dir.join("cluster-down"))
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < backoff))
+}
+
+/// Records a failure that means the scheduler itself is unreachable or unresponsive.
+pub fn note_failure(cache_dir: &Path, reason: &str) {
+    let scheduler_down =
+        reason.starts_with("scheduler-") || reason == "allocate-timeout" || reason == "has-toolchain-timeout";
+    if scheduler_down {
+        let _ = fs::write(cache_dir.join("cluster-down"), reason);
+    }
+}
+
 /// Runs the job on a worker. Err is a fallback reason.
 pub fn run(job: &Job) -> Result<Remote, Failed> {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -160,6 +160,8 @@ fn a_worker_lost_after_the_early_metadata_does_not_break_cargo() {
 #[test]
 fn workers_reconnect_after_a_scheduler_restart() {
     let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    // This test is about workers reconnecting: the client tries again at once.
+    c.world.set("FERRY_CLUSTER_BACKOFF", "0");
     let addr = c.scheduler.addr.clone();
     c.scheduler.kill();
 
@@ -226,6 +228,11 @@ fn toolchain_upload_once_and_list_shows_holders() {
     let s = down.stats();
     assert_eq!((n(&s, "/compiled_local"), n(&s, "/compiled_remote")), (1, 0), "{s:#}");
     assert_eq!(s["fallbacks"], serde_json::json!({"scheduler-unreachable": 1}), "{s:#}");
+    // Right after, another compile does not even try (every wrapper backs off for a while).
+    let x = Lib::new(&down, "x", X_SOURCE);
+    ok(x.ferry_output(&down));
+    let s = down.stats();
+    assert_eq!((n(&s, "/fallbacks/scheduler-unreachable"), n(&s, "/fallbacks/cluster-backoff")), (1, 1), "{s:#}");
 }
 
 #[test]
