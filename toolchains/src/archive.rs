@@ -51,11 +51,14 @@ pub fn write_archive(set: &ToolchainSet, manifest: &Manifest, out: &mut dyn Writ
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let (chunk_tx, chunk_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
     let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    // Only the compressors hold the queue's receiving end: when they stop (an output error), the
+    // producer's next send fails instead of blocking forever.
     let chunk_rx = Arc::new(Mutex::new(chunk_rx));
+    let receivers: Vec<_> = (0..threads).map(|_| Arc::clone(&chunk_rx)).collect();
+    drop(chunk_rx);
     std::thread::scope(|s| {
         let producer = s.spawn(move || produce_tar(set, manifest, ChunkWriter::new(chunk_tx)));
-        for _ in 0..threads {
-            let rx = Arc::clone(&chunk_rx);
+        for rx in receivers {
             let tx = done_tx.clone();
             s.spawn(move || compress_chunks(&rx, &tx));
         }
@@ -215,10 +218,14 @@ fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
     let (job_tx, job_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
     let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
+    // Only the inflaters hold the member queue's receiving end: when the reader stops early (a
+    // refused archive), they stop, and the splitter's next send fails instead of blocking forever.
     let job_rx = Arc::new(Mutex::new(job_rx));
+    let receivers: Vec<_> = (0..threads).map(|_| Arc::clone(&job_rx)).collect();
+    drop(job_rx);
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            let (rx, done) = (Arc::clone(&job_rx), done_tx.clone());
+        for rx in receivers {
+            let done = done_tx.clone();
             s.spawn(move || {
                 loop {
                     let next = rx.lock().expect("member queue poisoned").recv();
