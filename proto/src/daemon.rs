@@ -11,6 +11,17 @@ pub fn init_logging() {
         .init();
 }
 
+/// The HTTP/2 server settings every ferry daemon uses: large flow-control windows (toolchain
+/// archives are hundreds of megabytes) and keepalive (a dead peer is noticed within seconds).
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+}
+
 /// A token cancelled on the first SIGINT or SIGTERM. Call inside a tokio runtime.
 pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};

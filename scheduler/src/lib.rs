@@ -13,7 +13,7 @@ use ferry_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Identity, ServerTlsConfig};
 
 pub use config::SchedulerConfig;
 pub use service::Service;
@@ -49,14 +49,7 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
             .max_encoding_message_size(config.max_message_bytes),
         config.tokens.clone().interceptor(),
     );
-    // Large flow-control windows: toolchain archives are hundreds of megabytes.
-    let mut server = Server::builder()
-        .http2_adaptive_window(Some(true))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(Duration::from_secs(3600));
+    let mut server = ferry_proto::daemon::server().timeout(Duration::from_secs(3600));
     if let Some((cert, key)) = &config.tls {
         server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }

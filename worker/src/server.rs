@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::blobs::BlobStore;
 use crate::config::WorkerConfig;
@@ -81,13 +81,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         config.tokens.clone().interceptor(),
     );
     // No call outlives the sandbox's own wall clock by much.
-    let mut server = Server::builder()
-        .http2_adaptive_window(Some(true))
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(config.sandbox.wall_clock + Duration::from_secs(300));
+    let mut server = ferry_proto::daemon::server().timeout(config.sandbox.wall_clock + Duration::from_secs(300));
     if let Some((cert, key)) = &config.tls {
         server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }

@@ -826,78 +826,11 @@ const RLIBS: &[&str] = &["base", "generated", "middle", "texty", "top"];
 /// What the binary of [`workspace`] prints.
 const APP_LINE: &str = "answer=42 chain=base+middle+top generated=from a build script text=hello from a text file";
 
-/// A workspace of lib crates in a chain (`base` ← `middle` ← `top`), a proc-macro `top` uses, a
-/// lib with a build script writing the source it `include!`s, a lib using `include_str!`, and
-/// the binary `app` using them all. Path dependencies only.
+/// The wrapper tests' workspace without `envy`: lib crates in a chain (`base` ← `middle` ←
+/// `top`), a proc-macro `top` uses, a lib with a build script writing the source it `include!`s,
+/// a lib using `include_str!`, and the binary `app` using them all. Path dependencies only.
 fn workspace(root: &Path) {
-    write(&root.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"crates/*\"]\n");
-    let krate = |name: &str, deps: &[&str], extra: &str, files: &[(&str, &str)]| {
-        let dir = root.join("crates").join(name);
-        let mut manifest = format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n{extra}");
-        manifest.push_str("\n[dependencies]\n");
-        for dep in deps {
-            manifest.push_str(&format!("{dep} = {{ path = \"../{dep}\" }}\n"));
-        }
-        write(&dir.join("Cargo.toml"), &manifest);
-        for (path, content) in files {
-            write(&dir.join(path), content);
-        }
-    };
-    krate("base", &[], "", &[("src/lib.rs", "pub fn name() -> String {\n    \"base\".to_owned()\n}\n")]);
-    krate("middle", &["base"], "", &[("src/lib.rs", "pub fn name() -> String {\n    base::name() + \"+middle\"\n}\n")]);
-    krate(
-        "macros",
-        &[],
-        "\n[lib]\nproc-macro = true\n",
-        &[(
-            "src/lib.rs",
-            "use proc_macro::TokenStream;\n\n#[proc_macro]\npub fn answer(_input: TokenStream) -> TokenStream {\n    \
-             \"42\".parse().unwrap()\n}\n",
-        )],
-    );
-    krate(
-        "top",
-        &["middle", "macros"],
-        "",
-        &[(
-            "src/lib.rs",
-            "pub const ANSWER: u32 = macros::answer!();\n\npub fn name() -> String {\n    middle::name() + \"+top\"\n}\n",
-        )],
-    );
-    krate(
-        "generated",
-        &[],
-        "build = \"build.rs\"\n",
-        &[
-            (
-                "build.rs",
-                "fn main() {\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
-                 let code = \"pub const GENERATED: &str = \\\"from a build script\\\";\\n\";\n    \
-                 std::fs::write(format!(\"{out}/generated.rs\"), code).unwrap();\n    \
-                 println!(\"cargo::rerun-if-changed=build.rs\");\n}\n",
-            ),
-            ("src/lib.rs", "include!(concat!(env!(\"OUT_DIR\"), \"/generated.rs\"));\n"),
-        ],
-    );
-    krate(
-        "texty",
-        &[],
-        "",
-        &[
-            ("src/lib.rs", "pub const TEXT: &str = include_str!(\"message.txt\");\n"),
-            ("src/message.txt", "hello from a text file\n"),
-        ],
-    );
-    krate(
-        "app",
-        &["top", "generated", "texty"],
-        "",
-        &[(
-            "src/main.rs",
-            "fn main() {\n    println!(\n        \"answer={} chain={} generated={} text={}\",\n        top::ANSWER,\n        \
-             top::name(),\n        generated::GENERATED,\n        texty::TEXT.trim(),\n    );\n}\n",
-        )],
-    );
+    crate::wrapper::workspace_with(root, false);
 }
 
 /// A workspace of `big` (a few seconds of codegen) and `user`, which depends on it.

@@ -502,6 +502,13 @@ fn check_damaged_entries(damage: Damage) {
 /// `env!("CARGO_PKG_NAME")`), the chain `base` ← `middle` ← `top` (which also uses the macro), and
 /// the binary `app` that prints [`APP_LINE`]. No registry dependencies: it builds offline.
 fn workspace(root: &Path) {
+    workspace_with(root, true);
+}
+
+/// [`workspace`], optionally without `envy` (whose `env!` of a non-cargo variable a remote
+/// compile learns only after a first, local compile); then `app` prints only the first four
+/// fields.
+pub(crate) fn workspace_with(root: &Path, envy: bool) {
     write(
         &root.join("Cargo.toml"),
         "[workspace]\nresolver = \"2\"\nmembers = [\"crates/*\"]\n\n\
@@ -572,6 +579,19 @@ fn workspace(root: &Path) {
             ("src/message.txt", "hello from a text file\n"),
         ],
     );
+    if !envy {
+        krate(
+            "app",
+            &["top", "generated", "texty"],
+            "",
+            &[(
+                "src/main.rs",
+                "fn main() {\n    println!(\n        \"answer={} chain={} generated={} text={}\",\n        top::ANSWER,\n        \
+                 top::name(),\n        generated::GENERATED,\n        texty::TEXT.trim(),\n    );\n}\n",
+            )],
+        );
+        return;
+    }
     krate(
         "envy",
         &[],
