@@ -95,6 +95,7 @@ fn package_only(
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let compiler = resolve_compiler(&rustc, plus, &cwd)?;
     let store = LocalStore::open(&config.cache_dir)?;
+    store.check_writable()?;
     let packaged = store.package(&compiler, &args.targets)?;
     Ok((compiler, packaged))
 }

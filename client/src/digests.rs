@@ -14,12 +14,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+static DIR: OnceLock<PathBuf> = OnceLock::new();
 
-/// Where the memo lives; without it, every digest is computed.
+/// Where the memo lives (created when the first digest is written).
 pub fn init(cache_dir: &Path) {
-    let dir = cache_dir.join("digests");
-    let _ = DIR.set(fs::create_dir_all(&dir).ok().map(|()| dir));
+    let _ = DIR.set(cache_dir.join("digests"));
 }
 
 /// The blake3 of `path`'s content, from the memo when its fingerprint matches.
@@ -34,7 +33,7 @@ pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
         meta.ino(),
         meta.dev()
     );
-    let memo = DIR.get().and_then(Option::as_ref).map(|dir| {
+    let memo = DIR.get().map(|dir| {
         let name = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
         dir.join(&name[..32])
     });
@@ -50,7 +49,8 @@ pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
     if let Some(memo) = memo {
         let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
         let text = format!("{stamp} {}\n", blake3::Hash::from_bytes(digest).to_hex());
-        if fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, &memo)).is_err() {
+        let written = memo.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::write(&tmp, text));
+        if written.and_then(|()| fs::rename(&tmp, &memo)).is_err() {
             let _ = fs::remove_file(&tmp);
         }
     }

@@ -1,7 +1,35 @@
-//! What both daemons do the same way at start: log to stderr (filter from `FERRY_LOG`, default
-//! `info`), and turn SIGINT/SIGTERM into a cancelled shutdown token.
+//! What both daemons do the same way: read their TOML file, log to stderr (filter from
+//! `FERRY_LOG`, default `info`), bind and announce `listening on ADDR` only once the address may
+//! be served, serve HTTP/2 with the same settings, and turn SIGINT/SIGTERM into a cancelled
+//! shutdown token.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
+
+/// The daemon's TOML file (defaults when none is given); errors name the file.
+pub fn read_config<T: serde::de::DeserializeOwned + Default>(file: Option<&Path>) -> Result<T, String> {
+    let Some(path) = file else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+}
+
+/// Binds `listen`, lets `check` refuse the bound address (the exposure rule), then prints
+/// `listening on ADDR` as the first stdout line: whoever waits for it never sees a refused daemon.
+pub async fn bind_and_announce(
+    listen: &str,
+    check: impl FnOnce(SocketAddr) -> Result<(), String>,
+) -> Result<tokio::net::TcpListener, String> {
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    check(addr)?;
+    println!("listening on {addr}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    Ok(listener)
+}
 
 /// Logs to stderr with the `FERRY_LOG` filter (default `info`).
 pub fn init_logging() {

@@ -70,13 +70,7 @@ pub(crate) struct TokenEntry {
 impl SchedulerConfig {
     /// Loads `file` (if given), then the environment, then the flags.
     pub fn load(file: Option<&Path>, listen: Option<String>, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
-        let parsed: FileConfig = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?
-            }
-            None => FileConfig::default(),
-        };
+        let parsed: FileConfig = ferry_proto::daemon::read_config(file).map_err(anyhow::Error::msg)?;
         let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "<defaults>".into());
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let listen =

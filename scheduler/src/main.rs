@@ -1,7 +1,6 @@
 //! `ferry-scheduler`: binds, prints `listening on ADDR` as its first stdout line (so scripts and
 //! tests can use port 0), and serves until SIGINT/SIGTERM.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -36,13 +35,8 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
     let config = SchedulerConfig::load(args.config.as_deref(), args.listen, args.data_dir)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
-    config.check_exposure(addr)?;
-    println!("listening on {addr}");
-    std::io::stdout().flush()?;
+    let check = |addr| config.check_exposure(addr).map_err(|e| format!("{e:#}"));
+    let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;
     let shutdown = ferry_proto::daemon::shutdown_on_signals()?;
     run(config, listener, shutdown).await
 }

@@ -98,11 +98,18 @@ impl LocalStore {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(|error| Error::CacheDir { path: cache_dir.to_owned(), error })?;
         }
-        // Creating directories can succeed on a store we cannot write into; find out now.
-        let probe = dir.join(format!(".write-test-{}", std::process::id()));
-        File::create(&probe).map_err(|error| Error::CacheDir { path: cache_dir.to_owned(), error })?;
-        let _ = fs::remove_file(&probe);
         Ok(LocalStore { dir, spawn: spawn_output })
+    }
+
+    /// Fails with [`Error::CacheDir`] unless the store can be written: creating directories can
+    /// succeed on a store we cannot write into. For commands that must say so up front; the
+    /// wrapper skips it (a write failure there is a counted fallback, not worth a probe per compile).
+    pub fn check_writable(&self) -> Result<(), Error> {
+        let probe = self.dir.join(format!(".write-test-{}", std::process::id()));
+        let cache_dir = self.dir.parent().unwrap_or(&self.dir).to_owned();
+        File::create(&probe).map_err(|error| Error::CacheDir { path: cache_dir, error })?;
+        let _ = fs::remove_file(&probe);
+        Ok(())
     }
 
     /// Starts processes through `spawn` from now on.

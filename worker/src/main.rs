@@ -1,7 +1,6 @@
 //! `ferry-worker`: binds, prints `listening on ADDR` as its first stdout line, registers with the
 //! scheduler (reconnecting with backoff whenever it goes away) and runs jobs until SIGINT/SIGTERM.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -44,17 +43,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let flags =
         Overrides { scheduler: args.scheduler, listen: args.listen, slots: args.slots, data_dir: args.data_dir };
     let config = WorkerConfig::load(args.config.as_deref(), flags)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
-    // Refuse before announcing: whoever waits for the line must not take a refused worker for
-    // a started one.
     let tokens_required = matches!(config.tokens, ferry_proto::Tokens::Required(_));
-    ferry_proto::check_exposure(addr, config.tls.is_some(), tokens_required, config.insecure)
-        .map_err(anyhow::Error::msg)?;
-    println!("listening on {addr}");
-    std::io::stdout().flush()?;
+    let check = |addr| ferry_proto::check_exposure(addr, config.tls.is_some(), tokens_required, config.insecure);
+    let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;
     let shutdown = ferry_proto::daemon::shutdown_on_signals()?;
     run_worker(config, listener, shutdown).await
 }

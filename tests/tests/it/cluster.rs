@@ -851,15 +851,8 @@ fn app(ws: &Path) -> String {
 
 /// `cargo build -j2 --offline` in `dir` as [`cargo_build`] runs it, to be spawned.
 fn cargo_command(world: &World, dir: &Path) -> Command {
-    let mut cmd = world.command("cargo");
-    for (name, _) in std::env::vars() {
-        let config = (name.starts_with("CARGO_") && name != "CARGO_HOME")
-            || ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTDOCFLAGS"].contains(&&*name);
-        if config && !world.env.iter().any(|(k, _)| *k == name) {
-            cmd.env_remove(name);
-        }
-    }
-    cmd.args(["build", "-j2", "--offline"]).current_dir(dir);
+    let mut cmd = crate::wrapper::cargo(world, dir);
+    cmd.args(["build", "-j2", "--offline"]);
     cmd
 }
 

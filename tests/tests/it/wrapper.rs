@@ -672,7 +672,7 @@ pub(crate) fn clean(world: &World, dir: &Path) {
     ok(cargo(world, dir).args(["clean", "--offline"]).output().expect("cargo runs"));
 }
 
-fn cargo(world: &World, dir: &Path) -> Command {
+pub(crate) fn cargo(world: &World, dir: &Path) -> Command {
     let mut cmd = world.command("cargo");
     for (name, _) in std::env::vars() {
         let config = (name.starts_with("CARGO_") && name != "CARGO_HOME")
