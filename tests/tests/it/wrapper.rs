@@ -693,10 +693,14 @@ pub(crate) fn ok_build(out: Output) -> String {
 }
 
 /// The lines of a cargo build's stderr, sorted (the order of `Compiling` lines varies with -j2) and
-/// without the build time.
+/// without the build time. Cargo's own lock notices ("Blocking waiting for file lock ...") depend on what other builds on
+/// the machine hold at that moment, so they are not part of the log being compared.
 pub(crate) fn build_log(stderr: &str) -> Vec<String> {
-    let mut lines: Vec<String> =
-        stderr.lines().map(|l| l.split(" target(s) in ").next().unwrap_or(l).to_owned()).collect();
+    let mut lines: Vec<String> = stderr
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("Blocking waiting for file lock"))
+        .map(|l| l.split(" target(s) in ").next().unwrap_or(l).to_owned())
+        .collect();
     lines.sort();
     lines
 }
