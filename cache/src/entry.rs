@@ -161,7 +161,7 @@ impl Entry {
 
     /// [`Entry::decode`] for bytes the caller owns: an uncompressed payload is reused in place
     /// instead of copied, which matters on the hit path for large entries.
-    pub(crate) fn decode_owned(mut bytes: Vec<u8>, expected_key: &CacheKey) -> Result<Entry, EntryError> {
+    pub fn decode_owned(mut bytes: Vec<u8>, expected_key: &CacheKey) -> Result<Entry, EntryError> {
         let header = Header::verify(&bytes, expected_key)?;
         let payload = match header.compression {
             STORED_RAW => {

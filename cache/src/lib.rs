@@ -14,10 +14,13 @@ mod disk;
 mod entry;
 mod key;
 mod output;
+mod redis;
+pub mod rustc;
 mod store;
 
-pub use disk::{DiskConfig, DiskStore, EvictReport, Usage};
+pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, parse_size};
 pub use entry::{Entry, EntryError, EntryKind};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use output::{CompileOutput, OutputFile};
+pub use redis::{RedisStore, RedisUrl, redis_key};
 pub use store::{Error, PutOutcome, Store};

@@ -8,28 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::{self, toolchain_upload};
-use ferry_proto::{bearer, to_digest};
+use ferry_proto::{SchedulerApi, TokenInterceptor, to_digest};
 use ferry_toolchains::Packaged;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::Config;
 
-pub type Scheduler = SchedulerClient<InterceptedService<Channel, TokenInterceptor>>;
-
-/// Adds the bearer token (if any) to every call.
-#[derive(Debug, Clone)]
-pub struct TokenInterceptor(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for TokenInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
+pub type Scheduler = SchedulerApi;
 
 /// A channel to `url` with the configured TLS trust and token.
 pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, TokenInterceptor)> {
@@ -53,11 +38,8 @@ pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, Tok
         endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
     }
     let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
-    let token = match &config.token {
-        Some(t) => Some(bearer(t).parse().context("FERRY_TOKEN contains characters a header cannot carry")?),
-        None => None,
-    };
-    Ok((channel, TokenInterceptor(token)))
+    let token = TokenInterceptor::new(config.token.as_deref()).map_err(|e| anyhow::anyhow!("FERRY_TOKEN: {e}"))?;
+    Ok((channel, token))
 }
 
 pub async fn scheduler(config: &Config) -> anyhow::Result<Scheduler> {

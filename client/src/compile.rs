@@ -23,44 +23,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
+use ferry_cache::rustc::recipe::{self, InputList, MAX_MANIFESTS, PreKeyParts, keyed_env, manifest_key};
+use ferry_cache::rustc::{Classified, RustcArgs, classify, depinfo};
 use ferry_cache::{
-    CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, KeyBuilder, OutputFile,
-    PutOutcome, Store,
+    CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, OutputFile, PutOutcome,
+    Store,
 };
 use ferry_toolchains::{Compiler, Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler_with};
-use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::depinfo;
 use crate::process;
 use crate::remote;
-use crate::rustc_args::{Classified, RustcArgs, classify};
+use crate::shared::SharedTier;
 use crate::stats::Stats;
-
-/// How many different input lists one pre-key may accumulate (a crate whose module set changes).
-const MAX_MANIFESTS: u32 = 8;
-
-/// Environment variables rustc (or the linker it runs) reads, beyond `CARGO_*` and `env-dep`s.
-const OBSERVED_ENV: &[&str] = &[
-    "RUSTC_BOOTSTRAP",
-    "SOURCE_DATE_EPOCH",
-    "RUSTC_OVERRIDE_VERSION_STRING",
-    "RUST_TARGET_PATH",
-    "LIBRARY_PATH",
-    "MACOSX_DEPLOYMENT_TARGET",
-    "IPHONEOS_DEPLOYMENT_TARGET",
-    "SDKROOT",
-];
-
-/// `CARGO_*` variables that never reach a compile's output but differ between machines or runs.
-const IGNORED_CARGO_ENV: &[&str] = &["CARGO", "CARGO_HOME", "CARGO_MAKEFLAGS"];
-
-/// The payload of a manifest entry: what one compile under a pre-key read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct InputList {
-    files: Vec<String>,
-    env: Vec<String>,
-}
 
 /// Entry point of wrapper mode. `args[0]` is the compiler cargo would have run.
 pub fn wrap(args: &[OsString]) -> ExitCode {
@@ -151,7 +126,7 @@ impl Job {
                 return Err(Fallback("cache-unavailable"));
             }
         };
-        let pre = self.pre_key(&id)?.finish();
+        let pre = self.pre_key(&id)?;
         let scope = self.manifest_scope(&pre);
         let mut known = Vec::new();
         for generation in 0..MAX_MANIFESTS {
@@ -161,12 +136,12 @@ impl Job {
             let Some(key) = self.result_key(&pre, &list) else { continue };
             let Some(entry) = self.get(&store, &key) else { continue };
             let payload_len = entry.payload.len() as u64;
-            match CompileOutput::decode_shared(entry.payload.into()) {
+            match CompileOutput::decode_shared(entry.payload.into()).map(|o| self.config.basedirs.restore_output(o)) {
                 Ok(output) if self.matches_outputs(&output) => {
                     self.stats.hits_local += 1;
                     self.stats.bytes_read += payload_len;
                     self.stats.time_saved_ms += output.compile_ms;
-                    return self.replay(&output);
+                    return self.replay(&output, true);
                 }
                 Ok(_) => tracing::warn!(%key, "entry's outputs differ from this call's; ignoring it"),
                 Err(e) => {
@@ -175,8 +150,59 @@ impl Job {
                 }
             }
         }
+        let mut shared = SharedTier::open(&self.config, &mut self.stats);
+        if let Some(tier) = &mut shared
+            && let Some(code) = self.shared_lookup(tier, &store, &pre, &scope, &known)
+        {
+            return code;
+        }
         self.stats.misses += 1;
-        Ok(self.compile_and_store(&store, &compiler, &id, (&pre, &scope), &known))
+        Ok(self.compile_and_store(&store, shared.as_mut(), &compiler, &id, (&pre, &scope), &known))
+    }
+
+    /// After a local miss: the manifests and results of the shared tier. A hit is verified (the
+    /// entry's checksum and key, then its payload) before it is promoted into the local tier and
+    /// replayed.
+    fn shared_lookup(
+        &mut self,
+        tier: &mut SharedTier,
+        store: &DiskStore,
+        pre: &CacheKey,
+        scope: &CacheKey,
+        known: &[InputList],
+    ) -> Option<Result<ExitCode, Fallback>> {
+        for generation in 0..MAX_MANIFESTS {
+            let manifest = tier.get(&manifest_key(scope, generation), &mut self.stats)?;
+            let Ok(list) = serde_json::from_slice::<InputList>(&manifest.payload) else { continue };
+            if known.contains(&list) {
+                continue;
+            }
+            let Some(key) = self.result_key(pre, &list) else { continue };
+            let Some(entry) = tier.get(&key, &mut self.stats) else { continue };
+            let payload_len = entry.payload.len() as u64;
+            let output = match CompileOutput::decode(&entry.payload) {
+                Ok(output) => self.config.basedirs.restore_output(output),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "undecodable shared entry: not promoted");
+                    self.stats.corrupt_entries += 1;
+                    continue;
+                }
+            };
+            if !self.matches_outputs(&output) {
+                tracing::warn!(%key, "shared entry's outputs differ from this call's; ignoring it");
+                continue;
+            }
+            // Promote: the result first, then the manifest that leads to it.
+            if self.put(store, &entry) && (known.len() as u32) < MAX_MANIFESTS {
+                let promoted = Entry { key: manifest_key(scope, known.len() as u32), ..manifest };
+                self.put(store, &promoted);
+            }
+            self.stats.hits_remote += 1;
+            self.stats.bytes_read += payload_len;
+            self.stats.time_saved_ms += output.compile_ms;
+            return Some(self.replay(&output, false));
+        }
+        None
     }
 
     fn toolchain_id(&mut self) -> Result<(Compiler, ToolchainId), Fallback> {
@@ -201,71 +227,53 @@ impl Job {
     }
 
     /// Everything that determines the compile and is known before running it.
-    fn pre_key(&mut self, id: &ToolchainId) -> Result<KeyBuilder, Fallback> {
-        let mut k = KeyBuilder::new("rustc-compile");
-        k.field("toolchain", id.to_hex());
-        k.field("cwd", self.cwd.as_os_str().as_encoded_bytes());
-        for (i, arg) in self.rustc.normalized.iter().enumerate() {
-            k.field(&format!("arg{i}"), arg);
-        }
+    fn pre_key(&mut self, id: &ToolchainId) -> Result<CacheKey, Fallback> {
+        let mut externs = Vec::new();
         for (name, path) in self.rustc.externs.clone() {
             let digest = self.digest(&path).ok_or(Fallback("extern-unreadable"))?;
-            k.field(&format!("extern:{name}:{path}"), hex(&digest));
+            externs.push((name, path, digest));
         }
-        let mut env: Vec<(String, String)> = std::env::vars()
-            .filter(|(name, _)| {
-                (name.starts_with("CARGO_") || name == "CARGO") && !IGNORED_CARGO_ENV.contains(&name.as_str())
-                    || OBSERVED_ENV.contains(&name.as_str())
-            })
-            .collect();
-        env.sort();
-        for (name, value) in env {
-            k.field(&format!("env:{name}"), value);
-        }
-        if self.rustc.links() {
-            k.field("linker", self.linker_identity());
+        let env: Vec<(String, String)> = std::env::vars().filter(|(name, _)| keyed_env(name)).collect();
+        let link = if self.rustc.links() {
+            let mut libs = Vec::new();
             for (kind, name) in self.rustc.libs.clone() {
-                let found = self.find_native_lib(&name);
-                let value = match found {
+                let value = match self.find_native_lib(&name) {
                     Some(path) => {
                         let digest = self.digest(&path).ok_or(Fallback("native-lib-unreadable"))?;
                         format!("{path} {}", hex(&digest))
                     }
                     None => "system".into(),
                 };
-                k.field(&format!("native-lib:{kind}:{name}"), value);
+                libs.push((kind, name, value));
             }
-        }
-        Ok(k)
+            Some((self.linker_identity(), libs))
+        } else {
+            None
+        };
+        let rustc = self.rustc.clone();
+        let cwd = self.cwd.to_string_lossy().into_owned();
+        let toolchain = id.to_hex();
+        let parts = PreKeyParts { toolchain: &toolchain, cwd: &cwd, args: &rustc, externs, env, link };
+        Ok(recipe::pre_key(parts, &self.config.basedirs))
     }
 
     /// The key of the result of a compile that read `list`, from the files' current content.
     /// None when a listed file is gone (that manifest cannot describe this compile).
     fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<CacheKey> {
-        let mut k = KeyBuilder::new("rustc-result");
-        k.field("pre", pre.to_string());
-        for file in &list.files {
-            let digest = self.digest(file)?;
-            k.field(&format!("file:{file}"), hex(&digest));
-        }
-        for name in &list.env {
-            match std::env::var_os(name) {
-                Some(v) => k.field(&format!("env:{name}"), [b"=", v.as_encoded_bytes()].concat()),
-                None => k.field(&format!("env:{name}"), "unset"),
-            };
-        }
-        Some(k.finish())
+        let bases = self.config.basedirs.clone();
+        recipe::result_key(
+            pre,
+            list,
+            &bases,
+            |file| self.digest(file),
+            |name| std::env::var_os(name).map(|v| v.into_encoded_bytes()),
+        )
     }
 
-    /// Manifests live under the pre-key and the crate root's content: the root usually declares the
-    /// modules, so a changed module list mostly lands in a fresh scope instead of using up the
-    /// generations of the old one.
+    /// The manifests' scope: the pre-key and the crate root's content.
     fn manifest_scope(&mut self, pre: &CacheKey) -> CacheKey {
         let input = self.rustc.input.clone();
-        let root = self.digest(&input).map(|d| hex(&d)).unwrap_or_else(|| "unreadable".into());
-        let mut k = KeyBuilder::new("rustc-manifest-scope");
-        k.field("pre", pre.to_string()).field("root", root);
-        k.finish()
+        recipe::manifest_scope(pre, self.digest(&input))
     }
 
     fn get(&mut self, store: &DiskStore, key: &CacheKey) -> Option<Entry> {
@@ -310,12 +318,16 @@ impl Job {
     }
 
     /// Writes every output atomically, then replays stdout and stderr byte for byte.
-    fn replay(&mut self, output: &CompileOutput) -> Result<ExitCode, Fallback> {
+    fn replay(&mut self, output: &CompileOutput, local: bool) -> Result<ExitCode, Fallback> {
         for file in &output.files {
             let path = self.cwd.join(&file.path);
             if let Err(e) = write_atomic(&path, &file.bytes, file.executable) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write a cached output");
-                self.stats.hits_local -= 1;
+                if local {
+                    self.stats.hits_local -= 1;
+                } else {
+                    self.stats.hits_remote -= 1;
+                }
                 return Err(Fallback("replay-write-failed"));
             }
         }
@@ -324,9 +336,11 @@ impl Job {
         Ok(ExitCode::from(output.exit_code.clamp(0, 255) as u8))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn compile_and_store(
         &mut self,
         store: &DiskStore,
+        shared: Option<&mut SharedTier>,
         compiler: &Compiler,
         id: &ToolchainId,
         keys: (&CacheKey, &CacheKey),
@@ -397,9 +411,18 @@ impl Job {
         }
         let compile_ms = clock.elapsed().as_millis() as u64;
         let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms);
-        if let Err(reason) = stored {
-            tracing::debug!(reason, krate = %self.rustc.crate_name, "result not stored");
-            *self.stats.not_stored.entry(reason.into()).or_default() += 1;
+        match stored {
+            Ok((entry, list)) => {
+                if let Some(tier) = shared
+                    && tier.may_write()
+                {
+                    self.publish_shared(tier, &entry, keys.1, &list);
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(reason, krate = %self.rustc.crate_name, "result not stored");
+                *self.stats.not_stored.entry(reason.into()).or_default() += 1;
+            }
         }
         if let Some(path) = injected {
             let _ = fs::remove_file(path);
@@ -418,7 +441,7 @@ impl Job {
         dep_info: &Path,
         started: SystemTime,
         compile_ms: u64,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(Entry, InputList), &'static str> {
         let code = match (run.status.code(), run.status.signal()) {
             (_, Some(_)) => return Err("killed-by-signal"),
             (Some(0), _) => 0,
@@ -451,13 +474,13 @@ impl Job {
                 files.push(OutputFile { path, executable, bytes: bytes.into() });
             }
         }
-        let output = CompileOutput {
+        let output = self.config.basedirs.rebase_output(CompileOutput {
             exit_code: code,
             stdout: run.stdout.clone(),
             stderr: run.stderr.clone(),
             files,
             compile_ms,
-        };
+        });
         let entry = Entry { kind: EntryKind::Result, key, toolchain: id.0, payload: output.encode() };
         if !self.put(store, &entry) {
             return Err("cache-write-failed");
@@ -470,7 +493,20 @@ impl Job {
                 return Err("cache-write-failed");
             }
         }
-        Ok(())
+        Ok((entry, list))
+    }
+
+    /// A local compile's result into the shared tier (this client holds `cache-write`): the
+    /// result first, so a manifest never leads to nothing.
+    fn publish_shared(&mut self, tier: &mut SharedTier, entry: &Entry, scope: &CacheKey, list: &InputList) {
+        if !tier.put(entry, &mut self.stats) {
+            return;
+        }
+        match recipe::publish_manifest(tier.store(), entry.toolchain, scope, list) {
+            Ok(true) => {}
+            Ok(false) => *self.stats.not_stored.entry("shared-too-many-input-lists".into()).or_default() += 1,
+            Err(e) => tier.failed(&e, &mut self.stats),
+        }
     }
 
     /// The dep-info this compile wrote: written after it started, unchanged while we read it,
@@ -578,12 +614,6 @@ impl Job {
         }
         None
     }
-}
-
-fn manifest_key(scope: &CacheKey, generation: u32) -> CacheKey {
-    let mut k = KeyBuilder::new("rustc-manifest");
-    k.field("scope", scope.to_string()).field("generation", generation.to_string());
-    k.finish()
 }
 
 /// The arguments with `dep-info=<path>` added to `--emit` (or an `--emit` added).

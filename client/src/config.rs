@@ -16,11 +16,16 @@
 //! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
 //! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
 //! | cluster backoff    | `cluster.backoff_secs` | `FERRY_CLUSTER_BACKOFF` | `10` (seconds)       |
+//! | shared cache tier  | `cache.shared`    | `FERRY_SHARED_CACHE`  | the scheduler's cache when a scheduler is set; `off`, or `redis://[user:pw@]host[:port][/db]` |
+//! | shared tier bypass after an error or a slow answer | `cache.shared_backoff_secs` | `FERRY_SHARED_BACKOFF` | `30` (seconds) |
+//! | shared tier deadline per call | `cache.shared_timeout_ms` | `FERRY_SHARED_TIMEOUT_MS` | `2000` |
+//! | base directories (paths in keys relative to them) | `cache.basedirs` | `FERRY_BASEDIRS` (`:`-separated) | none |
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ferry_cache::rustc::Bases;
 use serde::Deserialize;
 
 /// The resolved configuration every part of the client reads.
@@ -44,6 +49,20 @@ pub struct Config {
     /// After the scheduler failed to answer, every wrapper compiles locally without trying for
     /// this long: an unreachable scheduler costs a build one timeout, not one per compile.
     pub cluster_backoff: Duration,
+    pub shared: Shared,
+    /// A shared tier that errored or answered too slowly is skipped this long by every wrapper.
+    pub shared_backoff: Duration,
+    pub shared_timeout: Duration,
+    pub basedirs: Bases,
+}
+
+/// Which shared cache tier the wrapper reads (and, with `cache-write`, writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shared {
+    Off,
+    /// The scheduler's cache service (the default when a scheduler is configured).
+    Scheduler(String),
+    Redis(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +92,10 @@ struct CacheSection {
     size: Option<toml::Value>,
     failures: Option<bool>,
     grace_secs: Option<u64>,
+    shared: Option<String>,
+    shared_backoff_secs: Option<u64>,
+    shared_timeout_ms: Option<u64>,
+    basedirs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +170,40 @@ impl Config {
             Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("FERRY_CLUSTER_BACKOFF: '{s}' is not seconds"))?,
             None => file.cluster.backoff_secs.unwrap_or(10),
         };
+        let seconds = |name: &str, file: Option<u64>, default: u64| -> anyhow::Result<u64> {
+            match env(name) {
+                Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("{name}: '{s}' is not a whole number")),
+                None => Ok(file.unwrap_or(default)),
+            }
+        };
+        let shared_backoff = seconds("FERRY_SHARED_BACKOFF", file.cache.shared_backoff_secs, 30)?;
+        let shared_timeout = seconds("FERRY_SHARED_TIMEOUT_MS", file.cache.shared_timeout_ms, 2000)?;
+        let shared = match env("FERRY_SHARED_CACHE").filter(|s| !s.is_empty()).or(file.cache.shared) {
+            Some(s) if s == "off" => Shared::Off,
+            Some(s) if s.starts_with("redis://") => {
+                ferry_cache::RedisUrl::parse(&s).map_err(anyhow::Error::msg).with_context(|| origin("cache.shared"))?;
+                Shared::Redis(s)
+            }
+            Some(s) if s == "scheduler" => match &scheduler {
+                Some(url) => Shared::Scheduler(url.clone()),
+                None => bail!("the shared cache is 'scheduler' but no scheduler is set ({})", origin("cache.shared")),
+            },
+            Some(s) => bail!(
+                "shared cache '{s}': expected 'off', 'scheduler' or a redis:// URL ({} or FERRY_SHARED_CACHE)",
+                origin("cache.shared")
+            ),
+            None => scheduler.clone().map_or(Shared::Off, Shared::Scheduler),
+        };
+        let basedirs = match env("FERRY_BASEDIRS") {
+            Some(s) => s.split(':').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+            None => file.cache.basedirs.unwrap_or_default(),
+        };
+        let basedirs = Bases::new(basedirs).map_err(|bad| {
+            anyhow::anyhow!(
+                "base directory '{bad}' must be an absolute path ({} or FERRY_BASEDIRS)",
+                origin("cache.basedirs")
+            )
+        })?;
         Ok(Config {
             cache_dir,
             cache_size,
@@ -158,6 +215,10 @@ impl Config {
             token,
             ca,
             cluster_backoff: Duration::from_secs(backoff),
+            shared,
+            shared_backoff: Duration::from_secs(shared_backoff),
+            shared_timeout: Duration::from_millis(shared_timeout),
+            basedirs,
         })
     }
 
@@ -173,19 +234,7 @@ impl Config {
 
 /// Parses `10G`, `512M`, `64KiB`, `1000` (bytes); binary units.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("'{s}' is not a size (try 10G, 512M or a byte count)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => bail!("'{s}' has an unknown unit (use K, M, G or T)"),
-    };
-    n.checked_mul(1 << shift).ok_or_else(|| anyhow::anyhow!("'{s}' is too large"))
+    ferry_cache::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 fn parse_bool(s: &str) -> anyhow::Result<bool> {

@@ -6,13 +6,12 @@ mod cluster;
 mod commands;
 mod compile;
 mod config;
-mod depinfo;
 mod digests;
 mod linker;
 mod logging;
 mod process;
 mod remote;
-mod rustc_args;
+mod shared;
 mod stats;
 
 use std::ffi::OsString;

@@ -24,7 +24,8 @@ use ferry_toolchains::{Compiler, LocalStore, ToolchainId};
 
 use crate::config::Config;
 use crate::process::RunOutput;
-use crate::rustc_args::RustcArgs;
+use ferry_cache::rustc::RustcArgs;
+use ferry_cache::rustc::recipe::absolute;
 
 /// Most files a job may ship, and most bytes (beyond these the compile stays local).
 const MAX_FILES: usize = 20_000;
@@ -190,6 +191,7 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
             .collect(),
         outputs: outputs(job),
         dirs: inputs.dirs.clone(),
+        basedirs: job.config.basedirs.dirs().to_vec(),
     };
     let mut events = deadline("run-job", worker.run_job(request)).await?;
     let mut forwarded = Vec::new();
@@ -211,7 +213,7 @@ async fn receive(
     worker: &str,
     forwarded: &mut Vec<Vec<u8>>,
 ) -> Result<(RunOutput, Vec<u8>), String> {
-    let dep_info = job.rustc.dep_info_path().map(|p| normalize(&job.cwd.join(p)).display().to_string());
+    let dep_info = job.rustc.dep_info_path().map(|p| absolute(job.cwd, &p).display().to_string());
     let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
     let mut held = Vec::new();
     let mut partial: BTreeMap<String, (bool, Vec<u8>)> = BTreeMap::new();
@@ -278,7 +280,7 @@ async fn receive(
 /// outputs are not what a local compile would make (the variable was not sent: its name is
 /// learned from this compile's manifest and sent next time).
 fn check_environment(dep_info: &[u8]) -> Result<(), String> {
-    for (name, seen) in crate::depinfo::env_values(&String::from_utf8_lossy(dep_info)) {
+    for (name, seen) in ferry_cache::rustc::depinfo::env_values(&String::from_utf8_lossy(dep_info)) {
         if std::env::var(&name).ok() != seen {
             tracing::info!(name, "a variable the remote compile read differs from ours");
             return Err("env-not-sent".into());
@@ -345,16 +347,16 @@ fn gather(job: &Job) -> Result<Inputs, String> {
     let mut inputs = Inputs::default();
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).ok_or("not-under-cargo")?;
     walk(&manifest_dir, &mut inputs, true)?;
-    let input = normalize(&job.cwd.join(&job.rustc.input));
+    let input = absolute(job.cwd, &job.rustc.input);
     add_file(&input, &mut inputs)?;
     for (_, path) in &job.rustc.externs {
-        add_file(&normalize(&job.cwd.join(path)), &mut inputs)?;
+        add_file(&absolute(job.cwd, path), &mut inputs)?;
     }
     for (kind, dir) in &job.rustc.search_paths {
         if kind != "dependency" {
             continue;
         }
-        let dir = normalize(&job.cwd.join(dir));
+        let dir = absolute(job.cwd, dir);
         inputs.dirs.push(dir.display().to_string());
         for entry in fs::read_dir(&dir).map_err(|_| "dependency-dir-unreadable")?.flatten() {
             let path = entry.path();
@@ -364,10 +366,10 @@ fn gather(job: &Job) -> Result<Inputs, String> {
         }
     }
     if let Some(out_dir) = std::env::var_os("OUT_DIR") {
-        walk(&normalize(&job.cwd.join(out_dir)), &mut inputs, false)?;
+        walk(&absolute(job.cwd, &out_dir), &mut inputs, false)?;
     }
     if let Some(out) = &job.rustc.out_dir {
-        inputs.dirs.push(normalize(&job.cwd.join(out)).display().to_string());
+        inputs.dirs.push(absolute(job.cwd, out).display().to_string());
     }
     inputs.dirs.sort();
     inputs.dirs.dedup();
@@ -414,7 +416,7 @@ fn add_file(path: &Path, inputs: &mut Inputs) -> Result<(), String> {
 
 async fn upload_blobs(
     worker: &mut WorkerClient<
-        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, crate::cluster::TokenInterceptor>,
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferry_proto::TokenInterceptor>,
     >,
     inputs: &Inputs,
     missing: &[v1::Digest],
@@ -464,8 +466,11 @@ async fn upload_blobs(
 fn environment(job: &Job) -> Vec<v1::EnvVar> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in std::env::vars() {
+        // Everything the key covers (so the worker derives the keys a client computes), OUT_DIR, and
+        // the stack size rustc's threads get.
         let wanted = (name.starts_with("CARGO") && name != "CARGO_MAKEFLAGS")
-            || ["OUT_DIR", "RUSTC_BOOTSTRAP", "SOURCE_DATE_EPOCH", "RUST_MIN_STACK"].contains(&name.as_str())
+            || ferry_cache::rustc::recipe::keyed_env(&name)
+            || ["OUT_DIR", "RUST_MIN_STACK"].contains(&name.as_str())
             || job.env_names.contains(&name);
         if wanted {
             env.insert(name, value);
@@ -475,7 +480,7 @@ fn environment(job: &Job) -> Vec<v1::EnvVar> {
 }
 
 fn outputs(job: &Job) -> Vec<String> {
-    job.rustc.outputs().into_iter().map(|(p, _)| normalize(&job.cwd.join(p)).display().to_string()).collect()
+    job.rustc.outputs().into_iter().map(|(p, _)| absolute(job.cwd, &p).display().to_string()).collect()
 }
 
 fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<()> {
@@ -496,20 +501,6 @@ fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<
 
 /// Lexically normal absolute path (no `.`/`..`), without touching the file system: rustc resolves
 /// `a/b/../c` the same way only when `b` exists, which shipping every package directory ensures.
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 fn client_id() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }

@@ -26,6 +26,11 @@ pub struct Stats {
     pub fallbacks: BTreeMap<String, u64>,
     /// Compiles that ran but whose result was not stored, by reason.
     pub not_stored: BTreeMap<String, u64>,
+    /// Shared-tier calls that failed or were skipped, by reason (`timeout`, `unavailable`,
+    /// `bypassed` while the circuit breaker is open, `write-denied`, `corrupt-entry`).
+    pub shared_errors: BTreeMap<String, u64>,
+    /// Entries this client published to the shared tier (with the `cache-write` role).
+    pub shared_writes: u64,
     pub corrupt_entries: u64,
     pub cache_errors: u64,
     pub bytes_read: u64,
@@ -82,7 +87,9 @@ impl Stats {
         self.bytes_written += d.bytes_written;
         self.bytes_sent += d.bytes_sent;
         self.time_saved_ms += d.time_saved_ms;
+        self.shared_writes += d.shared_writes;
         for (mine, theirs) in [
+            (&mut self.shared_errors, &d.shared_errors),
             (&mut self.passthrough, &d.passthrough),
             (&mut self.fallbacks, &d.fallbacks),
             (&mut self.not_stored, &d.not_stored),
@@ -107,11 +114,15 @@ impl Stats {
             ("bytes read".into(), crate::commands::human_bytes(self.bytes_read)),
             ("bytes written".into(), crate::commands::human_bytes(self.bytes_written)),
             ("bytes sent to workers".into(), crate::commands::human_bytes(self.bytes_sent)),
+            ("shared tier writes".into(), self.shared_writes.to_string()),
             ("time saved".into(), format!("{:.1} s", self.time_saved_ms as f64 / 1000.0)),
         ];
-        for (title, map) in
-            [("pass-through", &self.passthrough), ("fallback", &self.fallbacks), ("not stored", &self.not_stored)]
-        {
+        for (title, map) in [
+            ("pass-through", &self.passthrough),
+            ("fallback", &self.fallbacks),
+            ("not stored", &self.not_stored),
+            ("shared tier", &self.shared_errors),
+        ] {
             for (reason, n) in map {
                 rows.push((format!("{title}: {reason}"), n.to_string()));
             }

@@ -140,6 +140,15 @@ pub fn require<T>(req: &tonic::Request<T>, role: Role, call: &str) -> Result<(),
     }
 }
 
+/// Refuses the call unless the caller has one of `roles` (or admin).
+pub fn require_any<T>(req: &tonic::Request<T>, roles: &[Role], call: &str) -> Result<(), tonic::Status> {
+    if roles.iter().any(|&role| require(req, role, call).is_ok()) {
+        return Ok(());
+    }
+    let names: Vec<String> = roles.iter().map(|r| format!("'{r}'")).collect();
+    Err(tonic::Status::permission_denied(format!("{call} needs a token with one of the roles {}", names.join(", "))))
+}
+
 /// The `authorization` header value for a token.
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")

@@ -4,9 +4,11 @@
 //! in the service adapters.
 
 mod auth;
+mod cache;
 pub mod daemon;
 
-pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, tokens_from_config};
+pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config};
+pub use cache::{RemoteCache, SchedulerApi, TokenInterceptor};
 
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -9,6 +9,8 @@
 //! | queue wait before "compile locally" | `queue_timeout_ms` | — | `5000` |
 //! | largest gRPC message | `max_message_bytes` | — | `16777216` |
 //! | largest toolchain archive | `max_toolchain_bytes` | — | `4294967296` |
+//! | shared cache tier size (evicts least recently used beyond it) | `cache_size` | `FERRY_SHARED_CACHE_SIZE` | `20G` |
+//! | largest shared cache entry | `max_entry_bytes` | — | `1073741824` |
 //! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
@@ -32,6 +34,9 @@ pub struct SchedulerConfig {
     pub queue_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_toolchain_bytes: u64,
+    /// The shared cache tier's size limit (`<data_dir>/cache`).
+    pub cache_size: u64,
+    pub max_entry_bytes: u64,
     /// PEM certificate and key; `None` serves plain HTTP/2 (loopback or `insecure` only).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
@@ -47,6 +52,8 @@ struct FileConfig {
     queue_timeout_ms: Option<u64>,
     max_message_bytes: Option<usize>,
     max_toolchain_bytes: Option<u64>,
+    cache_size: Option<String>,
+    max_entry_bytes: Option<u64>,
     tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
@@ -84,6 +91,12 @@ impl SchedulerConfig {
             None => None,
         };
         let tokens = tokens(parsed.tokens).with_context(|| format!("{origin}: key 'tokens'"))?;
+        let cache_size = match env("FERRY_SHARED_CACHE_SIZE").or(parsed.cache_size) {
+            Some(text) => ferry_cache::parse_size(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{origin}: key 'cache_size' (or FERRY_SHARED_CACHE_SIZE)"))?,
+            None => 20 << 30,
+        };
         Ok(SchedulerConfig {
             listen,
             data_dir,
@@ -91,6 +104,8 @@ impl SchedulerConfig {
             queue_timeout: Duration::from_millis(parsed.queue_timeout_ms.unwrap_or(5_000)),
             max_message_bytes: parsed.max_message_bytes.unwrap_or(16 << 20),
             max_toolchain_bytes: parsed.max_toolchain_bytes.unwrap_or(4 << 30),
+            cache_size,
+            max_entry_bytes: parsed.max_entry_bytes.unwrap_or(1 << 30),
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),

@@ -8,9 +8,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome, Store};
 use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
-use ferry_proto::{ChunkReader, Role, digest, digests, require, to_digest};
+use ferry_proto::{ChunkReader, Role, digest, digests, require, require_any, to_digest};
 use ferry_toolchains::{ToolchainId, UnpackLimits, verify_archive};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
@@ -28,6 +29,8 @@ const CHUNK: usize = 1 << 20;
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// An assignment whose client has not reached the worker after this is released.
 const CLAIM_WITHIN: Duration = Duration::from_secs(30);
+/// Shared cache entries younger than this are never evicted (a build in flight still wants them).
+const CACHE_GRACE: Duration = Duration::from_secs(600);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -41,6 +44,8 @@ pub struct Service {
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     archives: ArchiveStore,
+    /// The shared cache tier: the same entry files, verification and eviction as a local tier.
+    cache: DiskStore,
     config: SchedulerConfig,
     shutdown: CancellationToken,
 }
@@ -59,6 +64,11 @@ struct Inner {
 impl Service {
     pub fn new(config: SchedulerConfig, shutdown: CancellationToken) -> std::io::Result<Service> {
         let archives = ArchiveStore::open(&config.data_dir)?;
+        let cache = DiskStore::open(
+            config.data_dir.join("cache"),
+            DiskConfig { max_bytes: config.cache_size, grace: CACHE_GRACE },
+        )
+        .map_err(std::io::Error::other)?;
         let inner = Inner {
             // Microseconds since the epoch: ids of this run start above any of an earlier run.
             state: Scheduler::new(config.lease).starting_jobs_at(
@@ -68,7 +78,7 @@ impl Service {
             sessions: HashMap::new(),
             next_session: 1,
         };
-        Ok(Service { shared: Arc::new(Shared { inner: Mutex::new(inner), archives, config, shutdown }) })
+        Ok(Service { shared: Arc::new(Shared { inner: Mutex::new(inner), archives, cache, config, shutdown }) })
     }
 
     /// Removes workers whose lease ran out; the server runs this periodically.
@@ -348,6 +358,78 @@ impl SchedulerApi for Service {
             })
             .collect();
         Ok(Response::new(v1::ListToolchainsResponse { toolchains }))
+    }
+
+    type CacheGetStream = BoxStream<v1::Chunk>;
+
+    async fn cache_get(&self, request: Request<v1::CacheKeyRef>) -> Result<Response<Self::CacheGetStream>, Status> {
+        require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "CacheGet")?;
+        let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
+        let shared = self.shared.clone();
+        let found = tokio::task::spawn_blocking(move || shared.cache.get(&key))
+            .await
+            .map_err(|e| Status::internal(format!("cache lookup: {e}")))?;
+        let entry = match found {
+            Ok(Some(entry)) => entry,
+            Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
+            Err(CacheError::Corrupt { path, reason }) => {
+                warn!(path = %path.display(), %reason, "removed a corrupt shared cache entry");
+                return Err(Status::not_found(format!("no entry {key} (a corrupt one was removed)")));
+            }
+            Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
+        };
+        let bytes = entry.encode();
+        let chunks: Vec<Result<v1::Chunk, Status>> =
+            bytes.chunks(CHUNK).map(|c| Ok(v1::Chunk { data: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn cache_put(
+        &self,
+        request: Request<Streaming<v1::CacheUpload>>,
+    ) -> Result<Response<v1::CachePutResponse>, Status> {
+        require_any(&request, &[Role::Worker, Role::CacheWrite], "CachePut")?;
+        let mut inbound = request.into_inner();
+        let Some(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) }) = inbound.message().await?
+        else {
+            return Err(Status::invalid_argument("a cache upload starts with a 'header' message"));
+        };
+        let key = CacheKey(digest(header.key.as_ref(), "header.key")?);
+        let max = self.shared.config.max_entry_bytes;
+        if header.size > max {
+            return Err(Status::invalid_argument(format!("entry of {} bytes is over the limit of {max}", header.size)));
+        }
+        let mut bytes = Vec::with_capacity(header.size as usize);
+        while let Some(message) = inbound.message().await? {
+            let Some(v1::cache_upload::Kind::Data(data)) = message.kind else {
+                return Err(Status::invalid_argument("only 'data' may follow the header"));
+            };
+            if bytes.len() as u64 + data.len() as u64 > header.size {
+                return Err(Status::invalid_argument(format!(
+                    "entry is larger than the {} bytes announced",
+                    header.size
+                )));
+            }
+            bytes.extend_from_slice(&data);
+        }
+        if bytes.len() as u64 != header.size {
+            return Err(Status::invalid_argument(format!(
+                "entry ended after {} of the {} bytes announced",
+                bytes.len(),
+                header.size
+            )));
+        }
+        let shared = self.shared.clone();
+        let stored = tokio::task::spawn_blocking(move || -> Result<PutOutcome, Status> {
+            let entry = Entry::decode_owned(bytes, &key)
+                .map_err(|e| Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")))?;
+            shared.cache.put(&entry).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("cache store: {e}")))??;
+        let published = matches!(stored, PutOutcome::Published { .. });
+        tracing::debug!(%key, published, "shared cache entry");
+        Ok(Response::new(v1::CachePutResponse { published }))
     }
 
     async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {

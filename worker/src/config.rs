@@ -11,6 +11,7 @@
 //! | data directory | `data_dir` | `FERRY_DATA_DIR` / `--data-dir` | `~/.local/share/ferry-worker` |
 //! | token for the scheduler | `token` | `FERRY_TOKEN` | none |
 //! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
+//! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, or `redis://[user:pw@]host[:port][/db]` |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
 //! | tokens accepted from clients | `[[tokens]] token, roles` | — | none |
@@ -37,15 +38,25 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     pub ca: Option<PathBuf>,
     pub toolchain_cache_bytes: u64,
+    pub shared_cache: SharedCache,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
 }
 
+/// Where the worker publishes the results of the jobs it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedCache {
+    Off,
+    Scheduler,
+    Redis(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    shared_cache: Option<String>,
     scheduler: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
@@ -126,6 +137,18 @@ impl WorkerConfig {
         };
         let tokens = tokens_from_config(parsed.tokens.into_iter().map(|t| (t.token, t.roles)).collect())
             .map_err(|e| anyhow::anyhow!("{origin}: key 'tokens': {e}"))?;
+        let shared_cache = match env("FERRY_SHARED_CACHE").or(parsed.shared_cache).as_deref() {
+            None | Some("scheduler") => SharedCache::Scheduler,
+            Some("off") => SharedCache::Off,
+            Some(url) if url.starts_with("redis://") => {
+                ferry_cache::RedisUrl::parse(url)
+                    .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?;
+                SharedCache::Redis(url.to_owned())
+            }
+            Some(other) => anyhow::bail!(
+                "{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): '{other}' is not 'scheduler', 'off' or a redis:// URL"
+            ),
+        };
         let defaults = SandboxConfig::default();
         let s = parsed.sandbox;
         let sandbox = SandboxConfig {
@@ -147,6 +170,7 @@ impl WorkerConfig {
             token: env("FERRY_TOKEN").or(parsed.token),
             ca: env("FERRY_CA").map(PathBuf::from).or(parsed.ca),
             toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
+            shared_cache,
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),

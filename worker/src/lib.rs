@@ -5,6 +5,7 @@
 
 mod blobs;
 mod config;
+mod publish;
 mod sandbox;
 mod server;
 mod service;

@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use ferry_cache::{RedisStore, Store};
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::worker_server::WorkerServer;
-use ferry_proto::{Tokens, bearer, check_exposure, to_digest};
+use ferry_proto::{RemoteCache, TokenInterceptor, Tokens, bearer, check_exposure, to_digest};
 use ferry_toolchains::ToolchainId;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -17,7 +18,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::blobs::BlobStore;
-use crate::config::WorkerConfig;
+use crate::config::{SharedCache, WorkerConfig};
+use crate::publish::Publisher;
 use crate::service::{Fetcher, Service, Shared};
 use crate::session;
 use crate::toolchain_cache::ToolchainCache;
@@ -69,6 +71,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         running: Mutex::new(Default::default()),
         ended: Mutex::new(Vec::new()),
         job_ended: tokio::sync::Notify::new(),
+        publisher: publisher(&config),
     });
     let identity = session::Identity {
         id: config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port())),
@@ -96,6 +99,10 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
 }
 
 async fn connect(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Channel> {
+    endpoint(url, ca)?.connect().await.with_context(|| format!("cannot connect to {url}"))
+}
+
+fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -109,9 +116,38 @@ async fn connect(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Chan
         }
         endpoint = endpoint.tls_config(tls)?;
     }
-    endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))
+    Ok(endpoint)
 }
 
+/// The shared tier the worker publishes to, opened on the publisher's own thread.
+fn publisher(config: &WorkerConfig) -> Option<Publisher> {
+    let (url, ca, token) = (config.scheduler.clone(), config.ca.clone(), config.token.clone());
+    match config.shared_cache.clone() {
+        SharedCache::Off => None,
+        SharedCache::Redis(redis) => Some(Publisher::start(move || {
+            RedisStore::new(&redis, STORE_DEADLINE).map(|s| Box::new(s) as Box<dyn Store>)
+        })),
+        SharedCache::Scheduler => Some(Publisher::start(move || {
+            let runtime = std::sync::Arc::new(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("runtime: {e}"))?,
+            );
+            // Lazy: the scheduler may not be up yet; every call (re)connects as needed.
+            let channel = {
+                let _entered = runtime.enter();
+                endpoint(&url, ca.as_deref()).map_err(|e| format!("{e:#}"))?.connect_lazy()
+            };
+            let token = TokenInterceptor::new(token.as_deref())?;
+            let client = SchedulerClient::with_interceptor(channel, token);
+            Ok(Box::new(RemoteCache::new(runtime, client, STORE_DEADLINE)) as Box<dyn Store>)
+        })),
+    }
+}
+
+/// Every publishing call's deadline.
+const STORE_DEADLINE: Duration = Duration::from_secs(30);
 async fn fetch(
     channel: Channel,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,

@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     /// Wakes the session to report at once when a job ends, so its slot is free for the next
     /// allocation without waiting for the periodic report.
     pub job_ended: tokio::sync::Notify,
+    /// Publishes successful jobs' results to the shared cache tier (None: `shared_cache = off`).
+    pub publisher: Option<crate::publish::Publisher>,
 }
 
 impl std::fmt::Debug for Service {
@@ -83,6 +85,7 @@ struct Job {
     inputs: Vec<(String, [u8; 32], bool)>,
     outputs: Vec<String>,
     dirs: Vec<String>,
+    basedirs: Vec<String>,
 }
 
 #[tonic::async_trait]
@@ -242,28 +245,34 @@ fn run_blocking(
     // sent before the announcement, so the client can check the one and hand the other to cargo
     // while codegen continues.
     let mut line = Vec::new();
-    let mut sent_early: HashSet<String> = HashSet::new();
-    let forward_stderr = |bytes: &[u8], sent_early: &mut HashSet<String>| -> Result<(), ()> {
+    // What was sent, kept for the shared cache entry: outputs by path, stdout, stderr.
+    let mut sent: HashMap<String, Vec<u8>> = HashMap::new();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let forward_stderr = |bytes: &[u8], sent: &mut HashMap<String, Vec<u8>>, stderr: &mut Vec<u8>| {
         if let Some(path) = early_artifact(bytes, &job.cwd)
             && job.outputs.contains(&path)
-            && sent_early.insert(path.clone())
+            && !sent.contains_key(&path)
         {
-            send_output(&tree, &path, &send)?;
+            sent.insert(path.clone(), send_output(&tree, &path, &send)?);
         }
+        stderr.extend_from_slice(bytes);
         send(job_event::Kind::Stderr(bytes.to_vec()))
     };
     let outcome = sandbox::run(&shared.sandbox, &sandbox_job, &mut |stream, data| match stream {
-        sandbox::Stream::Stdout => streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok(),
+        sandbox::Stream::Stdout => {
+            stdout.extend_from_slice(data);
+            streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok();
+        }
         sandbox::Stream::Stderr => {
             line.extend_from_slice(data);
             while let Some(pos) = line.iter().position(|&b| b == b'\n') {
                 let complete: Vec<u8> = line.drain(..=pos).collect();
-                streaming_ok &= forward_stderr(&complete, &mut sent_early).is_ok();
+                streaming_ok &= forward_stderr(&complete, &mut sent, &mut stderr).is_ok();
             }
         }
     });
     if !line.is_empty() {
-        streaming_ok &= forward_stderr(&line, &mut sent_early).is_ok();
+        streaming_ok &= forward_stderr(&line, &mut sent, &mut stderr).is_ok();
     }
     let outcome = match outcome {
         Ok(o) => o,
@@ -274,11 +283,35 @@ fn run_blocking(
         }
     };
     if outcome.exit_code == Some(0) {
-        for out in job.outputs.iter().filter(|o| !sent_early.contains(*o)) {
-            if send_output(&tree, out, &send).is_err() {
-                break;
+        for out in &job.outputs {
+            if sent.contains_key(out) {
+                continue;
             }
+            match send_output(&tree, out, &send) {
+                Ok(bytes) => sent.insert(out.clone(), bytes),
+                Err(()) => break,
+            };
         }
+    }
+    let complete = job.outputs.iter().all(|o| sent.get(o).is_some_and(|b| !b.is_empty() || o.ends_with(".d")));
+    if let Some(publisher) = &shared.publisher
+        && outcome.exit_code == Some(0)
+        && outcome.limit.is_none()
+        && streaming_ok
+        && complete
+    {
+        publisher.submit(crate::publish::Finished {
+            toolchain: job.toolchain,
+            cwd: job.cwd.clone(),
+            args: job.args.clone(),
+            env: job.env.clone(),
+            inputs: job.inputs.iter().map(|(p, d, _)| (p.clone(), *d)).collect(),
+            basedirs: job.basedirs.clone(),
+            stdout,
+            stderr,
+            outputs: sent,
+            compile_ms: outcome.duration.as_millis() as u64,
+        });
     }
     let finished = v1::JobFinished {
         exit_code: outcome.exit_code,
@@ -291,21 +324,22 @@ fn run_blocking(
     if streaming_ok { Ok(()) } else { Err(()) }
 }
 
-/// Streams one declared output; a missing one is simply not sent (the client notices).
-fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<(), ()>) -> Result<(), ()> {
+/// Streams one declared output and returns its bytes; a missing one is simply not sent (the
+/// client notices) and comes back empty.
+fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<(), ()>) -> Result<Vec<u8>, ()> {
     use std::os::unix::fs::PermissionsExt;
     let path = tree.join(&out[1..]);
     // Never follow a link the job may have planted, at the file or along its directories.
-    let Ok(meta) = std::fs::symlink_metadata(&path) else { return Ok(()) };
+    let Ok(meta) = std::fs::symlink_metadata(&path) else { return Ok(Vec::new()) };
     let inside = match (path.canonicalize(), tree.canonicalize()) {
         (Ok(p), Ok(t)) => p.starts_with(t),
         _ => false,
     };
     if !meta.file_type().is_file() || !inside {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let executable = meta.permissions().mode() & 0o111 != 0;
-    let Ok(bytes) = std::fs::read(&path) else { return Ok(()) };
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(Vec::new()) };
     let count = bytes.len().div_ceil(CHUNK).max(1);
     for i in 0..count {
         let data = bytes[(i * CHUNK).min(bytes.len())..((i + 1) * CHUNK).min(bytes.len())].to_vec();
@@ -316,7 +350,7 @@ fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<
             last: i + 1 == count,
         }))?;
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// The absolute path of a file announced on this stderr line that is sent ahead of the
@@ -391,5 +425,6 @@ fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
         inputs,
         outputs: r.outputs,
         dirs: r.dirs,
+        basedirs: r.basedirs,
     })
 }

@@ -80,17 +80,17 @@ fn demo() -> anyhow::Result<()> {
     )?;
     println!("   scheduler {url}, worker {}", worker.addr);
 
-    let ferry_cmd = |args: &[&str]| {
-        Command::new(&ferry).args(args).env("FERRY_CACHE_DIR", &cache).env("FERRY_SCHEDULER", &url).status()
+    let ferry_cmd = |cache: &Path, args: &[&str]| {
+        Command::new(&ferry).args(args).env("FERRY_CACHE_DIR", cache).env("FERRY_SCHEDULER", &url).status()
     };
-    let build = |what: &str| -> anyhow::Result<()> {
+    let build = |what: &str, cache: &Path| -> anyhow::Result<()> {
         println!("\n== {what}");
         let started = std::time::Instant::now();
         let status = Command::new(env!("CARGO"))
             .args(["build", "-j2", "--offline"])
             .current_dir(&project)
             .env("RUSTC_WRAPPER", &ferry)
-            .env("FERRY_CACHE_DIR", &cache)
+            .env("FERRY_CACHE_DIR", cache)
             .env("FERRY_SCHEDULER", &url)
             .env("CARGO_INCREMENTAL", "0")
             .status()?;
@@ -100,14 +100,17 @@ fn demo() -> anyhow::Result<()> {
         println!("   ({:.2} s)", started.elapsed().as_secs_f64());
         Ok(())
     };
-    build("cold build: libraries compile on the worker (the toolchain is packaged and uploaded first)")?;
-    ferry_cmd(&["status"])?;
+    build("cold build: libraries compile on the worker (the toolchain is packaged and uploaded first)", &cache)?;
+    println!("\n== ferry stats (first machine)");
+    ferry_cmd(&cache, &["stats"])?;
+    ferry_cmd(&cache, &["status"])?;
     Command::new(env!("CARGO")).args(["clean", "-q"]).current_dir(&project).status()?;
-    build("after cargo clean: every unit is a cache hit")?;
+    let fresh = tmp.path().join("cache-of-a-second-machine");
+    build("after cargo clean, with an empty local cache (a teammate's machine): shared-tier hits", &fresh)?;
     let out = Command::new(project.join("target/debug/app")).output()?;
-    println!("\n== the binary (from the cache) runs: {}", String::from_utf8_lossy(&out.stdout).trim());
-    println!("\n== ferry stats");
-    ferry_cmd(&["stats"])?;
+    println!("\n== the binary (from the shared cache) runs: {}", String::from_utf8_lossy(&out.stdout).trim());
+    println!("\n== ferry stats (second machine)");
+    ferry_cmd(&fresh, &["stats"])?;
     drop(worker);
     drop(scheduler);
     println!("\n== stopped the worker and the scheduler");

@@ -868,6 +868,7 @@ impl Job {
                 .collect(),
             outputs: vec![path_string(&self.dir.join("out/libvictim.rlib"))],
             dirs: vec![path_string(&self.dir.join("out"))],
+            basedirs: Vec::new(),
         }
     }
 

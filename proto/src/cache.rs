@@ -1,0 +1,120 @@
+//! The scheduler's shared cache tier as a [`ferry_cache::Store`], for the wrapper and the workers
+//! (both call it from plain threads, so it blocks on a runtime it owns: a current-thread
+//! runtime's I/O is driven only by `Runtime::block_on`, never through a `Handle`).
+
+use std::time::Duration;
+
+use ferry_cache::{CacheKey, Entry, Error, PutOutcome, Store};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::v1::scheduler_client::SchedulerClient;
+use crate::v1::{self, cache_upload};
+use crate::{bearer, to_digest};
+
+const CHUNK: usize = 1 << 20;
+
+/// Adds a bearer token (if any) to every call.
+#[derive(Debug, Clone)]
+pub struct TokenInterceptor(Option<MetadataValue<Ascii>>);
+
+impl TokenInterceptor {
+    /// Err: the token has characters a header cannot carry.
+    pub fn new(token: Option<&str>) -> Result<TokenInterceptor, String> {
+        match token {
+            Some(t) => bearer(t)
+                .parse()
+                .map(|v| TokenInterceptor(Some(v)))
+                .map_err(|_| "the token contains characters a header cannot carry".to_string()),
+            None => Ok(TokenInterceptor(None)),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type SchedulerApi = SchedulerClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// The scheduler's cache service. Every call has a deadline; errors (including a refused write)
+/// come back as [`Error::Io`] with a message saying what happened.
+#[derive(Debug, Clone)]
+pub struct RemoteCache {
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    client: SchedulerApi,
+    deadline: Duration,
+}
+
+impl RemoteCache {
+    pub fn new(
+        runtime: std::sync::Arc<tokio::runtime::Runtime>,
+        client: SchedulerApi,
+        deadline: Duration,
+    ) -> RemoteCache {
+        RemoteCache { runtime, client: client.max_decoding_message_size(64 << 20), deadline }
+    }
+
+    async fn fetch(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut client = self.client.clone();
+        let request = v1::CacheKeyRef { key: Some(to_digest(key.0)) };
+        let mut stream = match client.cache_get(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(s),
+        };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        Ok(Some(bytes))
+    }
+
+    async fn store(&self, key: &CacheKey, bytes: Vec<u8>) -> Result<bool, tonic::Status> {
+        let mut client = self.client.clone();
+        let header = v1::CacheHeader { key: Some(to_digest(key.0)), size: bytes.len() as u64 };
+        let mut messages = vec![v1::CacheUpload { kind: Some(cache_upload::Kind::Header(header)) }];
+        messages
+            .extend(bytes.chunks(CHUNK).map(|c| v1::CacheUpload { kind: Some(cache_upload::Kind::Data(c.to_vec())) }));
+        let response = client.cache_put(tokio_stream::iter(messages)).await?;
+        Ok(response.into_inner().published)
+    }
+
+    fn block<T>(&self, what: &str, call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, Error> {
+        let result = self.runtime.block_on(async { tokio::time::timeout(self.deadline, call).await });
+        let err =
+            |kind, message: String| Error::Io { path: "scheduler".into(), source: std::io::Error::new(kind, message) };
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(s)) if s.code() == tonic::Code::PermissionDenied => {
+                Err(err(std::io::ErrorKind::PermissionDenied, format!("{what}: {}", s.message())))
+            }
+            Ok(Err(s)) => Err(err(std::io::ErrorKind::Other, format!("{what}: {} ({:?})", s.message(), s.code()))),
+            Err(_) => Err(err(std::io::ErrorKind::TimedOut, format!("{what}: no answer within {:?}", self.deadline))),
+        }
+    }
+}
+
+impl Store for RemoteCache {
+    fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
+        let Some(bytes) = self.block("shared cache get", self.fetch(key))? else {
+            return Ok(None);
+        };
+        Entry::decode_owned(bytes, key)
+            .map(Some)
+            .map_err(|reason| Error::Corrupt { path: format!("scheduler cache entry {key}").into(), reason })
+    }
+
+    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
+        let bytes = entry.encode();
+        let len = bytes.len() as u64;
+        let published = self.block("shared cache put", self.store(&entry.key, bytes))?;
+        Ok(if published { PutOutcome::Published { bytes: len } } else { PutOutcome::AlreadyPresent })
+    }
+}
