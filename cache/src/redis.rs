@@ -162,12 +162,21 @@ impl Store for RedisStore {
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
         let name = redis_key(&entry.key);
         let bytes = entry.encode();
-        match self.command(&[b"SET", name.as_bytes(), &bytes, b"NX"]).map_err(|e| self.io_error(e))? {
-            Reply::Status(s) if s == "OK" => Ok(PutOutcome::Published { bytes: bytes.len() as u64 }),
-            Reply::Bulk(None) => Ok(PutOutcome::AlreadyPresent),
-            Reply::Error(e) => Err(self.io_error(refused(&e))),
-            other => Err(self.io_error(protocol(format!("SET answered {other:?}")))),
+        // Twice at most: a value already there counts only once it verifies (`get` deletes one
+        // that does not), so a damaged entry never blocks its own replacement.
+        for _ in 0..2 {
+            match self.command(&[b"SET", name.as_bytes(), &bytes, b"NX"]).map_err(|e| self.io_error(e))? {
+                Reply::Status(s) if s == "OK" => return Ok(PutOutcome::Published { bytes: bytes.len() as u64 }),
+                Reply::Bulk(None) => match self.get(&entry.key) {
+                    Ok(Some(_)) => return Ok(PutOutcome::AlreadyPresent),
+                    Ok(None) | Err(Error::Corrupt { .. }) => {}
+                    Err(e) => return Err(e),
+                },
+                Reply::Error(e) => return Err(self.io_error(refused(&e))),
+                other => return Err(self.io_error(protocol(format!("SET answered {other:?}")))),
+            }
         }
+        Ok(PutOutcome::AlreadyPresent)
     }
 }
 

@@ -132,6 +132,7 @@ impl Job {
         for generation in 0..MAX_MANIFESTS {
             let Some(entry) = self.get(&store, &manifest_key(&scope, generation)) else { break };
             let Ok(list) = serde_json::from_slice::<InputList>(&entry.payload) else { continue };
+            let list = self.config.basedirs.restore_list(list);
             known.push(list.clone());
             let Some(key) = self.result_key(&pre, &list) else { continue };
             let Some(entry) = self.get(&store, &key) else { continue };
@@ -174,6 +175,7 @@ impl Job {
         for generation in 0..MAX_MANIFESTS {
             let manifest = tier.get(&manifest_key(scope, generation), &mut self.stats)?;
             let Ok(list) = serde_json::from_slice::<InputList>(&manifest.payload) else { continue };
+            let list = self.config.basedirs.restore_list(list);
             if known.contains(&list) {
                 continue;
             }
@@ -486,7 +488,7 @@ impl Job {
             return Err("cache-write-failed");
         }
         if let Some(generation) = new_generation {
-            let payload = serde_json::to_vec(&list).expect("input list serializes");
+            let payload = serde_json::to_vec(&self.config.basedirs.rebase_list(&list)).expect("input list serializes");
             let manifest =
                 Entry { kind: EntryKind::Manifest, key: manifest_key(scope, generation), toolchain: id.0, payload };
             if !self.put(store, &manifest) {
@@ -502,7 +504,8 @@ impl Job {
         if !tier.put(entry, &mut self.stats) {
             return;
         }
-        match recipe::publish_manifest(tier.store(), entry.toolchain, scope, list) {
+        let stored = self.config.basedirs.rebase_list(list);
+        match recipe::publish_manifest(tier.store(), entry.toolchain, scope, &stored) {
             Ok(true) => {}
             Ok(false) => *self.stats.not_stored.entry("shared-too-many-input-lists".into()).or_default() += 1,
             Err(e) => tier.failed(&e, &mut self.stats),

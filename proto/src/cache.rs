@@ -67,6 +67,9 @@ impl RemoteCache {
         let mut stream = match client.cache_get(request).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            // The scheduler found its copy corrupt (and removed it): no bytes, which the caller's
+            // verification then reports as a corrupt entry, like one that arrived damaged.
+            Err(s) if s.code() == tonic::Code::DataLoss => return Ok(Some(Vec::new())),
             Err(s) => return Err(s),
         };
         let mut bytes = Vec::new();

@@ -374,7 +374,7 @@ impl SchedulerApi for Service {
             Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
             Err(CacheError::Corrupt { path, reason }) => {
                 warn!(path = %path.display(), %reason, "removed a corrupt shared cache entry");
-                return Err(Status::not_found(format!("no entry {key} (a corrupt one was removed)")));
+                return Err(Status::data_loss(format!("entry {key} was corrupt here and has been removed")));
             }
             Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
         };

@@ -88,8 +88,8 @@ fn publish(store: &dyn Store, result: &Entry, scope: &ferry_cache::CacheKey, lis
     }
 }
 
-/// The result entry, its manifest scope and input list — exactly what the wrapper computes for
-/// the same compile. Err: why this job cannot be published.
+/// The result entry, its manifest scope and input list (as stored: relative to the job's base
+/// directories) — exactly what the wrapper computes for the same compile. Err: why this job cannot be published.
 pub fn entries(job: &Finished) -> Result<(Entry, ferry_cache::CacheKey, InputList), &'static str> {
     let args: Vec<OsString> = job.args.iter().map(OsString::from).collect();
     let Classified::Cacheable(rustc) = classify(&args) else { return Err("not-cacheable") };
@@ -134,5 +134,5 @@ pub fn entries(job: &Finished) -> Result<(Entry, ferry_cache::CacheKey, InputLis
         compile_ms: job.compile_ms,
     });
     let entry = Entry { kind: EntryKind::Result, key, toolchain: job.toolchain.0, payload: result.encode() };
-    Ok((entry, scope, list))
+    Ok((entry, scope, bases.rebase_list(&list)))
 }

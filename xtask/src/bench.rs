@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -104,13 +104,7 @@ pub fn wrapper() -> anyhow::Result<()> {
     let ferry = crate::build_ferry()?;
     let xtask = std::env::current_exe()?;
     let tmp = tempfile::Builder::new().prefix("ferry-bench-").tempdir()?;
-    let project = tmp.path().join("graph");
-    crate::sample::write_registry_project(&project)?;
-    let fetch = Command::new(env!("CARGO")).arg("fetch").current_dir(&project).status()?;
-    if !fetch.success() {
-        bail!("cargo fetch failed (the benchmark needs crates.io once)");
-    }
-    let packages = count_packages(&project)?;
+    let (project, packages) = registry_project(tmp.path())?;
     println!("== wrapper: cargo build -j2 (debug) of {packages} packages from crates.io, fresh target dir each time");
     let cache = tmp.path().join("cache");
     let record = tmp.path().join("calls.jsonl");
@@ -181,6 +175,116 @@ pub fn wrapper() -> anyhow::Result<()> {
 }
 
 /// Recording-wrapper mode (see the crate docs).
+/// The crates.io dependency graph the benchmarks build, fetched; and its package count.
+fn registry_project(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
+    let project = dir.join("graph");
+    crate::sample::write_registry_project(&project)?;
+    let fetch = Command::new(env!("CARGO")).arg("fetch").current_dir(&project).status()?;
+    if !fetch.success() {
+        bail!("cargo fetch failed (the benchmark needs crates.io once)");
+    }
+    let packages = count_packages(&project)?;
+    Ok((project, packages))
+}
+
+/// The distributed path's overhead: one worker with 2 slots on this machine (no speed-up is
+/// possible), `cargo build -j2` of the crates.io graph, ratios to plain builds of the same run.
+pub fn distributed() -> anyhow::Result<()> {
+    let ferry = crate::build_ferry()?;
+    let release = ferry.parent().expect("target/release").to_owned();
+    let tmp = tempfile::Builder::new().prefix("ferry-bench-dist-").tempdir()?;
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let (project, packages) = registry_project(tmp.path())?;
+    let scheduler = crate::Daemon::start(
+        Command::new(release.join("ferry-scheduler"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("scheduler")),
+        &tmp.path().join("scheduler.log"),
+    )?;
+    let url = format!("http://{}", scheduler.addr);
+    let _worker = crate::Daemon::start(
+        Command::new(release.join("ferry-worker"))
+            .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("worker")),
+        &tmp.path().join("worker.log"),
+    )?;
+    println!("== distributed: cargo build -j2 (debug) of {packages} packages, one local worker with 2 slots");
+    // Each variant builds into its own fresh target dir (keys contain output paths, so a new target
+    // dir is a cold build even with the shared tier full), with its own empty local cache.
+    let build = |name: &str, wrapper: bool, target: &str| -> anyhow::Result<(Duration, serde_json::Value)> {
+        let target = tmp.path().join(target);
+        if target.exists() {
+            fs::remove_dir_all(&target)?;
+        }
+        let cache = tmp.path().join(format!("cache-{name}"));
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-j2", "--offline", "--quiet"])
+            .current_dir(&project)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("CARGO_INCREMENTAL", "0")
+            .env("FERRY_CACHE_DIR", &cache)
+            .env("FERRY_SCHEDULER", &url)
+            .env_remove("RUSTC_WRAPPER");
+        if wrapper {
+            cmd.env("RUSTC_WRAPPER", &ferry);
+        }
+        let t = Instant::now();
+        if !cmd.status()?.success() {
+            bail!("build '{name}' failed");
+        }
+        let elapsed = t.elapsed();
+        let stats = Command::new(&ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", &cache).output()?;
+        Ok((elapsed, serde_json::from_slice(&stats.stdout).unwrap_or_default()))
+    };
+    let (plain1, _) = build("plain1", false, "target-plain")?;
+    let (first, first_stats) = build("first", true, "target-first")?;
+    let (cold, cold_stats) = build("cold", true, "target-cold")?;
+    let (warm, warm_stats) = build("warm", true, "target-first")?;
+    let (blobs, blob_stats) = build("warm-blobs", true, "target-blobs")?;
+    let (plain2, _) = build("plain2", false, "target-plain")?;
+    let plain = (plain1 + plain2) / 2;
+    let n = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+    println!("  plain:       {:.2} s (mean of {:.2} s and {:.2} s)", secs(plain), secs(plain1), secs(plain2));
+    println!(
+        "  first build, toolchain packaged and uploaded: {:.2} s = {:.3}x plain (target <= 1.35x)",
+        secs(first),
+        ratio(first, plain)
+    );
+    println!(
+        "  cold distributed, toolchain on the cluster:   {:.2} s = {:.3}x plain (target <= 1.15x)",
+        secs(cold),
+        ratio(cold, plain)
+    );
+    println!(
+        "  warm from the shared tier, empty local cache: {:.2} s = {:.3}x plain (target <= 0.2x)",
+        secs(warm),
+        ratio(warm, plain)
+    );
+    let units = n(&cold_stats, "misses");
+    println!(
+        "  units: {} compiled remotely of {units} compiled ({} locally); fallbacks {}",
+        n(&cold_stats, "compiled_remote"),
+        n(&cold_stats, "compiled_local"),
+        cold_stats["fallbacks"]
+    );
+    println!(
+        "  shared-tier hits {} of {} cacheable; first build's fallbacks {}",
+        n(&warm_stats, "hits_remote"),
+        n(&warm_stats, "hits_remote") + n(&warm_stats, "misses"),
+        first_stats["fallbacks"]
+    );
+    let jobs = n(&blob_stats, "compiled_remote").max(1);
+    println!(
+        "  bytes sent per job: cold worker {:.1} KiB, warm blob cache {:.1} KiB ({} jobs, {:.2} s = {:.3}x plain)",
+        n(&cold_stats, "bytes_sent") as f64 / n(&cold_stats, "compiled_remote").max(1) as f64 / 1024.0,
+        n(&blob_stats, "bytes_sent") as f64 / jobs as f64 / 1024.0,
+        jobs,
+        secs(blobs),
+        ratio(blobs, plain)
+    );
+    Ok(())
+}
+
 pub fn record_and_exec(file: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let args: Vec<String> = std::env::args().skip(1).collect();

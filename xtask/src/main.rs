@@ -28,12 +28,14 @@ fn main() -> anyhow::Result<()> {
         ["bench"] | ["bench", "all"] => {
             bench::toolchain()?;
             bench::wrapper()?;
+            bench::distributed()?;
             bench_cluster::allocations()
         }
+        ["bench", "distributed"] => bench::distributed(),
         ["bench", "cluster"] => bench_cluster::allocations(),
         ["bench", "toolchain"] => bench::toolchain(),
         ["bench", "wrapper"] => bench::wrapper(),
-        _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|cluster|all]"),
+        _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all]"),
     }
 }
 

@@ -286,6 +286,19 @@ impl Bases {
         out
     }
 
+    /// An input list as stored in a manifest (its absolute paths under a base made relative).
+    pub fn rebase_list(&self, list: &InputList) -> InputList {
+        InputList { files: list.files.iter().map(|f| self.rebase(f)).collect(), env: list.env.clone() }
+    }
+
+    /// A stored input list with this machine's paths.
+    pub fn restore_list(&self, list: InputList) -> InputList {
+        if self.is_empty() {
+            return list;
+        }
+        InputList { files: list.files.iter().map(|f| self.restore(f)).collect(), env: list.env }
+    }
+
     /// An output as stored under a key made with these bases.
     pub fn rebase_output(&self, mut output: CompileOutput) -> CompileOutput {
         if self.is_empty() {

@@ -108,7 +108,13 @@ fn the_second_job_goes_to_the_worker_with_the_toolchain() {
 
 #[test]
 fn a_killed_worker_fails_its_job_promptly_and_the_build_goes_on() {
-    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let mut c = Cluster::start(Setup {
+        workers: 2,
+        seed_scheduler: true,
+        seed_workers: true,
+        lease_ms: Some(2000),
+        ..Setup::default()
+    });
     let ws = c.world.path().join("slow");
     slow_workspace(&ws);
     let started = Instant::now();
@@ -148,7 +154,13 @@ fn a_worker_lost_after_the_early_metadata_does_not_break_cargo() {
     // The wrapper hands a remote job's `.rmeta` and its artifact notification to cargo before the
     // job ends (pipelining); if the worker dies after that, the local compile must not announce
     // the metadata a second time: cargo has already started the dependents.
-    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let mut c = Cluster::start(Setup {
+        workers: 2,
+        seed_scheduler: true,
+        seed_workers: true,
+        lease_ms: Some(2000),
+        ..Setup::default()
+    });
     let ws = c.world.path().join("slow");
     slow_workspace(&ws);
     let killed = kill_mid_build(&mut c, &ws, KillWhen::AfterMetadata);
@@ -310,7 +322,13 @@ fn a_stopped_scheduler_costs_a_bounded_wait_not_the_build() {
 
 #[test]
 fn a_stopped_worker_costs_a_bounded_wait_not_the_build() {
-    let c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, lease_ms: Some(2000) });
+    let c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        lease_ms: Some(2000),
+        ..Setup::default()
+    });
     let big = Lib::new(&c.world, "big", &big_source(8000));
     let mut run = Background::spawn(big.ferry_command(&c.world), &c.world.path().join("frozen-worker"));
     wait_until(Duration::from_secs(90), "the worker compiling big", || {
@@ -338,6 +356,253 @@ fn a_stopped_worker_costs_a_bounded_wait_not_the_build() {
 /// connection, a slow machine), and far from "forever".
 const HANG_BOUND: Duration = Duration::from_secs(30);
 
+// ---- the shared cache tier ---------------------------------------------------------------------
+
+/// Every unit of [`workspace`]: the rlibs, the proc-macro, the build script and the binary.
+const UNITS: u64 = RLIBS.len() as u64 + 3;
+
+#[test]
+fn a_second_client_with_an_empty_cache_hits_every_unit_in_the_shared_tier() {
+    let mut c = Cluster::start(Setup { workers: 2, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    // A file reached through `..` (as libc's sources do).
+    fs::create_dir_all(ws.join("crates/texty/src/nested")).expect("mkdir");
+    write(&ws.join("crates/texty/extra.txt"), "through dot-dot\n");
+    let lib = ws.join("crates/texty/src/lib.rs");
+    let source = fs::read_to_string(&lib).expect("texty");
+    write(&lib, &format!("{source}\npub const EXTRA: &str = include_str!(\"nested/../../extra.txt\");\n"));
+    let expected = plain_outputs(&c.world, &ws);
+
+    client(&mut c, "first");
+    ok_build(cargo_build(&c.world, &ws, true));
+    assert_same_outputs(&expected, &outputs(&ws));
+    let s = c.world.stats();
+    assert_no_fallbacks(&s);
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (RLIBS.len() as u64, 3), "{s:#}");
+
+    // A teammate: empty local cache, same sources at the same place.
+    client(&mut c, "second");
+    clean(&c.world, &ws);
+    let jobs = remote_jobs(&c.world).len();
+    ok_build(cargo_build(&c.world, &ws, true));
+    assert_same_outputs(&expected, &outputs(&ws));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (0, 0), "{s:#}");
+    assert_eq!(remote_jobs(&c.world).len(), jobs, "a shared hit ran a job");
+    assert_eq!(app(&ws), APP_LINE);
+    // The hits were promoted: the next build is all local hits.
+    clean(&c.world, &ws);
+    c.world.ferry_ok(&["stats", "--zero"]);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_local"), n(&s, "/hits_remote")), (UNITS, 0), "{s:#}");
+}
+
+#[test]
+fn a_changed_toolchain_never_hits_and_the_same_toolchain_elsewhere_hits_everything() {
+    let t = crate::toolchain::ToolchainCopy::new();
+    let elsewhere = crate::toolchain::ToolchainCopy::new();
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+
+    // A: toolchain T (a copy; the same id as the installed one) fills the shared tier.
+    c.world.set("RUSTC", t.rustc());
+    client(&mut c, "a");
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/misses"), n(&s, "/compiled_remote")), (UNITS, RLIBS.len() as u64), "{s:#}");
+
+    // B: T' differs from T in one byte of one file of the set, size and mtime restored.
+    let rel = format!("lib/rustlib/{}/bin/wasm-component-ld", crate::toolchain::installed().host);
+    let offset = t.len(&rel) / 2;
+    t.write_in_place(&rel, offset, t.byte_at(&rel, offset) ^ 0x5a);
+    client(&mut c, "b");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/hits_local"), n(&s, "/misses")), (0, 0, UNITS), "{s:#}");
+    assert_eq!(n(&s, "/compiled_remote") + n(&s, "/compiled_local"), UNITS, "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+
+    // C: T installed at another path hits everything A left.
+    c.world.set("RUSTC", elsewhere.rustc());
+    client(&mut c, "c");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_eq!(app(&ws), APP_LINE);
+}
+
+#[test]
+fn only_workers_and_cache_write_clients_write_the_shared_tier() {
+    const CLIENT: &str = "client-token-0123456789abcdef";
+    const CI: &str = "ci-token-0123456789abcdef0123";
+    const WORKER: &str = "worker-token-0123456789abcdef";
+    let tokens = "[[tokens]]\ntoken = \"client-token-0123456789abcdef\"\nroles = [\"client\"]\n\
+                  [[tokens]]\ntoken = \"ci-token-0123456789abcdef0123\"\nroles = [\"client\", \"cache-write\"]\n\
+                  [[tokens]]\ntoken = \"worker-token-0123456789abcdef\"\nroles = [\"worker\"]\n";
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        scheduler_toml: tokens,
+        worker_toml: "token = \"worker-token-0123456789abcdef\"\n",
+        client_token: Some(CLIENT),
+        ..Setup::default()
+    });
+    let _ = WORKER;
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+
+    // A laptop: its rlibs compile on the worker (which publishes them); its own compiles of the
+    // proc-macro, build script and binary may not be written.
+    client(&mut c, "laptop");
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert!(n(&s, "/shared_errors/write-denied") >= 1, "{s:#}");
+    assert_eq!(n(&s, "/shared_writes"), 0, "{s:#}");
+
+    client(&mut c, "second-laptop");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (RLIBS.len() as u64, 3), "only the workers' results: {s:#}");
+
+    // CI holds cache-write: its local compiles are published.
+    c.world.set("FERRY_TOKEN", CI);
+    client(&mut c, "ci");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/shared_writes")), (RLIBS.len() as u64, 3), "{s:#}");
+
+    c.world.set("FERRY_TOKEN", CLIENT);
+    client(&mut c, "third-laptop");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    assert_eq!(n(&c.world.stats(), "/hits_remote"), UNITS);
+    assert_eq!(app(&ws), APP_LINE);
+}
+
+#[test]
+fn a_corrupt_shared_entry_is_reported_and_never_promoted() {
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+    client(&mut c, "first");
+    ok_build(cargo_build(&c.world, &ws, true));
+
+    // Flip one byte in the middle of every entry the scheduler stores.
+    let entries = scheduler_entries(&c);
+    assert!(entries.len() as u64 >= 2 * UNITS, "{} entries", entries.len());
+    for entry in &entries {
+        flip_middle_byte(entry);
+    }
+    assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+    assert!(c.scheduler.log_text().contains("corrupt"), "the scheduler did not report it");
+}
+
+#[test]
+fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let redis = ferry_tests::Redis::start(redis_dir.path());
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        env: vec![("FERRY_SHARED_CACHE", redis.url())],
+        ..Setup::default()
+    });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+    client(&mut c, "first");
+    ok_build(cargo_build(&c.world, &ws, true));
+    assert_eq!(n(&c.world.stats(), "/compiled_remote"), RLIBS.len() as u64);
+    assert_eq!(scheduler_entries(&c).len(), 0, "the scheduler's own tier was used");
+
+    client(&mut c, "second");
+    clean(&c.world, &ws);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+
+    // Damage every value in place (same length).
+    let keys: Vec<String> = redis.cli(&["--scan", "--pattern", "ferry:*"]).lines().map(str::to_owned).collect();
+    assert!(keys.len() as u64 >= 2 * UNITS, "{keys:?}");
+    for key in &keys {
+        let len: usize = redis.cli(&["STRLEN", key]).trim().parse().expect("length");
+        redis.cli(&["SETRANGE", key, &(len / 2).to_string(), "\u{7f}"]);
+    }
+    assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+}
+
+/// With every shared entry damaged: a client with an empty cache reports corruption, promotes
+/// nothing, and builds the right outputs; its own cache then replays them correctly.
+fn assert_corrupt_tier_is_harmless(c: &mut Cluster, ws: &Path, expected: &BTreeMap<String, blake3::Hash>) {
+    client(c, "after-damage");
+    clean(&c.world, ws);
+    ok_build(cargo_build(&c.world, ws, true));
+    let s = c.world.stats();
+    assert!(n(&s, "/corrupt_entries") >= 1 && n(&s, "/shared_errors/corrupt-entry") >= 1, "{s:#}");
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/hits_local")), (0, 0), "{s:#}");
+    assert_same_outputs(expected, &outputs(ws));
+    clean(&c.world, ws);
+    c.world.ferry_ok(&["stats", "--zero"]);
+    ok_build(cargo_build(&c.world, ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_local"), n(&s, "/corrupt_entries")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(expected, &outputs(ws));
+    // The tier healed: the damaged entries were removed and published afresh.
+    client(c, "after-healing");
+    clean(&c.world, ws);
+    ok_build(cargo_build(&c.world, ws, true));
+    let s = c.world.stats();
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/corrupt_entries")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(expected, &outputs(ws));
+}
+
+/// The entry files of the scheduler's shared tier.
+fn scheduler_entries(c: &Cluster) -> Vec<PathBuf> {
+    let dir = c.world.path().join("scheduler/cache");
+    if !dir.exists() {
+        return Vec::new();
+    }
+    crate::wrapper::files_under(&dir).into_iter().filter(|p| p.file_name().is_some_and(|n| n.len() == 64)).collect()
+}
+
+/// A plain build's outputs (then cleaned away).
+fn plain_outputs(world: &World, ws: &Path) -> BTreeMap<String, blake3::Hash> {
+    ok_build(cargo_build(world, ws, false));
+    let expected = outputs(ws);
+    clean(world, ws);
+    expected
+}
+
+/// Makes the world's client a fresh machine: its own empty cache dir, zeroed counters.
+fn client(c: &mut Cluster, name: &str) {
+    c.world.set("FERRY_CACHE_DIR", c.world.path().join(format!("cache-{name}")));
+    c.world.ferry_ok(&["stats", "--zero"]);
+}
+
+fn flip_middle_byte(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(path).expect("open entry");
+    let middle = file.metadata().expect("stat").len() / 2;
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(middle)).expect("seek");
+    file.read_exact(&mut byte).expect("read");
+    file.seek(SeekFrom::Start(middle)).expect("seek");
+    file.write_all(&[byte[0] ^ 0x55]).expect("write");
+}
+
 /// What [`Cluster::start`] starts from.
 #[derive(Debug, Default)]
 struct Setup {
@@ -349,6 +614,13 @@ struct Setup {
     seed_workers: bool,
     /// The scheduler's worker lease (default: the scheduler's own, 10 s).
     lease_ms: Option<u64>,
+    /// More lines of the scheduler's and the workers' config files.
+    scheduler_toml: &'static str,
+    worker_toml: &'static str,
+    /// Environment for every process of the world (daemons and clients).
+    env: Vec<(&'static str, String)>,
+    /// The clients' `FERRY_TOKEN`, set once the daemons run (they read `FERRY_TOKEN` too).
+    client_token: Option<&'static str>,
 }
 
 /// A scheduler and workers (2 slots each) in one world whose `FERRY_SCHEDULER` points at them.
@@ -365,24 +637,29 @@ impl Cluster {
         if setup.seed_scheduler {
             seed().seed_scheduler_dir(&world.path().join("scheduler"));
         }
-        let mut extra = Vec::new();
-        if let Some(lease) = setup.lease_ms {
-            let config = world.path().join("scheduler.toml");
-            write(&config, &format!("lease_ms = {lease}\n"));
-            extra = vec!["--config".to_owned(), config.display().to_string()];
+        for (key, value) in &setup.env {
+            world.set(key, value);
         }
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let scheduler = world.scheduler(&extra);
+        let config = world.path().join("scheduler.toml");
+        let lease = setup.lease_ms.map(|l| format!("lease_ms = {l}\n")).unwrap_or_default();
+        write(&config, &format!("{lease}{}", setup.scheduler_toml));
+        let scheduler = world.scheduler(&["--config", &config.display().to_string()]);
         world.set("FERRY_SCHEDULER", scheduler.url());
+        let worker_config = world.path().join("worker.toml");
+        write(&worker_config, setup.worker_toml);
+        let worker_config = worker_config.display().to_string();
         let workers: Vec<Daemon> = (0..setup.workers)
             .map(|i| {
                 let name = format!("worker{i}");
                 if setup.seed_workers {
                     seed().seed_worker_dir(&world.path().join(&name));
                 }
-                world.worker(&name, &scheduler.url(), &["--slots", "2"])
+                world.worker(&name, &scheduler.url(), &["--slots", "2", "--config", &worker_config])
             })
             .collect();
+        if let Some(token) = setup.client_token {
+            world.set("FERRY_TOKEN", token);
+        }
         let c = Cluster { world, scheduler, workers };
         let id = &seed_id_if(setup.seed_workers);
         c.status_until("every worker registers", |s| {

@@ -61,6 +61,55 @@ fn outputs_are_byte_identical_and_a_rebuild_is_all_hits_without_rustc() {
 }
 
 #[test]
+fn basedirs_share_entries_between_checkouts_and_target_dirs() {
+    let mut world = world();
+    let a = workspace_in(&world, "a");
+    let b = workspace_in(&world, "b");
+    // Without FERRY_BASEDIRS, another checkout misses everything (absolute paths are in the key).
+    assert_eq!(rebuild(&world, &a).misses, UNIT_COUNT);
+    let step = rebuild(&world, &b);
+    assert_eq!((step.misses, step.hits), (UNIT_COUNT, 0), "{step:?}");
+
+    // With it, checkout b hits every entry checkout a made, and replays with b's own paths.
+    world.set("FERRY_CACHE_DIR", world.path().join("cache-with-bases"));
+    world.set("FERRY_BASEDIRS", &a);
+    clean(&world, &a);
+    assert_eq!(rebuild(&world, &a).misses, UNIT_COUNT);
+    world.set("FERRY_BASEDIRS", &b);
+    clean(&world, &b);
+    let step = rebuild(&world, &b);
+    assert_eq!((step.hits, step.misses), (UNIT_COUNT, 0), "{step:?}");
+    assert_eq!(step.compiled, Vec::<String>::new(), "b's build ran rustc: {step:?}");
+    assert_eq!(app(&b), APP_LINE);
+    let a_text = a.display().to_string();
+    for d in files_under(&b.join("target/debug")).into_iter().filter(|p| p.extension().is_some_and(|e| e == "d")) {
+        let text = fs::read_to_string(&d).expect("dep-info");
+        assert!(!text.contains(&a_text), "{} names checkout a:\n{text}", d.display());
+    }
+    // A second build of b is a no-op for cargo: the replayed dep-info points at b's files.
+    let out = ok_build(cargo_build(&world, &b, true));
+    assert!(!out.contains("Compiling"), "cargo rebuilt after a replay:\n{out}");
+
+    // Only CARGO_TARGET_DIR differs (the peer tool misses every compile here).
+    let (t1, t2) = (world.path().join("target-1"), world.path().join("target-2"));
+    world.set("FERRY_CACHE_DIR", world.path().join("cache-target-dirs"));
+    for (target, expect_hits) in [(&t1, 0), (&t2, UNIT_COUNT)] {
+        world.set("CARGO_TARGET_DIR", target);
+        world.set("FERRY_BASEDIRS", format!("{}:{}", a.display(), target.display()));
+        let step = rebuild(&world, &a);
+        assert_eq!(step.hits, expect_hits, "target dir {}: {step:?}", target.display());
+    }
+    let out = ok(Command::new(t2.join("debug/app")).current_dir(&a).output().expect("app runs"));
+    assert_eq!(out.trim(), APP_LINE);
+
+    // A relative base is refused clearly.
+    world.set("FERRY_BASEDIRS", "relative/dir");
+    let err = world.ferry(&["stats"]);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("'relative/dir' must be an absolute path"));
+}
+
+#[test]
 fn a_changed_toolchain_misses_everywhere_and_reverting_it_hits_again() {
     // A custom toolchain (a real copy), used the way cargo documents: RUSTC=<its rustc>.
     let copy = crate::toolchain::ToolchainCopy::new();
@@ -994,6 +1043,19 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Every file under `dir`, recursively, sorted.
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for path in files_in(dir) {
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
