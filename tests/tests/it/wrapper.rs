@@ -271,12 +271,13 @@ fn sixteen_writers_of_one_key_agree() {
 fn builds_racing_eviction_stay_correct() {
     // Two users of one cache with no grace period: `a` rebuilds from clean (hits, which bump its
     // entries' last use), while `b` builds with new flags each round (all misses). A checkout's
-    // entries take ~14 MB (large payloads are stored uncompressed): one fits in 20 MiB, two do
+    // entries take ~14 MB (large payloads are stored uncompressed): one fits in 24 MiB (room for a
+    // reader on a loaded machine), two do
     // not, so b's passes evict around a's readers.
     let mut reader = world();
-    reader.set("FERRY_CACHE_SIZE", "20M").set("FERRY_CACHE_GRACE", "0");
+    reader.set("FERRY_CACHE_SIZE", "24M").set("FERRY_CACHE_GRACE", "0");
     let mut writer = world();
-    writer.set("FERRY_CACHE_DIR", cache_dir(&reader)).set("FERRY_CACHE_SIZE", "20M").set("FERRY_CACHE_GRACE", "0");
+    writer.set("FERRY_CACHE_DIR", cache_dir(&reader)).set("FERRY_CACHE_SIZE", "24M").set("FERRY_CACHE_GRACE", "0");
     let (a, b) = (workspace_in(&reader, "a"), workspace_in(&writer, "b"));
     ok_build(cargo_build(&reader, &a, false));
     let expected = outputs(&a);
@@ -297,7 +298,7 @@ fn builds_racing_eviction_stay_correct() {
     assert_eq!((n(&s, "/cache_errors"), n(&s, "/corrupt_entries"), n(&s, "/fallbacks/replay-write-failed")), (0, 0, 0));
     let on_disk: u64 = entry_files(&reader).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
     assert!(on_disk < n(&s, "/bytes_written"), "nothing was evicted: {on_disk} bytes on disk, {s:#}");
-    assert!(on_disk <= 30 << 20, "a 20 MiB cache holds {on_disk} bytes after its passes");
+    assert!(on_disk <= 34 << 20, "a 24 MiB cache holds {on_disk} bytes after its passes");
     assert_entries_decode(&reader);
 }
 
