@@ -122,44 +122,36 @@ impl DiskStore {
 
 impl Store for DiskStore {
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
-        let path = self.entry_path(key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
-        let len = file.metadata().map_err(io_at(&path))?.len();
-        let mut bytes = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut bytes).map_err(io_at(&path))?;
-        match Entry::decode_owned(bytes, key) {
-            Ok(entry) => {
-                // The mtime is the last-used time that eviction sorts by. Best effort: a
-                // read-only cache directory still serves hits.
-                let _ = file.set_modified(SystemTime::now());
-                Ok(Some(entry))
-            }
-            Err(reason) => {
-                remove_if_same_file(&path, &file);
-                warn!(path = %path.display(), %reason, "removed corrupt cache entry");
-                Err(Error::Corrupt { path, reason })
-            }
-        }
+        self.read_verified(key, |bytes| Entry::decode_owned(bytes, key))
     }
 
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
-        let path = self.entry_path(&entry.key);
-        let bytes = entry.encode();
+        self.put_encoded(&entry.key, &entry.encode())
+    }
+}
+
+impl DiskStore {
+    /// The encoded entry stored under `key` after checking its header and checksum (the payload
+    /// is not decompressed: for a tier that passes entries on, whose receiver decodes them).
+    pub fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error> {
+        self.read_verified(key, |bytes| Entry::check(&bytes, key).map(|()| bytes))
+    }
+
+    /// Publishes an already encoded entry under `key` unless a verified one is there. The caller
+    /// has verified `bytes` (e.g. with [`Entry::decode`]).
+    pub fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
+        let path = self.entry_path(key);
         // Twice at most: an existing file counts as present only once it verifies, so a damaged
-        // entry (removed by `get`) never blocks its own replacement.
+        // entry (removed by the check) never blocks its own replacement.
         for _ in 0..2 {
             if fs::symlink_metadata(&path).is_ok() {
-                match self.get(&entry.key) {
+                match self.get_encoded(key) {
                     Ok(Some(_)) => return Ok(PutOutcome::AlreadyPresent),
                     Ok(None) | Err(Error::Corrupt { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
-            match self.publish(&bytes, &path)? {
+            match self.publish(bytes, &path)? {
                 PutOutcome::Published { bytes } => {
                     self.account(bytes);
                     return Ok(PutOutcome::Published { bytes });
@@ -169,6 +161,37 @@ impl Store for DiskStore {
             }
         }
         Ok(PutOutcome::AlreadyPresent)
+    }
+
+    /// Reads the entry file of `key` and verifies it with `verify`. A file that does not verify
+    /// is removed and reported; one that does has its last-used time (the mtime eviction sorts
+    /// by) refreshed.
+    fn read_verified<T>(
+        &self,
+        key: &CacheKey,
+        verify: impl FnOnce(Vec<u8>) -> Result<T, crate::EntryError>,
+    ) -> Result<Option<T>, Error> {
+        let path = self.entry_path(key);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let len = file.metadata().map_err(io_at(&path))?.len();
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes).map_err(io_at(&path))?;
+        match verify(bytes) {
+            Ok(found) => {
+                // Best effort: a read-only cache directory still serves hits.
+                let _ = file.set_modified(SystemTime::now());
+                Ok(Some(found))
+            }
+            Err(reason) => {
+                remove_if_same_file(&path, &file);
+                warn!(path = %path.display(), %reason, "removed corrupt cache entry");
+                Err(Error::Corrupt { path, reason })
+            }
+        }
     }
 }
 

@@ -79,6 +79,9 @@ pub enum EntryError {
     /// A field holds a value its type does not allow (a bool that is 2, a path that is not utf-8).
     #[error("invalid {what} at byte {offset}")]
     Invalid { what: &'static str, offset: usize },
+    /// A remote tier found its copy corrupt (and removed it) instead of sending it.
+    #[error("the tier holding it found it corrupt and removed it")]
+    CorruptAtSource,
 }
 
 const MAGIC: [u8; 8] = *b"FERRYCE\0";
@@ -147,6 +150,12 @@ impl Entry {
         let checksum = blake3::hash(&out);
         out.extend_from_slice(checksum.as_bytes());
         out
+    }
+
+    /// Verifies everything but the compressed payload's own framing: checksum, magic, version,
+    /// kind, key and lengths. Enough to pass an entry on to a receiver that decodes it.
+    pub fn check(bytes: &[u8], expected_key: &CacheKey) -> Result<(), EntryError> {
+        Header::verify(bytes, expected_key).map(|_| ())
     }
 
     /// Parses and fully verifies an encoded entry that was looked up as `expected_key`.

@@ -140,8 +140,14 @@ impl RedisStore {
     }
 }
 
-impl Store for RedisStore {
-    fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
+impl RedisStore {
+    /// The value under `key`, checked by `verify`; one that fails is deleted (if this user may:
+    /// never deliver it twice) and reported as corrupt.
+    fn get_verified<T>(
+        &self,
+        key: &CacheKey,
+        verify: impl FnOnce(Vec<u8>) -> Result<T, crate::EntryError>,
+    ) -> Result<Option<T>, Error> {
         let name = redis_key(key);
         let bytes = match self.command(&[b"GET", name.as_bytes()]).map_err(|e| self.io_error(e))? {
             Reply::Bulk(None) => return Ok(None),
@@ -149,25 +155,30 @@ impl Store for RedisStore {
             Reply::Error(e) => return Err(self.io_error(refused(&e))),
             other => return Err(self.io_error(protocol(format!("GET answered {other:?}")))),
         };
-        match Entry::decode_owned(bytes, key) {
-            Ok(entry) => Ok(Some(entry)),
+        match verify(bytes) {
+            Ok(found) => Ok(Some(found)),
             Err(reason) => {
-                // Never deliver it twice: delete it if this user may.
                 let _ = self.command(&[b"DEL", name.as_bytes()]);
                 Err(Error::Corrupt { path: format!("redis key {name}").into(), reason })
             }
         }
     }
+}
+
+impl Store for RedisStore {
+    fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
+        self.get_verified(key, |bytes| Entry::decode_owned(bytes, key))
+    }
 
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
         let name = redis_key(&entry.key);
         let bytes = entry.encode();
-        // Twice at most: a value already there counts only once it verifies (`get` deletes one
-        // that does not), so a damaged entry never blocks its own replacement.
+        // Twice at most: a value already there counts only once it checks out (one that does not
+        // is deleted), so a damaged entry never blocks its own replacement.
         for _ in 0..2 {
             match self.command(&[b"SET", name.as_bytes(), &bytes, b"NX"]).map_err(|e| self.io_error(e))? {
                 Reply::Status(s) if s == "OK" => return Ok(PutOutcome::Published { bytes: bytes.len() as u64 }),
-                Reply::Bulk(None) => match self.get(&entry.key) {
+                Reply::Bulk(None) => match self.get_verified(&entry.key, |b| Entry::check(&b, &entry.key)) {
                     Ok(Some(_)) => return Ok(PutOutcome::AlreadyPresent),
                     Ok(None) | Err(Error::Corrupt { .. }) => {}
                     Err(e) => return Err(e),

@@ -96,6 +96,13 @@ struct Job {
 /// A reason to fall back to a plain compile.
 struct Fallback(&'static str);
 
+/// Which tier a hit came from.
+#[derive(Clone, Copy)]
+enum Tier {
+    Local,
+    Shared,
+}
+
 impl Job {
     fn run(&mut self) -> ExitCode {
         if self.rustc.links() && self.rustc.target.as_deref().is_some_and(|t| !t.contains("-linux")) {
@@ -137,18 +144,8 @@ impl Job {
             let Some(key) = self.result_key(&pre, &list) else { continue };
             let Some(entry) = self.get(&store, &key) else { continue };
             let payload_len = entry.payload.len() as u64;
-            match CompileOutput::decode_shared(entry.payload.into()).map(|o| self.config.basedirs.restore_output(o)) {
-                Ok(output) if self.matches_outputs(&output) => {
-                    self.stats.hits_local += 1;
-                    self.stats.bytes_read += payload_len;
-                    self.stats.time_saved_ms += output.compile_ms;
-                    return self.replay(&output, true);
-                }
-                Ok(_) => tracing::warn!(%key, "entry's outputs differ from this call's; ignoring it"),
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "undecodable result entry");
-                    self.stats.corrupt_entries += 1;
-                }
+            if let Some(output) = self.usable_output(&key, entry.payload) {
+                return self.replay(&output, payload_len, Tier::Local);
             }
         }
         let mut shared = SharedTier::open(&self.config, &mut self.stats);
@@ -182,27 +179,13 @@ impl Job {
             let Some(key) = self.result_key(pre, &list) else { continue };
             let Some(entry) = tier.get(&key, &mut self.stats) else { continue };
             let payload_len = entry.payload.len() as u64;
-            let output = match CompileOutput::decode(&entry.payload) {
-                Ok(output) => self.config.basedirs.restore_output(output),
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "undecodable shared entry: not promoted");
-                    self.stats.corrupt_entries += 1;
-                    continue;
-                }
-            };
-            if !self.matches_outputs(&output) {
-                tracing::warn!(%key, "shared entry's outputs differ from this call's; ignoring it");
-                continue;
-            }
+            let Some(output) = self.usable_output(&key, entry.payload.clone()) else { continue };
             // Promote: the result first, then the manifest that leads to it.
             if self.put(store, &entry) && (known.len() as u32) < MAX_MANIFESTS {
                 let promoted = Entry { key: manifest_key(scope, known.len() as u32), ..manifest };
                 self.put(store, &promoted);
             }
-            self.stats.hits_remote += 1;
-            self.stats.bytes_read += payload_len;
-            self.stats.time_saved_ms += output.compile_ms;
-            return Some(self.replay(&output, false));
+            return Some(self.replay(&output, payload_len, Tier::Shared));
         }
         None
     }
@@ -252,22 +235,21 @@ impl Job {
         } else {
             None
         };
-        let rustc = self.rustc.clone();
         let cwd = self.cwd.to_string_lossy().into_owned();
         let toolchain = id.to_hex();
-        let parts = PreKeyParts { toolchain: &toolchain, cwd: &cwd, args: &rustc, externs, env, link };
+        let parts = PreKeyParts { toolchain: &toolchain, cwd: &cwd, args: &self.rustc, externs, env, link };
         Ok(recipe::pre_key(parts, &self.config.basedirs))
     }
 
     /// The key of the result of a compile that read `list`, from the files' current content.
     /// None when a listed file is gone (that manifest cannot describe this compile).
     fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<CacheKey> {
-        let bases = self.config.basedirs.clone();
+        let (digests, cwd) = (&mut self.digests, &self.cwd);
         recipe::result_key(
             pre,
             list,
-            &bases,
-            |file| self.digest(file),
+            &self.config.basedirs,
+            |file| digest_memo(digests, cwd, file),
             |name| std::env::var_os(name).map(|v| v.into_encoded_bytes()),
         )
     }
@@ -319,20 +301,42 @@ impl Job {
         have.len() == want.len() && have.iter().zip(&want).all(|((p, x), (wp, wx))| p == wp && x == wx)
     }
 
-    /// Writes every output atomically, then replays stdout and stderr byte for byte.
-    fn replay(&mut self, output: &CompileOutput, local: bool) -> Result<ExitCode, Fallback> {
+    /// The result payload of a verified entry, decoded and with this machine's paths, when it is
+    /// the output of this very call. None (counted when corrupt) otherwise.
+    fn usable_output(&mut self, key: &CacheKey, payload: Vec<u8>) -> Option<CompileOutput> {
+        match CompileOutput::decode_shared(payload.into()) {
+            Ok(output) => {
+                let output = self.config.basedirs.restore_output(output);
+                let usable = self.matches_outputs(&output);
+                if !usable {
+                    tracing::warn!(%key, "entry's outputs differ from this call's; ignoring it");
+                }
+                usable.then_some(output)
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "undecodable result entry: not used");
+                self.stats.corrupt_entries += 1;
+                None
+            }
+        }
+    }
+
+    /// Counts a hit in `tier`, writes every output atomically, then replays stdout and stderr
+    /// byte for byte.
+    fn replay(&mut self, output: &CompileOutput, payload_len: u64, tier: Tier) -> Result<ExitCode, Fallback> {
         for file in &output.files {
             let path = self.cwd.join(&file.path);
             if let Err(e) = write_atomic(&path, &file.bytes, file.executable) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write a cached output");
-                if local {
-                    self.stats.hits_local -= 1;
-                } else {
-                    self.stats.hits_remote -= 1;
-                }
                 return Err(Fallback("replay-write-failed"));
             }
         }
+        match tier {
+            Tier::Local => self.stats.hits_local += 1,
+            Tier::Shared => self.stats.hits_remote += 1,
+        }
+        self.stats.bytes_read += payload_len;
+        self.stats.time_saved_ms += output.compile_ms;
         let _ = std::io::stdout().write_all(&output.stdout);
         let _ = std::io::stderr().write_all(&output.stderr);
         Ok(ExitCode::from(output.exit_code.clamp(0, 255) as u8))
@@ -580,12 +584,7 @@ impl Job {
 
     /// blake3 of a file named as rustc names it (relative to the cwd or absolute), memoized.
     fn digest(&mut self, path: &str) -> Option<[u8; 32]> {
-        if let Some(d) = self.digests.get(path) {
-            return *d;
-        }
-        let d = fs::read(self.cwd.join(path)).ok().map(|bytes| *blake3::hash(&bytes).as_bytes());
-        self.digests.insert(path.to_owned(), d);
-        d
+        digest_memo(&mut self.digests, &self.cwd, path)
     }
 
     /// The linker rustc will run, identified by its resolved path, file fingerprint and version.
@@ -617,6 +616,16 @@ impl Job {
         }
         None
     }
+}
+
+/// blake3 of `path` (relative to `cwd` or absolute) through `memo`, the per-process memo.
+fn digest_memo(memo: &mut HashMap<String, Option<[u8; 32]>>, cwd: &Path, path: &str) -> Option<[u8; 32]> {
+    if let Some(d) = memo.get(path) {
+        return *d;
+    }
+    let d = fs::read(cwd.join(path)).ok().map(|bytes| *blake3::hash(&bytes).as_bytes());
+    memo.insert(path.to_owned(), d);
+    d
 }
 
 /// The arguments with `dep-info=<path>` added to `--emit` (or an `--emit` added).

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_cache::rustc::Bases;
+use ferry_proto::SharedTierSpec;
 use serde::Deserialize;
 
 /// The resolved configuration every part of the client reads.
@@ -49,20 +50,13 @@ pub struct Config {
     /// After the scheduler failed to answer, every wrapper compiles locally without trying for
     /// this long: an unreachable scheduler costs a build one timeout, not one per compile.
     pub cluster_backoff: Duration,
-    pub shared: Shared,
+    /// Which shared tier the wrapper reads (and, with `cache-write`, writes); `Scheduler` only
+    /// when `scheduler` is set.
+    pub shared: SharedTierSpec,
     /// A shared tier that errored or answered too slowly is skipped this long by every wrapper.
     pub shared_backoff: Duration,
     pub shared_timeout: Duration,
     pub basedirs: Bases,
-}
-
-/// Which shared cache tier the wrapper reads (and, with `cache-write`, writes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Shared {
-    Off,
-    /// The scheduler's cache service (the default when a scheduler is configured).
-    Scheduler(String),
-    Redis(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,21 +173,14 @@ impl Config {
         let shared_backoff = seconds("FERRY_SHARED_BACKOFF", file.cache.shared_backoff_secs, 30)?;
         let shared_timeout = seconds("FERRY_SHARED_TIMEOUT_MS", file.cache.shared_timeout_ms, 2000)?;
         let shared = match env("FERRY_SHARED_CACHE").filter(|s| !s.is_empty()).or(file.cache.shared) {
-            Some(s) if s == "off" => Shared::Off,
-            Some(s) if s.starts_with("redis://") => {
-                ferry_cache::RedisUrl::parse(&s).map_err(anyhow::Error::msg).with_context(|| origin("cache.shared"))?;
-                Shared::Redis(s)
-            }
-            Some(s) if s == "scheduler" => match &scheduler {
-                Some(url) => Shared::Scheduler(url.clone()),
-                None => bail!("the shared cache is 'scheduler' but no scheduler is set ({})", origin("cache.shared")),
-            },
-            Some(s) => bail!(
-                "shared cache '{s}': expected 'off', 'scheduler' or a redis:// URL ({} or FERRY_SHARED_CACHE)",
-                origin("cache.shared")
-            ),
-            None => scheduler.clone().map_or(Shared::Off, Shared::Scheduler),
+            Some(text) => SharedTierSpec::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{e} ({} or FERRY_SHARED_CACHE)", origin("cache.shared")))?,
+            None if scheduler.is_some() => SharedTierSpec::Scheduler,
+            None => SharedTierSpec::Off,
         };
+        if shared == SharedTierSpec::Scheduler && scheduler.is_none() {
+            bail!("the shared cache is 'scheduler' but no scheduler is set ({})", origin("cache.shared"));
+        }
         let basedirs = match env("FERRY_BASEDIRS") {
             Some(s) => s.split(':').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
             None => file.cache.basedirs.unwrap_or_default(),

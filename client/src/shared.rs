@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_cache::{CacheKey, Entry, Error as CacheError, PutOutcome, RedisStore, Store};
-use ferry_proto::{RemoteCache, TokenInterceptor};
+use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor};
 
-use crate::config::{Config, Shared};
+use crate::config::Config;
 use crate::stats::Stats;
 
 const BREAKER_FILE: &str = "shared-down";
@@ -33,7 +33,7 @@ pub struct SharedTier {
 impl SharedTier {
     /// The configured tier, or None when there is none or the breaker is open (counted).
     pub fn open(config: &Config, stats: &mut Stats) -> Option<SharedTier> {
-        if config.shared == Shared::Off {
+        if config.shared == SharedTierSpec::Off {
             return None;
         }
         let breaker = config.cache_dir.join(BREAKER_FILE);
@@ -41,13 +41,15 @@ impl SharedTier {
             count(stats, "bypassed");
             return None;
         }
-        let writer = blake3::hash(format!("{:?} {:?}", config.shared, config.token).as_bytes()).to_hex().to_string();
+        let writer = blake3::hash(format!("{:?} {:?} {:?}", config.shared, config.scheduler, config.token).as_bytes())
+            .to_hex()
+            .to_string();
         let opened = match &config.shared {
-            Shared::Off => return None,
-            Shared::Redis(url) => RedisStore::new(url, config.shared_timeout)
+            SharedTierSpec::Off => return None,
+            SharedTierSpec::Redis(url) => RedisStore::new(url, config.shared_timeout)
                 .map(|s| Box::new(s) as Box<dyn Store>)
                 .map_err(|e| ("misconfigured", e)),
-            Shared::Scheduler(url) => connect(config, url),
+            SharedTierSpec::Scheduler => connect(config),
         };
         match opened {
             Ok(store) => Some(SharedTier { store, cache_dir: config.cache_dir.clone(), writer }),
@@ -128,7 +130,9 @@ impl SharedTier {
 }
 
 /// Connects to the scheduler's cache service within the deadline.
-fn connect(config: &Config, url: &str) -> Result<Box<dyn Store>, (&'static str, String)> {
+fn connect(config: &Config) -> Result<Box<dyn Store>, (&'static str, String)> {
+    // Config guarantees a scheduler for this tier.
+    let url = config.scheduler.as_deref().ok_or(("misconfigured", "no scheduler is set".to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

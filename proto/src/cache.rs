@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_cache::{CacheKey, Entry, Error, PutOutcome, Store};
+use ferry_cache::{CacheKey, Entry, EntryError, Error, PutOutcome, Store};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -41,6 +41,39 @@ impl tonic::service::Interceptor for TokenInterceptor {
     }
 }
 
+/// Which shared cache tier a client reads or a worker publishes to (`FERRY_SHARED_CACHE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedTierSpec {
+    Off,
+    /// The scheduler's cache service.
+    Scheduler,
+    /// `redis://[user:password@]host[:port][/db]`
+    Redis(String),
+}
+
+impl SharedTierSpec {
+    /// `off`, `scheduler` or a valid `redis://` URL; Err is a sentence for the user.
+    pub fn parse(text: &str) -> Result<SharedTierSpec, String> {
+        match text {
+            "off" => Ok(SharedTierSpec::Off),
+            "scheduler" => Ok(SharedTierSpec::Scheduler),
+            url if url.starts_with("redis://") => {
+                ferry_cache::RedisUrl::parse(url)?;
+                Ok(SharedTierSpec::Redis(url.to_owned()))
+            }
+            other => Err(format!("'{other}' is not 'scheduler', 'off' or a redis:// URL")),
+        }
+    }
+}
+
+/// What `CacheGet` answered.
+enum Fetched {
+    Missing,
+    /// The scheduler found its copy corrupt and removed it (`DATA_LOSS`).
+    CorruptThere,
+    Bytes(Vec<u8>),
+}
+
 pub type SchedulerApi = SchedulerClient<InterceptedService<Channel, TokenInterceptor>>;
 
 /// The scheduler's cache service. Every call has a deadline; errors (including a refused write)
@@ -61,22 +94,20 @@ impl RemoteCache {
         RemoteCache { runtime, client: client.max_decoding_message_size(64 << 20), deadline }
     }
 
-    async fn fetch(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, tonic::Status> {
+    async fn fetch(&self, key: &CacheKey) -> Result<Fetched, tonic::Status> {
         let mut client = self.client.clone();
         let request = v1::CacheKeyRef { key: Some(to_digest(key.0)) };
         let mut stream = match client.cache_get(request).await {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-            // The scheduler found its copy corrupt (and removed it): no bytes, which the caller's
-            // verification then reports as a corrupt entry, like one that arrived damaged.
-            Err(s) if s.code() == tonic::Code::DataLoss => return Ok(Some(Vec::new())),
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(Fetched::Missing),
+            Err(s) if s.code() == tonic::Code::DataLoss => return Ok(Fetched::CorruptThere),
             Err(s) => return Err(s),
         };
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.message().await? {
             bytes.extend_from_slice(&chunk.data);
         }
-        Ok(Some(bytes))
+        Ok(Fetched::Bytes(bytes))
     }
 
     async fn store(&self, key: &CacheKey, bytes: Vec<u8>) -> Result<bool, tonic::Status> {
@@ -106,12 +137,12 @@ impl RemoteCache {
 
 impl Store for RemoteCache {
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
-        let Some(bytes) = self.block("shared cache get", self.fetch(key))? else {
-            return Ok(None);
-        };
-        Entry::decode_owned(bytes, key)
-            .map(Some)
-            .map_err(|reason| Error::Corrupt { path: format!("scheduler cache entry {key}").into(), reason })
+        let corrupt = |reason| Error::Corrupt { path: format!("scheduler cache entry {key}").into(), reason };
+        match self.block("shared cache get", self.fetch(key))? {
+            Fetched::Bytes(bytes) => Entry::decode_owned(bytes, key).map(Some).map_err(corrupt),
+            Fetched::Missing => Ok(None),
+            Fetched::CorruptThere => Err(corrupt(EntryError::CorruptAtSource)),
+        }
     }
 
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {

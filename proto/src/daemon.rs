@@ -66,3 +66,14 @@ pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
     });
     Ok(token)
 }
+
+/// A daemon's exit: success, or `program: error: ...` (with its causes) on stderr and failure.
+pub fn exit(program: &str, result: Result<(), impl std::fmt::Display>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

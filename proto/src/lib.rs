@@ -8,7 +8,7 @@ mod cache;
 pub mod daemon;
 
 pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config};
-pub use cache::{RemoteCache, SchedulerApi, TokenInterceptor};
+pub use cache::{RemoteCache, SchedulerApi, SharedTierSpec, TokenInterceptor};
 
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {

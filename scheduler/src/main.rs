@@ -23,13 +23,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     ferry_proto::daemon::init_logging();
-    match serve(args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ferry-scheduler: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ferry_proto::daemon::exit("ferry-scheduler", serve(args))
 }
 
 #[tokio::main]

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome, Store};
+use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome};
 use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
 use ferry_proto::{ChunkReader, Role, digest, digests, require, require_any, to_digest};
@@ -366,11 +366,12 @@ impl SchedulerApi for Service {
         require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "CacheGet")?;
         let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
         let shared = self.shared.clone();
-        let found = tokio::task::spawn_blocking(move || shared.cache.get(&key))
+        let found = tokio::task::spawn_blocking(move || shared.cache.get_encoded(&key))
             .await
             .map_err(|e| Status::internal(format!("cache lookup: {e}")))?;
-        let entry = match found {
-            Ok(Some(entry)) => entry,
+        // Checked (header and checksum) but not decoded: the client decodes and verifies it.
+        let bytes = match found {
+            Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
             Err(CacheError::Corrupt { path, reason }) => {
                 warn!(path = %path.display(), %reason, "removed a corrupt shared cache entry");
@@ -378,7 +379,6 @@ impl SchedulerApi for Service {
             }
             Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
         };
-        let bytes = entry.encode();
         let chunks: Vec<Result<v1::Chunk, Status>> =
             bytes.chunks(CHUNK).map(|c| Ok(v1::Chunk { data: c.to_vec() })).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
@@ -421,9 +421,10 @@ impl SchedulerApi for Service {
         }
         let shared = self.shared.clone();
         let stored = tokio::task::spawn_blocking(move || -> Result<PutOutcome, Status> {
-            let entry = Entry::decode_owned(bytes, &key)
+            // Fully decoded once, here; stored as received.
+            Entry::decode(&bytes, &key)
                 .map_err(|e| Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")))?;
-            shared.cache.put(&entry).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
+            shared.cache.put_encoded(&key, &bytes).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
         .map_err(|e| Status::internal(format!("cache store: {e}")))??;

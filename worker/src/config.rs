@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_proto::{Tokens, tokens_from_config};
+use ferry_proto::{SharedTierSpec, Tokens, tokens_from_config};
 use serde::Deserialize;
 
 use crate::sandbox::SandboxConfig;
@@ -38,19 +38,12 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     pub ca: Option<PathBuf>,
     pub toolchain_cache_bytes: u64,
-    pub shared_cache: SharedCache,
+    /// Where the worker publishes the results of the jobs it runs.
+    pub shared_cache: SharedTierSpec,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
-}
-
-/// Where the worker publishes the results of the jobs it runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SharedCache {
-    Off,
-    Scheduler,
-    Redis(String),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,17 +130,10 @@ impl WorkerConfig {
         };
         let tokens = tokens_from_config(parsed.tokens.into_iter().map(|t| (t.token, t.roles)).collect())
             .map_err(|e| anyhow::anyhow!("{origin}: key 'tokens': {e}"))?;
-        let shared_cache = match env("FERRY_SHARED_CACHE").or(parsed.shared_cache).as_deref() {
-            None | Some("scheduler") => SharedCache::Scheduler,
-            Some("off") => SharedCache::Off,
-            Some(url) if url.starts_with("redis://") => {
-                ferry_cache::RedisUrl::parse(url)
-                    .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?;
-                SharedCache::Redis(url.to_owned())
-            }
-            Some(other) => anyhow::bail!(
-                "{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): '{other}' is not 'scheduler', 'off' or a redis:// URL"
-            ),
+        let shared_cache = match env("FERRY_SHARED_CACHE").or(parsed.shared_cache) {
+            Some(text) => SharedTierSpec::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?,
+            None => SharedTierSpec::Scheduler,
         };
         let defaults = SandboxConfig::default();
         let s = parsed.sandbox;

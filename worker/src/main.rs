@@ -29,13 +29,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     ferry_proto::daemon::init_logging();
-    match serve(args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ferry-worker: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ferry_proto::daemon::exit("ferry-worker", serve(args))
 }
 
 #[tokio::main]

@@ -8,7 +8,7 @@ use anyhow::Context;
 use ferry_cache::{RedisStore, Store};
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::worker_server::WorkerServer;
-use ferry_proto::{RemoteCache, TokenInterceptor, Tokens, bearer, check_exposure, to_digest};
+use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor, Tokens, check_exposure, to_digest};
 use ferry_toolchains::ToolchainId;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -18,7 +18,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 use crate::blobs::BlobStore;
-use crate::config::{SharedCache, WorkerConfig};
+use crate::config::WorkerConfig;
 use crate::publish::Publisher;
 use crate::service::{Fetcher, Service, Shared};
 use crate::session;
@@ -41,10 +41,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
             .with_context(|| format!("making {} traversable", dir.display()))?;
     }
-    let token = match &config.token {
-        Some(t) => Some(bearer(t).parse().context("the token contains characters a header cannot carry")?),
-        None => None,
-    };
+    let token = TokenInterceptor::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
     let connect = {
         let (url, ca) = (config.scheduler.clone(), config.ca.clone());
         move || {
@@ -71,7 +68,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         running: Mutex::new(Default::default()),
         ended: Mutex::new(Vec::new()),
         job_ended: tokio::sync::Notify::new(),
-        publisher: publisher(&config),
+        publisher: publisher(&config, token.clone()),
     });
     let identity = session::Identity {
         id: config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port())),
@@ -120,14 +117,14 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
 }
 
 /// The shared tier the worker publishes to, opened on the publisher's own thread.
-fn publisher(config: &WorkerConfig) -> Option<Publisher> {
-    let (url, ca, token) = (config.scheduler.clone(), config.ca.clone(), config.token.clone());
+fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher> {
+    let (url, ca) = (config.scheduler.clone(), config.ca.clone());
     match config.shared_cache.clone() {
-        SharedCache::Off => None,
-        SharedCache::Redis(redis) => Some(Publisher::start(move || {
+        SharedTierSpec::Off => None,
+        SharedTierSpec::Redis(redis) => Some(Publisher::start(move || {
             RedisStore::new(&redis, STORE_DEADLINE).map(|s| Box::new(s) as Box<dyn Store>)
         })),
-        SharedCache::Scheduler => Some(Publisher::start(move || {
+        SharedTierSpec::Scheduler => Some(Publisher::start(move || {
             let runtime = std::sync::Arc::new(
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -139,7 +136,6 @@ fn publisher(config: &WorkerConfig) -> Option<Publisher> {
                 let _entered = runtime.enter();
                 endpoint(&url, ca.as_deref()).map_err(|e| format!("{e:#}"))?.connect_lazy()
             };
-            let token = TokenInterceptor::new(token.as_deref())?;
             let client = SchedulerClient::with_interceptor(channel, token);
             Ok(Box::new(RemoteCache::new(runtime, client, STORE_DEADLINE)) as Box<dyn Store>)
         })),
@@ -148,18 +144,14 @@ fn publisher(config: &WorkerConfig) -> Option<Publisher> {
 
 /// Every publishing call's deadline.
 const STORE_DEADLINE: Duration = Duration::from_secs(30);
+
 async fn fetch(
     channel: Channel,
-    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    token: TokenInterceptor,
     id: ToolchainId,
     sink: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
 ) -> Result<(), String> {
-    let mut client = SchedulerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    });
+    let mut client = SchedulerClient::with_interceptor(channel, token);
     let mut stream = client
         .fetch_toolchain(ferry_proto::v1::ToolchainRef { id: Some(to_digest(id.0)) })
         .await

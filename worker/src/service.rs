@@ -246,6 +246,8 @@ fn run_blocking(
     // while codegen continues.
     let mut line = Vec::new();
     // What was sent, kept for the shared cache entry: outputs by path, stdout, stderr.
+    // (Output bytes are kept only when they will be published.)
+    let keep = |bytes: Vec<u8>| if shared.publisher.is_some() { bytes } else { Vec::new() };
     let mut sent: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let forward_stderr = |bytes: &[u8], sent: &mut HashMap<String, Vec<u8>>, stderr: &mut Vec<u8>| {
@@ -253,7 +255,7 @@ fn run_blocking(
             && job.outputs.contains(&path)
             && !sent.contains_key(&path)
         {
-            sent.insert(path.clone(), send_output(&tree, &path, &send)?);
+            sent.insert(path.clone(), keep(send_output(&tree, &path, &send)?));
         }
         stderr.extend_from_slice(bytes);
         send(job_event::Kind::Stderr(bytes.to_vec()))
@@ -288,7 +290,7 @@ fn run_blocking(
                 continue;
             }
             match send_output(&tree, out, &send) {
-                Ok(bytes) => sent.insert(out.clone(), bytes),
+                Ok(bytes) => sent.insert(out.clone(), keep(bytes)),
                 Err(()) => break,
             };
         }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::TokenInterceptor;
 use ferry_proto::to_digest;
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
@@ -23,7 +24,7 @@ pub struct Identity {
 
 pub(crate) async fn run(
     connect: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Channel>> + Send>>,
-    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    token: TokenInterceptor,
     identity: Identity,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
@@ -51,18 +52,13 @@ pub(crate) async fn run(
 
 async fn session(
     channel: Channel,
-    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    token: TokenInterceptor,
     identity: &Identity,
     shared: &Shared,
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let mut client = SchedulerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    });
+    let mut client = SchedulerClient::with_interceptor(channel, token);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let register = v1::Register {
         worker_id: identity.id.clone(),

@@ -112,29 +112,9 @@ pub fn wrapper() -> anyhow::Result<()> {
     // paths, and sharing across different target dirs is the separate, opt-in FERRY_BASEDIRS.
     let target = project.join("target");
     let build = |name: &str, wrapper: Option<&Path>, extra: &[(&str, &Path)]| -> anyhow::Result<Duration> {
-        if target.exists() {
-            fs::remove_dir_all(&target)?;
-        }
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-j2", "--offline", "--quiet"])
-            .current_dir(&project)
-            .env("CARGO_TARGET_DIR", &target)
-            .env("CARGO_INCREMENTAL", "0")
-            .env("FERRY_CACHE_DIR", &cache)
-            .env("XTASK_FERRY", &ferry)
-            .env_remove("RUSTC_WRAPPER");
-        if let Some(w) = wrapper {
-            cmd.env("RUSTC_WRAPPER", w);
-        }
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let t = Instant::now();
-        let status = cmd.status()?;
-        if !status.success() {
-            bail!("build '{name}' failed");
-        }
-        Ok(t.elapsed())
+        let mut env: Vec<(&str, &Path)> = vec![("FERRY_CACHE_DIR", &cache), ("XTASK_FERRY", &ferry)];
+        env.extend_from_slice(extra);
+        timed_build(name, &project, &target, wrapper, &env)
     };
     let plain1 = build("plain1", None, &[])?;
     let cold = build("cold", Some(&xtask), &[("XTASK_RECORD", &record)])?;
@@ -175,6 +155,37 @@ pub fn wrapper() -> anyhow::Result<()> {
 }
 
 /// Recording-wrapper mode (see the crate docs).
+/// `cargo build -j2 --offline --quiet` of `project` into a fresh `target` (removed first),
+/// through `wrapper` if given, with `env`; how long it took.
+fn timed_build(
+    name: &str,
+    project: &Path,
+    target: &Path,
+    wrapper: Option<&Path>,
+    env: &[(&str, &Path)],
+) -> anyhow::Result<Duration> {
+    if target.exists() {
+        fs::remove_dir_all(target)?;
+    }
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-j2", "--offline", "--quiet"])
+        .current_dir(project)
+        .env("CARGO_TARGET_DIR", target)
+        .env("CARGO_INCREMENTAL", "0")
+        .env_remove("RUSTC_WRAPPER");
+    if let Some(w) = wrapper {
+        cmd.env("RUSTC_WRAPPER", w);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    if !cmd.status()?.success() {
+        bail!("build '{name}' failed");
+    }
+    Ok(t.elapsed())
+}
+
 /// The crates.io dependency graph the benchmarks build, fetched; and its package count.
 fn registry_project(dir: &Path) -> anyhow::Result<(PathBuf, usize)> {
     let project = dir.join("graph");
@@ -195,44 +206,15 @@ pub fn distributed() -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("ferry-bench-dist-").tempdir()?;
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let (project, packages) = registry_project(tmp.path())?;
-    let scheduler = crate::Daemon::start(
-        Command::new(release.join("ferry-scheduler"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path().join("scheduler")),
-        &tmp.path().join("scheduler.log"),
-    )?;
-    let url = format!("http://{}", scheduler.addr);
-    let _worker = crate::Daemon::start(
-        Command::new(release.join("ferry-worker"))
-            .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path().join("worker")),
-        &tmp.path().join("worker.log"),
-    )?;
+    let cluster = crate::LocalCluster::start(&release, tmp.path())?;
+    let url = &cluster.url;
     println!("== distributed: cargo build -j2 (debug) of {packages} packages, one local worker with 2 slots");
     // Each variant builds into its own fresh target dir (keys contain output paths, so a new target
     // dir is a cold build even with the shared tier full), with its own empty local cache.
     let build = |name: &str, wrapper: bool, target: &str| -> anyhow::Result<(Duration, serde_json::Value)> {
-        let target = tmp.path().join(target);
-        if target.exists() {
-            fs::remove_dir_all(&target)?;
-        }
         let cache = tmp.path().join(format!("cache-{name}"));
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-j2", "--offline", "--quiet"])
-            .current_dir(&project)
-            .env("CARGO_TARGET_DIR", &target)
-            .env("CARGO_INCREMENTAL", "0")
-            .env("FERRY_CACHE_DIR", &cache)
-            .env("FERRY_SCHEDULER", &url)
-            .env_remove("RUSTC_WRAPPER");
-        if wrapper {
-            cmd.env("RUSTC_WRAPPER", &ferry);
-        }
-        let t = Instant::now();
-        if !cmd.status()?.success() {
-            bail!("build '{name}' failed");
-        }
-        let elapsed = t.elapsed();
+        let env: [(&str, &Path); 2] = [("FERRY_CACHE_DIR", &cache), ("FERRY_SCHEDULER", Path::new(url))];
+        let elapsed = timed_build(name, &project, &tmp.path().join(target), wrapper.then_some(&*ferry), &env)?;
         let stats = Command::new(&ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", &cache).output()?;
         Ok((elapsed, serde_json::from_slice(&stats.stdout).unwrap_or_default()))
     };

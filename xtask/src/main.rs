@@ -67,20 +67,9 @@ fn demo() -> anyhow::Result<()> {
     let cache = tmp.path().join("cache");
 
     println!("== starting a scheduler and a worker on loopback");
-    let scheduler = Daemon::start(
-        Command::new(release.join("ferry-scheduler"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path().join("scheduler")),
-        &tmp.path().join("scheduler.log"),
-    )?;
-    let url = format!("http://{}", scheduler.addr);
-    let worker = Daemon::start(
-        Command::new(release.join("ferry-worker"))
-            .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path().join("worker")),
-        &tmp.path().join("worker.log"),
-    )?;
-    println!("   scheduler {url}, worker {}", worker.addr);
+    let cluster = LocalCluster::start(&release, tmp.path())?;
+    let url = cluster.url.clone();
+    println!("   scheduler {url}, worker {}", cluster.worker.addr);
 
     let ferry_cmd = |cache: &Path, args: &[&str]| {
         Command::new(&ferry).args(args).env("FERRY_CACHE_DIR", cache).env("FERRY_SCHEDULER", &url).status()
@@ -113,10 +102,37 @@ fn demo() -> anyhow::Result<()> {
     println!("\n== the binary (from the shared cache) runs: {}", String::from_utf8_lossy(&out.stdout).trim());
     println!("\n== ferry stats (second machine)");
     ferry_cmd(&fresh, &["stats"])?;
-    drop(worker);
-    drop(scheduler);
+    drop(cluster);
     println!("\n== stopped the worker and the scheduler");
     Ok(())
+}
+
+/// A scheduler and one worker with 2 slots on loopback, from the release binaries, their data
+/// dirs and logs under `dir` (which the sandbox's user must be able to traverse). Dropping it stops
+/// the worker, then the scheduler.
+struct LocalCluster {
+    worker: Daemon,
+    _scheduler: Daemon,
+    url: String,
+}
+
+impl LocalCluster {
+    fn start(release: &Path, dir: &Path) -> anyhow::Result<LocalCluster> {
+        let scheduler = Daemon::start(
+            Command::new(release.join("ferry-scheduler"))
+                .args(["--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.join("scheduler")),
+            &dir.join("scheduler.log"),
+        )?;
+        let url = format!("http://{}", scheduler.addr);
+        let worker = Daemon::start(
+            Command::new(release.join("ferry-worker"))
+                .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.join("worker")),
+            &dir.join("worker.log"),
+        )?;
+        Ok(LocalCluster { worker, _scheduler: scheduler, url })
+    }
 }
 
 /// A daemon started for the demo, stopped (SIGTERM, then waited for) when dropped.

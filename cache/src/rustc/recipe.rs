@@ -288,45 +288,44 @@ impl Bases {
 
     /// An input list as stored in a manifest (its absolute paths under a base made relative).
     pub fn rebase_list(&self, list: &InputList) -> InputList {
-        InputList { files: list.files.iter().map(|f| self.rebase(f)).collect(), env: list.env.clone() }
+        self.map_list(list.clone(), Bases::rebase_bytes)
     }
 
     /// A stored input list with this machine's paths.
     pub fn restore_list(&self, list: InputList) -> InputList {
-        if self.is_empty() {
-            return list;
-        }
-        InputList { files: list.files.iter().map(|f| self.restore(f)).collect(), env: list.env }
+        self.map_list(list, Bases::restore_bytes)
     }
 
     /// An output as stored under a key made with these bases.
-    pub fn rebase_output(&self, mut output: CompileOutput) -> CompileOutput {
-        if self.is_empty() {
-            return output;
-        }
-        output.stdout = self.rebase_bytes(&output.stdout);
-        output.stderr = self.rebase_bytes(&output.stderr);
-        for f in &mut output.files {
-            f.path = self.rebase(&f.path);
-            // A dep-info file lists paths; cargo reads it back to decide what is stale.
-            if f.path.ends_with(".d") {
-                f.bytes = self.rebase_bytes(&f.bytes).into();
-            }
-        }
-        output
+    pub fn rebase_output(&self, output: CompileOutput) -> CompileOutput {
+        self.map_output(output, Bases::rebase_bytes)
     }
 
     /// A stored output with this machine's paths.
-    pub fn restore_output(&self, mut output: CompileOutput) -> CompileOutput {
+    pub fn restore_output(&self, output: CompileOutput) -> CompileOutput {
+        self.map_output(output, Bases::restore_bytes)
+    }
+
+    fn map_list(&self, mut list: InputList, f: fn(&Bases, &[u8]) -> Vec<u8>) -> InputList {
+        if !self.is_empty() {
+            list.files =
+                list.files.iter().map(|p| String::from_utf8_lossy(&f(self, p.as_bytes())).into_owned()).collect();
+        }
+        list
+    }
+
+    /// Applies `f` to the output's paths, streams, and dep-info files (which list paths; cargo
+    /// reads them back to decide what is stale).
+    fn map_output(&self, mut output: CompileOutput, f: fn(&Bases, &[u8]) -> Vec<u8>) -> CompileOutput {
         if self.is_empty() {
             return output;
         }
-        output.stdout = self.restore_bytes(&output.stdout);
-        output.stderr = self.restore_bytes(&output.stderr);
-        for f in &mut output.files {
-            f.path = self.restore(&f.path);
-            if f.path.ends_with(".d") {
-                f.bytes = self.restore_bytes(&f.bytes).into();
+        output.stdout = f(self, &output.stdout);
+        output.stderr = f(self, &output.stderr);
+        for file in &mut output.files {
+            file.path = String::from_utf8_lossy(&f(self, file.path.as_bytes())).into_owned();
+            if file.path.ends_with(".d") {
+                file.bytes = f(self, &file.bytes).into();
             }
         }
         output

@@ -374,8 +374,7 @@ fn a_second_client_with_an_empty_cache_hits_every_unit_in_the_shared_tier() {
     write(&lib, &format!("{source}\npub const EXTRA: &str = include_str!(\"nested/../../extra.txt\");\n"));
     let expected = plain_outputs(&c.world, &ws);
 
-    client(&mut c, "first");
-    ok_build(cargo_build(&c.world, &ws, true));
+    build_as(&mut c, "first", &ws);
     assert_same_outputs(&expected, &outputs(&ws));
     let s = c.world.stats();
     assert_no_fallbacks(&s);
@@ -411,29 +410,21 @@ fn a_changed_toolchain_never_hits_and_the_same_toolchain_elsewhere_hits_everythi
 
     // A: toolchain T (a copy; the same id as the installed one) fills the shared tier.
     c.world.set("RUSTC", t.rustc());
-    client(&mut c, "a");
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "a", &ws);
     assert_eq!((n(&s, "/misses"), n(&s, "/compiled_remote")), (UNITS, RLIBS.len() as u64), "{s:#}");
 
     // B: T' differs from T in one byte of one file of the set, size and mtime restored.
     let rel = format!("lib/rustlib/{}/bin/wasm-component-ld", crate::toolchain::installed().host);
     let offset = t.len(&rel) / 2;
     t.write_in_place(&rel, offset, t.byte_at(&rel, offset) ^ 0x5a);
-    client(&mut c, "b");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "b", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/hits_local"), n(&s, "/misses")), (0, 0, UNITS), "{s:#}");
     assert_eq!(n(&s, "/compiled_remote") + n(&s, "/compiled_local"), UNITS, "{s:#}");
     assert_same_outputs(&expected, &outputs(&ws));
 
     // C: T installed at another path hits everything A left.
     c.world.set("RUSTC", elsewhere.rustc());
-    client(&mut c, "c");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "c", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
     assert_eq!(app(&ws), APP_LINE);
 }
@@ -461,31 +452,20 @@ fn only_workers_and_cache_write_clients_write_the_shared_tier() {
 
     // A laptop: its rlibs compile on the worker (which publishes them); its own compiles of the
     // proc-macro, build script and binary may not be written.
-    client(&mut c, "laptop");
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "laptop", &ws);
     assert!(n(&s, "/shared_errors/write-denied") >= 1, "{s:#}");
     assert_eq!(n(&s, "/shared_writes"), 0, "{s:#}");
 
-    client(&mut c, "second-laptop");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "second-laptop", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (RLIBS.len() as u64, 3), "only the workers' results: {s:#}");
 
     // CI holds cache-write: its local compiles are published.
     c.world.set("FERRY_TOKEN", CI);
-    client(&mut c, "ci");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "ci", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/shared_writes")), (RLIBS.len() as u64, 3), "{s:#}");
 
     c.world.set("FERRY_TOKEN", CLIENT);
-    client(&mut c, "third-laptop");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    assert_eq!(n(&c.world.stats(), "/hits_remote"), UNITS);
+    assert_eq!(n(&build_as(&mut c, "third-laptop", &ws), "/hits_remote"), UNITS);
     assert_eq!(app(&ws), APP_LINE);
 }
 
@@ -495,8 +475,7 @@ fn a_corrupt_shared_entry_is_reported_and_never_promoted() {
     let ws = c.world.path().join("ws");
     workspace(&ws);
     let expected = plain_outputs(&c.world, &ws);
-    client(&mut c, "first");
-    ok_build(cargo_build(&c.world, &ws, true));
+    build_as(&mut c, "first", &ws);
 
     // Flip one byte in the middle of every entry the scheduler stores.
     let entries = scheduler_entries(&c);
@@ -522,15 +501,10 @@ fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
     let ws = c.world.path().join("ws");
     workspace(&ws);
     let expected = plain_outputs(&c.world, &ws);
-    client(&mut c, "first");
-    ok_build(cargo_build(&c.world, &ws, true));
-    assert_eq!(n(&c.world.stats(), "/compiled_remote"), RLIBS.len() as u64);
+    assert_eq!(n(&build_as(&mut c, "first", &ws), "/compiled_remote"), RLIBS.len() as u64);
     assert_eq!(scheduler_entries(&c).len(), 0, "the scheduler's own tier was used");
 
-    client(&mut c, "second");
-    clean(&c.world, &ws);
-    ok_build(cargo_build(&c.world, &ws, true));
-    let s = c.world.stats();
+    let s = build_as(&mut c, "second", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
     assert_same_outputs(&expected, &outputs(&ws));
 
@@ -547,10 +521,7 @@ fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
 /// With every shared entry damaged: a client with an empty cache reports corruption, promotes
 /// nothing, and builds the right outputs; its own cache then replays them correctly.
 fn assert_corrupt_tier_is_harmless(c: &mut Cluster, ws: &Path, expected: &BTreeMap<String, blake3::Hash>) {
-    client(c, "after-damage");
-    clean(&c.world, ws);
-    ok_build(cargo_build(&c.world, ws, true));
-    let s = c.world.stats();
+    let s = build_as(c, "after-damage", ws);
     assert!(n(&s, "/corrupt_entries") >= 1 && n(&s, "/shared_errors/corrupt-entry") >= 1, "{s:#}");
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/hits_local")), (0, 0), "{s:#}");
     assert_same_outputs(expected, &outputs(ws));
@@ -561,10 +532,7 @@ fn assert_corrupt_tier_is_harmless(c: &mut Cluster, ws: &Path, expected: &BTreeM
     assert_eq!((n(&s, "/hits_local"), n(&s, "/corrupt_entries")), (UNITS, 0), "{s:#}");
     assert_same_outputs(expected, &outputs(ws));
     // The tier healed: the damaged entries were removed and published afresh.
-    client(c, "after-healing");
-    clean(&c.world, ws);
-    ok_build(cargo_build(&c.world, ws, true));
-    let s = c.world.stats();
+    let s = build_as(c, "after-healing", ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/corrupt_entries")), (UNITS, 0), "{s:#}");
     assert_same_outputs(expected, &outputs(ws));
 }
@@ -584,6 +552,14 @@ fn plain_outputs(world: &World, ws: &Path) -> BTreeMap<String, blake3::Hash> {
     let expected = outputs(ws);
     clean(world, ws);
     expected
+}
+
+/// Builds `ws` from clean as a fresh machine `name` (see [`client`]); its counters.
+fn build_as(c: &mut Cluster, name: &str, ws: &Path) -> Value {
+    client(c, name);
+    clean(&c.world, ws);
+    ok_build(cargo_build(&c.world, ws, true));
+    c.world.stats()
 }
 
 /// Makes the world's client a fresh machine: its own empty cache dir, zeroed counters.
