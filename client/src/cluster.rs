@@ -22,7 +22,6 @@ pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, Tok
         .with_context(|| format!("'{url}' is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_adaptive_window(true)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20)
         // A peer that stops answering (frozen, or its machine gone) is noticed within ~10 s.

@@ -32,6 +32,7 @@ use ferry_cache::{
 use ferry_toolchains::{Compiler, Error as ToolchainError, LocalStore, ToolchainId, resolve_compiler_with};
 
 use crate::config::Config;
+use crate::phases::Phases;
 use crate::process;
 use crate::remote;
 use crate::shared::SharedTier;
@@ -65,8 +66,10 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
         Ok(cwd) => cwd,
         Err(_) => return passthrough(&compiler, &args[1..]),
     };
-    let mut job = Job { config, compiler, plus, rustc, cwd, stats, digests: HashMap::new() };
+    let clock = Phases::start();
+    let mut job = Job { config, compiler, plus, rustc, cwd, stats, digests: HashMap::new(), clock };
     let code = job.run();
+    tracing::debug!(krate = %job.rustc.crate_name, phases = %job.clock, "wrapper call");
     let _ = Stats::add(&job.config.stats_path(), &job.stats);
     code
 }
@@ -91,6 +94,7 @@ struct Job {
     stats: Stats,
     /// Content digests computed by this process, by path as listed (None: unreadable).
     digests: HashMap<String, Option<[u8; 32]>>,
+    clock: Phases,
 }
 
 /// A reason to fall back to a plain compile.
@@ -121,6 +125,7 @@ impl Job {
 
     fn cached_compile(&mut self) -> Result<ExitCode, Fallback> {
         let (compiler, id) = self.toolchain_id()?;
+        self.clock.lap("toolchain");
         let store = DiskStore::open(
             self.config.entries_dir(),
             DiskConfig { max_bytes: self.config.cache_size, grace: self.config.cache_grace },
@@ -135,6 +140,7 @@ impl Job {
         };
         let pre = self.pre_key(&id)?;
         let scope = self.manifest_scope(&pre);
+        self.clock.lap("pre-key");
         let mut known = Vec::new();
         for generation in 0..MAX_MANIFESTS {
             let Some(entry) = self.get(&store, &manifest_key(&scope, generation)) else { break };
@@ -148,12 +154,15 @@ impl Job {
                 return self.replay(&output, payload_len, Tier::Local);
             }
         }
+        self.clock.lap("local");
         let mut shared = SharedTier::open(&self.config, &mut self.stats);
+        self.clock.lap("shared-open");
         if let Some(tier) = &mut shared
             && let Some(code) = self.shared_lookup(tier, &store, &pre, &scope, &known)
         {
             return code;
         }
+        self.clock.lap("shared");
         self.stats.misses += 1;
         Ok(self.compile_and_store(&store, shared.as_mut(), &compiler, &id, (&pre, &scope), &known))
     }
@@ -170,14 +179,18 @@ impl Job {
         known: &[InputList],
     ) -> Option<Result<ExitCode, Fallback>> {
         for generation in 0..MAX_MANIFESTS {
-            let manifest = tier.get(&manifest_key(scope, generation), &mut self.stats)?;
+            let manifest = tier.get(&manifest_key(scope, generation), &mut self.stats);
+            self.clock.lap("shared-manifest");
+            let manifest = manifest?;
             let Ok(list) = serde_json::from_slice::<InputList>(&manifest.payload) else { continue };
             let list = self.config.basedirs.restore_list(list);
             if known.contains(&list) {
                 continue;
             }
             let Some(key) = self.result_key(pre, &list) else { continue };
-            let Some(entry) = tier.get(&key, &mut self.stats) else { continue };
+            let entry = tier.get(&key, &mut self.stats);
+            self.clock.lap("shared-result");
+            let Some(entry) = entry else { continue };
             let payload_len = entry.payload.len() as u64;
             let Some(output) = self.usable_output(&key, entry.payload.clone()) else { continue };
             // Promote: the result first, then the manifest that leads to it.
@@ -185,6 +198,7 @@ impl Job {
                 let promoted = Entry { key: manifest_key(scope, known.len() as u32), ..manifest };
                 self.put(store, &promoted);
             }
+            self.clock.lap("promote");
             return Some(self.replay(&output, payload_len, Tier::Shared));
         }
         None
@@ -357,7 +371,9 @@ impl Job {
             if remote::backing_off(&self.config.cache_dir, self.config.cluster_backoff) {
                 *self.stats.fallbacks.entry("cluster-backoff".into()).or_default() += 1;
             } else {
-                match self.compile_remotely(store, compiler, id, keys, known) {
+                let remote = self.compile_remotely(store, compiler, id, keys, known);
+                self.clock.lap("remote");
+                match remote {
                     Ok(code) => return code,
                     Err(failed) => {
                         let reason = failed.reason.clone();
@@ -409,6 +425,7 @@ impl Job {
             }
         };
         self.stats.compiled_local += 1;
+        self.clock.lap("compile");
         if remote_failure.is_some_and(|f| f.reason.starts_with("remote-exit")) && run.status.success() {
             // The worker's compile failed where ours succeeded: a broken worker or a missing
             // input; the local result stands, and the discrepancy is counted.
@@ -433,6 +450,7 @@ impl Job {
         if let Some(path) = injected {
             let _ = fs::remove_file(path);
         }
+        self.clock.lap("store");
         exit_code(run.status)
     }
 

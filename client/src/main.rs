@@ -9,6 +9,7 @@ mod config;
 mod digests;
 mod linker;
 mod logging;
+mod phases;
 mod process;
 mod remote;
 mod shared;

@@ -20,9 +20,10 @@ use std::time::Duration;
 use ferry_proto::to_digest;
 use ferry_proto::v1::worker_client::WorkerClient;
 use ferry_proto::v1::{self, allocate_response, job_event};
-use ferry_toolchains::{Compiler, LocalStore, ToolchainId};
+use ferry_toolchains::{Compiler, ToolchainId};
 
 use crate::config::Config;
+use crate::phases::Phases;
 use crate::process::RunOutput;
 use ferry_cache::rustc::RustcArgs;
 use ferry_cache::rustc::recipe::absolute;
@@ -138,6 +139,7 @@ async fn deadline<T>(
 }
 
 async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
+    let mut clock = Phases::start();
     let mut scheduler = tokio::time::timeout(Duration::from_secs(5), crate::cluster::scheduler(job.config))
         .await
         .map_err(|_| "scheduler-timeout".to_string())?
@@ -145,7 +147,9 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
             tracing::warn!(error = %format!("{e:#}"), "scheduler unreachable");
             "scheduler-unreachable".to_string()
         })?;
+    clock.lap("connect");
     ensure_toolchain(job, &mut scheduler).await?;
+    clock.lap("toolchain");
     let allocation = deadline(
         "allocate",
         scheduler.allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() }),
@@ -155,12 +159,21 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
         Some(allocate_response::Result::Assigned(a)) => a,
         Some(allocate_response::Result::Local(why)) => {
             tracing::info!(why, "scheduler says compile locally");
-            return Err(String::from(if why.contains("no workers") { "no-workers" } else { "no-capacity" }).into());
+            let reason = if why.contains("no workers") {
+                "no-workers"
+            } else if why.contains("fetching") {
+                "toolchain-fetching"
+            } else {
+                "no-capacity"
+            };
+            return Err(String::from(reason).into());
         }
         None => return Err(String::from("scheduler-bad-answer").into()),
     };
+    clock.lap("allocate");
     // Blocking on this single-threaded runtime is fine: nothing else runs on it meanwhile.
     let inputs = gather(job)?;
+    clock.lap("gather");
     let url = format!(
         "{}://{}",
         if job.config.scheduler.as_deref().is_some_and(|u| u.starts_with("https")) { "https" } else { "http" },
@@ -170,8 +183,11 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
         crate::cluster::channel(job.config, &url).await.map_err(|_| "worker-unreachable".to_string())?;
     let mut worker = WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
     let digests: Vec<v1::Digest> = inputs.files.values().map(|f| to_digest(f.digest)).collect();
+    clock.lap("worker-connect");
     let missing = deadline("find-missing", worker.find_missing(v1::FindMissingRequest { digests })).await?.missing;
+    clock.lap("find-missing");
     let bytes_sent = upload_blobs(&mut worker, &inputs, &missing).await?;
+    clock.lap("upload");
     let request = v1::RunJobRequest {
         job_id: assignment.job_id,
         toolchain: Some(to_digest(job.toolchain.0)),
@@ -195,10 +211,11 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
     };
     let mut events = deadline("run-job", worker.run_job(request)).await?;
     let mut forwarded = Vec::new();
-    let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded).await;
+    let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded, &mut clock).await;
     let (run, held) = received.map_err(|reason| Failed { reason, forwarded })?;
     let _ = std::io::stderr().write_all(&held);
     let _ = std::io::stdout().write_all(&run.stdout);
+    tracing::debug!(krate = %job.rustc.crate_name, files = inputs.files.len(), bytes_sent, phases = %clock, "remote job");
     Ok(Remote { run, worker: assignment.worker_id, bytes_sent })
 }
 
@@ -212,6 +229,7 @@ async fn receive(
     job: &Job<'_>,
     worker: &str,
     forwarded: &mut Vec<Vec<u8>>,
+    clock: &mut Phases,
 ) -> Result<(RunOutput, Vec<u8>), String> {
     let dep_info = job.rustc.dep_info_path().map(|p| absolute(job.cwd, &p).display().to_string());
     let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
@@ -233,6 +251,7 @@ async fn receive(
             Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
             Some(job_event::Kind::Stderr(data)) => {
                 if data.starts_with(br#"{"$message_type":"artifact""#) {
+                    clock.lap("artifact");
                     let _ = std::io::stderr().write_all(&data);
                     forwarded.push(data.strip_suffix(b"\n").unwrap_or(&data).to_vec());
                 } else {
@@ -253,7 +272,10 @@ async fn receive(
                     received.push(chunk.path);
                 }
             }
-            Some(job_event::Kind::Finished(f)) => finished = Some(f),
+            Some(job_event::Kind::Finished(f)) => {
+                clock.lap("finished");
+                finished = Some(f)
+            }
             None => {}
         }
     }
@@ -289,8 +311,16 @@ fn check_environment(dep_info: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Makes sure the scheduler has the toolchain, packaging and uploading it once (other wrapper
-/// processes wait on the same lock and find it there).
+/// How long after a background upload was started a toolchain still missing from the scheduler
+/// means that upload failed (its log says why) rather than that it is still running: until then
+/// compiles stay local without starting another one.
+const UPLOAD_RETRY: Duration = Duration::from_secs(300);
+
+/// Makes sure the scheduler has the toolchain. When it does not, the build does not wait for it:
+/// the first wrapper to notice starts `ferry toolchain upload` in the background (detached, holding
+/// the upload lock for as long as it runs, logging to
+/// `toolchains/upload-<id>.log`), and this compile, like every one until the toolchain is on the
+/// scheduler, is local (`toolchain-uploading`).
 async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
     let id = Some(to_digest(job.toolchain.0));
     type Answer = Result<Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>, tokio::time::error::Elapsed>;
@@ -302,30 +332,67 @@ async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Schedul
     if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await)? {
         return Ok(());
     }
-    let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
-    let lock = (|| -> std::io::Result<fs::File> {
-        fs::create_dir_all(lock_path.parent().expect("locks dir"))?;
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
-        f.lock()?;
-        Ok(f)
-    })()
-    .map_err(|_| "toolchain-lock".to_string())?;
+    let dir = job.config.cache_dir.join("toolchains/locks");
+    let lock_path = dir.join(format!("upload-{}.lock", job.toolchain));
+    let lock = fs::create_dir_all(&dir)
+        .and_then(|()| fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path))
+        .map_err(|_| "toolchain-lock".to_string())?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => return Err("toolchain-uploading".into()),
+        Err(fs::TryLockError::Error(_)) => return Err("toolchain-lock".into()),
+    }
+    // It may have landed between the two questions.
     if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id })).await)? {
         return Ok(());
     }
-    let targets: Vec<String> = job.rustc.target.iter().cloned().collect();
-    let packaged = LocalStore::open(&job.config.cache_dir)
-        .and_then(|s| s.with_spawn(crate::process::output).package(job.compiler, &targets))
-        .map_err(|e| {
-            tracing::warn!(error = %e, "cannot package the toolchain");
-            "toolchain-package-failed".to_string()
-        })?;
-    crate::cluster::upload(scheduler, &packaged).await.map_err(|e| {
-        tracing::warn!(error = %format!("{e:#}"), "toolchain upload failed");
-        "toolchain-upload-failed".to_string()
-    })?;
-    drop(lock);
-    Ok(())
+    let attempt = lock_path.with_extension("started");
+    let recent = fs::metadata(&attempt)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < UPLOAD_RETRY));
+    if recent {
+        return Err("toolchain-upload-failed".into());
+    }
+    let log = job.config.cache_dir.join(format!("toolchains/upload-{}.log", job.toolchain));
+    let started = fs::write(&attempt, b"").and_then(|()| start_upload(job, &lock, &log));
+    match started {
+        Ok(()) => {
+            tracing::info!(toolchain = %job.toolchain, log = %log.display(), "uploading the toolchain in the background");
+            Err("toolchain-uploading".into())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the toolchain upload");
+            Err("toolchain-upload-failed".into())
+        }
+    }
+}
+
+/// Starts `ferry toolchain upload` for this job's toolchain, detached from the build (its own
+/// session, none of cargo's stdio), inheriting `lock` so the lock is held until it exits.
+fn start_upload(job: &Job, lock: &fs::File, log: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["toolchain", "upload", "--rustc"]).arg(&job.compiler.rustc);
+    if let Some(target) = &job.rustc.target {
+        cmd.args(["--target", target]);
+    }
+    cmd.current_dir(job.cwd).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let fd = lock.as_raw_fd();
+    // SAFETY: between fork and exec this only makes async-signal-safe calls (fcntl, setsid) on
+    // values prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Keep the locked descriptor across exec: the lock then lives as long as the upload.
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().map(drop)
 }
 
 #[derive(Debug)]
@@ -370,6 +437,11 @@ fn gather(job: &Job) -> Result<Inputs, String> {
     }
     if let Some(out) = &job.rustc.out_dir {
         inputs.dirs.push(absolute(job.cwd, out).display().to_string());
+    }
+    // An earlier build's copy of an output is not an input: the job replaces it, and on the worker
+    // it may be a read-only link to the blob store.
+    for output in outputs(job) {
+        inputs.files.remove(&output);
     }
     inputs.dirs.sort();
     inputs.dirs.dedup();
@@ -499,8 +571,7 @@ fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<
     result
 }
 
-/// Lexically normal absolute path (no `.`/`..`), without touching the file system: rustc resolves
-/// `a/b/../c` the same way only when `b` exists, which shipping every package directory ensures.
+/// This machine's name, for the scheduler's fair queue.
 fn client_id() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_proto::v1::scheduler_server::SchedulerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Identity, ServerTlsConfig};
 
@@ -56,7 +55,7 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
     tracing::info!(%addr, tls = config.tls.is_some(), "scheduler serving");
     let served = server
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(ferry_proto::daemon::incoming(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();
     let _ = expiry.await;

@@ -31,6 +31,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 const CLAIM_WITHIN: Duration = Duration::from_secs(30);
 /// Shared cache entries younger than this are never evicted (a build in flight still wants them).
 const CACHE_GRACE: Duration = Duration::from_secs(600);
+/// Longest a freshly uploaded toolchain's jobs stay local while the workers prefetch it.
+const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -55,10 +57,14 @@ struct Inner {
     state: Scheduler,
     /// Queued allocations waiting for a slot.
     waiters: HashMap<WaitId, oneshot::Sender<Assignment>>,
-    /// The current session number of each worker: a stale session ending must not remove the
-    /// worker's newer registration.
-    sessions: HashMap<String, u64>,
+    /// The current session of each worker: its number (a stale session ending must not remove
+    /// the worker's newer registration) and the sender of its stream.
+    sessions: HashMap<String, (u64, mpsc::Sender<Result<v1::SchedulerMessage, Status>>)>,
     next_session: u64,
+    /// Toolchains just uploaded and sent to the workers to prefetch, and when: until a worker
+    /// holds one (or [`PREFETCH_WAIT`] passes), its jobs are answered "compile locally" rather than
+    /// given a slot that would sit waiting for the fetch.
+    prefetching: HashMap<ToolchainId, Instant>,
 }
 
 impl Service {
@@ -77,6 +83,7 @@ impl Service {
             waiters: HashMap::new(),
             sessions: HashMap::new(),
             next_session: 1,
+            prefetching: HashMap::new(),
         };
         Ok(Service { shared: Arc::new(Shared { inner: Mutex::new(inner), archives, cache, config, shutdown }) })
     }
@@ -136,11 +143,12 @@ impl SchedulerApi for Service {
         };
         let reg = registration(reg)?;
         let id = reg.id.clone();
+        let (tx, rx) = mpsc::channel(4);
         let session = {
             let mut inner = self.shared.lock();
             inner.next_session += 1;
             let session = inner.next_session;
-            inner.sessions.insert(id.clone(), session);
+            inner.sessions.insert(id.clone(), (session, tx.clone()));
             let effects = inner
                 .state
                 .register(reg.clone(), Instant::now())
@@ -149,7 +157,6 @@ impl SchedulerApi for Service {
             session
         };
         info!(worker = %id, address = %reg.address, slots = reg.slots, "worker registered");
-        let (tx, rx) = mpsc::channel(4);
         let lease_ms = self.shared.config.lease.as_millis() as u32;
         let registered = scheduler_message::Kind::Registered(v1::Registered { lease_ms });
         let _ = tx.send(Ok(v1::SchedulerMessage { kind: Some(registered) })).await;
@@ -175,7 +182,7 @@ impl SchedulerApi for Service {
                 }
             }
             let mut inner = shared.lock();
-            if inner.sessions.get(&id) == Some(&session) {
+            if inner.sessions.get(&id).is_some_and(|(s, _)| *s == session) {
                 inner.sessions.remove(&id);
                 let effects = inner.state.remove(&id);
                 info!(worker = %id, failed_jobs = effects.failed_jobs.len(), "worker session ended");
@@ -197,6 +204,12 @@ impl SchedulerApi for Service {
         };
         let (wait, rx) = {
             let mut inner = self.shared.lock();
+            if let Some(since) = inner.prefetching.get(&toolchain) {
+                if since.elapsed() < PREFETCH_WAIT && inner.state.holders(&toolchain).is_empty() {
+                    return Ok(Response::new(local("the workers are fetching this toolchain")));
+                }
+                inner.prefetching.remove(&toolchain);
+            }
             match inner.state.allocate(&client, toolchain) {
                 Allocation::Assigned(a) => return Ok(Response::new(assigned(a))),
                 Allocation::NoWorkers => return Ok(Response::new(local("no workers are registered"))),
@@ -298,6 +311,17 @@ impl SchedulerApi for Service {
             .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
             .map_err(Status::invalid_argument)?;
         info!(toolchain = %id, stored, "toolchain uploaded");
+        if stored {
+            // Best effort: a worker whose stream is full fetches on its first job instead.
+            let prefetch = v1::SchedulerMessage {
+                kind: Some(scheduler_message::Kind::Prefetch(v1::ToolchainRef { id: Some(to_digest(id.0)) })),
+            };
+            let mut inner = self.shared.lock();
+            let sent = inner.sessions.values().filter(|(_, tx)| tx.try_send(Ok(prefetch.clone())).is_ok()).count();
+            if sent > 0 {
+                inner.prefetching.insert(id, Instant::now());
+            }
+        }
         Ok(Response::new(v1::UploadToolchainResponse { stored }))
     }
 

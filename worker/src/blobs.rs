@@ -1,7 +1,9 @@
 //! Input blobs by content: `<data dir>/blobs/<2 hex>/<64 hex>`. A blob is stored only after its
 //! bytes hash to the claimed digest, written to a temp file and published with `link(2)`; so an
-//! extern rlib or a registry source crosses the network once, not once per job. Jobs get copies
-//! (the sandbox owns its tree), never the stored file itself.
+//! extern rlib or a registry source crosses the network once, not once per job. Stored blobs are
+//! read-only (0444, owned by the worker). A job whose sandbox runs as another user gets hard links
+//! to them (it can neither write nor chmod a file it does not own, and removing or replacing a
+//! name in its tree leaves the blob alone); otherwise, and for executables, it gets copies.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -57,7 +59,8 @@ impl BlobStore {
             return Err(format!("blob content hashes to {}, not the claimed {}", hex(&actual), hex(&blob.digest)));
         }
         let file = blob.file.take().expect("finish once");
-        file.sync_all().map_err(|e| format!("storing blob: {e}"))?;
+        let read_only = std::os::unix::fs::PermissionsExt::from_mode(0o444);
+        file.set_permissions(read_only).and_then(|()| file.sync_all()).map_err(|e| format!("storing blob: {e}"))?;
         let path = self.path(&blob.digest);
         fs::create_dir_all(path.parent().expect("sharded")).map_err(|e| format!("storing blob: {e}"))?;
         match fs::hard_link(&blob.tmp, &path) {
@@ -67,13 +70,23 @@ impl BlobStore {
         }
     }
 
-    /// Copies a blob to `dest` (creating parents) with the given executable bit.
-    pub fn materialize(&self, digest: &[u8; 32], dest: &Path, executable: bool) -> std::io::Result<()> {
-        use std::os::unix::fs::PermissionsExt;
+    /// Places a blob at `dest` (creating parents): a hard link when `link` (the caller's promise
+    /// that the job cannot write files it does not own) and the file is not executable, else a
+    /// copy with the given executable bit.
+    pub fn materialize(&self, digest: &[u8; 32], dest: &Path, executable: bool, link: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
-        fs::copy(self.path(digest), dest)?;
+        let source = self.path(digest);
+        // Blobs stored before they were made read-only are copied rather than linked.
+        if link && !executable && fs::metadata(&source)?.mode() & 0o222 == 0 {
+            // On failure (another file system, a link limit) a copy does the same job.
+            if fs::hard_link(&source, dest).is_ok() {
+                return Ok(());
+            }
+        }
+        fs::copy(&source, dest)?;
         fs::set_permissions(dest, fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 }))
     }
 }

@@ -343,6 +343,14 @@ const BWRAP_PREFIX: &[u8] = b"bwrap: ";
 /// At most this much stderr is held back while deciding whether it is bwrap's own message.
 const HOLD_LIMIT: usize = 16 * 1024;
 
+impl SandboxConfig {
+    /// True when jobs run as a user other than the worker's (a root worker with `run_as`): such a
+    /// job cannot write or chmod the worker's read-only files, so its inputs may be hard links.
+    pub fn jobs_run_as_another_user(&self) -> bool {
+        self.run_as.is_some_and(|(uid, _)| is_root() && uid != 0)
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -483,25 +491,23 @@ fn tree_entries(tree: &Path) -> Result<Vec<(OsString, PathBuf)>, SandboxError> {
     Ok(entries)
 }
 
-/// Gives the whole tree (the root included, so the job's user can reach it) to uid/gid, without
-/// following any link.
+/// Gives the tree's directories (the root included, so the job's user can reach it and create its
+/// outputs) to uid/gid, without following any link. Files stay the worker's: they may be hard links
+/// to its blob store, which the job must not be able to change.
 fn chown_tree(tree: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     let mut pending = vec![tree.to_path_buf()];
-    while let Some(path) = pending.pop() {
-        lchown(&path, Some(uid), Some(gid)).map_err(|source| SandboxError::Io {
+    while let Some(dir) = pending.pop() {
+        lchown(&dir, Some(uid), Some(gid)).map_err(|source| SandboxError::Io {
             action: "chown",
-            path: path.clone(),
+            path: dir.clone(),
             source,
         })?;
-        let meta = fs::symlink_metadata(&path).map_err(|source| SandboxError::Io {
-            action: "inspect",
-            path: path.clone(),
-            source,
-        })?;
-        if meta.is_dir() {
-            let io_error = |source| SandboxError::Io { action: "list", path: path.clone(), source };
-            for entry in fs::read_dir(&path).map_err(io_error)? {
-                pending.push(entry.map_err(io_error)?.path());
+        let io_error = |source| SandboxError::Io { action: "list", path: dir.clone(), source };
+        for entry in fs::read_dir(&dir).map_err(io_error)? {
+            let entry = entry.map_err(io_error)?;
+            // Not following links: a symlink to a directory is not a directory here.
+            if entry.file_type().map_err(io_error)?.is_dir() {
+                pending.push(entry.path());
             }
         }
     }

@@ -12,7 +12,6 @@ use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor, Tokens, check_e
 use ferry_toolchains::ToolchainId;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
@@ -88,7 +87,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     tracing::info!(%addr, slots = config.slots, "worker serving");
     let served = server
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(ferry_proto::daemon::incoming(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();
     let _ = session.await;
@@ -103,7 +102,6 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
     let mut endpoint = Endpoint::from_shared(url.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_adaptive_window(true)
         .initial_stream_window_size(8 << 20)
         .initial_connection_window_size(16 << 20);
     if url.starts_with("https://") {

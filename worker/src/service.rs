@@ -165,7 +165,7 @@ impl WorkerApi for Service {
         let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let ok = run_blocking(&shared, &job, &lease.dir, &tx).is_ok();
+            let ok = run_blocking(&shared, &job, &lease.dir, tx).is_ok();
             drop(lease);
             drop(permit);
             shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
@@ -205,7 +205,7 @@ fn run_blocking(
     shared: &Shared,
     job: &Job,
     toolchain: &Path,
-    tx: &mpsc::Sender<Result<v1::JobEvent, Status>>,
+    tx: mpsc::Sender<Result<v1::JobEvent, Status>>,
 ) -> Result<(), ()> {
     let send = |kind| tx.blocking_send(Ok(v1::JobEvent { kind: Some(kind) })).map_err(|_| ());
     let fail = |msg: String| {
@@ -218,8 +218,10 @@ fn run_blocking(
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&dir);
     };
+    let clock = Instant::now();
+    let link = shared.sandbox.jobs_run_as_another_user();
     for (path, d, executable) in &job.inputs {
-        if let Err(e) = shared.blobs.materialize(d, &tree.join(&path[1..]), *executable) {
+        if let Err(e) = shared.blobs.materialize(d, &tree.join(&path[1..]), *executable, link) {
             cleanup();
             fail(format!("placing input {path}: {e}"));
             return Err(());
@@ -240,6 +242,7 @@ fn run_blocking(
         toolchain: (toolchain, &job.toolchain_root),
         tree: &tree,
     };
+    let placed = clock.elapsed();
     let mut streaming_ok = true;
     // stderr goes line by line: when rustc announces a finished dep-info or `.rmeta`, that file is
     // sent before the announcement, so the client can check the one and hand the other to cargo
@@ -322,7 +325,19 @@ fn run_blocking(
         duration_ms: outcome.duration.as_millis() as u64,
     };
     let _ = send(job_event::Kind::Finished(finished));
+    // The client has everything: end its stream before the tree is removed.
+    drop(tx);
+    let ran = clock.elapsed();
     cleanup();
+    tracing::debug!(
+        job = job.id,
+        inputs = job.inputs.len(),
+        place_ms = placed.as_millis() as u64,
+        rustc_ms = outcome.duration.as_millis() as u64,
+        total_ms = ran.as_millis() as u64,
+        cleanup_ms = (clock.elapsed() - ran).as_millis() as u64,
+        "job done"
+    );
     if streaming_ok { Ok(()) } else { Err(()) }
 }
 

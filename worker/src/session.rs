@@ -1,6 +1,8 @@
 //! The worker's side of its scheduler session: connect, register, report every third of the
 //! lease (busy slots, unpacked toolchains, jobs ended and running), and when the scheduler goes
-//! away, reconnect with capped exponential backoff — forever, until shutdown.
+//! away, reconnect with capped exponential backoff — forever, until shutdown. A `prefetch` from
+//! the scheduler (a toolchain was just uploaded) fetches and unpacks that toolchain in the
+//! background, so the first jobs that need it do not wait for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +56,7 @@ async fn session(
     channel: Channel,
     token: TokenInterceptor,
     identity: &Identity,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
@@ -81,6 +83,13 @@ async fn session(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => match m? {
+                Some(v1::SchedulerMessage { kind: Some(scheduler_message::Kind::Prefetch(t)) }) => {
+                    match ferry_proto::digest(t.id.as_ref(), "id") {
+                        Ok(id) => prefetch(Arc::clone(shared), ferry_toolchains::ToolchainId(id)),
+                        Err(e) => tracing::warn!(error = %e, "bad prefetch message"),
+                    }
+                    continue;
+                }
                 Some(_) => continue,
                 None => anyhow::bail!("the scheduler closed the session"),
             },
@@ -97,4 +106,19 @@ async fn session(
         };
         tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Report(report)) }).await?;
     }
+}
+
+/// Fetches and unpacks `id` unless it is here already (concurrent jobs share the one fetch).
+fn prefetch(shared: Arc<Shared>, id: ferry_toolchains::ToolchainId) {
+    tokio::spawn(async move {
+        let fetch = Arc::clone(&shared.fetch);
+        match shared.toolchains.get(id, move |dest| fetch(id, dest)).await {
+            Ok(_) => {
+                tracing::info!(toolchain = %id, "prefetched a newly uploaded toolchain");
+                // Report at once: the scheduler holds this toolchain's jobs back until a worker has it.
+                shared.job_ended.notify_one();
+            }
+            Err(e) => tracing::warn!(toolchain = %id, error = %e, "prefetching a toolchain failed"),
+        }
+    });
 }

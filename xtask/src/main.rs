@@ -1,7 +1,8 @@
 //! `cargo xtask`: the benchmark harness and the demo, kept out of the product crates.
 //!
-//! - `cargo xtask demo`: the README's main job — builds a generated sample workspace through
-//!   ferry twice (cold, then after `cargo clean`) and prints `ferry stats`.
+//! - `cargo xtask demo`: the README's main job — uploads the toolchain, builds a generated sample
+//!   workspace through ferry twice (cold, then after `cargo clean` with an empty local cache) and
+//!   prints `ferry stats`.
 //! - `cargo xtask bench [toolchain|wrapper|all]`: figures as ratios against a baseline measured in
 //!   the same run (plain `tar -czf`, plain `cargo build`).
 //!
@@ -91,7 +92,22 @@ fn demo() -> anyhow::Result<()> {
         println!("   ({:.2} s)", started.elapsed().as_secs_f64());
         Ok(())
     };
-    build("cold build: libraries compile on the worker (the toolchain is packaged and uploaded first)", &cache)?;
+    println!("\n== ferry toolchain upload: the toolchain goes to the scheduler, the worker prefetches it");
+    ferry_cmd(&cache, &["toolchain", "upload"])?;
+    let started = std::time::Instant::now();
+    loop {
+        let list = Command::new(&ferry).args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", &url).output()?;
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+        if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+            break;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            bail!("the worker did not fetch the toolchain: {list}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ferry_cmd(&cache, &["toolchain", "list"])?;
+    build("cold build: libraries compile on the worker", &cache)?;
     println!("\n== ferry stats (first machine)");
     ferry_cmd(&cache, &["stats"])?;
     ferry_cmd(&cache, &["status"])?;

@@ -217,17 +217,22 @@ fn toolchain_upload_once_and_list_shows_holders() {
     assert_eq!(listed["targets"], packaged["targets"]);
     assert_eq!(listed["bytes"], packaged["archive_bytes"]);
     assert!(listed["uploaded"].as_u64().unwrap_or(0) > 1_700_000_000, "upload time in Unix seconds: {listed}");
-    assert_eq!(listed["workers"], serde_json::json!([]), "no worker has fetched it yet");
 
+    // Both workers prefetch the new toolchain without any job asking for it.
+    let mut everyone = vec![c.worker_id(0), c.worker_id(1)];
+    everyone.sort();
+    let holders = wait_until(Duration::from_secs(60), "the list names both workers", || {
+        let list = c.world.ferry_json(&["toolchain", "list", "--json"]);
+        let mut workers: Vec<String> =
+            list[0]["workers"].as_array()?.iter().filter_map(|w| w.as_str().map(str::to_owned)).collect();
+        workers.sort();
+        (workers == everyone).then_some(workers)
+    });
+    assert_eq!(holders, everyone);
+    assert!(remote_jobs(&c.world).is_empty());
     let x = Lib::new(&c.world, "x", X_SOURCE);
     ok(x.ferry_output(&c.world));
-    let job = remote_jobs(&c.world).pop().unwrap_or_else(|| panic!("no remote job: {:#}", c.world.stats()));
-    let holders = wait_until(Duration::from_secs(10), "the list names the worker that ran the job", || {
-        let list = c.world.ferry_json(&["toolchain", "list", "--json"]);
-        let workers = list[0]["workers"].clone();
-        (workers != serde_json::json!([])).then_some(workers)
-    });
-    assert_eq!(holders, serde_json::json!([job.worker]));
+    assert_eq!(remote_jobs(&c.world).len(), 1, "{:#}", c.world.stats());
     assert_no_fallbacks(&c.world.stats());
 
     // A scheduler that is down from the start: the build goes on, with a counted fallback.
@@ -255,22 +260,87 @@ fn toolchain_upload_to_first_job_time() {
     let started = Instant::now();
     let upload = c.world.ferry_json(&["toolchain", "upload", "--json"]);
     let uploaded = started.elapsed();
+    let id = upload["id"].as_str().expect("an id");
+    c.status_until("the worker prefetches the uploaded toolchain", |s| {
+        workers_of(s).iter().all(|w| has_toolchain(w, id))
+    });
+    let prefetched = started.elapsed();
     let remote = x.ferry(&c.world);
     let total = started.elapsed();
     eprintln!(
-        "toolchain upload to the end of the first remote job on a worker without it: {:.1} s \
-         (package + upload {:.1} s, first job with fetch and unpack {:.1} s)",
+        "toolchain upload to the end of the first remote job: {:.1} s (package + upload {:.1} s, the \
+         worker's prefetch (fetch and unpack) {:.1} s, the job {:.1} s)",
         total.as_secs_f64(),
         uploaded.as_secs_f64(),
-        (total - uploaded).as_secs_f64()
+        (prefetched - uploaded).as_secs_f64(),
+        (total - prefetched).as_secs_f64()
     );
     assert_eq!(upload["uploaded"], true, "{upload}");
     assert_eq!((remote.code, &remote.stderr), (plain.code, &plain.stderr));
     assert_same_files("first remote compile", &plain.files, &remote.files);
     let s = c.world.stats();
     assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 0), "{s:#}");
-    let id = upload["id"].as_str().expect("an id");
-    c.status_until("the worker reports the fetched toolchain", |s| workers_of(s).iter().all(|w| has_toolchain(w, id)));
+}
+
+#[test]
+fn the_first_build_does_not_wait_for_the_toolchain_upload() {
+    let mut c = Cluster::start(Setup { workers: 1, ..Setup::default() });
+    // Only the cluster may answer the second build (no shared-tier hits of the first's results).
+    c.world.set("FERRY_SHARED_CACHE", "off");
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+
+    // Nothing on the cluster yet: the first miss starts the upload in the background, and every
+    // compile until it lands is local.
+    let s = build_as(&mut c, "first", &ws);
+    assert_same_outputs(&expected, &outputs(&ws));
+    assert!(n(&s, "/fallbacks/toolchain-uploading") >= 1, "{s:#}");
+    assert_eq!(n(&s, "/compiled_remote") + n(&s, "/compiled_local"), UNITS, "{s:#}");
+    let id = wait_until(Duration::from_secs(120), "the upload lands and the worker prefetches it", || {
+        let list = c.world.ferry_json(&["toolchain", "list", "--json"]);
+        let fetched = list[0]["workers"].as_array().is_some_and(|w| w.len() == 1);
+        fetched.then(|| list[0]["id"].as_str().map(str::to_owned)).flatten()
+    });
+    let log = c.world.path().join(format!("cache-first/toolchains/upload-{id}.log"));
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains(&format!("uploaded toolchain {id}")), "{}: {text}", log.display());
+
+    // Once it is there, misses go to the worker.
+    let s = build_as(&mut c, "second", &ws);
+    assert_same_outputs(&expected, &outputs(&ws));
+    assert_no_fallbacks(&s);
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (RLIBS.len() as u64, 3), "{s:#}");
+}
+
+#[test]
+fn a_failed_background_upload_is_not_retried_by_every_compile() {
+    let c = Cluster::start(Setup { workers: 1, scheduler_toml: "max_toolchain_bytes = 1000\n", ..Setup::default() });
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    let plain = x.plain(&c.world);
+    let first = x.ferry(&c.world);
+    assert_eq!((first.code, &first.stderr), (plain.code, &plain.stderr));
+    assert_eq!(c.world.stats()["fallbacks"], serde_json::json!({"toolchain-uploading": 1}));
+    let logs = c.world.path().join("cache/toolchains");
+    let refused = wait_until(Duration::from_secs(120), "the background upload is refused", || {
+        let log = fs::read_dir(&logs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "log"))?;
+        let text = fs::read_to_string(log).ok()?;
+        text.contains("error").then_some(text)
+    });
+    assert!(refused.contains("over the limit") || refused.contains("larger"), "{refused}");
+    // The lock is free again, but the toolchain is not there: no new upload for a while.
+    let y = Lib::new(&c.world, "y", X_SOURCE);
+    let plain = y.plain(&c.world);
+    let second = y.ferry(&c.world);
+    assert_eq!((second.code, &second.stderr), (plain.code, &plain.stderr));
+    let s = c.world.stats();
+    assert_eq!(s["fallbacks"], serde_json::json!({"toolchain-uploading": 1, "toolchain-upload-failed": 1}), "{s:#}");
+    assert_eq!((n(&s, "/compiled_local"), n(&s, "/compiled_remote")), (2, 0), "{s:#}");
+    assert_eq!(c.world.ferry_json(&["toolchain", "list", "--json"]), serde_json::json!([]));
 }
 
 #[test]
@@ -860,11 +930,11 @@ fn seed() -> &'static Seed {
         let c = Cluster::start(Setup { workers: 1, ..Setup::default() });
         let upload = c.world.ferry_json(&["toolchain", "upload", "--json"]);
         let id = upload["id"].as_str().expect("an id").to_owned();
-        ok(Lib::new(&c.world, "seed", "pub fn seed() {}\n").ferry_output(&c.world));
-        assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1, "the seed job: {:#}", c.world.stats());
-        c.status_until("the seed worker unpacked the toolchain", |s| {
+        c.status_until("the seed worker prefetched the toolchain", |s| {
             workers_of(s).iter().all(|w| has_toolchain(w, &id))
         });
+        ok(Lib::new(&c.world, "seed", "pub fn seed() {}\n").ferry_output(&c.world));
+        assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1, "the seed job: {:#}", c.world.stats());
         let Cluster { world, scheduler, workers } = c;
         drop((scheduler, workers));
         let root = world.dir.keep();

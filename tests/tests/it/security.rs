@@ -297,6 +297,33 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
     }
     cluster.assert_still_serves();
 
+    // Tampering with its own inputs, which may be hard links into the worker's blob store.
+    let input = world.path().join("job-tamper/lib.rs");
+    let tamper = Job::attack(
+        world,
+        "tamper",
+        &r#"let path = "@INPUT@";
+        let opened = match std::fs::OpenOptions::new().append(true).open(path) {
+            Ok(_) => "open for writing: ok".to_owned(),
+            Err(e) => format!("open for writing: {e}"),
+        };
+        let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
+        let chmod = match std::fs::set_permissions(path, mode) {
+            Ok(()) => "chmod: ok".to_owned(),
+            Err(e) => format!("chmod: {e}"),
+        };
+        panic!("{opened}; {chmod}")"#
+            .replace("@INPUT@", &path_string(&input)),
+    );
+    let run = cluster.run(&tamper);
+    run.assert_macro_failed("open for writing: Permission denied");
+    assert!(run.stderr.contains("chmod: Operation not permitted"), "{run:#?}");
+    let digest = blake3::hash(&fs::read(&input).expect("the input"));
+    let stored = hex(digest.as_bytes());
+    let blob = cluster.worker_data.join("blobs").join(&stored[..2]).join(&stored);
+    assert_eq!(blake3::hash(&fs::read(&blob).expect("the input's blob")), digest, "the blob store was changed");
+    cluster.assert_still_serves();
+
     // Limits. A process count no other process uses, to find leftovers by their command line.
     let sleeper = (1_000_000 + std::process::id()).to_string();
     let fork = Job::attack(
@@ -660,9 +687,11 @@ impl Cluster {
         self.run(&Job::benign(&self.world)).assert_compiled();
     }
 
-    /// No job directory and no half-received blob is left on the worker.
+    /// No job directory and no half-received blob is left on the worker (a job's tree is removed
+    /// just after its stream ends).
     fn assert_clean(&self) {
-        assert_eq!(files_in(&self.worker_data.join("jobs")), Vec::<String>::new(), "a job directory was left");
+        let jobs = self.worker_data.join("jobs");
+        wait_until(Duration::from_secs(10), "the worker removes the job directories", || files_in(&jobs).is_empty());
         assert_eq!(files_in(&self.worker_data.join("blobs/tmp")), Vec::<String>::new(), "a blob temp file was left");
     }
 }
