@@ -158,6 +158,17 @@ impl Entry {
         Header::verify(bytes, expected_key).map(|_| ())
     }
 
+    /// Everything [`Entry::decode`] verifies, without keeping the payload: a stored payload is not
+    /// copied, a compressed one is decompressed (its framing is part of what must hold) and dropped.
+    /// For a tier that stores entries it received.
+    pub fn verify(bytes: &[u8], expected_key: &CacheKey) -> Result<(), EntryError> {
+        let header = Header::verify(bytes, expected_key)?;
+        if header.compression != STORED_RAW {
+            decompress(stored(bytes), header.uncompressed_len)?;
+        }
+        Ok(())
+    }
+
     /// Parses and fully verifies an encoded entry that was looked up as `expected_key`.
     pub fn decode(bytes: &[u8], expected_key: &CacheKey) -> Result<Entry, EntryError> {
         let header = Header::verify(bytes, expected_key)?;
@@ -343,6 +354,7 @@ mod tests {
                 assert!(bytes.len() < original.payload.len() / 4);
             }
             assert_eq!(Entry::decode(&bytes, &original.key), Ok(original.clone()));
+            assert_eq!(Entry::verify(&bytes, &original.key), Ok(()));
             assert_eq!(Entry::decode_owned(bytes, &original.key), Ok(original));
         }
         let manifest = Entry { kind: EntryKind::Manifest, ..entry(b"k".to_vec()) };
@@ -359,11 +371,13 @@ mod tests {
                     let mut bad = bytes.clone();
                     bad[at] ^= flip;
                     assert!(Entry::decode(&bad, &original.key).is_err(), "flip {flip:#x} at {at}");
+                    assert!(Entry::verify(&bad, &original.key).is_err(), "flip {flip:#x} at {at}");
                     assert!(Entry::decode_owned(bad, &original.key).is_err());
                 }
             }
             for len in 0..bytes.len() {
                 assert!(Entry::decode(&bytes[..len], &original.key).is_err(), "truncated to {len}");
+                assert!(Entry::verify(&bytes[..len], &original.key).is_err(), "truncated to {len}");
             }
             let mut longer = bytes.clone();
             longer.push(0);
@@ -389,6 +403,7 @@ mod tests {
         let bytes = original.encode();
         let check = |edit: fn(&mut [u8]), expected: &str| {
             let bad = reseal(bytes.clone(), edit);
+            assert_eq!(Entry::verify(&bad, &key).err(), Entry::decode(&bad, &key).err(), "{expected}");
             let err = Entry::decode(&bad, &key).expect_err(expected);
             assert_eq!(err.to_string(), expected);
         };

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
-use ferry_cache::rustc::recipe::{self, InputList, MAX_MANIFESTS, PreKeyParts, keyed_env, manifest_key};
+use ferry_cache::rustc::recipe::{self, InputList, MAX_MANIFESTS, PreKeyParts, absolute, keyed_env, manifest_key};
 use ferry_cache::rustc::{Classified, RustcArgs, classify, depinfo};
 use ferry_cache::{
     CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, EntryKind, Error as CacheError, OutputFile, PutOutcome,
@@ -433,7 +433,7 @@ impl Job {
             *self.stats.fallbacks.entry("discrepancy".into()).or_default() += 1;
         }
         let compile_ms = clock.elapsed().as_millis() as u64;
-        let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms);
+        let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms, HashMap::new());
         match stored {
             Ok((entry, list)) => {
                 if let Some(tier) = shared
@@ -465,6 +465,7 @@ impl Job {
         dep_info: &Path,
         started: SystemTime,
         compile_ms: u64,
+        mut written: HashMap<String, Vec<u8>>,
     ) -> Result<(Entry, InputList), &'static str> {
         let code = match (run.status.code(), run.status.signal()) {
             (_, Some(_)) => return Err("killed-by-signal"),
@@ -494,7 +495,11 @@ impl Job {
         let mut files = Vec::new();
         if code == 0 {
             for (path, executable) in self.rustc.outputs() {
-                let bytes = fs::read(self.cwd.join(&path)).map_err(|_| "missing-output")?;
+                // What this process wrote itself (a remote job's outputs) is not read back.
+                let bytes = match written.remove(&absolute(&self.cwd, &path).display().to_string()) {
+                    Some(bytes) => bytes,
+                    None => fs::read(self.cwd.join(&path)).map_err(|_| "missing-output")?,
+                };
                 files.push(OutputFile { path, executable, bytes: bytes.into() });
             }
         }
@@ -580,7 +585,9 @@ impl Job {
         self.stats.bytes_sent += remote.bytes_sent;
         tracing::info!(worker = %remote.worker, krate = %self.rustc.crate_name, "compiled remotely");
         let compile_ms = clock.elapsed().as_millis() as u64;
-        if let Err(reason) = self.store_result(store, id, keys, known, &remote.run, &dep_info, started, compile_ms) {
+        let stored =
+            self.store_result(store, id, keys, known, &remote.run, &dep_info, started, compile_ms, remote.outputs);
+        if let Err(reason) = stored {
             *self.stats.not_stored.entry(reason.into()).or_default() += 1;
         }
         Ok(exit_code(remote.run.status))

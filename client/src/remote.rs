@@ -9,7 +9,7 @@
 //!
 //! Every failure is a reason string; the caller compiles locally and counts it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -53,6 +53,8 @@ pub struct Remote {
     pub run: RunOutput,
     pub worker: String,
     pub bytes_sent: u64,
+    /// The bytes of each output as written, by absolute path (for the local cache entry).
+    pub outputs: HashMap<String, Vec<u8>>,
 }
 
 /// Why a compile cannot go to the cluster at all (it is then simply local, not a fallback).
@@ -212,11 +214,11 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
     let mut events = deadline("run-job", worker.run_job(request)).await?;
     let mut forwarded = Vec::new();
     let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded, &mut clock).await;
-    let (run, held) = received.map_err(|reason| Failed { reason, forwarded })?;
+    let (run, held, outputs) = received.map_err(|reason| Failed { reason, forwarded })?;
     let _ = std::io::stderr().write_all(&held);
     let _ = std::io::stdout().write_all(&run.stdout);
     tracing::debug!(krate = %job.rustc.crate_name, files = inputs.files.len(), bytes_sent, phases = %clock, "remote job");
-    Ok(Remote { run, worker: assignment.worker_id, bytes_sent })
+    Ok(Remote { run, worker: assignment.worker_id, bytes_sent, outputs })
 }
 
 /// Reads a job's events to the end: stdout and stderr kept (artifact notifications passed to
@@ -230,12 +232,12 @@ async fn receive(
     worker: &str,
     forwarded: &mut Vec<Vec<u8>>,
     clock: &mut Phases,
-) -> Result<(RunOutput, Vec<u8>), String> {
+) -> Result<(RunOutput, Vec<u8>, HashMap<String, Vec<u8>>), String> {
     let dep_info = job.rustc.dep_info_path().map(|p| absolute(job.cwd, &p).display().to_string());
     let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
     let mut held = Vec::new();
     let mut partial: BTreeMap<String, (bool, Vec<u8>)> = BTreeMap::new();
-    let mut received = Vec::new();
+    let mut received = HashMap::new();
     let mut finished = None;
     loop {
         let event = match tokio::time::timeout(EVENT_IDLE, events.message()).await {
@@ -269,7 +271,7 @@ async fn receive(
                     }
                     write_output(Path::new(&chunk.path), &bytes, executable)
                         .map_err(|_| "output-write-failed".to_string())?;
-                    received.push(chunk.path);
+                    received.insert(chunk.path, bytes);
                 }
             }
             Some(job_event::Kind::Finished(f)) => {
@@ -292,10 +294,10 @@ async fn receive(
     if run.status.code() != Some(0) {
         return Err(format!("remote-exit-{}", run.status.code().map_or("signal".into(), |c| c.to_string())));
     }
-    if outputs(job).iter().any(|o| !received.contains(o)) {
+    if outputs(job).iter().any(|o| !received.contains_key(o)) {
         return Err("missing-output".into());
     }
-    Ok((run, held))
+    Ok((run, held, received))
 }
 
 /// Every variable the remote compile read must have had the value it has here; otherwise its

@@ -445,8 +445,8 @@ impl SchedulerApi for Service {
         }
         let shared = self.shared.clone();
         let stored = tokio::task::spawn_blocking(move || -> Result<PutOutcome, Status> {
-            // Fully decoded once, here; stored as received.
-            Entry::decode(&bytes, &key)
+            // Fully verified once, here (compressed framing included); stored as received.
+            Entry::verify(&bytes, &key)
                 .map_err(|e| Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")))?;
             shared.cache.put_encoded(&key, &bytes).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })

@@ -59,7 +59,7 @@ impl Publisher {
                     }
                 };
                 for job in rx {
-                    match entries(&job) {
+                    match entries(job) {
                         Ok((result, scope, list)) => publish(store.as_ref(), &result, &scope, &list),
                         Err(reason) => tracing::debug!(reason, "job result not published"),
                     }
@@ -90,7 +90,7 @@ fn publish(store: &dyn Store, result: &Entry, scope: &ferry_cache::CacheKey, lis
 
 /// The result entry, its manifest scope and input list (as stored: relative to the job's base
 /// directories) — exactly what the wrapper computes for the same compile. Err: why this job cannot be published.
-pub fn entries(job: &Finished) -> Result<(Entry, ferry_cache::CacheKey, InputList), &'static str> {
+pub fn entries(mut job: Finished) -> Result<(Entry, ferry_cache::CacheKey, InputList), &'static str> {
     let args: Vec<OsString> = job.args.iter().map(OsString::from).collect();
     let Classified::Cacheable(rustc) = classify(&args) else { return Err("not-cacheable") };
     if rustc.links() {
@@ -109,9 +109,9 @@ pub fn entries(job: &Finished) -> Result<(Entry, ferry_cache::CacheKey, InputLis
     let pre = recipe::pre_key(parts, &bases);
     let scope = recipe::manifest_scope(&pre, Some(digest(&rustc.input).ok_or("root-not-sent")?));
 
-    let output = |path: &str| job.outputs.get(absolute(cwd, path).to_str()?);
     let dep_info = rustc.dep_info_path().ok_or("no-dep-info")?;
-    let text = std::str::from_utf8(output(&dep_info).ok_or("no-dep-info")?).map_err(|_| "dep-info-unusable")?;
+    let dep_info = job.outputs.get(absolute(cwd, &dep_info).to_str().ok_or("no-dep-info")?).ok_or("no-dep-info")?;
+    let text = std::str::from_utf8(dep_info).map_err(|_| "dep-info-unusable")?;
     let deps = depinfo::parse(text).ok_or("dep-info-unusable")?;
     let root = absolute(cwd, &rustc.input);
     if !deps.files.iter().any(|f| absolute(cwd, f) == root) {
@@ -123,13 +123,13 @@ pub fn entries(job: &Finished) -> Result<(Entry, ferry_cache::CacheKey, InputLis
 
     let mut files = Vec::new();
     for (path, executable) in rustc.outputs() {
-        let bytes = output(&path).ok_or("missing-output")?;
-        files.push(OutputFile { path, executable, bytes: bytes.clone().into() });
+        let bytes = absolute(cwd, &path).to_str().and_then(|p| job.outputs.remove(p)).ok_or("missing-output")?;
+        files.push(OutputFile { path, executable, bytes: bytes.into() });
     }
     let result = bases.rebase_output(CompileOutput {
         exit_code: 0,
-        stdout: job.stdout.clone(),
-        stderr: job.stderr.clone(),
+        stdout: job.stdout,
+        stderr: job.stderr,
         files,
         compile_ms: job.compile_ms,
     });

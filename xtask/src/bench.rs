@@ -222,21 +222,28 @@ pub fn distributed() -> anyhow::Result<()> {
         Ok((elapsed, serde_json::from_slice(&stats.stdout).unwrap_or_default()))
     };
     let (plain1, _) = build("plain1", false, "target-plain")?;
+    // The first build uploads the toolchain in the background: watch for the moment the worker
+    // holds it; the runs after it start only then.
     let started = Instant::now();
-    let (first, first_stats) = build("first", true, "target-first")?;
-    // The first build uploads the toolchain in the background; the runs after it start once the
-    // worker holds it.
-    let on_cluster = loop {
-        let list = Command::new(&ferry).args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", url).output()?;
-        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-        if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
-            break started.elapsed();
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("the toolchain never reached the worker: {list}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let watcher = {
+        let (ferry, url) = (ferry.clone(), url.clone());
+        std::thread::spawn(move || -> anyhow::Result<Duration> {
+            loop {
+                let mut list = Command::new(&ferry);
+                list.args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", &url);
+                let list: serde_json::Value = serde_json::from_slice(&list.output()?.stdout).unwrap_or_default();
+                if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+                    return Ok(started.elapsed());
+                }
+                if started.elapsed() > Duration::from_secs(600) {
+                    bail!("the toolchain never reached the worker: {list}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
     };
+    let (first, first_stats) = build("first", true, "target-first")?;
+    let on_cluster = watcher.join().map_err(|_| anyhow::anyhow!("the toolchain watcher panicked"))??;
     let (cold, cold_stats) = build("cold", true, "target-cold")?;
     let (warm, warm_stats) = build("warm", true, "target-first")?;
     // The cold build's target dir again: every input blob is already on the worker.
