@@ -367,7 +367,7 @@ impl Job {
         known: &[InputList],
     ) -> ExitCode {
         let mut remote_failure = None;
-        if self.config.scheduler.is_some() && remote::distributable(&self.rustc).is_ok() {
+        if self.config.scheduler.is_some() && remote::distributable(&self.rustc, &self.cwd).is_ok() {
             if remote::backing_off(&self.config.cache_dir, self.config.cluster_backoff) {
                 *self.stats.fallbacks.entry("cluster-backoff".into()).or_default() += 1;
             } else {

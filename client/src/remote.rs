@@ -58,7 +58,7 @@ pub struct Remote {
 }
 
 /// Why a compile cannot go to the cluster at all (it is then simply local, not a fallback).
-pub fn distributable(rustc: &RustcArgs) -> Result<(), &'static str> {
+pub fn distributable(rustc: &RustcArgs, cwd: &Path) -> Result<(), &'static str> {
     if rustc.crate_types.iter().any(|t| t != "rlib") {
         return Err("crate-type-not-distributed");
     }
@@ -75,6 +75,13 @@ pub fn distributable(rustc: &RustcArgs) -> Result<(), &'static str> {
     }
     if std::env::var_os("CARGO_MANIFEST_DIR").is_none() {
         return Err("not-under-cargo");
+    }
+    // A build script's probe (proc-macro2, anyhow, autocfg... compile a snippet into OUT_DIR to
+    // learn what the compiler supports): tiny, on the build's critical path, often meant to fail.
+    if let (Some(out), Some(build_out)) = (&rustc.out_dir, std::env::var_os("OUT_DIR"))
+        && absolute(cwd, out).starts_with(absolute(cwd, build_out))
+    {
+        return Err("build-script-probe");
     }
     Ok(())
 }

@@ -344,6 +344,51 @@ fn a_failed_background_upload_is_not_retried_by_every_compile() {
 }
 
 #[test]
+fn build_script_probes_compile_locally() {
+    let c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let pkg = c.world.path().join("probing");
+    write(&pkg.join("Cargo.toml"), "[package]\nname = \"probing\"\nversion = \"0.1.0\"\nedition = \"2021\"\n");
+    // As proc-macro2 and anyhow do: compile snippets into OUT_DIR through the same wrapper.
+    write(
+        &pkg.join("build.rs"),
+        r#"use std::process::{Command, Stdio};
+fn main() {
+    let out = std::env::var("OUT_DIR").unwrap();
+    std::fs::create_dir_all(format!("{out}/probe")).unwrap();
+    let rustc = std::env::var("RUSTC").unwrap();
+    let wrapper = std::env::var("RUSTC_WRAPPER").ok().filter(|w| !w.is_empty());
+    let probe = |name: &str, code: &str| -> bool {
+        let src = format!("{out}/{name}.rs");
+        std::fs::write(&src, code).unwrap();
+        let mut cmd = match &wrapper {
+            Some(w) => { let mut c = Command::new(w); c.arg(&rustc); c }
+            None => Command::new(&rustc),
+        };
+        cmd.args(["--crate-type=lib", "--crate-name", name, "--emit=dep-info,metadata", "--out-dir"]);
+        cmd.arg(format!("{out}/probe")).arg(&src).stderr(Stdio::null());
+        cmd.status().unwrap().success()
+    };
+    println!("cargo::rustc-check-cfg=cfg(has_good,has_bad)");
+    if probe("good", "pub fn f() {}") { println!("cargo::rustc-cfg=has_good"); }
+    if probe("bad", "pub fn f() -> u32 { \"no\" }") { println!("cargo::rustc-cfg=has_bad"); }
+}
+"#,
+    );
+    write(
+        &pkg.join("src/lib.rs"),
+        "#[cfg(not(has_good))]\ncompile_error!(\"the good probe failed\");\n\
+         #[cfg(has_bad)]\ncompile_error!(\"the bad probe passed\");\npub const PROBED: bool = true;\n",
+    );
+    ok_build(cargo_build(&c.world, &pkg, true));
+    let s = c.world.stats();
+    assert_no_fallbacks(&s);
+    let remote: Vec<String> = remote_jobs(&c.world).into_iter().map(|j| j.krate).collect();
+    assert_eq!(remote, ["probing"], "{s:#}");
+    // The build script, and both probes.
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (1, 3), "{s:#}");
+}
+
+#[test]
 fn a_remote_compile_sees_the_variables_a_local_one_sees() {
     // `option_env!` compiles either way: a variable the job does not carry silently changes the
     // crate, and the result is stored under the key of the value the client has.
