@@ -495,6 +495,10 @@ fn a_second_client_with_an_empty_cache_hits_every_unit_in_the_shared_tier() {
     assert_no_fallbacks(&s);
     assert_eq!((n(&s, "/compiled_remote"), n(&s, "/compiled_local")), (RLIBS.len() as u64, 3), "{s:#}");
 
+    // Workers publish in the background: let the last results land first.
+    wait_until(Duration::from_secs(30), "every unit's result and manifest in the shared tier", || {
+        (scheduler_entries(&c).len() >= 2 * UNITS as usize).then_some(())
+    });
     // A teammate: empty local cache, same sources at the same place.
     client(&mut c, "second");
     clean(&c.world, &ws);
