@@ -218,17 +218,19 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             "running": s.running,
             "jobs_done": s.jobs_done,
             "jobs_failed": s.jobs_failed,
+            "shared_corrupt_entries": s.shared_corrupt_entries,
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
     println!(
-        "{} workers, {} jobs running, {} queued, {} done, {} failed",
+        "{} workers, {} jobs running, {} queued, {} done, {} failed; {} corrupt shared cache entries removed",
         s.workers.len(),
         s.running,
         s.queued,
         s.jobs_done,
-        s.jobs_failed
+        s.jobs_failed,
+        s.shared_corrupt_entries
     );
     if !s.workers.is_empty() {
         println!("{:<20}  {:<22}  {:>5}  {:>5}  {:>10}  TOOLCHAINS", "WORKER", "ADDRESS", "SLOTS", "BUSY", "LAST SEEN");

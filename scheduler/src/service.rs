@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     archives: ArchiveStore,
     /// The shared cache tier: the same entry files, verification and eviction as a local tier.
     cache: DiskStore,
+    /// Shared entries found corrupt on a read (and removed) since start, for `ferry status`.
+    corrupt_entries: std::sync::atomic::AtomicU64,
     config: SchedulerConfig,
     shutdown: CancellationToken,
 }
@@ -85,7 +87,9 @@ impl Service {
             next_session: 1,
             prefetching: HashMap::new(),
         };
-        Ok(Service { shared: Arc::new(Shared { inner: Mutex::new(inner), archives, cache, config, shutdown }) })
+        let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
+        let shared = Shared { inner: Mutex::new(inner), archives, cache, corrupt_entries, config, shutdown };
+        Ok(Service { shared: Arc::new(shared) })
     }
 
     /// Removes workers whose lease ran out; the server runs this periodically.
@@ -398,6 +402,7 @@ impl SchedulerApi for Service {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
             Err(CacheError::Corrupt { path, reason }) => {
+                self.shared.corrupt_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(path = %path.display(), %reason, "removed a corrupt shared cache entry");
                 return Err(Status::data_loss(format!("entry {key} was corrupt here and has been removed")));
             }
@@ -478,6 +483,7 @@ impl SchedulerApi for Service {
             running: status.running as u32,
             jobs_done: status.jobs_done,
             jobs_failed: status.jobs_failed,
+            shared_corrupt_entries: self.shared.corrupt_entries.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }

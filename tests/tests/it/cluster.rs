@@ -602,8 +602,11 @@ fn a_corrupt_shared_entry_is_reported_and_never_promoted() {
     for entry in &entries {
         flip_middle_byte(entry);
     }
+    assert_eq!(c.status()["shared_corrupt_entries"], 0);
     assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
     assert!(c.scheduler.log_text().contains("corrupt"), "the scheduler did not report it");
+    let removed = c.status()["shared_corrupt_entries"].as_u64().unwrap_or(0);
+    assert!(removed >= 1 && removed <= entries.len() as u64, "{removed} of {} entries", entries.len());
 }
 
 #[test]
