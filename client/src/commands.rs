@@ -284,6 +284,8 @@ fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let config = Config::load()?;
     let path = config.stats_path();
+    // Counters include the shared-tier publishes that finish after a build returns.
+    crate::compile::wait_for_publishers(&config.cache_dir, std::time::Duration::from_secs(30));
     if args.zero {
         Stats::zero(&path)?;
         println!("statistics zeroed");

@@ -439,7 +439,7 @@ impl Job {
                 if let Some(tier) = shared
                     && tier.may_write()
                 {
-                    self.publish_shared(tier, &entry, keys.1, &list);
+                    self.publish_shared_detached(tier, &entry, keys.1, &list);
                 }
             }
             Err(reason) => {
@@ -523,6 +523,33 @@ impl Job {
             }
         }
         Ok((entry, list))
+    }
+
+    /// [`Job::publish_shared`] after cargo has its answer: a forked child uploads while this
+    /// process exits. The child holds the cache dir's publishing lock, which `ferry stats` waits
+    /// for, so counters (and a teammate's next build after them) see the publish done. In-process
+    /// when a fork is not safe here.
+    fn publish_shared_detached(&mut self, tier: &mut SharedTier, entry: &Entry, scope: &CacheKey, list: &InputList) {
+        let Ok(lock) = publishing_lock(&self.config.cache_dir).and_then(|f| f.lock_shared().map(|()| f)) else {
+            return self.publish_shared(tier, entry, scope, list);
+        };
+        match process::detach() {
+            process::Detached::Parent => drop(lock),
+            process::Detached::NotPossible => self.publish_shared(tier, entry, scope, list),
+            process::Detached::Child => {
+                // The parent counts its own work; the child only what it does, on a tier of its
+                // own (the parent's runtime and connection are the parent's).
+                self.stats = Stats::default();
+                if let Some(mut tier) = SharedTier::open(&self.config, &mut self.stats) {
+                    self.publish_shared(&mut tier, entry, scope, list);
+                }
+                tracing::debug!(key = %entry.key, "published after the build's answer");
+                let _ = Stats::add(&self.config.stats_path(), &self.stats);
+                drop(lock);
+                // SAFETY: ends the forked child without running the parent's exit handlers.
+                unsafe { libc::_exit(0) }
+            }
+        }
     }
 
     /// A local compile's result into the shared tier (this client holds `cache-write`): the
@@ -726,6 +753,24 @@ fn hex(digest: &[u8; 32]) -> String {
 
 fn nanos() -> u32 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())
+}
+
+/// The lock detached publishers hold (shared) while they run; see [`wait_for_publishers`].
+fn publishing_lock(cache_dir: &Path) -> std::io::Result<File> {
+    fs::create_dir_all(cache_dir)?;
+    fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache_dir.join("publishing.lock"))
+}
+
+/// Waits (at most `limit`) until no detached publisher of this cache dir is still running.
+pub fn wait_for_publishers(cache_dir: &Path, limit: std::time::Duration) {
+    let Ok(lock) = publishing_lock(cache_dir) else { return };
+    let start = Instant::now();
+    while let Err(fs::TryLockError::WouldBlock) = lock.try_lock() {
+        if start.elapsed() > limit {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

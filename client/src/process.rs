@@ -97,3 +97,50 @@ fn trace(program: &Path, args: &[OsString]) {
         let _ = f.write_all(line.as_bytes());
     }
 }
+
+/// Which side of [`detach`] this is.
+pub enum Detached {
+    /// The original process: it goes on (and soon exits, giving cargo its answer).
+    Parent,
+    /// A copy of it that finishes some work after the parent is gone: its own session, stdio on
+    /// `/dev/null` (cargo waits for its pipes to close), holding whatever locks the parent held.
+    Child,
+    /// No fork: this process has more than one thread (a fork would copy their locks, not
+    /// them), or fork failed. The caller does the work itself.
+    NotPossible,
+}
+
+/// Forks this single-threaded process so the child can finish work the parent's exit must not
+/// wait for. The child must end with `libc::_exit`.
+pub fn detach() -> Detached {
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().to_owned())));
+    if threads.as_deref() != Some("1") {
+        return Detached::NotPossible;
+    }
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: the process has one thread, so the child's copy of every lock and buffer is
+    // consistent; the child only uses it through normal Rust code and ends with `_exit`.
+    match unsafe { libc::fork() } {
+        -1 => Detached::NotPossible,
+        0 => {
+            // SAFETY: plain system calls on descriptors this process owns.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    for fd in 0..3 {
+                        libc::dup2(null, fd);
+                    }
+                    if null > 2 {
+                        libc::close(null);
+                    }
+                }
+            }
+            Detached::Child
+        }
+        _ => Detached::Parent,
+    }
+}
