@@ -320,16 +320,15 @@ fn check_environment(dep_info: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// How long after a background upload was started a toolchain still missing from the scheduler
-/// means that upload failed (its log says why) rather than that it is still running: until then
-/// compiles stay local without starting another one.
+/// When a background upload ended (its lock is free) and the toolchain is still not on the
+/// scheduler, that upload failed (its log says why): compiles stay local without starting another
+/// one until this long after it started.
 const UPLOAD_RETRY: Duration = Duration::from_secs(300);
 
 /// Makes sure the scheduler has the toolchain. When it does not, the build does not wait for it:
 /// the first wrapper to notice starts `ferry toolchain upload` in the background (detached, holding
-/// the upload lock for as long as it runs, logging to
-/// `toolchains/upload-<id>.log`), and this compile, like every one until the toolchain is on the
-/// scheduler, is local (`toolchain-uploading`).
+/// the upload lock for as long as it runs, logging to `toolchains/upload-<id>.log`), and this
+/// compile, like every one until the toolchain is on the scheduler, is local (`toolchain-uploading`).
 async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
     let id = Some(to_digest(job.toolchain.0));
     type Answer = Result<Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>, tokio::time::error::Elapsed>;
