@@ -109,9 +109,7 @@ const EVENT_IDLE: Duration = Duration::from_secs(900);
 /// True while a recent scheduler failure (within `backoff`) says to compile locally without
 /// trying: one unreachable scheduler costs a build one timeout, not one per compile.
 pub fn backing_off(cache_dir: &Path, backoff: Duration) -> bool {
-    fs::metadata(cache_dir.join("cluster-down"))
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < backoff))
+    crate::shared::fresh(&cache_dir.join("cluster-down"), backoff)
 }
 
 /// Records a failure that means the scheduler itself is unreachable or unresponsive.
@@ -331,13 +329,7 @@ const UPLOAD_RETRY: Duration = Duration::from_secs(300);
 /// compile, like every one until the toolchain is on the scheduler, is local (`toolchain-uploading`).
 async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
     let id = Some(to_digest(job.toolchain.0));
-    type Answer = Result<Result<tonic::Response<v1::HasToolchainResponse>, tonic::Status>, tokio::time::error::Elapsed>;
-    let has = |answer: Answer| match answer {
-        Ok(Ok(r)) => Ok(r.into_inner().present),
-        Ok(Err(s)) => Err(reason_for("has-toolchain", &s)),
-        Err(_) => Err("has-toolchain-timeout".to_string()),
-    };
-    if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await)? {
+    if deadline("has-toolchain", scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
         return Ok(());
     }
     let dir = job.config.cache_dir.join("toolchains/locks");
@@ -351,14 +343,11 @@ async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Schedul
         Err(fs::TryLockError::Error(_)) => return Err("toolchain-lock".into()),
     }
     // It may have landed between the two questions.
-    if has(tokio::time::timeout(CALL_DEADLINE, scheduler.has_toolchain(v1::ToolchainRef { id })).await)? {
+    if deadline("has-toolchain", scheduler.has_toolchain(v1::ToolchainRef { id })).await?.present {
         return Ok(());
     }
     let attempt = lock_path.with_extension("started");
-    let recent = fs::metadata(&attempt)
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < UPLOAD_RETRY));
-    if recent {
+    if crate::shared::fresh(&attempt, UPLOAD_RETRY) {
         return Err("toolchain-upload-failed".into());
     }
     let log = job.config.cache_dir.join(format!("toolchains/upload-{}.log", job.toolchain));

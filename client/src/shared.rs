@@ -158,6 +158,7 @@ fn trip(cache_dir: &std::path::Path, reason: &str) {
     let _ = fs::write(cache_dir.join(BREAKER_FILE), reason);
 }
 
-fn fresh(path: &std::path::Path, within: Duration) -> bool {
+/// True when `path` exists and was modified less than `within` ago (a marker file still in force).
+pub fn fresh(path: &std::path::Path, within: Duration) -> bool {
     fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < within))
 }

@@ -48,14 +48,10 @@ impl Default for UnpackLimits {
 /// Every file is re-hashed as it is archived: a file that changed since the manifest was computed
 /// is an error, so an archive never carries content its manifest does not describe.
 pub fn write_archive(set: &ToolchainSet, manifest: &Manifest, out: &mut dyn Write) -> Result<u64, Error> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    let (chunk_tx, chunk_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let threads = pool_threads();
+    // When the compressors stop (an output error), the producer's next send fails.
+    let (chunk_tx, receivers) = work_queue::<(u64, Vec<u8>)>(threads);
     let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
-    // Only the compressors hold the queue's receiving end: when they stop (an output error), the
-    // producer's next send fails instead of blocking forever.
-    let chunk_rx = Arc::new(Mutex::new(chunk_rx));
-    let receivers: Vec<_> = (0..threads).map(|_| Arc::clone(&chunk_rx)).collect();
-    drop(chunk_rx);
     std::thread::scope(|s| {
         let producer = s.spawn(move || produce_tar(set, manifest, ChunkWriter::new(chunk_tx)));
         for rx in receivers {
@@ -214,15 +210,29 @@ fn inflate(mut reader: impl Read + Send, tx: SyncSender<io::Result<Vec<u8>>>) {
     }
 }
 
+/// Threads for compressing or inflating: the machine's cores, 1 to 8.
+fn pool_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)
+}
+
+/// One worker's handle on a [`work_queue`].
+type SharedReceiver<T> = Arc<Mutex<Receiver<T>>>;
+
+/// A bounded queue shared by `threads` workers, one receiver handle each. Only the workers hold
+/// its receiving end, so once they all stop the sender's next send fails instead of blocking
+/// forever.
+fn work_queue<T>(threads: usize) -> (SyncSender<T>, Vec<SharedReceiver<T>>) {
+    let (tx, rx) = sync_channel::<T>(threads * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    (tx, (0..threads).map(|_| Arc::clone(&rx)).collect())
+}
+
 fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx: &SyncSender<io::Result<Vec<u8>>>) {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
-    let (job_tx, job_rx) = sync_channel::<(u64, Vec<u8>)>(threads * 2);
+    let threads = pool_threads();
+    // When the reader stops early (a refused archive), the inflaters stop, and the splitter's next
+    // send fails.
+    let (job_tx, receivers) = work_queue::<(u64, Vec<u8>)>(threads);
     let (done_tx, done_rx) = sync_channel::<(u64, io::Result<Vec<u8>>)>(threads * 2);
-    // Only the inflaters hold the member queue's receiving end: when the reader stops early (a
-    // refused archive), they stop, and the splitter's next send fails instead of blocking forever.
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let receivers: Vec<_> = (0..threads).map(|_| Arc::clone(&job_rx)).collect();
-    drop(job_rx);
     std::thread::scope(|s| {
         for rx in receivers {
             let done = done_tx.clone();

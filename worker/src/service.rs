@@ -152,13 +152,8 @@ impl WorkerApi for Service {
         }
         let shared = Arc::clone(&self.shared);
         let permit = Arc::clone(&self.shared).slots_permit().await?;
-        let fetch = Arc::clone(&shared.fetch);
         let id = job.toolchain;
-        let (lease, _) = shared
-            .toolchains
-            .get(id, move |dest| fetch(id, dest))
-            .await
-            .map_err(|e| Status::unavailable(format!("toolchain {id}: {e}")))?;
+        let lease = shared.toolchain(id).await.map_err(|e| Status::unavailable(format!("toolchain {id}: {e}")))?;
         if !shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id) {
             return Err(Status::already_exists(format!("job {} is already running here", job.id)));
         }
@@ -181,6 +176,13 @@ impl WorkerApi for Service {
 }
 
 impl Shared {
+    /// `id` unpacked here, fetched from the scheduler first unless present (concurrent callers
+    /// share one fetch); the lease keeps it from eviction.
+    pub async fn toolchain(&self, id: ToolchainId) -> Result<crate::toolchain_cache::Lease, String> {
+        let fetch = Arc::clone(&self.fetch);
+        self.toolchains.get(id, move |dest| fetch(id, dest)).await.map(|(lease, _)| lease)
+    }
+
     async fn slots_permit(self: Arc<Self>) -> Result<SlotPermit, Status> {
         let permit = tokio::time::timeout(Duration::from_secs(60), self.slots.acquire())
             .await

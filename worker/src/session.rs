@@ -111,8 +111,7 @@ async fn session(
 /// Fetches and unpacks `id` unless it is here already (concurrent jobs share the one fetch).
 fn prefetch(shared: Arc<Shared>, id: ferry_toolchains::ToolchainId) {
     tokio::spawn(async move {
-        let fetch = Arc::clone(&shared.fetch);
-        match shared.toolchains.get(id, move |dest| fetch(id, dest)).await {
+        match shared.toolchain(id).await {
             Ok(_) => {
                 tracing::info!(toolchain = %id, "prefetched a newly uploaded toolchain");
                 // Report at once: the scheduler holds this toolchain's jobs back until a worker has it.

@@ -228,18 +228,8 @@ pub fn distributed() -> anyhow::Result<()> {
     let watcher = {
         let (ferry, url) = (ferry.clone(), url.clone());
         std::thread::spawn(move || -> anyhow::Result<Duration> {
-            loop {
-                let mut list = Command::new(&ferry);
-                list.args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", &url);
-                let list: serde_json::Value = serde_json::from_slice(&list.output()?.stdout).unwrap_or_default();
-                if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
-                    return Ok(started.elapsed());
-                }
-                if started.elapsed() > Duration::from_secs(600) {
-                    bail!("the toolchain never reached the worker: {list}");
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            crate::until_a_worker_holds_the_toolchain(&ferry, &url, Duration::from_secs(600))?;
+            Ok(started.elapsed())
         })
     };
     let (first, first_stats) = build("first", true, "target-first")?;

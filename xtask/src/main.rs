@@ -94,18 +94,7 @@ fn demo() -> anyhow::Result<()> {
     };
     println!("\n== ferry toolchain upload: the toolchain goes to the scheduler, the worker prefetches it");
     ferry_cmd(&cache, &["toolchain", "upload"])?;
-    let started = std::time::Instant::now();
-    loop {
-        let list = Command::new(&ferry).args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", &url).output()?;
-        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-        if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
-            break;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(120) {
-            bail!("the worker did not fetch the toolchain: {list}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until_a_worker_holds_the_toolchain(&ferry, &url, std::time::Duration::from_secs(120))?;
     ferry_cmd(&cache, &["toolchain", "list"])?;
     build("cold build: libraries compile on the worker", &cache)?;
     println!("\n== ferry stats (first machine)");
@@ -121,6 +110,23 @@ fn demo() -> anyhow::Result<()> {
     drop(cluster);
     println!("\n== stopped the worker and the scheduler");
     Ok(())
+}
+
+/// Polls `ferry toolchain list` on the scheduler at `url` until a worker holds an uploaded
+/// toolchain (there is one in the demo and the benchmark), for at most `limit`.
+pub fn until_a_worker_holds_the_toolchain(ferry: &Path, url: &str, limit: std::time::Duration) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let list = Command::new(ferry).args(["toolchain", "list", "--json"]).env("FERRY_SCHEDULER", url).output()?;
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+        if list[0]["workers"].as_array().is_some_and(|w| !w.is_empty()) {
+            return Ok(());
+        }
+        if started.elapsed() > limit {
+            bail!("no worker holds the toolchain after {limit:?}: {list}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// A scheduler and one worker with 2 slots on loopback, from the release binaries, their data

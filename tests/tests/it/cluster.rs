@@ -108,15 +108,7 @@ fn the_second_job_goes_to_the_worker_with_the_toolchain() {
 
 #[test]
 fn a_killed_worker_fails_its_job_promptly_and_the_build_goes_on() {
-    let mut c = Cluster::start(Setup {
-        workers: 2,
-        seed_scheduler: true,
-        seed_workers: true,
-        lease_ms: Some(2000),
-        ..Setup::default()
-    });
-    let ws = c.world.path().join("slow");
-    slow_workspace(&ws);
+    let (mut c, ws) = kill_setup();
     let started = Instant::now();
     ok_build(cargo_build(&c.world, &ws, false));
     let plain_secs = started.elapsed();
@@ -154,15 +146,7 @@ fn a_worker_lost_after_the_early_metadata_does_not_break_cargo() {
     // The wrapper hands a remote job's `.rmeta` and its artifact notification to cargo before the
     // job ends (pipelining); if the worker dies after that, the local compile must not announce
     // the metadata a second time: cargo has already started the dependents.
-    let mut c = Cluster::start(Setup {
-        workers: 2,
-        seed_scheduler: true,
-        seed_workers: true,
-        lease_ms: Some(2000),
-        ..Setup::default()
-    });
-    let ws = c.world.path().join("slow");
-    slow_workspace(&ws);
+    let (mut c, ws) = kill_setup();
     let killed = kill_mid_build(&mut c, &ws, KillWhen::AfterMetadata);
     assert!(killed.status.success(), "the build failed after a worker died:\n{}", killed.stderr);
     assert!(!killed.stderr.contains("panicked"), "{}", killed.stderr);
@@ -805,6 +789,21 @@ impl Cluster {
         let found = workers_of(&status).into_iter().find(|w| w["address"] == addr.as_str()).map(|w| w["id"].clone());
         found.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| panic!("{addr} not in {status:#}"))
     }
+}
+
+/// Two workers with the toolchain and a 2 s lease (a killed one is dropped soon), and a
+/// [`slow_workspace`] to build on them.
+fn kill_setup() -> (Cluster, PathBuf) {
+    let c = Cluster::start(Setup {
+        workers: 2,
+        seed_scheduler: true,
+        seed_workers: true,
+        lease_ms: Some(2000),
+        ..Setup::default()
+    });
+    let ws = c.world.path().join("slow");
+    slow_workspace(&ws);
+    (c, ws)
 }
 
 /// When [`kill_mid_build`] kills the worker compiling `big`.
