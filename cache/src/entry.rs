@@ -22,6 +22,7 @@
 use std::fmt;
 
 use crate::key::{CacheKey, hex};
+use crate::output::CompileOutput;
 
 /// What an entry holds: the kind byte of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +107,21 @@ impl Entry {
         self.finish_encoding(out, STORED_RAW)
     }
 
+    /// The encoding of the result entry whose payload is `output` — the same bytes as
+    /// `Entry { kind: Result, key, toolchain, payload: output.encode() }.encode()`, but a large
+    /// output is written straight into the entry's buffer instead of into a payload first: one
+    /// copy of every output file instead of two.
+    pub fn encode_result(key: CacheKey, toolchain: [u8; 32], output: &CompileOutput) -> Vec<u8> {
+        let len = output.encoded_len();
+        if len <= COMPRESS_MAX {
+            return Entry { kind: EntryKind::Result, key, toolchain, payload: output.encode() }.encode();
+        }
+        let mut out = Vec::with_capacity(HEADER_LEN + len + CHECKSUM_LEN);
+        out.resize(HEADER_LEN, 0);
+        output.encode_into(&mut out);
+        finish_encoding(EntryKind::Result, &key, &toolchain, len, out, STORED_RAW)
+    }
+
     /// Serializes the entry, lz4-compressing the payload when that makes it smaller — but only
     /// payloads up to [`COMPRESS_MAX`]: a hit on a large entry would spend more time
     /// decompressing than the disk space saves is worth (a 19 MB rlib: ~13 ms of a 30 ms hit).
@@ -133,23 +149,8 @@ impl Entry {
         self.finish_encoding(out, compression)
     }
 
-    /// Fills in the header of `out` (header space, then the stored payload) and appends the
-    /// checksum over everything.
-    fn finish_encoding(&self, mut out: Vec<u8>, compression: u8) -> Vec<u8> {
-        let stored_len = (out.len() - HEADER_LEN) as u64;
-        let header = &mut out[..HEADER_LEN];
-        header[0..8].copy_from_slice(&MAGIC);
-        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header[12] = self.kind.to_byte();
-        header[13] = compression;
-        header[14..16].fill(0);
-        header[16..48].copy_from_slice(&self.key.0);
-        header[48..80].copy_from_slice(&self.toolchain);
-        header[80..88].copy_from_slice(&(self.payload.len() as u64).to_le_bytes());
-        header[88..96].copy_from_slice(&stored_len.to_le_bytes());
-        let checksum = blake3::hash(&out);
-        out.extend_from_slice(checksum.as_bytes());
-        out
+    fn finish_encoding(&self, out: Vec<u8>, compression: u8) -> Vec<u8> {
+        finish_encoding(self.kind, &self.key, &self.toolchain, self.payload.len(), out, compression)
     }
 
     /// Verifies everything but the compressed payload's own framing: checksum, magic, version,
@@ -193,6 +194,32 @@ impl Entry {
         };
         Ok(header.into_entry(payload))
     }
+}
+
+/// Fills in the header of `out` (header space, then the stored payload of an entry whose payload
+/// is `payload_len` bytes uncompressed) and appends the checksum over everything.
+fn finish_encoding(
+    kind: EntryKind,
+    key: &CacheKey,
+    toolchain: &[u8; 32],
+    payload_len: usize,
+    mut out: Vec<u8>,
+    compression: u8,
+) -> Vec<u8> {
+    let stored_len = (out.len() - HEADER_LEN) as u64;
+    let header = &mut out[..HEADER_LEN];
+    header[0..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12] = kind.to_byte();
+    header[13] = compression;
+    header[14..16].fill(0);
+    header[16..48].copy_from_slice(&key.0);
+    header[48..80].copy_from_slice(toolchain);
+    header[80..88].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    header[88..96].copy_from_slice(&stored_len.to_le_bytes());
+    let checksum = blake3::hash(&out);
+    out.extend_from_slice(checksum.as_bytes());
+    out
 }
 
 impl fmt::Debug for Entry {
@@ -331,6 +358,25 @@ mod tests {
 
     fn compressible(len: usize) -> Vec<u8> {
         b"fn main() { println!(\"hello\"); }\n".iter().copied().cycle().take(len).collect()
+    }
+
+    /// A result encoded in one buffer is byte for byte the entry of its encoded payload, for a
+    /// small (lz4-tried) and a large (stored) output alike.
+    #[test]
+    fn encode_result_is_encode_of_the_payload() {
+        for (file, len) in [(compressible(4000), "small"), (noise(COMPRESS_MAX + 5), "large")] {
+            let output = CompileOutput {
+                exit_code: 0,
+                compile_ms: 7,
+                stdout: b"out".to_vec(),
+                stderr: b"err".to_vec(),
+                files: vec![crate::OutputFile { path: "a.rlib".into(), executable: false, bytes: file.into() }],
+            };
+            let e = entry(output.encode());
+            let bytes = Entry::encode_result(e.key, e.toolchain, &output);
+            assert_eq!(bytes, e.encode(), "{len} output");
+            assert_eq!(Entry::decode(&bytes, &e.key), Ok(e), "{len} output");
+        }
     }
 
     /// Recomputes the checksum after a header edit, to reach the checks behind it.

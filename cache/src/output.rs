@@ -43,9 +43,20 @@ const OUTPUT_VERSION: u32 = 1;
 impl CompileOutput {
     /// Serializes the output; [`CompileOutput::decode`] reverses it.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The length of [`CompileOutput::encode`]'s bytes.
+    pub fn encoded_len(&self) -> usize {
         let files_len: usize = self.files.iter().map(|f| 4 + f.path.len() + 1 + 8 + f.bytes.len()).sum();
-        let len = 4 + 4 + 8 + 8 + self.stdout.len() + 8 + self.stderr.len() + 4 + files_len;
-        let mut out = Vec::with_capacity(len);
+        4 + 4 + 8 + 8 + self.stdout.len() + 8 + self.stderr.len() + 4 + files_len
+    }
+
+    /// Appends [`CompileOutput::encode`]'s bytes to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
         out.extend_from_slice(&OUTPUT_VERSION.to_le_bytes());
         out.extend_from_slice(&self.exit_code.to_le_bytes());
         out.extend_from_slice(&self.compile_ms.to_le_bytes());
@@ -63,8 +74,7 @@ impl CompileOutput {
             out.extend_from_slice(&(file.bytes.len() as u64).to_le_bytes());
             out.extend_from_slice(&file.bytes);
         }
-        debug_assert_eq!(out.len(), len);
-        out
+        debug_assert_eq!(out.len() - start, self.encoded_len());
     }
 
     /// Parses an encoded output, rejecting truncation, bad values and trailing bytes.

@@ -170,15 +170,14 @@ impl Store for RedisStore {
         self.get_verified(key, |bytes| Entry::decode_owned(bytes, key))
     }
 
-    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
-        let name = redis_key(&entry.key);
-        let bytes = entry.encode();
+    fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
+        let name = redis_key(key);
         // Twice at most: a value already there counts only once it checks out (one that does not
         // is deleted), so a damaged entry never blocks its own replacement.
         for _ in 0..2 {
-            match self.command(&[b"SET", name.as_bytes(), &bytes, b"NX"]).map_err(|e| self.io_error(e))? {
+            match self.command(&[b"SET", name.as_bytes(), bytes, b"NX"]).map_err(|e| self.io_error(e))? {
                 Reply::Status(s) if s == "OK" => return Ok(PutOutcome::Published { bytes: bytes.len() as u64 }),
-                Reply::Bulk(None) => match self.get_verified(&entry.key, |b| Entry::check(&b, &entry.key)) {
+                Reply::Bulk(None) => match self.get_verified(key, |b| Entry::check(&b, key)) {
                     Ok(Some(_)) => return Ok(PutOutcome::AlreadyPresent),
                     Ok(None) | Err(Error::Corrupt { .. }) => {}
                     Err(e) => return Err(e),

@@ -14,7 +14,13 @@ pub trait Store: Send + Sync {
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error>;
 
     /// Publishes `entry` under `entry.key` unless an entry is already there (first writer wins).
-    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error>;
+    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
+        self.put_encoded(&entry.key, &entry.encode())
+    }
+
+    /// [`Store::put`] for an entry already encoded under `key` (by [`Entry::encode`] or
+    /// [`Entry::encode_result`]), so a large result is not encoded again for every tier.
+    fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error>;
 }
 
 /// What [`Store::put`] did.

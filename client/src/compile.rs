@@ -100,6 +100,14 @@ struct Job {
 /// A reason to fall back to a plain compile.
 struct Fallback(&'static str);
 
+/// A result as the local tier stored it: its key and its encoded entry (what the shared tier
+/// gets too).
+struct Stored {
+    key: CacheKey,
+    toolchain: [u8; 32],
+    bytes: Vec<u8>,
+}
+
 /// Which tier a hit came from.
 #[derive(Clone, Copy)]
 enum Tier {
@@ -291,7 +299,11 @@ impl Job {
     }
 
     fn put(&mut self, store: &DiskStore, entry: &Entry) -> bool {
-        match store.put(entry) {
+        self.put_encoded(store, &entry.key, &entry.encode())
+    }
+
+    fn put_encoded(&mut self, store: &DiskStore, key: &CacheKey, bytes: &[u8]) -> bool {
+        match store.put_encoded(key, bytes) {
             Ok(PutOutcome::Published { bytes }) => {
                 self.stats.bytes_written += bytes;
                 true
@@ -435,11 +447,11 @@ impl Job {
         let compile_ms = clock.elapsed().as_millis() as u64;
         let stored = self.store_result(store, id, keys, known, &run, &dep_info, started, compile_ms, HashMap::new());
         match stored {
-            Ok((entry, list)) => {
+            Ok((stored, list)) => {
                 if let Some(tier) = shared
                     && tier.may_write()
                 {
-                    self.publish_shared_detached(tier, &entry, keys.1, &list);
+                    self.publish_shared_detached(tier, &stored, keys.1, &list);
                 }
             }
             Err(reason) => {
@@ -466,7 +478,7 @@ impl Job {
         started: SystemTime,
         compile_ms: u64,
         mut written: HashMap<String, Vec<u8>>,
-    ) -> Result<(Entry, InputList), &'static str> {
+    ) -> Result<(Stored, InputList), &'static str> {
         let code = match (run.status.code(), run.status.signal()) {
             (_, Some(_)) => return Err("killed-by-signal"),
             (Some(0), _) => 0,
@@ -510,8 +522,9 @@ impl Job {
             files,
             compile_ms,
         });
-        let entry = Entry { kind: EntryKind::Result, key, toolchain: id.0, payload: output.encode() };
-        if !self.put(store, &entry) {
+        let stored = Stored { bytes: Entry::encode_result(key, id.0, &output), key, toolchain: id.0 };
+        drop(output);
+        if !self.put_encoded(store, &stored.key, &stored.bytes) {
             return Err("cache-write-failed");
         }
         if let Some(generation) = new_generation {
@@ -522,28 +535,28 @@ impl Job {
                 return Err("cache-write-failed");
             }
         }
-        Ok((entry, list))
+        Ok((stored, list))
     }
 
     /// [`Job::publish_shared`] after cargo has its answer: a forked child uploads while this
     /// process exits. The child holds the cache dir's publishing lock, which `ferry stats` waits
     /// for, so counters (and a teammate's next build after them) see the publish done. In-process
     /// when a fork is not safe here.
-    fn publish_shared_detached(&mut self, tier: &mut SharedTier, entry: &Entry, scope: &CacheKey, list: &InputList) {
+    fn publish_shared_detached(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey, list: &InputList) {
         let Ok(lock) = publishing_lock(&self.config.cache_dir).and_then(|f| f.lock_shared().map(|()| f)) else {
-            return self.publish_shared(tier, entry, scope, list);
+            return self.publish_shared(tier, stored, scope, list);
         };
         match process::detach() {
             process::Detached::Parent => drop(lock),
-            process::Detached::NotPossible => self.publish_shared(tier, entry, scope, list),
+            process::Detached::NotPossible => self.publish_shared(tier, stored, scope, list),
             process::Detached::Child => {
                 // The parent counts its own work; the child only what it does, on a tier of its
                 // own (the parent's runtime and connection are the parent's).
                 self.stats = Stats::default();
                 if let Some(mut tier) = SharedTier::open(&self.config, &mut self.stats) {
-                    self.publish_shared(&mut tier, entry, scope, list);
+                    self.publish_shared(&mut tier, stored, scope, list);
                 }
-                tracing::debug!(key = %entry.key, "published after the build's answer");
+                tracing::debug!(key = %stored.key, "published after the build's answer");
                 let _ = Stats::add(&self.config.stats_path(), &self.stats);
                 drop(lock);
                 // SAFETY: ends the forked child without running the parent's exit handlers.
@@ -554,12 +567,12 @@ impl Job {
 
     /// A local compile's result into the shared tier (this client holds `cache-write`): the
     /// result first, so a manifest never leads to nothing.
-    fn publish_shared(&mut self, tier: &mut SharedTier, entry: &Entry, scope: &CacheKey, list: &InputList) {
-        if !tier.put(entry, &mut self.stats) {
+    fn publish_shared(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey, list: &InputList) {
+        if !tier.put(&stored.key, &stored.bytes, &mut self.stats) {
             return;
         }
-        let stored = self.config.basedirs.rebase_list(list);
-        match recipe::publish_manifest(tier.store(), entry.toolchain, scope, &stored) {
+        let list = self.config.basedirs.rebase_list(list);
+        match recipe::publish_manifest(tier.store(), stored.toolchain, scope, &list) {
             Ok(true) => {}
             Ok(false) => *self.stats.not_stored.entry("shared-too-many-input-lists".into()).or_default() += 1,
             Err(e) => tier.failed(&e, &mut self.stats),

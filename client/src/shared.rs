@@ -85,9 +85,9 @@ impl SharedTier {
         !(fresh(&marker, DENIED_FOR) && fs::read_to_string(&marker).is_ok_and(|w| w == self.writer))
     }
 
-    /// Publishes an entry (first writer wins). False: refused or failed (counted).
-    pub fn put(&mut self, entry: &Entry, stats: &mut Stats) -> bool {
-        match self.store.put(entry) {
+    /// Publishes an encoded entry (first writer wins). False: refused or failed (counted).
+    pub fn put(&mut self, key: &CacheKey, bytes: &[u8], stats: &mut Stats) -> bool {
+        match self.store.put_encoded(key, bytes) {
             Ok(PutOutcome::Published { .. }) => {
                 stats.shared_writes += 1;
                 true

@@ -110,7 +110,7 @@ impl RemoteCache {
         Ok(Fetched::Bytes(bytes))
     }
 
-    async fn store(&self, key: &CacheKey, bytes: Vec<u8>) -> Result<bool, tonic::Status> {
+    async fn store(&self, key: &CacheKey, bytes: &[u8]) -> Result<bool, tonic::Status> {
         let mut client = self.client.clone();
         let header = v1::CacheHeader { key: Some(to_digest(key.0)), size: bytes.len() as u64 };
         let mut messages = vec![v1::CacheUpload { kind: Some(cache_upload::Kind::Header(header)) }];
@@ -145,10 +145,9 @@ impl Store for RemoteCache {
         }
     }
 
-    fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
-        let bytes = entry.encode();
+    fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
         let len = bytes.len() as u64;
-        let published = self.block("shared cache put", self.store(&entry.key, bytes))?;
+        let published = self.block("shared cache put", self.store(key, bytes))?;
         Ok(if published { PutOutcome::Published { bytes: len } } else { PutOutcome::AlreadyPresent })
     }
 }

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome};
+use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome, Store};
 use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
 use ferry_proto::{ChunkReader, Role, digest, digests, require, require_any, to_digest};

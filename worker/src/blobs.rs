@@ -3,7 +3,8 @@
 //! extern rlib or a registry source crosses the network once, not once per job. Stored blobs are
 //! read-only (0444, owned by the worker). A job whose sandbox runs as another user gets hard links
 //! to them (it can neither write nor chmod a file it does not own, and removing or replacing a
-//! name in its tree leaves the blob alone); otherwise, and for executables, it gets copies.
+//! name in its tree leaves the blob alone) — executables to the blob's one 0555 copy,
+//! `<64 hex>.x`; otherwise it gets copies.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -71,8 +72,8 @@ impl BlobStore {
     }
 
     /// Places a blob at `dest` (creating parents): a hard link when `link` (the caller's promise
-    /// that the job cannot write files it does not own) and the file is not executable, else a
-    /// copy with the given executable bit.
+    /// that the job cannot write files it does not own) — to the executable twin when
+    /// `executable` — else a copy with the given executable bit.
     pub fn materialize(&self, digest: &[u8; 32], dest: &Path, executable: bool, link: bool) -> std::io::Result<()> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         if let Some(parent) = dest.parent() {
@@ -80,14 +81,44 @@ impl BlobStore {
         }
         let source = self.path(digest);
         // Blobs stored before they were made read-only are copied rather than linked.
-        if link && !executable && fs::metadata(&source)?.mode() & 0o222 == 0 {
+        if link && fs::metadata(&source)?.mode() & 0o222 == 0 {
             // On failure (another file system, a link limit) a copy does the same job.
-            if fs::hard_link(&source, dest).is_ok() {
+            let linked = match executable {
+                false => fs::hard_link(&source, dest),
+                true => self.executable_twin(&source).and_then(|twin| fs::hard_link(twin, dest)),
+            };
+            if linked.is_ok() {
                 return Ok(());
             }
         }
         fs::copy(&source, dest)?;
         fs::set_permissions(dest, fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 }))
+    }
+}
+
+impl BlobStore {
+    /// `<blob>.x`: a read-only executable (0555) copy of `blob`, made once, so executable inputs
+    /// (proc-macro libraries, shipped to every job) are linked like the others. Published with
+    /// `link(2)` like a blob; losing a race to another job's twin is fine.
+    fn executable_twin(&self, blob: &Path) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut twin = blob.as_os_str().to_owned();
+        twin.push(".x");
+        let twin = PathBuf::from(twin);
+        if fs::symlink_metadata(&twin).is_ok() {
+            return Ok(twin);
+        }
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tmp =
+            self.dir.join("tmp").join(format!("{}.x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let made = fs::copy(blob, &tmp)
+            .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555)))
+            .and_then(|()| match fs::hard_link(&tmp, &twin) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                linked => linked,
+            });
+        let _ = fs::remove_file(&tmp);
+        made.map(|()| twin)
     }
 }
 
@@ -133,6 +164,29 @@ mod tests {
         let err = store.finish(bad).unwrap_err();
         assert!(err.contains("not the claimed"), "{err}");
         assert!(!store.has(&claimed));
+        assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn linked_executables_share_one_read_only_twin() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let digest = *blake3::hash(b"\x7fELF proc-macro").as_bytes();
+        let mut blob = store.begin(digest).unwrap();
+        blob.write(b"\x7fELF proc-macro").unwrap();
+        store.finish(blob).unwrap();
+        let (a, b, c) = (dir.path().join("job1/m.so"), dir.path().join("job2/m.so"), dir.path().join("job3/m.so"));
+        store.materialize(&digest, &a, true, true).unwrap();
+        store.materialize(&digest, &b, true, true).unwrap();
+        store.materialize(&digest, &c, true, false).unwrap();
+        let (a, b, c) = (fs::metadata(a).unwrap(), fs::metadata(b).unwrap(), fs::metadata(c).unwrap());
+        assert_eq!(a.ino(), b.ino(), "both jobs link the same twin");
+        assert_eq!(a.mode() & 0o777, 0o555);
+        assert_ne!(a.ino(), fs::metadata(store.path(&digest)).unwrap().ino(), "the blob itself stays 0444");
+        assert_eq!(fs::metadata(store.path(&digest)).unwrap().mode() & 0o777, 0o444);
+        assert_ne!(c.ino(), a.ino(), "without link: a copy");
+        assert_eq!(c.mode() & 0o777, 0o755);
         assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
     }
 }

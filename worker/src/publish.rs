@@ -14,7 +14,7 @@ use std::sync::mpsc;
 
 use ferry_cache::rustc::recipe::{self, InputList, PreKeyParts, absolute, keyed_env};
 use ferry_cache::rustc::{Bases, Classified, classify, depinfo};
-use ferry_cache::{CompileOutput, Entry, EntryKind, OutputFile, Store};
+use ferry_cache::{CacheKey, CompileOutput, Entry, OutputFile, Store};
 use ferry_toolchains::ToolchainId;
 
 /// Results waiting to be published, at most.
@@ -60,7 +60,7 @@ impl Publisher {
                 };
                 for job in rx {
                     match entries(job) {
-                        Ok((result, scope, list)) => publish(store.as_ref(), &result, &scope, &list),
+                        Ok(result) => publish(store.as_ref(), &result),
                         Err(reason) => tracing::debug!(reason, "job result not published"),
                     }
                 }
@@ -76,11 +76,24 @@ impl Publisher {
     }
 }
 
-fn publish(store: &dyn Store, result: &Entry, scope: &ferry_cache::CacheKey, list: &InputList) {
-    if let Err(e) = store.put(result) {
+/// What one job publishes: its encoded result entry, and the manifest scope and input list that
+/// lead to it.
+#[derive(Debug)]
+pub struct Publication {
+    pub key: CacheKey,
+    pub toolchain: [u8; 32],
+    pub entry: Vec<u8>,
+    pub scope: CacheKey,
+    /// As stored: relative to the job's base directories.
+    pub list: InputList,
+}
+
+fn publish(store: &dyn Store, result: &Publication) {
+    if let Err(e) = store.put_encoded(&result.key, &result.entry) {
         tracing::warn!(error = %e, key = %result.key, "publishing a result failed");
         return;
     }
+    let (scope, list) = (&result.scope, &result.list);
     match recipe::publish_manifest(store, result.toolchain, scope, list) {
         Ok(true) => tracing::debug!(key = %result.key, "published"),
         Ok(false) => tracing::info!(%scope, "every manifest generation is taken: result not reachable"),
@@ -88,9 +101,9 @@ fn publish(store: &dyn Store, result: &Entry, scope: &ferry_cache::CacheKey, lis
     }
 }
 
-/// The result entry, its manifest scope and input list (as stored: relative to the job's base
-/// directories) — exactly what the wrapper computes for the same compile. Err: why this job cannot be published.
-pub fn entries(mut job: Finished) -> Result<(Entry, ferry_cache::CacheKey, InputList), &'static str> {
+/// The result entry, its manifest scope and input list — exactly what the wrapper computes for
+/// the same compile. Err: why this job cannot be published.
+pub fn entries(mut job: Finished) -> Result<Publication, &'static str> {
     let args: Vec<OsString> = job.args.iter().map(OsString::from).collect();
     let Classified::Cacheable(rustc) = classify(&args) else { return Err("not-cacheable") };
     if rustc.links() {
@@ -133,6 +146,6 @@ pub fn entries(mut job: Finished) -> Result<(Entry, ferry_cache::CacheKey, Input
         files,
         compile_ms: job.compile_ms,
     });
-    let entry = Entry { kind: EntryKind::Result, key, toolchain: job.toolchain.0, payload: result.encode() };
-    Ok((entry, scope, bases.rebase_list(&list)))
+    let entry = Entry::encode_result(key, job.toolchain.0, &result);
+    Ok(Publication { key, toolchain: job.toolchain.0, entry, scope, list: bases.rebase_list(&list) })
 }
