@@ -119,7 +119,9 @@ fn produce_tar(set: &ToolchainSet, manifest: &Manifest, sink: ChunkWriter) -> Re
                 let mode = if *executable { 0o755 } else { 0o644 };
                 let mut header = base_header(tar::EntryType::Regular, mode, *size);
                 let f = File::open(&file.abs).map_err(Error::io(&file.abs))?;
-                let mut reader = HashingReader { inner: f.take(*size), hasher: blake3::Hasher::new(), len: 0 };
+                // tar copies in 8 KiB pieces: read the file in 1 MiB ones.
+                let inner = io::BufReader::with_capacity(CHUNK, f.take(*size));
+                let mut reader = HashingReader { inner, hasher: blake3::Hasher::new(), len: 0 };
                 tar.append_data(&mut header, &entry.path, &mut reader)
                     .map_err(|_| Error::Changed { path: file.abs.clone() })?;
                 if reader.len != *size || reader.hasher.finalize().as_bytes() != digest {
@@ -454,6 +456,19 @@ impl Read for ChannelReader {
     }
 }
 
+/// `io::copy` through `buf`: its 8 KiB stack buffer would hash and write in pieces too small for
+/// blake3's SIMD and cost a system call per 8 KiB.
+fn copy_through(buf: &mut [u8], reader: &mut impl Read, writer: &mut impl Write) -> io::Result<()> {
+    loop {
+        match reader.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => writer.write_all(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn walk_tar(
     reader: impl Read,
     dest: Option<&Path>,
@@ -492,6 +507,7 @@ fn walk_tar(
     // Symlinks unpacked so far: no later entry may be written through one (a chain of links that
     // each look harmless can still point out of the root).
     let mut links: Vec<String> = Vec::new();
+    let mut buf = vec![0; CHUNK];
     for entry in entries {
         let mut entry = entry.map_err(corrupt)?;
         let path = entry_path(&entry)?;
@@ -546,10 +562,10 @@ fn walk_tar(
                     Some(dest) => {
                         let mode = if *executable { 0o755 } else { 0o644 };
                         let file = OpenOptions::new().write(true).create_new(true).mode(mode).open(dest);
-                        io::copy(&mut reader, &mut file.map_err(Error::io(dest))?).map_err(corrupt)?;
+                        copy_through(&mut buf, &mut reader, &mut file.map_err(Error::io(dest))?).map_err(corrupt)?;
                     }
                     None => {
-                        io::copy(&mut reader, &mut io::sink()).map_err(corrupt)?;
+                        copy_through(&mut buf, &mut reader, &mut io::sink()).map_err(corrupt)?;
                     }
                 }
                 if reader.len != size || reader.hasher.finalize().as_bytes() != digest {
