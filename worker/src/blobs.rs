@@ -11,6 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Present while a worker has the store open (see [`BlobStore::open`]).
+const OPEN_MARKER: &str = "open";
+
 #[derive(Debug)]
 pub struct BlobStore {
     dir: PathBuf,
@@ -27,13 +30,34 @@ pub struct IncomingBlob {
 }
 
 impl BlobStore {
+    /// Opens the store for this worker process. Blobs are not fsynced (one fsync per input file
+    /// was most of a job's upload time): instead the store is marked open until [`BlobStore::close`],
+    /// and a store found still marked open — its last worker died, perhaps with the machine, whose
+    /// crash can leave a linked blob with missing content — starts empty.
     pub fn open(data_dir: &Path) -> std::io::Result<BlobStore> {
         let dir = data_dir.join("blobs");
         fs::create_dir_all(dir.join("tmp"))?;
         for stale in fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = fs::remove_file(stale.path());
         }
+        let marker = dir.join(OPEN_MARKER);
+        if marker.exists() {
+            tracing::info!(dir = %dir.display(), "the blob store was not closed cleanly: emptying it");
+            for shard in fs::read_dir(&dir)?.flatten() {
+                if shard.file_type().is_ok_and(|t| t.is_dir()) && shard.file_name() != "tmp" {
+                    fs::remove_dir_all(shard.path())?;
+                }
+            }
+        }
+        File::create(&marker)?.sync_all()?;
+        File::open(&dir)?.sync_all()?;
         Ok(BlobStore { dir })
+    }
+
+    /// Marks the store closed cleanly: every blob in it is whole (the page cache holds what the
+    /// disk may not yet, and only a machine crash loses that). Call once nothing writes any more.
+    pub fn close(&self) {
+        let _ = fs::remove_file(self.dir.join(OPEN_MARKER));
     }
 
     pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
@@ -61,7 +85,7 @@ impl BlobStore {
         }
         let file = blob.file.take().expect("finish once");
         let read_only = std::os::unix::fs::PermissionsExt::from_mode(0o444);
-        file.set_permissions(read_only).and_then(|()| file.sync_all()).map_err(|e| format!("storing blob: {e}"))?;
+        file.set_permissions(read_only).map_err(|e| format!("storing blob: {e}"))?;
         let path = self.path(&blob.digest);
         fs::create_dir_all(path.parent().expect("sharded")).map_err(|e| format!("storing blob: {e}"))?;
         match fs::hard_link(&blob.tmp, &path) {
@@ -165,6 +189,30 @@ mod tests {
         assert!(err.contains("not the claimed"), "{err}");
         assert!(!store.has(&claimed));
         assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_store_not_closed_cleanly_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |store: &BlobStore, content: &[u8]| {
+            let digest = *blake3::hash(content).as_bytes();
+            let mut blob = store.begin(digest).unwrap();
+            blob.write(content).unwrap();
+            store.finish(blob).unwrap();
+            digest
+        };
+        let store = BlobStore::open(dir.path()).unwrap();
+        let kept = put(&store, b"kept");
+        store.close();
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert!(store.has(&kept), "a clean close keeps the blobs");
+        let dropped = put(&store, b"dropped");
+        drop(store); // no close: the worker died
+        let store = BlobStore::open(dir.path()).unwrap();
+        assert!(!store.has(&kept) && !store.has(&dropped));
+        assert!(dir.path().join("blobs/tmp").is_dir());
+        let again = put(&store, b"again");
+        assert!(store.has(&again));
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         slots: config.slots,
     };
     let session = tokio::spawn(session::run(connect, token, identity, Arc::clone(&shared), shutdown.clone()));
+    let stopping = Arc::clone(&shared);
     let api = InterceptedService::new(
         WorkerServer::new(Service { shared }).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20),
         config.tokens.clone().interceptor(),
@@ -91,6 +92,9 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         .await;
     shutdown.cancel();
     let _ = session.await;
+    if served.is_ok() {
+        stopping.blobs.close();
+    }
     served.context("serving")
 }
 
