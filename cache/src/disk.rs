@@ -89,9 +89,9 @@ const ENTRIES_DIR: &str = "entries";
 const TMP_DIR: &str = "tmp";
 const USAGE_FILE: &str = "usage";
 const EVICT_LOCK: &str = "evict.lock";
-/// A temp file this old belongs to a writer that died; live writers finish in seconds.
 /// Entries this large are dropped from the page cache once written (see the module docs).
 const UNCACHED_FROM: usize = 1 << 20;
+/// A temp file this old belongs to a writer that died; live writers finish in seconds.
 const STALE_TEMP: Duration = Duration::from_secs(60 * 60);
 
 impl DiskStore {

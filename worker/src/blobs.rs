@@ -54,10 +54,18 @@ impl BlobStore {
         Ok(BlobStore { dir })
     }
 
-    /// Marks the store closed cleanly: every blob in it is whole (the page cache holds what the
-    /// disk may not yet, and only a machine crash loses that). Call once nothing writes any more.
+    /// Marks the store closed cleanly, once every blob in it is on disk (one `syncfs` instead of
+    /// an fsync per blob). Call once nothing writes any more; a failure leaves it marked open.
     pub fn close(&self) {
-        let _ = fs::remove_file(self.dir.join(OPEN_MARKER));
+        use std::os::fd::AsRawFd;
+        let Ok(dir) = File::open(&self.dir) else { return };
+        // SAFETY: syncfs only reads its argument, an open descriptor.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return;
+        }
+        if fs::remove_file(self.dir.join(OPEN_MARKER)).is_ok() {
+            let _ = dir.sync_all();
+        }
     }
 
     pub fn path(&self, digest: &[u8; 32]) -> PathBuf {
@@ -172,6 +180,15 @@ pub fn hex(d: &[u8; 32]) -> String {
 mod tests {
     use super::*;
 
+    /// Stores `content` as a verified blob; its digest.
+    fn put(store: &BlobStore, content: &[u8]) -> [u8; 32] {
+        let digest = *blake3::hash(content).as_bytes();
+        let mut blob = store.begin(digest).unwrap();
+        blob.write(content).unwrap();
+        store.finish(blob).unwrap();
+        digest
+    }
+
     #[test]
     fn only_verified_blobs_are_stored() {
         let dir = tempfile::tempdir().unwrap();
@@ -194,13 +211,6 @@ mod tests {
     #[test]
     fn a_store_not_closed_cleanly_starts_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let put = |store: &BlobStore, content: &[u8]| {
-            let digest = *blake3::hash(content).as_bytes();
-            let mut blob = store.begin(digest).unwrap();
-            blob.write(content).unwrap();
-            store.finish(blob).unwrap();
-            digest
-        };
         let store = BlobStore::open(dir.path()).unwrap();
         let kept = put(&store, b"kept");
         store.close();
@@ -220,10 +230,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let digest = *blake3::hash(b"\x7fELF proc-macro").as_bytes();
-        let mut blob = store.begin(digest).unwrap();
-        blob.write(b"\x7fELF proc-macro").unwrap();
-        store.finish(blob).unwrap();
+        let digest = put(&store, b"\x7fELF proc-macro");
         let (a, b, c) = (dir.path().join("job1/m.so"), dir.path().join("job2/m.so"), dir.path().join("job3/m.so"));
         store.materialize(&digest, &a, true, true).unwrap();
         store.materialize(&digest, &b, true, true).unwrap();
