@@ -100,13 +100,6 @@ const LZ4_MAX_RATIO: u64 = 256;
 pub const COMPRESS_MAX: usize = 1 << 20;
 
 impl Entry {
-    fn encode_raw(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len() + CHECKSUM_LEN);
-        out.resize(HEADER_LEN, 0);
-        out.extend_from_slice(&self.payload);
-        self.finish_encoding(out, STORED_RAW)
-    }
-
     /// The encoding of the result entry whose payload is `output` — the same bytes as
     /// `Entry { kind: Result, key, toolchain, payload: output.encode() }.encode()`, but a large
     /// output is written straight into the entry's buffer instead of into a payload first: one
@@ -114,21 +107,23 @@ impl Entry {
     pub fn encode_result(key: CacheKey, toolchain: [u8; 32], output: &CompileOutput) -> Vec<u8> {
         let len = output.encoded_len();
         if len <= COMPRESS_MAX {
-            return Entry { kind: EntryKind::Result, key, toolchain, payload: output.encode() }.encode();
+            return Entry::encode_parts(EntryKind::Result, &key, &toolchain, &output.encode());
         }
-        let mut out = Vec::with_capacity(HEADER_LEN + len + CHECKSUM_LEN);
-        out.resize(HEADER_LEN, 0);
-        output.encode_into(&mut out);
-        finish_encoding(EntryKind::Result, &key, &toolchain, len, out, STORED_RAW)
+        encode_stored(EntryKind::Result, &key, &toolchain, len, |out| output.encode_into(out))
     }
 
     /// Serializes the entry, lz4-compressing the payload when that makes it smaller — but only
     /// payloads up to [`COMPRESS_MAX`]: a hit on a large entry would spend more time
     /// decompressing than the disk space saves is worth (a 19 MB rlib: ~13 ms of a 30 ms hit).
     pub fn encode(&self) -> Vec<u8> {
-        let payload = &self.payload;
+        Entry::encode_parts(self.kind, &self.key, &self.toolchain, &self.payload)
+    }
+
+    /// [`Entry::encode`] of an entry given by its parts, for a payload held elsewhere (a hit's
+    /// payload, shared with the output decoded from it).
+    pub fn encode_parts(kind: EntryKind, key: &CacheKey, toolchain: &[u8; 32], payload: &[u8]) -> Vec<u8> {
         if payload.len() > COMPRESS_MAX {
-            return self.encode_raw();
+            return encode_stored(kind, key, toolchain, payload.len(), |out| out.extend_from_slice(payload));
         }
         let bound = lz4_flex::block::get_maximum_output_size(payload.len());
         let mut out = Vec::with_capacity(HEADER_LEN + bound + CHECKSUM_LEN);
@@ -146,11 +141,7 @@ impl Entry {
                 STORED_RAW
             }
         };
-        self.finish_encoding(out, compression)
-    }
-
-    fn finish_encoding(&self, out: Vec<u8>, compression: u8) -> Vec<u8> {
-        finish_encoding(self.kind, &self.key, &self.toolchain, self.payload.len(), out, compression)
+        finish_encoding(kind, key, toolchain, payload.len(), out, compression)
     }
 
     /// Verifies everything but the compressed payload's own framing: checksum, magic, version,
@@ -194,6 +185,20 @@ impl Entry {
         };
         Ok(header.into_entry(payload))
     }
+}
+
+/// An uncompressed entry whose `payload_len`-byte payload `write` appends.
+fn encode_stored(
+    kind: EntryKind,
+    key: &CacheKey,
+    toolchain: &[u8; 32],
+    payload_len: usize,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload_len + CHECKSUM_LEN);
+    out.resize(HEADER_LEN, 0);
+    write(&mut out);
+    finish_encoding(kind, key, toolchain, payload_len, out, STORED_RAW)
 }
 
 /// Fills in the header of `out` (header space, then the stored payload of an entry whose payload

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use ferry_cache::rustc::recipe::{self, InputList, MAX_MANIFESTS, PreKeyParts, absolute, keyed_env, manifest_key};
 use ferry_cache::rustc::{Classified, RustcArgs, classify, depinfo};
 use ferry_cache::{
@@ -158,7 +159,7 @@ impl Job {
             let Some(key) = self.result_key(&pre, &list) else { continue };
             let Some(entry) = self.get(&store, &key) else { continue };
             let payload_len = entry.payload.len() as u64;
-            if let Some(output) = self.usable_output(&key, entry.payload) {
+            if let Some(output) = self.usable_output(&key, entry.payload.into()) {
                 return self.replay(&output, payload_len, Tier::Local);
             }
         }
@@ -200,9 +201,11 @@ impl Job {
             self.clock.lap("shared-result");
             let Some(entry) = entry else { continue };
             let payload_len = entry.payload.len() as u64;
-            let Some(output) = self.usable_output(&key, entry.payload.clone()) else { continue };
+            let payload = Bytes::from(entry.payload);
+            let Some(output) = self.usable_output(&key, payload.clone()) else { continue };
             // Promote: the result first, then the manifest that leads to it.
-            if self.put(store, &entry) && (known.len() as u32) < MAX_MANIFESTS {
+            let encoded = Entry::encode_parts(entry.kind, &key, &entry.toolchain, &payload);
+            if self.put_encoded(store, &key, &encoded) && (known.len() as u32) < MAX_MANIFESTS {
                 let promoted = Entry { key: manifest_key(scope, known.len() as u32), ..manifest };
                 self.put(store, &promoted);
             }
@@ -329,8 +332,8 @@ impl Job {
 
     /// The result payload of a verified entry, decoded and with this machine's paths, when it is
     /// the output of this very call. None (counted when corrupt) otherwise.
-    fn usable_output(&mut self, key: &CacheKey, payload: Vec<u8>) -> Option<CompileOutput> {
-        match CompileOutput::decode_shared(payload.into()) {
+    fn usable_output(&mut self, key: &CacheKey, payload: Bytes) -> Option<CompileOutput> {
+        match CompileOutput::decode_shared(payload) {
             Ok(output) => {
                 let output = self.config.basedirs.restore_output(output);
                 let usable = self.matches_outputs(&output);
@@ -770,8 +773,7 @@ fn nanos() -> u32 {
 
 /// The lock detached publishers hold (shared) while they run; see [`wait_for_publishers`].
 fn publishing_lock(cache_dir: &Path) -> std::io::Result<File> {
-    fs::create_dir_all(cache_dir)?;
-    fs::OpenOptions::new().create(true).truncate(false).write(true).open(cache_dir.join("publishing.lock"))
+    crate::files::lock_file(&cache_dir.join("publishing.lock"))
 }
 
 /// Waits (at most `limit`) until no detached publisher of this cache dir is still running.

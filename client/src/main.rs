@@ -7,6 +7,7 @@ mod commands;
 mod compile;
 mod config;
 mod digests;
+mod files;
 mod linker;
 mod logging;
 mod phases;

@@ -109,7 +109,7 @@ const EVENT_IDLE: Duration = Duration::from_secs(900);
 /// True while a recent scheduler failure (within `backoff`) says to compile locally without
 /// trying: one unreachable scheduler costs a build one timeout, not one per compile.
 pub fn backing_off(cache_dir: &Path, backoff: Duration) -> bool {
-    crate::shared::fresh(&cache_dir.join("cluster-down"), backoff)
+    crate::files::fresh(&cache_dir.join("cluster-down"), backoff)
 }
 
 /// Records a failure that means the scheduler itself is unreachable or unresponsive.
@@ -332,11 +332,8 @@ async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Schedul
     if deadline("has-toolchain", scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
         return Ok(());
     }
-    let dir = job.config.cache_dir.join("toolchains/locks");
-    let lock_path = dir.join(format!("upload-{}.lock", job.toolchain));
-    let lock = fs::create_dir_all(&dir)
-        .and_then(|()| fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path))
-        .map_err(|_| "toolchain-lock".to_string())?;
+    let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
+    let lock = crate::files::lock_file(&lock_path).map_err(|_| "toolchain-lock".to_string())?;
     match lock.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => return Err("toolchain-uploading".into()),
@@ -347,7 +344,7 @@ async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Schedul
         return Ok(());
     }
     let attempt = lock_path.with_extension("started");
-    if crate::shared::fresh(&attempt, UPLOAD_RETRY) {
+    if crate::files::fresh(&attempt, UPLOAD_RETRY) {
         return Err("toolchain-upload-failed".into());
     }
     let log = job.config.cache_dir.join(format!("toolchains/upload-{}.log", job.toolchain));

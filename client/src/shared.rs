@@ -16,6 +16,7 @@ use ferry_cache::{CacheKey, Entry, Error as CacheError, PutOutcome, RedisStore, 
 use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor};
 
 use crate::config::Config;
+use crate::files::fresh;
 use crate::stats::Stats;
 
 const BREAKER_FILE: &str = "shared-down";
@@ -156,9 +157,4 @@ fn count(stats: &mut Stats, reason: &str) {
 /// Opens the breaker for every wrapper using this cache dir.
 fn trip(cache_dir: &std::path::Path, reason: &str) {
     let _ = fs::write(cache_dir.join(BREAKER_FILE), reason);
-}
-
-/// True when `path` exists and was modified less than `within` ago (a marker file still in force).
-pub fn fresh(path: &std::path::Path, within: Duration) -> bool {
-    fs::metadata(path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|age| age < within))
 }

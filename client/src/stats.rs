@@ -3,7 +3,7 @@
 //! effort: a stats problem never affects a compile.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
@@ -57,10 +57,7 @@ impl Stats {
     }
 
     fn update(path: &Path, change: impl FnOnce(&mut Stats)) -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(path.with_extension("lock"))?;
+        let lock = crate::files::lock_file(&path.with_extension("lock"))?;
         lock.lock()?;
         let mut stats = Stats::read(path);
         change(&mut stats);
