@@ -209,6 +209,9 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                     "toolchains": w.toolchains.iter().map(|t| crate::cluster::hex(&Some(t.clone()))).collect::<Vec<_>>(),
                     "version": w.version,
                     "last_seen_ms": w.last_seen_ms,
+                    "failures": w.failures,
+                    "last_error": w.last_error,
+                    "quarantined_ms": w.quarantined_ms,
                 })
             })
             .collect();
@@ -233,20 +236,30 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         s.shared_corrupt_entries
     );
     if !s.workers.is_empty() {
-        println!("{:<20}  {:<22}  {:>5}  {:>5}  {:>10}  TOOLCHAINS", "WORKER", "ADDRESS", "SLOTS", "BUSY", "LAST SEEN");
+        println!(
+            "{:<20}  {:<22}  {:>5}  {:>5}  {:>10}  {:>8}  TOOLCHAINS",
+            "WORKER", "ADDRESS", "SLOTS", "BUSY", "LAST SEEN", "FAILURES"
+        );
     }
     for w in &s.workers {
         let toolchains: Vec<String> =
             w.toolchains.iter().map(|t| crate::cluster::hex(&Some(t.clone()))[..16].to_owned()).collect();
         println!(
-            "{:<20}  {:<22}  {:>5}  {:>5}  {:>8}ms  {}",
+            "{:<20}  {:<22}  {:>5}  {:>5}  {:>8}ms  {:>8}  {}",
             w.id,
             w.address,
             w.slots,
             w.busy,
             w.last_seen_ms,
+            w.failures,
             toolchains.join(",")
         );
+        if w.quarantined_ms > 0 {
+            println!("  quarantined for {} s more: its jobs kept failing", w.quarantined_ms.div_ceil(1000));
+        }
+        if !w.last_error.is_empty() {
+            println!("  last error: {}", w.last_error);
+        }
     }
     Ok(())
 }

@@ -164,14 +164,13 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
     .await?;
     let assignment = match allocation.result {
         Some(allocate_response::Result::Assigned(a)) => a,
-        Some(allocate_response::Result::Local(why)) => {
-            tracing::info!(why, "scheduler says compile locally");
-            let reason = if why.contains("no workers") {
-                "no-workers"
-            } else if why.contains("fetching") {
-                "toolchain-fetching"
-            } else {
-                "no-capacity"
+        Some(allocate_response::Result::Local(local)) => {
+            tracing::info!(why = %local.detail, "scheduler says compile locally");
+            let reason = match local.reason() {
+                v1::LocalReason::NoWorkers => "no-workers",
+                v1::LocalReason::ToolchainFetching => "toolchain-fetching",
+                v1::LocalReason::WorkersQuarantined => "workers-quarantined",
+                v1::LocalReason::NoCapacity | v1::LocalReason::Unspecified => "no-capacity",
             };
             return Err(String::from(reason).into());
         }
@@ -248,6 +247,11 @@ async fn receive(
         let event = match tokio::time::timeout(EVENT_IDLE, events.message()).await {
             Ok(Ok(Some(e))) => e,
             Ok(Ok(None)) => break,
+            // The worker's own report of a job it could not run, versus the connection breaking.
+            Ok(Err(s)) if s.code() == tonic::Code::Internal => {
+                tracing::warn!(worker, error = %s.message(), "the worker could not run the job");
+                return Err("worker-error".into());
+            }
             Ok(Err(s)) => {
                 tracing::warn!(worker, status = %s.message(), "worker lost during the job");
                 return Err("worker-lost".into());

@@ -120,7 +120,7 @@ impl Inner {
                 None => Some(assignment),
             };
             if let Some(a) = unclaimed
-                && let Ok(more) = self.state.finish(a.job, JobOutcome::Released)
+                && let Ok(more) = self.state.finish(a.job, JobOutcome::Released, Instant::now())
             {
                 pending.extend(more.assigned);
             }
@@ -210,13 +210,22 @@ impl SchedulerApi for Service {
             let mut inner = self.shared.lock();
             if let Some(since) = inner.prefetching.get(&toolchain) {
                 if since.elapsed() < PREFETCH_WAIT && inner.state.holders(&toolchain).is_empty() {
-                    return Ok(Response::new(local("the workers are fetching this toolchain")));
+                    return Ok(Response::new(local(
+                        v1::LocalReason::ToolchainFetching,
+                        "the workers are fetching this toolchain",
+                    )));
                 }
                 inner.prefetching.remove(&toolchain);
             }
             match inner.state.allocate(&client, toolchain) {
                 Allocation::Assigned(a) => return Ok(Response::new(assigned(a))),
-                Allocation::NoWorkers => return Ok(Response::new(local("no workers are registered"))),
+                Allocation::NoWorkers => {
+                    return Ok(Response::new(local(v1::LocalReason::NoWorkers, "no workers are registered")));
+                }
+                Allocation::AllQuarantined => {
+                    let detail = "every worker is quarantined after failing jobs (see ferry status)";
+                    return Ok(Response::new(local(v1::LocalReason::WorkersQuarantined, detail)));
+                }
                 Allocation::Queued(wait) => {
                     let (tx, rx) = oneshot::channel();
                     inner.waiters.insert(wait, tx);
@@ -233,7 +242,8 @@ impl SchedulerApi for Service {
         let mut inner = self.shared.lock();
         inner.waiters.remove(&wait);
         inner.state.cancel(wait);
-        Ok(Response::new(local(&format!("every worker slot stayed busy for {} ms", timeout.as_millis()))))
+        let detail = format!("every worker slot stayed busy for {} ms", timeout.as_millis());
+        Ok(Response::new(local(v1::LocalReason::NoCapacity, &detail)))
     }
 
     async fn has_toolchain(
@@ -477,6 +487,9 @@ impl SchedulerApi for Service {
                     toolchains: w.toolchains.iter().map(|t| to_digest(t.0)).collect(),
                     version: w.version,
                     last_seen_ms: w.last_seen.as_millis() as u64,
+                    failures: w.failures,
+                    last_error: w.last_error.unwrap_or_default(),
+                    quarantined_ms: w.quarantined_for.map_or(0, |d| d.as_millis().max(1) as u64),
                 })
                 .collect(),
             queued: status.queued as u32,
@@ -507,14 +520,20 @@ fn apply_report(shared: &Shared, id: &str, report: v1::Report) -> Result<(), Sta
         digests(&report.toolchains, "toolchains")?.into_iter().map(ToolchainId).collect();
     let running: Vec<JobId> = report.running.iter().copied().map(JobId).collect();
     let mut inner = shared.lock();
+    let now = Instant::now();
     for ended in report.ended {
         let outcome = if ended.ok {
             JobOutcome::Succeeded { duration: Duration::from_millis(ended.duration_ms) }
         } else {
-            JobOutcome::Failed
+            warn!(worker = %id, job = ended.job_id, error = %ended.error, "a job failed on the worker");
+            JobOutcome::Failed { error: ended.error.chars().take(500).collect() }
         };
-        if let Ok(effects) = inner.state.finish(JobId(ended.job_id), outcome) {
-            inner.apply(effects);
+        match inner.state.finish_reported(id, JobId(ended.job_id), outcome, now) {
+            Ok(effects) => inner.apply(effects),
+            Err(e @ crate::state::StateError::NotAssignedTo { .. }) => {
+                warn!(worker = %id, error = %e, "report refused")
+            }
+            Err(_) => {}
         }
     }
     let effects = inner
@@ -536,6 +555,7 @@ fn assigned(a: Assignment) -> v1::AllocateResponse {
     }
 }
 
-fn local(reason: &str) -> v1::AllocateResponse {
-    v1::AllocateResponse { result: Some(v1::allocate_response::Result::Local(reason.to_owned())) }
+fn local(reason: v1::LocalReason, detail: &str) -> v1::AllocateResponse {
+    let local = v1::Local { reason: reason as i32, detail: detail.to_owned() };
+    v1::AllocateResponse { result: Some(v1::allocate_response::Result::Local(local)) }
 }

@@ -6,6 +6,11 @@
 //! toolchain unpacked beats one that must fetch it); lower load; fewer recent failures; faster
 //! measured jobs. When no worker has a free slot the request waits in a queue that serves clients
 //! round-robin, so one client's thousand jobs cannot starve another's one.
+//!
+//! A worker whose jobs fail for infrastructure reasons (its sandbox broke, its disk is full) is
+//! *quarantined*: after [`QUARANTINE_AFTER`] failures in a row it gets no jobs for a backoff period
+//! ([`QUARANTINE_BASE`], doubling each time it fails again right after, up to [`QUARANTINE_MAX`]),
+//! so builds stop paying for a broken machine. `ferry status` shows its failures and last error.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -53,15 +58,20 @@ pub enum Allocation {
     Queued(WaitId),
     /// No worker is registered at all: waiting cannot help.
     NoWorkers,
+    /// Every registered worker is quarantined: waiting cannot help either.
+    AllQuarantined,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
     Succeeded {
         duration: Duration,
     },
-    /// The compile could not run on the worker (not a compiler error): counts against the worker.
-    Failed,
+    /// The compile could not run on the worker (not a compiler error): counts against the worker,
+    /// and [`QUARANTINE_AFTER`] of them in a row quarantine it. `error` is the worker's message.
+    Failed {
+        error: String,
+    },
     /// The job never started (its client went away before reaching the worker): counts nothing.
     Released,
 }
@@ -86,6 +96,12 @@ pub struct WorkerStatus {
     pub version: String,
     /// Time since the last report.
     pub last_seen: Duration,
+    /// Jobs that failed on this worker for infrastructure reasons since it registered.
+    pub failures: u64,
+    /// The worker's message for the latest of them.
+    pub last_error: Option<String>,
+    /// Time left in quarantine (no jobs are sent to it meanwhile).
+    pub quarantined_for: Option<Duration>,
 }
 
 /// What happened to jobs and waiters when workers went away or slots freed up.
@@ -102,6 +118,11 @@ pub enum StateError {
     UnknownWorker(WorkerId),
     UnknownJob(JobId),
     ZeroSlots(WorkerId),
+    /// A worker reported the end of a job the scheduler gave to another worker.
+    NotAssignedTo {
+        job: JobId,
+        worker: WorkerId,
+    },
 }
 
 impl std::fmt::Display for StateError {
@@ -110,6 +131,7 @@ impl std::fmt::Display for StateError {
             StateError::UnknownWorker(id) => write!(f, "worker '{id}' is not registered"),
             StateError::UnknownJob(id) => write!(f, "job {} is not running", id.0),
             StateError::ZeroSlots(id) => write!(f, "worker '{id}' offers no slots"),
+            StateError::NotAssignedTo { job, worker } => write!(f, "job {} was not given to worker '{worker}'", job.0),
         }
     }
 }
@@ -143,6 +165,13 @@ struct Worker {
     failures: f64,
     /// Exponentially weighted mean job duration in ms; None until the first job finishes.
     mean_ms: Option<f64>,
+    /// Infrastructure failures since registration, and in a row (reset by a success).
+    failed_total: u64,
+    failed_in_a_row: u32,
+    /// Quarantines in a row (reset by a success): the next one lasts twice as long.
+    quarantines: u32,
+    quarantined_until: Option<Instant>,
+    last_error: Option<String>,
     last_seen: Instant,
     /// The score this worker is indexed under in the free sets (None: not indexed).
     indexed: Option<u32>,
@@ -208,6 +237,11 @@ impl Scheduler {
             jobs: HashSet::new(),
             failures: 0.0,
             mean_ms: None,
+            failed_total: 0,
+            failed_in_a_row: 0,
+            quarantines: 0,
+            quarantined_until: None,
+            last_error: None,
             last_seen: now,
             indexed: None,
         };
@@ -251,7 +285,7 @@ impl Scheduler {
                 .copied()
                 .collect();
             for job in unclaimed {
-                effects.assigned.extend(self.finish(job, JobOutcome::Released)?.assigned);
+                effects.assigned.extend(self.finish(job, JobOutcome::Released, now)?.assigned);
             }
         }
         Ok(effects)
@@ -270,15 +304,31 @@ impl Scheduler {
         Effects { failed_jobs, assigned: Vec::new() }
     }
 
-    /// Removes every worker whose lease ran out.
+    /// Removes every worker whose lease ran out, and ends quarantines that are over (their
+    /// slots serve waiting requests at once).
     pub fn expire(&mut self, now: Instant) -> Effects {
+        let released: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.quarantined_until.is_some_and(|until| until <= now))
+            .map(|w| w.reg.id.clone())
+            .collect();
+        let mut assigned = Vec::new();
+        for id in released {
+            let worker = self.workers.get_mut(&id).expect("listed");
+            worker.quarantined_until = None;
+            // On probation: one more failure quarantines it again, for longer.
+            worker.failed_in_a_row = QUARANTINE_AFTER - 1;
+            self.index(&id);
+            assigned.extend(self.serve_waiters(Some(&id)));
+        }
         let dead: Vec<WorkerId> = self
             .workers
             .values()
             .filter(|w| now.saturating_duration_since(w.last_seen) > self.lease)
             .map(|w| w.reg.id.clone())
             .collect();
-        let mut effects = Effects::default();
+        let mut effects = Effects { failed_jobs: Vec::new(), assigned };
         for id in dead {
             effects.failed_jobs.extend(self.remove(&id).failed_jobs);
         }
@@ -289,6 +339,9 @@ impl Scheduler {
     pub fn allocate(&mut self, client: &str, toolchain: ToolchainId) -> Allocation {
         if self.workers.is_empty() {
             return Allocation::NoWorkers;
+        }
+        if self.workers.values().all(|w| w.quarantined_until.is_some()) {
+            return Allocation::AllQuarantined;
         }
         if self.queue.len == 0
             && let Some(assignment) = self.assign_best(toolchain, None)
@@ -306,8 +359,23 @@ impl Scheduler {
         self.queue.remove(wait)
     }
 
+    /// A worker says a job of its own ended: refused when the job was given to another worker.
+    pub fn finish_reported(
+        &mut self,
+        worker: &str,
+        job: JobId,
+        outcome: JobOutcome,
+        now: Instant,
+    ) -> Result<Effects, StateError> {
+        match self.jobs.get(&job) {
+            None => Err(StateError::UnknownJob(job)),
+            Some(r) if r.worker != worker => Err(StateError::NotAssignedTo { job, worker: worker.to_owned() }),
+            Some(_) => self.finish(job, outcome, now),
+        }
+    }
+
     /// A job ended; its slot goes to the next waiter, if any.
-    pub fn finish(&mut self, job: JobId, outcome: JobOutcome) -> Result<Effects, StateError> {
+    pub fn finish(&mut self, job: JobId, outcome: JobOutcome, now: Instant) -> Result<Effects, StateError> {
         let running = self.jobs.remove(&job).ok_or(StateError::UnknownJob(job))?;
         self.unindex(&running.worker);
         let worker = self.workers.get_mut(&running.worker).ok_or(StateError::UnknownJob(job))?;
@@ -317,12 +385,22 @@ impl Scheduler {
             JobOutcome::Succeeded { duration } => {
                 self.jobs_done += 1;
                 worker.failures /= 2.0;
+                worker.failed_in_a_row = 0;
+                worker.quarantines = 0;
                 let ms = duration.as_secs_f64() * 1000.0;
                 worker.mean_ms = Some(worker.mean_ms.map_or(ms, |m| 0.8 * m + 0.2 * ms));
             }
-            JobOutcome::Failed => {
+            JobOutcome::Failed { error } => {
                 self.jobs_failed += 1;
                 worker.failures += 1.0;
+                worker.failed_total += 1;
+                worker.failed_in_a_row += 1;
+                worker.last_error = Some(error);
+                if worker.failed_in_a_row >= QUARANTINE_AFTER && worker.quarantined_until.is_none() {
+                    let period = QUARANTINE_BASE.saturating_mul(1 << worker.quarantines.min(16)).min(QUARANTINE_MAX);
+                    worker.quarantined_until = Some(now + period);
+                    worker.quarantines += 1;
+                }
             }
             JobOutcome::Released => {}
         }
@@ -361,6 +439,9 @@ impl Scheduler {
                         toolchains,
                         version: w.reg.version.clone(),
                         last_seen: now.saturating_duration_since(w.last_seen),
+                        failures: w.failed_total,
+                        last_error: w.last_error.clone(),
+                        quarantined_for: w.quarantined_until.map(|u| u.saturating_duration_since(now)),
                     }
                 })
                 .collect(),
@@ -390,7 +471,7 @@ impl Scheduler {
         let best = match only {
             Some(id) => {
                 let w = self.workers.get(id)?;
-                (w.busy < w.reg.slots).then(|| id.to_owned())?
+                (w.busy < w.reg.slots && w.quarantined_until.is_none()).then(|| id.to_owned())?
             }
             None => {
                 let holder = self.free_holding.get(&toolchain).and_then(BTreeSet::first);
@@ -444,7 +525,7 @@ impl Scheduler {
     /// Puts a worker into the free sets under its current score, if it has a free slot.
     fn index(&mut self, id: &str) {
         let Some(w) = self.workers.get_mut(id) else { return };
-        if w.busy >= w.reg.slots || w.indexed.is_some() {
+        if w.busy >= w.reg.slots || w.indexed.is_some() || w.quarantined_until.is_some() {
             return;
         }
         let score = score(w);
@@ -455,6 +536,13 @@ impl Scheduler {
         }
     }
 }
+
+/// Infrastructure failures in a row that quarantine a worker.
+pub const QUARANTINE_AFTER: u32 = 3;
+/// The first quarantine's length; each one that follows a failure right after release doubles it.
+pub const QUARANTINE_BASE: Duration = Duration::from_secs(30);
+/// The longest quarantine.
+pub const QUARANTINE_MAX: Duration = Duration::from_secs(600);
 
 /// What fetching a toolchain first costs, in score units: more than a fully loaded worker
 /// (1000), so a holder with a free slot always wins over an idle worker that must fetch.
@@ -570,7 +658,7 @@ mod tests {
         let mut order = Vec::new();
         let mut job = running.job;
         for _ in 0..3 {
-            let effects = s.finish(job, JobOutcome::Succeeded { duration: Duration::from_millis(5) }).unwrap();
+            let effects = s.finish(job, JobOutcome::Succeeded { duration: Duration::from_millis(5) }, now).unwrap();
             let (wait, next) = effects.assigned.into_iter().next().expect("a waiter is served");
             let who = waits.iter().find(|(_, a)| *a == Allocation::Queued(wait)).unwrap().0;
             order.push(who);
@@ -609,7 +697,10 @@ mod tests {
         let effects = s.expire(now + Duration::from_secs(11));
         assert_eq!(effects.failed_jobs, on_w);
         assert_eq!(s.status(now).workers.len(), 1);
-        assert_eq!(s.finish(on_w[0], JobOutcome::Failed), Err(StateError::UnknownJob(on_w[0])));
+        assert_eq!(
+            s.finish(on_w[0], JobOutcome::Failed { error: "e".into() }, now),
+            Err(StateError::UnknownJob(on_w[0]))
+        );
         // A worker re-registering (restart) loses its running jobs too.
         let on_v: Vec<JobId> = jobs.iter().filter(|a| a.worker == "v").map(|a| a.job).collect();
         assert_eq!(s.register(reg("v", 2, &[]), now).unwrap().failed_jobs, on_v);
@@ -629,7 +720,10 @@ mod tests {
         let effects = s.report("w", None, Some(&[]), Duration::from_secs(5), later).unwrap();
         assert_eq!(effects.assigned.len(), 1);
         assert_eq!(effects.assigned[0].0, wait);
-        assert_eq!(s.finish(job.job, JobOutcome::Failed), Err(StateError::UnknownJob(job.job)));
+        assert_eq!(
+            s.finish(job.job, JobOutcome::Failed { error: "e".into() }, now),
+            Err(StateError::UnknownJob(job.job))
+        );
         assert_eq!(s.status(now).jobs_failed, 0);
     }
 
@@ -638,7 +732,7 @@ mod tests {
         let mut expected = BTreeSet::new();
         let mut holding: HashMap<ToolchainId, BTreeSet<(u32, WorkerId)>> = HashMap::new();
         for (id, w) in &s.workers {
-            if w.busy < w.reg.slots {
+            if w.busy < w.reg.slots && w.quarantined_until.is_none() {
                 expected.insert((score(w), id.clone()));
                 for t in &w.toolchains {
                     holding.entry(*t).or_default().insert((score(w), id.clone()));
@@ -679,11 +773,11 @@ mod tests {
                 4 | 5 if !running.is_empty() => {
                     let job = running.swap_remove(next(running.len() as u64) as usize);
                     let outcome = match next(3) {
-                        0 => JobOutcome::Failed,
+                        0 => JobOutcome::Failed { error: "e".into() },
                         1 => JobOutcome::Released,
                         _ => JobOutcome::Succeeded { duration: Duration::from_millis(next(90_000)) },
                     };
-                    let _ = s.finish(job, outcome);
+                    let _ = s.finish(job, outcome, now);
                 }
                 _ => {
                     let id = format!("w{}", next(6));
@@ -696,7 +790,7 @@ mod tests {
             let brute = s
                 .workers
                 .values()
-                .filter(|w| w.busy < w.reg.slots)
+                .filter(|w| w.busy < w.reg.slots && w.quarantined_until.is_none())
                 .map(|w| {
                     let penalty = if w.toolchains.contains(&t) { 0 } else { LOCALITY_PENALTY };
                     (score(w) + penalty, u8::from(!w.toolchains.contains(&t)), w.reg.id.clone())
@@ -727,11 +821,66 @@ mod tests {
         // Equal workers: the tie goes to "a"; after one failure there, "b" is preferred.
         let job = assigned(s.allocate("c", tc(1)));
         assert_eq!(job.worker, "a");
-        s.finish(job.job, JobOutcome::Failed).unwrap();
+        s.finish(job.job, JobOutcome::Failed { error: "e".into() }, now).unwrap();
         let job = assigned(s.allocate("c", tc(1)));
         assert_eq!(job.worker, "b");
-        s.finish(job.job, JobOutcome::Succeeded { duration: Duration::from_millis(10) }).unwrap();
+        s.finish(job.job, JobOutcome::Succeeded { duration: Duration::from_millis(10) }, now).unwrap();
         assert_eq!(assigned(s.allocate("c", tc(1))).worker, "b");
         assert_eq!((s.status(now).jobs_failed, s.status(now).jobs_done), (1, 1));
+    }
+
+    #[test]
+    fn failing_workers_are_quarantined_then_probed_again() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(3600));
+        s.register(reg("bad", 4, &[tc(1)]), now).unwrap();
+        s.register(reg("ok", 1, &[]), now).unwrap();
+        let fail = |s: &mut Scheduler, at: Instant| {
+            let job = assigned(s.allocate("c", tc(1)));
+            assert_eq!(job.worker, "bad");
+            s.finish_reported("bad", job.job, JobOutcome::Failed { error: "sandbox: bwrap missing".into() }, at)
+                .unwrap();
+        };
+        for _ in 0..QUARANTINE_AFTER {
+            fail(&mut s, now);
+        }
+        let status = s.status(now);
+        let bad = status.workers.iter().find(|w| w.id == "bad").unwrap();
+        assert_eq!((bad.failures, bad.last_error.as_deref()), (3, Some("sandbox: bwrap missing")));
+        assert_eq!(bad.quarantined_for, Some(QUARANTINE_BASE));
+        // Only the healthy worker gets work now; once it is full, requests wait.
+        assert_eq!(assigned(s.allocate("c", tc(1))).worker, "ok");
+        assert!(matches!(s.allocate("c", tc(1)), Allocation::Queued(_)));
+        // The quarantine ends: the waiter is served by "bad", which is on probation.
+        let effects = s.expire(now + QUARANTINE_BASE);
+        assert_eq!(effects.assigned.len(), 1);
+        assert_eq!(effects.assigned[0].1.worker, "bad");
+        let later = now + QUARANTINE_BASE;
+        s.finish_reported("bad", effects.assigned[0].1.job, JobOutcome::Failed { error: "again".into() }, later)
+            .unwrap();
+        let bad = s.status(later).workers.into_iter().find(|w| w.id == "bad").unwrap();
+        assert_eq!(bad.quarantined_for, Some(QUARANTINE_BASE * 2), "one failure on probation doubles it");
+        // With every worker quarantined, allocation answers at once.
+        s.remove("ok");
+        assert_eq!(s.allocate("c", tc(1)), Allocation::AllQuarantined);
+        check_index(&s);
+    }
+
+    #[test]
+    fn a_worker_cannot_report_another_workers_job() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10));
+        s.register(reg("a", 1, &[]), now).unwrap();
+        s.register(reg("b", 1, &[]), now).unwrap();
+        let job = assigned(s.allocate("c", tc(1)));
+        let other = if job.worker == "a" { "b" } else { "a" };
+        let done = JobOutcome::Succeeded { duration: Duration::from_millis(1) };
+        assert_eq!(
+            s.finish_reported(other, job.job, done.clone(), now),
+            Err(StateError::NotAssignedTo { job: job.job, worker: other.to_owned() })
+        );
+        assert_eq!(s.status(now).running, 1);
+        s.finish_reported(&job.worker, job.job, done, now).unwrap();
+        assert_eq!(s.status(now).running, 0);
     }
 }

@@ -4,6 +4,7 @@
 //! client-supplied proc-macro — arbitrary code — so nothing a client sends runs outside the sandbox.
 
 mod blobs;
+mod check;
 mod config;
 mod publish;
 mod sandbox;
@@ -12,6 +13,7 @@ mod service;
 mod session;
 mod toolchain_cache;
 
+pub use check::{CheckFailed, CheckReport, prepare_data_dir, self_check};
 pub use config::{Overrides, WorkerConfig};
 pub use server::run as serve;
 

@@ -1,5 +1,5 @@
-//! `ferry-worker`: binds, prints `listening on ADDR` as its first stdout line, registers with the
-//! scheduler (reconnecting with backoff whenever it goes away) and runs jobs until SIGINT/SIGTERM.
+//! `ferry-worker`: checks that it can run jobs (a trial sandbox run; on failure one line naming the
+//! cause and the fix, and exit code 2), binds, prints `listening on ADDR` as its first stdout line, registers with the
 
 use std::path::PathBuf;
 
@@ -37,6 +37,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let flags =
         Overrides { scheduler: args.scheduler, listen: args.listen, slots: args.slots, data_dir: args.data_dir };
     let config = WorkerConfig::load(args.config.as_deref(), flags)?;
+    // A worker that cannot run jobs must not register: every job sent to it would fail.
+    let report = match ferry_worker::self_check(&config.sandbox, &config.data_dir) {
+        Ok(report) => report,
+        Err(failed) => {
+            eprintln!("ferry-worker: cannot run jobs: {failed}");
+            std::process::exit(2);
+        }
+    };
+    tracing::info!(bwrap = %report.bwrap.display(), version = %report.bwrap_version, "sandbox check passed");
+    if !report.cgroups {
+        tracing::warn!("cgroup v2 is not usable here: job limits are per process (rlimits) only");
+    }
     let tokens_required = matches!(config.tokens, ferry_proto::Tokens::Required(_));
     let check = |addr| ferry_proto::check_exposure(addr, config.tls.is_some(), tokens_required, config.insecure);
     let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;

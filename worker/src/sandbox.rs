@@ -356,7 +356,7 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn find_bwrap(configured: &Path) -> Result<PathBuf, SandboxError> {
+pub(crate) fn find_bwrap(configured: &Path) -> Result<PathBuf, SandboxError> {
     let not_found = || SandboxError::BwrapNotFound { path: configured.to_path_buf() };
     if configured.components().count() > 1 || configured.is_absolute() {
         return if configured.is_file() { Ok(configured.to_path_buf()) } else { Err(not_found()) };

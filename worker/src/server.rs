@@ -28,17 +28,11 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     check_exposure(addr, config.tls.is_some(), matches!(config.tokens, Tokens::Required(_)), config.insecure)
         .map_err(anyhow::Error::msg)?;
     let data = &config.data_dir;
-    std::fs::create_dir_all(data).with_context(|| format!("creating data dir {}", data.display()))?;
+    crate::check::prepare_data_dir(data).with_context(|| format!("preparing the data dir {}", data.display()))?;
     let jobs_dir = data.join("jobs");
-    let _ = std::fs::remove_dir_all(&jobs_dir);
-    std::fs::create_dir_all(&jobs_dir)?;
-    // The sandbox runs as an unprivileged user that must reach the toolchains and job trees
-    // (the directories above the data dir are the operator's to keep traversable).
-    for dir in [data.clone(), jobs_dir.clone(), data.join("toolchains")] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
-            .with_context(|| format!("making {} traversable", dir.display()))?;
+    // Trees of jobs a previous run left (a killed worker); the directory itself stays.
+    for stale in std::fs::read_dir(&jobs_dir)?.flatten() {
+        let _ = std::fs::remove_dir_all(stale.path());
     }
     let token = TokenInterceptor::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
     let connect = {

@@ -160,14 +160,21 @@ impl WorkerApi for Service {
         let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let ok = run_blocking(&shared, &job, &lease.dir, tx).is_ok();
+            let error = match run_blocking(&shared, &job, &lease.dir, tx) {
+                Ok(()) | Err(JobFailure::ClientGone) => String::new(),
+                Err(JobFailure::Infrastructure(error)) => {
+                    tracing::warn!(job = job.id, %error, "a job could not run");
+                    error
+                }
+            };
             drop(lease);
             drop(permit);
             shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
             shared.ended.lock().unwrap_or_else(|p| p.into_inner()).push(v1::JobEnded {
                 job_id: job.id,
-                ok,
+                ok: error.is_empty(),
                 duration_ms: started.elapsed().as_millis() as u64,
+                error,
             });
             shared.job_ended.notify_one();
         });
@@ -202,16 +209,27 @@ impl Drop for SlotPermit {
     }
 }
 
-/// Runs the job and streams its events; Err means an infrastructure failure (already reported).
+/// Why a job did not run to its end.
+enum JobFailure {
+    /// The client stopped listening: nothing is wrong with this worker.
+    ClientGone,
+    /// This worker could not run it (inputs not placed, sandbox broken): reported to the client
+    /// as `INTERNAL` with this message, and to the scheduler, which quarantines a worker that
+    /// keeps failing.
+    Infrastructure(String),
+}
+
+/// Runs the job and streams its events.
 fn run_blocking(
     shared: &Shared,
     job: &Job,
     toolchain: &Path,
     tx: mpsc::Sender<Result<v1::JobEvent, Status>>,
-) -> Result<(), ()> {
+) -> Result<(), JobFailure> {
     let send = |kind| tx.blocking_send(Ok(v1::JobEvent { kind: Some(kind) })).map_err(|_| ());
     let fail = |msg: String| {
-        let _ = tx.blocking_send(Err(Status::internal(msg)));
+        let _ = tx.blocking_send(Err(Status::internal(msg.clone())));
+        JobFailure::Infrastructure(msg)
     };
     // Unique per call, whatever id the client claims: no two jobs ever share a tree.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -225,15 +243,13 @@ fn run_blocking(
     for (path, d, executable) in &job.inputs {
         if let Err(e) = shared.blobs.materialize(d, &tree.join(&path[1..]), *executable, link) {
             cleanup();
-            fail(format!("placing input {path}: {e}"));
-            return Err(());
+            return Err(fail(format!("placing input {path}: {e}")));
         }
     }
     for d in job.dirs.iter().chain([&job.cwd]) {
         if let Err(e) = std::fs::create_dir_all(tree.join(&d[1..])) {
             cleanup();
-            fail(format!("creating {d}: {e}"));
-            return Err(());
+            return Err(fail(format!("creating {d}: {e}")));
         }
     }
     let sandbox_job = SandboxJob {
@@ -285,8 +301,7 @@ fn run_blocking(
         Ok(o) => o,
         Err(e) => {
             cleanup();
-            fail(format!("sandbox: {e}"));
-            return Err(());
+            return Err(fail(format!("sandbox: {e}")));
         }
     };
     if outcome.exit_code == Some(0) {
@@ -340,7 +355,7 @@ fn run_blocking(
         cleanup_ms = (clock.elapsed() - ran).as_millis() as u64,
         "job done"
     );
-    if streaming_ok { Ok(()) } else { Err(()) }
+    if streaming_ok { Ok(()) } else { Err(JobFailure::ClientGone) }
 }
 
 /// Streams one declared output and returns its bytes; a missing one is simply not sent (the

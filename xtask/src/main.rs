@@ -40,10 +40,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Builds the release binaries and returns the path of `ferry`.
+/// Builds the release binaries (cargo's progress shown) and returns the path of `ferry`.
 pub fn build_ferry() -> anyhow::Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "-p", "ferry-client", "-p", "ferry-scheduler", "-p", "ferry-worker"])
+        .args(["build", "--release", "-p", "ferry-client", "-p", "ferry-scheduler", "-p", "ferry-worker"])
         .current_dir(workspace_root())
         .status()
         .context("running cargo build")?;
@@ -57,7 +57,41 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
+/// Programs the demo needs from the system, and the Debian package that has each.
+const DEMO_NEEDS: &[(&str, &str)] = &[("bwrap", "bubblewrap"), ("cc", "gcc")];
+
+/// Installs what the demo needs when run as root (as `scripts/test` does); otherwise stops at
+/// once with the exact command to run.
+fn ensure_prerequisites() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEMO_NEEDS.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the demo's worker needs {list}, which is not installed: run `sudo apt-get install -y {list}`              (or your distribution's equivalent) and run `cargo xtask demo` again"
+        );
+    }
+    println!("== installing {list} (apt-get, as root)");
+    let installed = Command::new("sh")
+        .args(["-c", &format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {list}")])
+        .status()
+        .context("running apt-get")?;
+    if !installed.success() || DEMO_NEEDS.iter().any(|(cmd, _)| !on_path(cmd)) {
+        bail!("installing {list} failed: run `apt-get install -y {list}` yourself and look at its errors");
+    }
+    Ok(())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|dir| dir.join(program).is_file()))
+}
+
 fn demo() -> anyhow::Result<()> {
+    ensure_prerequisites()?;
+    println!("== building ferry (release)");
     let ferry = build_ferry()?;
     let release = ferry.parent().expect("target/release").to_owned();
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
@@ -100,6 +134,7 @@ fn demo() -> anyhow::Result<()> {
     println!("\n== ferry stats (first machine)");
     ferry_cmd(&cache, &["stats"])?;
     ferry_cmd(&cache, &["status"])?;
+    check_compiled_remotely(&ferry, &cache, &cluster)?;
     Command::new(env!("CARGO")).args(["clean", "-q"]).current_dir(&project).status()?;
     let fresh = tmp.path().join("cache-of-a-second-machine");
     build("after cargo clean, with an empty local cache (a teammate's machine): shared-tier hits", &fresh)?;
@@ -110,6 +145,29 @@ fn demo() -> anyhow::Result<()> {
     drop(cluster);
     println!("\n== stopped the worker and the scheduler");
     Ok(())
+}
+
+/// The demo's point is remote compiles: a cold build that had none is a failure, named.
+fn check_compiled_remotely(ferry: &Path, cache: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
+    let out = Command::new(ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", cache).output()?;
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading ferry stats --json")?;
+    let remote = stats["compiled_remote"].as_u64().unwrap_or(0);
+    if remote > 0 {
+        println!("\n== {remote} units compiled on the worker");
+        return Ok(());
+    }
+    let fallbacks = stats["fallbacks"]
+        .as_object()
+        .map(|m| m.iter().map(|(reason, n)| format!("{reason} x{n}")).collect::<Vec<_>>().join(", "));
+    let worker_log = std::fs::read_to_string(&cluster.worker_log).unwrap_or_default();
+    let worker_errors: Vec<&str> =
+        worker_log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).rev().take(5).collect();
+    bail!(
+        "the cold build compiled nothing remotely; fallbacks: {}; the worker's last warnings ({}):\n{}",
+        fallbacks.filter(|f| !f.is_empty()).unwrap_or_else(|| "none".into()),
+        cluster.worker_log.display(),
+        if worker_errors.is_empty() { "  (none)".to_owned() } else { worker_errors.join("\n") }
+    )
 }
 
 /// Polls `ferry toolchain list` on the scheduler at `url` until a worker holds an uploaded
@@ -136,6 +194,7 @@ struct LocalCluster {
     worker: Daemon,
     _scheduler: Daemon,
     url: String,
+    worker_log: PathBuf,
 }
 
 impl LocalCluster {
@@ -147,13 +206,14 @@ impl LocalCluster {
             &dir.join("scheduler.log"),
         )?;
         let url = format!("http://{}", scheduler.addr);
+        let worker_log = dir.join("worker.log");
         let worker = Daemon::start(
             Command::new(release.join("ferry-worker"))
                 .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
                 .arg(dir.join("worker")),
-            &dir.join("worker.log"),
+            &worker_log,
         )?;
-        Ok(LocalCluster { worker, _scheduler: scheduler, url })
+        Ok(LocalCluster { worker, _scheduler: scheduler, url, worker_log })
     }
 }
 

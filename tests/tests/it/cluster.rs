@@ -102,7 +102,7 @@ fn the_second_job_goes_to_the_worker_with_the_toolchain() {
     let lacking: Vec<&str> =
         workers_of(&status).iter().filter(|w| !has_toolchain(w, id)).filter_map(|w| w["id"].as_str()).collect();
     assert_eq!(lacking, ["worker-a"], "the worker without the toolchain fetched it anyway: {status:#}");
-    assert!(!c.workers[1].log_text().contains("starting sandbox"), "the worker without the toolchain ran a job");
+    assert!(!c.workers[1].log_text().contains("job done"), "the worker without the toolchain ran a job");
     assert_no_fallbacks(&c.world.stats());
 }
 
@@ -683,6 +683,100 @@ fn flip_middle_byte(path: &Path) {
     file.read_exact(&mut byte).expect("read");
     file.seek(SeekFrom::Start(middle)).expect("seek");
     file.write_all(&[byte[0] ^ 0x55]).expect("write");
+}
+
+#[test]
+fn a_worker_without_bubblewrap_exits_at_once_naming_it() {
+    let world = World::new();
+    let empty = world.path().join("no-programs");
+    fs::create_dir_all(&empty).expect("mkdir");
+    let mut child = world
+        .command(bin("ferry-worker"))
+        .args(["--scheduler", "http://127.0.0.1:1", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(world.path().join("w"))
+        .env("PATH", &empty)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ferry-worker starts");
+    let status = wait_until(Duration::from_secs(10), "ferry-worker exits", || child.try_wait().ok().flatten());
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(2), "stderr:\n{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "it must not announce an address it will not serve");
+    let line = stderr.lines().find(|l| l.starts_with("ferry-worker:")).unwrap_or_default();
+    assert!(line.contains("bubblewrap") && line.contains("apt-get install bubblewrap"), "{stderr}");
+}
+
+#[test]
+fn a_worker_whose_sandbox_breaks_is_quarantined_and_builds_lose_nothing() {
+    // bwrap reached through a script the test can break while the worker runs.
+    let world_bin = tempfile::Builder::new().prefix("ferry-bwrap-").tempdir().expect("temp dir");
+    // The worker starts bwrap as the jobs' unprivileged user.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(world_bin.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let real = which("bwrap");
+    let shim = world_bin.path().join("bwrap");
+    replace_script(&shim, &format!("exec {} \"$@\"", real.display()));
+    let path = format!("{}:{}", world_bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        env: vec![("PATH", path)],
+        ..Setup::default()
+    });
+    let compile = |name: &str| {
+        let lib = Lib::new(&c.world, name, X_SOURCE);
+        let out = lib.ferry(&c.world);
+        assert_eq!(out.code, Some(0), "{name}: {}", out.stderr);
+        assert!(out.files.keys().any(|f| f.ends_with(".rlib")), "{name} has no rlib: {:?}", out.files.keys());
+    };
+    compile("healthy");
+    assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1, "{:#}", c.world.stats());
+
+    let message = "bwrap: Creating new namespace failed: Operation not permitted";
+    replace_script(&shim, &format!("echo '{message}' >&2; exit 1"));
+    for (i, name) in ["broken1", "broken2", "broken3"].into_iter().enumerate() {
+        compile(name);
+        let failures = i as u64 + 1;
+        c.status_until(&format!("the scheduler counts failure {failures}"), |s| {
+            workers_of(s)[0]["failures"] == failures
+        });
+    }
+    let s = c.world.stats();
+    assert_eq!(n(&s, "/fallbacks/worker-error"), 3, "an error inside the worker is not worker-lost: {s:#}");
+    assert_eq!(n(&s, "/fallbacks/worker-lost"), 0, "{s:#}");
+    let status = c.status();
+    let worker = workers_of(&status)[0];
+    assert!(worker["quarantined_ms"].as_u64().unwrap_or(0) > 0, "{status:#}");
+    assert!(worker["last_error"].as_str().unwrap_or_default().contains("Operation not permitted"), "{status:#}");
+    let text = c.world.ferry_ok(&["status"]);
+    assert!(text.contains("quarantined for") && text.contains(message), "ferry status:\n{text}");
+
+    // Quarantined: the next compile does not even try the worker.
+    compile("quarantined");
+    let s = c.world.stats();
+    assert_eq!(n(&s, "/fallbacks/workers-quarantined"), 1, "{s:#}");
+    assert_eq!(n(&s, "/fallbacks/worker-error"), 3, "{s:#}");
+    assert_eq!(n(&s, "/compiled_remote"), 1, "{s:#}");
+}
+
+/// The first `name` on `PATH`.
+fn which(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| panic!("{name} on PATH"))
+}
+
+/// Writes an executable `#!/bin/sh` script atomically (a running copy keeps its old text).
+fn replace_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, format!("#!/bin/sh\n{body}\n")).expect("write script");
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).expect("chmod");
+    fs::rename(&tmp, path).expect("rename script");
 }
 
 /// What [`Cluster::start`] starts from.

@@ -1,0 +1,237 @@
+//! The worker's start-up check: before it registers, a worker proves it can run jobs by running
+//! one trial job in a real sandbox, and prepares its data directory. A worker that cannot run jobs
+//! must not register (every job sent to it would fail and cost a client a fallback), so a failed
+//! check is one line naming the cause and the fix, and the daemon exits non-zero.
+//!
+//! What is checked, in order: bubblewrap is on `PATH` (or where configured) and is 0.8.0 or later
+//! (`--disable-userns`); the data directory and every directory above it can be traversed by the
+//! user jobs run as; a trial job (`/bin/sh` writing a file in its tree) runs, which needs user
+//! namespaces. Whether cgroup v2 is usable is reported, not required.
+
+use std::fmt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::sandbox::{self, SandboxConfig, SandboxError, SandboxJob};
+
+/// The oldest bubblewrap with every flag the sandbox passes (`--disable-userns` came in 0.8.0).
+pub const MIN_BWRAP: (u32, u32, u32) = (0, 8, 0);
+
+/// Why this worker cannot run jobs, and what the operator can do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckFailed {
+    /// What is wrong, e.g. `bubblewrap (bwrap) is not installed`.
+    pub cause: String,
+    /// What to do, e.g. `install it: apt-get install bubblewrap`.
+    pub fix: String,
+}
+
+/// What the check found on a worker that can run jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// bubblewrap's path and version.
+    pub bwrap: PathBuf,
+    pub bwrap_version: String,
+    /// Whether the worker could create a cgroup v2 per job (a later release uses it for limits
+    /// that hold for the whole job; without it only per-process rlimits apply).
+    pub cgroups: bool,
+}
+
+impl fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; {}", self.cause, self.fix)
+    }
+}
+
+impl std::error::Error for CheckFailed {}
+
+/// Prepares `data_dir` (created, its job and toolchain directories traversable by the job user)
+/// and runs a trial job in the sandbox. Takes about as long as one bwrap start (milliseconds).
+pub fn self_check(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckReport, CheckFailed> {
+    let bwrap = sandbox::find_bwrap(&sandbox.bwrap).map_err(|_| CheckFailed {
+        cause: format!("bubblewrap ('{}') is not installed or not on PATH", sandbox.bwrap.display()),
+        fix: "install it (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)".into(),
+    })?;
+    let version = bwrap_version(&bwrap)?;
+    prepare_data_dir(data_dir).map_err(|e| CheckFailed {
+        cause: format!("cannot prepare the data directory {}: {e}", data_dir.display()),
+        fix: "pick a writable --data-dir (or data_dir in the config)".into(),
+    })?;
+    if let Some((uid, _)) = sandbox.run_as.filter(|_| sandbox.jobs_run_as_another_user()) {
+        traversable_by(uid, &data_dir.join("jobs"))?;
+    }
+    trial_run(sandbox, data_dir)?;
+    Ok(CheckReport { bwrap, bwrap_version: version, cgroups: cgroups_usable() })
+}
+
+/// Creates the data directory and the directories jobs must reach, mode 0711 (traversable,
+/// not listable, by the job user).
+pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    for dir in [data_dir.to_path_buf(), data_dir.join("jobs"), data_dir.join("toolchains")] {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    Ok(())
+}
+
+fn bwrap_version(bwrap: &Path) -> Result<String, CheckFailed> {
+    let out = Command::new(bwrap).arg("--version").output().map_err(|e| CheckFailed {
+        cause: format!("cannot run bubblewrap '{}': {e}", bwrap.display()),
+        fix: "reinstall bubblewrap".into(),
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let found = parse_version(&text);
+    match found {
+        Some(v) if v >= MIN_BWRAP => Ok(text),
+        _ => Err(CheckFailed {
+            cause: format!(
+                "bubblewrap '{}' says '{text}'; ferry needs {}.{}.{} or later (for --disable-userns)",
+                bwrap.display(),
+                MIN_BWRAP.0,
+                MIN_BWRAP.1,
+                MIN_BWRAP.2
+            ),
+            fix: "install a newer bubblewrap (Debian 12 and Ubuntu 24.04 have one)".into(),
+        }),
+    }
+}
+
+/// `bubblewrap 0.8.0` → (0, 8, 0).
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let number = text.split_whitespace().last()?;
+    let mut parts = number.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next().flatten().unwrap_or(0), parts.next().flatten().unwrap_or(0)))
+}
+
+/// Every directory from `/` down to `dir` must be searchable by `uid`.
+fn traversable_by(uid: u32, dir: &Path) -> Result<(), CheckFailed> {
+    let mut path = PathBuf::from("/");
+    for part in dir.components().skip(1) {
+        path.push(part);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let mode = meta.mode();
+        let searchable = if meta.uid() == uid { mode & 0o100 != 0 } else { mode & 0o001 != 0 };
+        if !searchable {
+            return Err(CheckFailed {
+                cause: format!(
+                    "jobs run as uid {uid}, which cannot reach {}: {} has mode {:04o}",
+                    dir.display(),
+                    path.display(),
+                    mode & 0o7777
+                ),
+                fix: format!(
+                    "run 'chmod o+x {}' or choose a --data-dir whose parents others may traverse",
+                    path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs `/bin/sh` in the sandbox, writing a file into its tree, as a job would.
+fn trial_run(config: &SandboxConfig, data_dir: &Path) -> Result<(), CheckFailed> {
+    let dir = data_dir.join("jobs").join(format!("selfcheck-{}", std::process::id()));
+    let tree = dir.join("tree");
+    let toolchain = dir.join("toolchain");
+    let failed = |cause: String, fix: &str| CheckFailed { cause, fix: fix.to_owned() };
+    let made = std::fs::create_dir_all(tree.join("ferry-selfcheck"))
+        .and_then(|()| std::fs::create_dir_all(&toolchain))
+        .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)))
+        .and_then(|()| std::fs::set_permissions(&toolchain, std::fs::Permissions::from_mode(0o755)));
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(failed(format!("cannot create {}: {e}", dir.display()), "check the data directory's permissions"));
+    }
+    let args = ["-c".to_owned(), "echo ok > /ferry-selfcheck/probe".to_owned()];
+    let env = [("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
+    let job = SandboxJob {
+        program: "/bin/sh",
+        args: &args,
+        cwd: "/ferry-selfcheck",
+        env: &env,
+        toolchain: (&toolchain, "/ferry-selfcheck-toolchain"),
+        tree: &tree,
+    };
+    let mut output = Vec::new();
+    let outcome = sandbox::run(config, &job, &mut |_, data| output.extend_from_slice(data));
+    let wrote = std::fs::read_to_string(tree.join("ferry-selfcheck/probe")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    match outcome {
+        Ok(o) if o.exit_code == Some(0) && wrote.trim() == "ok" => Ok(()),
+        Ok(o) => Err(failed(
+            format!(
+                "a trial job in the sandbox failed (exit {:?}, signal {:?}): {}",
+                o.exit_code,
+                o.signal,
+                String::from_utf8_lossy(&output).trim()
+            ),
+            "run the worker with FERRY_LOG=debug to see the bwrap command line",
+        )),
+        Err(SandboxError::Setup { message }) => Err(setup_failure(&message)),
+        Err(e) => {
+            Err(failed(format!("a trial job in the sandbox could not start: {e}"), "check the bubblewrap install"))
+        }
+    }
+}
+
+/// bwrap's own message, turned into a cause and a fix.
+fn setup_failure(message: &str) -> CheckFailed {
+    let lower = message.to_ascii_lowercase();
+    let fix = if lower.contains("namespace") || lower.contains("uid map") || lower.contains("operation not permitted") {
+        "allow unprivileged user namespaces (sysctl -w kernel.unprivileged_userns_clone=1 and \
+         user.max_user_namespaces=15000; Ubuntu 24.04+: kernel.apparmor_restrict_unprivileged_userns=0; in a \
+         container: run it with --privileged or a seccomp profile that allows clone(CLONE_NEWUSER))"
+    } else if lower.contains("permission denied") || lower.contains("can't chdir") || lower.contains("can't find") {
+        "make the data directory and its parents traversable by the job user (chmod o+x), or choose another --data-dir"
+    } else {
+        "run the worker with FERRY_LOG=debug to see the bwrap command line"
+    };
+    CheckFailed { cause: format!("the sandbox cannot start: {message}"), fix: fix.into() }
+}
+
+/// True when cgroup v2 is mounted and this process may create a child group under its own.
+fn cgroups_usable() -> bool {
+    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return false };
+    let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) else { return false };
+    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let probe = dir.join(format!("ferry-probe-{}", std::process::id()));
+    let ok = std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_messages() {
+        assert_eq!(parse_version("bubblewrap 0.8.0"), Some((0, 8, 0)));
+        assert_eq!(parse_version("bubblewrap 0.11.1"), Some((0, 11, 1)));
+        assert_eq!(parse_version("bubblewrap 0.4"), Some((0, 4, 0)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!(parse_version("bubblewrap 0.6.2").unwrap() < MIN_BWRAP);
+        let ns = setup_failure(
+            "bwrap: No permissions to creating new namespace, likely because the kernel does not allow non-privileged user namespaces.",
+        );
+        assert!(ns.fix.contains("user namespaces"), "{ns}");
+        let perm = setup_failure("bwrap: Can't chdir to /x: Permission denied");
+        assert!(perm.fix.contains("chmod o+x"), "{perm}");
+    }
+
+    #[test]
+    fn an_untraversable_parent_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = dir.path().join("closed");
+        std::fs::create_dir_all(closed.join("data/jobs")).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let err = traversable_by(65534, &closed.join("data/jobs")).unwrap_err();
+        assert!(err.cause.contains(&format!("{} has mode 0700", closed.display())), "{err}");
+        assert!(err.fix.contains(&format!("chmod o+x {}", closed.display())), "{err}");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert_eq!(traversable_by(65534, &closed.join("data/jobs")), Ok(()));
+    }
+}
