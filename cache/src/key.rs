@@ -41,7 +41,7 @@ pub struct ParseKeyError {
 }
 
 /// The blake3 derive-key context; bump the version when the key recipe changes.
-const KEY_CONTEXT: &str = "ferry cache key v1";
+const KEY_CONTEXT: &str = "ferry cache key v2";
 
 /// Values up to this many bytes of valid utf-8 are recorded verbatim in [`KeyPart::value`].
 const MAX_VERBATIM: usize = 200;
@@ -142,7 +142,7 @@ mod tests {
     #[test]
     fn key_is_derive_key_over_length_prefixed_fields() {
         // An independent rendering of the documented recipe: if the framing changes, this fails.
-        let mut expected = blake3::Hasher::new_derive_key("ferry cache key v1");
+        let mut expected = blake3::Hasher::new_derive_key("ferry cache key v2");
         for (name, value) in [("domain", "rustc"), ("target", "x86_64-unknown-linux-gnu")] {
             expected.update(&(name.len() as u64).to_le_bytes());
             expected.update(name.as_bytes());

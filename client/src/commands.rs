@@ -52,6 +52,26 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Only compiles of this crate (its --crate-name)
+    #[arg(long = "crate", value_name = "NAME")]
+    krate: Option<String>,
+    /// How many recorded compiles to show, newest first
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    last: usize,
+    /// One line per recorded compile
+    #[arg(long)]
+    list: bool,
+    /// Show only what differs between two compiles: each a record file (from any machine's
+    /// <cache dir>/explain/) or a cache dir (its newest record, of --crate if given)
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    diff: Option<Vec<PathBuf>>,
+    /// A compiler command to explain now, without compiling (after --)
+    #[arg(last = true, value_name = "RUSTC ARGS")]
+    command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Args, Debug)]
 pub struct StatsArgs {
     #[arg(long)]
     json: bool,
@@ -309,6 +329,40 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&stats)?);
     } else {
         print!("{}", stats.table());
+    }
+    Ok(())
+}
+
+pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use crate::explain;
+    if !args.command.is_empty() {
+        for record in crate::compile::explain_command(&args.command)? {
+            println!("{}", explain::render(&record));
+        }
+        return Ok(());
+    }
+    if let Some(specs) = &args.diff {
+        let a = explain::load(&specs[0], args.krate.as_deref())?;
+        let b = explain::load(&specs[1], args.krate.as_deref())?;
+        println!("A: {} ({}, {})\nB: {} ({}, {})", a.krate, a.cwd, a.outcome, b.krate, b.cwd, b.outcome);
+        print!("{}", explain::diff(&a, &b));
+        return Ok(());
+    }
+    let config = Config::load()?;
+    let records = explain::records(&config.cache_dir, args.krate.as_deref());
+    if records.is_empty() {
+        anyhow::bail!(
+            "no recorded compiles in {} (the wrapper records the last {} there)",
+            config.cache_dir.join("explain").display(),
+            explain::KEEP
+        );
+    }
+    for (path, record) in records.iter().take(if args.list { usize::MAX } else { args.last }) {
+        if args.list {
+            println!("{}  {:<24} {}", path.display(), record.krate, record.outcome);
+        } else {
+            println!("{}\n{}", path.display(), explain::render(record));
+        }
     }
     Ok(())
 }

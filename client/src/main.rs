@@ -7,12 +7,12 @@ mod commands;
 mod compile;
 mod config;
 mod digests;
+mod explain;
 mod files;
-mod linker;
 mod logging;
 mod phases;
 mod process;
-mod remote;
+mod reason;
 mod shared;
 mod stats;
 
@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Subcommand names; anything else as the first argument means wrapper mode.
-const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "help"];
+const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "help"];
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version, about = "A distributed compilation scheduler and toolchain-exact build cache")]
@@ -40,6 +40,8 @@ enum Command {
     Stats(commands::StatsArgs),
     /// Show the cluster: workers, slots, load, toolchains, queue
     Status(commands::StatusArgs),
+    /// Show every part of a compile's cache key, or what differs between two compiles
+    Explain(commands::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Toolchain(cmd) => commands::toolchain(cmd),
         Command::Stats(args) => commands::stats(args),
         Command::Status(args) => commands::status(args),
+        Command::Explain(args) => commands::explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,9 +38,20 @@ pub fn run_inherited(program: &Path, args: &[OsString]) -> std::io::Result<ExitS
 /// artifact notifications from stderr while rustc still runs) and keeping a copy of each.
 /// `drop_stderr_lines` (without their newline) are not passed on: lines the wrapper itself caused
 /// (an injected dep-info notification) or already passed on (a failed remote job's artifacts).
-pub fn run_teed(program: &Path, args: &[OsString], drop_stderr_lines: &[Vec<u8>]) -> std::io::Result<RunOutput> {
+/// `env` is added to this process's environment.
+pub fn run_teed(
+    program: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    drop_stderr_lines: &[Vec<u8>],
+) -> std::io::Result<RunOutput> {
     trace(program, args);
-    let mut child = Command::new(program).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let (stdout, stderr) = std::thread::scope(|s| {

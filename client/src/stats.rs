@@ -125,7 +125,22 @@ impl Stats {
             }
         }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        rows.iter().map(|(k, v)| format!("{k:<width$}  {v:>10}\n")).collect()
+        let mut out: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v:>10}\n")).collect();
+        let mut notes = Vec::new();
+        for (title, map) in
+            [("pass-through", &self.passthrough), ("fallback", &self.fallbacks), ("not stored", &self.not_stored)]
+        {
+            for reason in map.keys() {
+                if let Some(text) = crate::reason::explain(title, reason) {
+                    notes.push(format!("  {title}: {reason}: {text}\n"));
+                }
+            }
+        }
+        if !notes.is_empty() {
+            out.push_str("\nnotes:\n");
+            out.extend(notes);
+        }
+        out
     }
 }
 

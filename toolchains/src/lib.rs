@@ -20,7 +20,7 @@ mod store;
 pub use archive::{ARCHIVE_MANIFEST_PATH, UnpackLimits, unpack_archive, verify_archive, write_archive};
 pub use error::Error;
 pub use manifest::{Manifest, ManifestEntry, ManifestKind, ToolchainId};
-pub use resolve::{Compiler, Probe, Spawn, resolve_compiler, resolve_compiler_with, spawn_output};
+pub use resolve::{Compiler, Probe, Spawn, is_rustup_proxy, resolve_compiler, resolve_compiler_with, spawn_output};
 pub use set::{SetFile, ToolchainSet};
 pub use store::{Identified, LocalStore, Packaged, StoredToolchain};
 

@@ -110,7 +110,8 @@ fn search_path(name: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
-fn is_rustup_proxy(path: &Path) -> bool {
+/// Is this program a rustup proxy (`~/.cargo/bin/rustc` and friends: a link to, or copy of, rustup)?
+pub fn is_rustup_proxy(path: &Path) -> bool {
     let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     if canonical.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("rustup")) {
         return true;

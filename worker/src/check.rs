@@ -153,6 +153,7 @@ fn trial_run(config: &SandboxConfig, data_dir: &Path) -> Result<(), CheckFailed>
         env: &env,
         toolchain: (&toolchain, "/ferry-selfcheck-toolchain"),
         tree: &tree,
+        binds: &[],
     };
     let mut output = Vec::new();
     let outcome = sandbox::run(config, &job, &mut |_, data| output.extend_from_slice(data));

@@ -6,6 +6,7 @@
 mod blobs;
 mod check;
 mod config;
+mod observe;
 mod publish;
 mod sandbox;
 mod server;
@@ -17,4 +18,4 @@ pub use check::{CheckFailed, CheckReport, prepare_data_dir, self_check};
 pub use config::{Overrides, WorkerConfig};
 pub use server::run as serve;
 
-pub use sandbox::{Limit, SandboxConfig, SandboxError, SandboxJob, SandboxOutcome, Stream, run};
+pub use sandbox::{Bind, Limit, SandboxConfig, SandboxError, SandboxJob, SandboxOutcome, Stream, run};

@@ -1,35 +1,34 @@
-//! Workers are the shared tier's trusted writers. After a job that succeeded, the worker derives
-//! the keys a client will look up from the job alone — toolchain, cwd, arguments, the environment
-//! it ran with, the digests of the inputs it placed, and the dep-info its own sandboxed compile
-//! wrote — never from anything the client claims about keys. It publishes the result, then the
-//! manifest that leads to it.
+//! Workers are the shared tier's trusted writers. After a job that succeeded, the worker publishes
+//! its result under the key it derived itself from what the job observed in the sandbox
+//! (`crate::observe`) — never from anything the client claims about keys — then the manifest that
+//! leads to it.
 //!
 //! Publishing runs on one background thread so it never delays a job's answer; when the queue is
 //! full a result is dropped (and logged), never waited for.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::path::Path;
 use std::sync::mpsc;
 
-use ferry_cache::rustc::recipe::{self, InputList, PreKeyParts, absolute, keyed_env};
-use ferry_cache::rustc::{Bases, Classified, classify, depinfo};
+use ferry_cache::rustc::InputList;
+use ferry_cache::rustc::recipe::{self, absolute};
+use ferry_cache::rustc::{Bases, Classified, classify};
 use ferry_cache::{CacheKey, CompileOutput, Entry, OutputFile, Store};
 use ferry_toolchains::ToolchainId;
+
+use crate::observe::Derived;
 
 /// Results waiting to be published, at most.
 const QUEUE: usize = 64;
 
-/// Everything about one finished, successful job that the keys and the entry need.
+/// Everything about one finished, successful job that its entries need.
 #[derive(Debug)]
 pub struct Finished {
     pub toolchain: ToolchainId,
     pub cwd: String,
     pub args: Vec<String>,
-    pub env: Vec<(String, String)>,
-    /// Input digests by absolute path.
-    pub inputs: HashMap<String, [u8; 32]>,
     pub basedirs: Vec<String>,
+    /// What the job observed and the keys derived from it.
+    pub derived: Derived,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     /// Output bytes by absolute path.
@@ -101,39 +100,12 @@ fn publish(store: &dyn Store, result: &Publication) {
     }
 }
 
-/// The result entry, its manifest scope and input list — exactly what the wrapper computes for
-/// the same compile. Err: why this job cannot be published.
+/// The result entry, its manifest scope and input list. Err: why this job cannot be published.
 pub fn entries(mut job: Finished) -> Result<Publication, &'static str> {
-    let args: Vec<OsString> = job.args.iter().map(OsString::from).collect();
+    let args: Vec<std::ffi::OsString> = job.args.iter().map(Into::into).collect();
     let Classified::Cacheable(rustc) = classify(&args) else { return Err("not-cacheable") };
-    if rustc.links() {
-        return Err("links");
-    }
     let bases = Bases::new(job.basedirs.iter().cloned()).map_err(|_| "bad-basedirs")?;
-    let cwd = Path::new(&job.cwd);
-    let digest = |path: &str| job.inputs.get(absolute(cwd, path).to_str()?).copied();
-    let mut externs = Vec::new();
-    for (name, path) in &rustc.externs {
-        externs.push((name.clone(), path.clone(), digest(path).ok_or("extern-not-sent")?));
-    }
-    let env: Vec<(String, String)> = job.env.iter().filter(|(n, _)| keyed_env(n)).cloned().collect();
-    let toolchain = job.toolchain.to_hex();
-    let parts = PreKeyParts { toolchain: &toolchain, cwd: &job.cwd, args: &rustc, externs, env, link: None };
-    let pre = recipe::pre_key(parts, &bases);
-    let scope = recipe::manifest_scope(&pre, Some(digest(&rustc.input).ok_or("root-not-sent")?));
-
-    let dep_info = rustc.dep_info_path().ok_or("no-dep-info")?;
-    let dep_info = job.outputs.get(absolute(cwd, &dep_info).to_str().ok_or("no-dep-info")?).ok_or("no-dep-info")?;
-    let text = std::str::from_utf8(dep_info).map_err(|_| "dep-info-unusable")?;
-    let deps = depinfo::parse(text).ok_or("dep-info-unusable")?;
-    let root = absolute(cwd, &rustc.input);
-    if !deps.files.iter().any(|f| absolute(cwd, f) == root) {
-        return Err("dep-info-unusable");
-    }
-    let list = InputList { files: deps.files, env: deps.env };
-    let env_value = |name: &str| job.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone().into_bytes());
-    let key = recipe::result_key(&pre, &list, &bases, digest, env_value).ok_or("input-not-sent")?;
-
+    let cwd = std::path::Path::new(&job.cwd);
     let mut files = Vec::new();
     for (path, executable) in rustc.outputs() {
         let bytes = absolute(cwd, &path).to_str().and_then(|p| job.outputs.remove(p)).ok_or("missing-output")?;
@@ -146,6 +118,7 @@ pub fn entries(mut job: Finished) -> Result<Publication, &'static str> {
         files,
         compile_ms: job.compile_ms,
     });
+    let Derived { scope, list, key, .. } = job.derived;
     let entry = Entry::encode_result(key, job.toolchain.0, &result);
     Ok(Publication { key, toolchain: job.toolchain.0, entry, scope, list: bases.rebase_list(&list) })
 }

@@ -86,6 +86,17 @@ pub struct SandboxJob<'a> {
     /// `<tree>/a/b/c`. Every top-level entry must be a real directory and is bound read-write at
     /// `/<name>`; names of system directories are refused.
     pub tree: &'a Path,
+    /// More host files bound into the sandbox (the observer's library and log), after the tree.
+    pub binds: &'a [Bind<'a>],
+}
+
+/// One host file or directory bound into the sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Bind<'a> {
+    pub host: &'a Path,
+    /// Absolute path inside the sandbox.
+    pub inside: &'a str,
+    pub writable: bool,
 }
 
 /// Which of the job's output streams a chunk came from.
@@ -439,6 +450,11 @@ fn command_line(config: &SandboxConfig, job: &SandboxJob) -> Result<Vec<OsString
         push(&[os("--bind"), host.as_os_str(), &inside]);
     }
     push(&[os("--ro-bind"), toolchain_dir.as_os_str(), toolchain_mount.as_ref()]);
+    for bind in job.binds {
+        absolute("bind mount path", bind.inside)?;
+        let flag = if bind.writable { os("--bind") } else { os("--ro-bind") };
+        push(&[flag, bind.host.as_os_str(), bind.inside.as_ref()]);
+    }
     push(&[os("--remount-ro"), os("/")]);
     push(&[os("--chdir"), job.cwd.as_ref(), os("--"), job.program.as_ref()]);
     args.extend(job.args.iter().map(OsString::from));

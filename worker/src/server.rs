@@ -56,6 +56,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         toolchains: ToolchainCache::open(data, config.toolchain_cache_bytes).context("opening the toolchain cache")?,
         sandbox: config.sandbox.clone(),
         jobs_dir,
+        observe_dir: data.join("observe"),
         slots: Semaphore::new(config.slots as usize),
         fetch,
         running: Mutex::new(Default::default()),

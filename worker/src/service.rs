@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blobs::BlobStore;
+use crate::observe::{JobObserver, JobView};
 use crate::sandbox::{self, SandboxConfig, SandboxJob};
 use crate::toolchain_cache::ToolchainCache;
 
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
     pub toolchains: ToolchainCache,
     pub sandbox: SandboxConfig,
     pub jobs_dir: PathBuf,
+    /// Where the observer's library is installed (`<data dir>/observe`).
+    pub observe_dir: PathBuf,
     pub slots: Semaphore,
     pub fetch: Fetcher,
     /// Jobs running now, and jobs that ended since the last report (for the scheduler).
@@ -252,13 +255,55 @@ fn run_blocking(
             return Err(fail(format!("creating {d}: {e}")));
         }
     }
+    let run_as = shared.sandbox.run_as.filter(|_| shared.sandbox.jobs_run_as_another_user());
+    let observer = match JobObserver::new(&shared.observe_dir, &dir, run_as) {
+        Ok(o) => o,
+        Err(e) => {
+            cleanup();
+            return Err(fail(format!("preparing the observer: {e}")));
+        }
+    };
+    let mut env = job.env.clone();
+    env.extend(JobObserver::env());
+    let binds = observer.binds();
     let sandbox_job = SandboxJob {
         program: &job.program,
         args: &job.args,
         cwd: &job.cwd,
-        env: &job.env,
+        env: &env,
         toolchain: (toolchain, &job.toolchain_root),
         tree: &tree,
+        binds: &binds,
+    };
+    let inputs: HashMap<String, [u8; 32]> = job.inputs.iter().map(|(p, d, _)| (p.clone(), *d)).collect();
+    let view = JobView {
+        toolchain: job.toolchain,
+        toolchain_root: &job.toolchain_root,
+        cwd: &job.cwd,
+        args: &job.args,
+        env: &job.env,
+        inputs: &inputs,
+        outputs: &job.outputs,
+        basedirs: &job.basedirs,
+        tree: &tree,
+    };
+    // What the job observed, sent to the client (which checks it against its own machine).
+    let observed = |partial: bool| {
+        let event = match observer.derive(&view, partial) {
+            Ok(d) => v1::Observed {
+                list: serde_json::to_vec(
+                    &ferry_cache::rustc::Bases::new(job.basedirs.iter().cloned())
+                        .map(|b| b.rebase_list(&d.list))
+                        .unwrap_or_else(|_| d.list.clone()),
+                )
+                .unwrap_or_default(),
+                key: Some(to_digest(d.key.0)),
+                incomplete: String::new(),
+                complete: !partial,
+            },
+            Err(why) => v1::Observed { list: Vec::new(), key: None, incomplete: why, complete: !partial },
+        };
+        job_event::Kind::Observed(event)
     };
     let placed = clock.elapsed();
     let mut streaming_ok = true;
@@ -272,11 +317,15 @@ fn run_blocking(
     let mut sent: HashMap<String, Vec<u8>> = HashMap::new();
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     let forward_stderr = |bytes: &[u8], sent: &mut HashMap<String, Vec<u8>>, stderr: &mut Vec<u8>| {
-        if let Some(path) = early_artifact(bytes, &job.cwd)
+        if let Some((path, emit)) = early_artifact(bytes, &job.cwd)
             && job.outputs.contains(&path)
             && !sent.contains_key(&path)
         {
             sent.insert(path.clone(), keep(send_output(&tree, &path, &send)?));
+            if emit == "metadata" {
+                // What the metadata was made from, checked by the client before cargo sees it.
+                send(observed(true))?;
+            }
         }
         stderr.extend_from_slice(bytes);
         send(job_event::Kind::Stderr(bytes.to_vec()))
@@ -316,8 +365,14 @@ fn run_blocking(
         }
     }
     let complete = job.outputs.iter().all(|o| sent.get(o).is_some_and(|b| !b.is_empty() || o.ends_with(".d")));
+    let derived = if outcome.exit_code == Some(0) {
+        streaming_ok &= send(observed(false)).is_ok();
+        observer.derive(&view, false).ok()
+    } else {
+        None
+    };
     if let Some(publisher) = &shared.publisher
-        && outcome.exit_code == Some(0)
+        && let Some(derived) = derived
         && outcome.limit.is_none()
         && streaming_ok
         && complete
@@ -326,9 +381,8 @@ fn run_blocking(
             toolchain: job.toolchain,
             cwd: job.cwd.clone(),
             args: job.args.clone(),
-            env: job.env.clone(),
-            inputs: job.inputs.iter().map(|(p, d, _)| (p.clone(), *d)).collect(),
             basedirs: job.basedirs.clone(),
+            derived,
             stdout,
             stderr,
             outputs: sent,
@@ -387,20 +441,40 @@ fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<
     Ok(bytes)
 }
 
-/// The absolute path of a file announced on this stderr line that is sent ahead of the
-/// announcement: the `.rmeta` (cargo's pipelining) and the dep-info (which the client checks
-/// against its own environment before it passes anything on).
-fn early_artifact(line: &[u8], cwd: &str) -> Option<String> {
+/// The absolute path and kind of a file announced on this stderr line that is sent ahead of the
+/// announcement: the `.rmeta` (cargo's pipelining) and the dep-info.
+fn early_artifact(line: &[u8], cwd: &str) -> Option<(String, String)> {
     let text = std::str::from_utf8(line).ok()?.trim_end();
     if !text.starts_with(r#"{"$message_type":"artifact""#) {
         return None;
     }
     let value: serde_json::Value = serde_json::from_str(text).ok()?;
-    if !matches!(value.get("emit")?.as_str()?, "metadata" | "dep-info") {
+    let emit = value.get("emit")?.as_str()?;
+    if !matches!(emit, "metadata" | "dep-info") {
         return None;
     }
     let path = value.get("artifact")?.as_str()?;
-    Some(if path.starts_with('/') { path.to_owned() } else { format!("{cwd}/{path}") })
+    let path = if path.starts_with('/') { path.to_owned() } else { format!("{cwd}/{path}") };
+    Some((path, emit.to_owned()))
+}
+
+/// Variables a client may never set in a job: the dynamic loader's and libc's (they would run
+/// code or read files the key does not cover), and the observer's own.
+fn refused_env(name: &str) -> bool {
+    const REFUSED: &[&str] = &[
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+        "GLIBC_TUNABLES",
+    ];
+    name.starts_with("LD_") || name.starts_with("MALLOC_") || name.starts_with("FERRY_") || REFUSED.contains(&name)
 }
 
 fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
@@ -445,6 +519,12 @@ fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
     for v in r.env {
         if v.name.is_empty() || v.name.contains(['=', '\0']) || v.value.contains('\0') {
             return Err(Status::invalid_argument(format!("bad environment variable name '{}'", v.name)));
+        }
+        if refused_env(&v.name) {
+            return Err(Status::invalid_argument(format!(
+                "environment variable '{}' is not allowed in a job: it changes how programs are loaded or run",
+                v.name
+            )));
         }
         env.push((v.name, v.value));
     }

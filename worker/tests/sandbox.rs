@@ -244,6 +244,7 @@ fn the_toolchain_is_visible_under_a_tree_directory() {
         env: &[],
         toolchain: (&toolchain().host, "/opt/ferry/toolchain"),
         tree: tree.path(),
+        binds: &[],
     };
     let outcome = run(&config(), &job, &mut |_, _| {}).unwrap();
     assert_eq!(outcome.exit_code, Some(0), "{outcome:?}");
@@ -261,6 +262,7 @@ fn bad_jobs_are_refused_before_anything_runs() {
             env: &[],
             toolchain: (&toolchain().host, &toolchain().sysroot),
             tree,
+            binds: &[],
         };
         let mut called = false;
         let result = run(config, &job, &mut |_, _| called = true);
@@ -307,6 +309,7 @@ fn a_sandbox_that_cannot_start_is_an_error_not_a_compile_failure() {
         env: &[],
         toolchain: (&toolchain().host, &toolchain().sysroot),
         tree: job.tree.path(),
+        binds: &[],
     };
     let mut stderr = Vec::new();
     let error = run(&config(), &sandbox_job, &mut |_, b| stderr.extend_from_slice(b)).unwrap_err();
@@ -405,6 +408,7 @@ impl Job {
             env,
             toolchain: (&toolchain().host, &toolchain().sysroot),
             tree: self.tree.path(),
+            binds: &[],
         };
         let (mut stdout, mut stderr, mut first_stdout) = (Vec::new(), Vec::new(), None);
         let start = Instant::now();

@@ -37,6 +37,10 @@ pub struct RustcArgs {
     pub linker: Option<String>,
     /// `--json=...` values, e.g. `artifacts`.
     pub json: Vec<String>,
+    /// `-C target-cpu=native` is given: the code depends on this machine's CPU.
+    pub native_cpu: bool,
+    /// `--remap-path-prefix FROM=TO` pairs.
+    pub remaps: Vec<(String, String)>,
 }
 
 /// Flags that take a value (as `--flag value`, `--flag=value`, or for short ones `-Xvalue`).
@@ -196,10 +200,16 @@ fn parse(args: Vec<String>) -> Result<RustcArgs, String> {
                 match key {
                     "extra-filename" => r.extra_filename = val.to_owned(),
                     "linker" => r.linker = Some(val.to_owned()),
+                    "target-cpu" if val == "native" => r.native_cpu = true,
                     _ => {}
                 }
             }
             "--json" => r.json.extend(value.split(',').map(str::to_owned)),
+            "--remap-path-prefix" => {
+                if let Some((from, to)) = value.split_once('=') {
+                    r.remaps.push((from.to_owned(), to.to_owned()));
+                }
+            }
             _ => {}
         }
     }
@@ -254,7 +264,27 @@ fn split_valued<'a>(arg: &'a str, args: &[String], i: &mut usize) -> Result<Opti
     Ok(None)
 }
 
+/// Arguments that cannot change an output and so are not keyed: the terminal width cargo passes
+/// when it runs on a terminal (it only wraps rendered diagnostics).
+const UNKEYED: &[&str] = &["--diagnostic-width="];
+
 impl RustcArgs {
+    /// The arguments as the key sees them: [`RustcArgs::normalized`] without those that cannot
+    /// change an output (`--diagnostic-width`).
+    pub fn keyed(&self) -> Vec<&str> {
+        self.normalized.iter().map(String::as_str).filter(|a| !UNKEYED.iter().any(|u| a.starts_with(u))).collect()
+    }
+
+    /// The `FROM` sides of `--remap-path-prefix`: paths under them never reach an output as-is.
+    pub fn remapped_prefixes(&self) -> Vec<&str> {
+        self.remaps.iter().map(|(from, _)| from.as_str()).collect()
+    }
+
+    /// The crate-search directories (`-L`, any kind), as given.
+    pub fn search_dirs(&self) -> impl Iterator<Item = &str> {
+        self.search_paths.iter().map(|(_, dir)| dir.as_str())
+    }
+
     /// True when producing this crate runs the linker (so the linker is part of the key).
     pub fn links(&self) -> bool {
         self.emit.iter().any(|(k, _)| k == "link")

@@ -1,17 +1,23 @@
 //! The rustc key recipe.
 //!
-//! - The **pre-key** is everything known before compiling: the ToolchainId, the cwd, the
-//!   normalized arguments, the content of every `--extern` file, the environment the compile can
-//!   observe, and for crates that link, the linker and native libraries.
+//! - The **pre-key** is everything known before compiling: the ToolchainId, the driver that runs
+//!   (rustc itself, or clippy-driver or another driver, by content), the cwd, the arguments (in
+//!   their keyed form: see [`RustcArgs::keyed`]), the content of every `--extern` file, and what
+//!   `-C target-cpu=native` means on this machine.
 //! - **Manifests** ([`InputList`]) live under a *scope* (the pre-key and the crate root's
-//!   content) in up to [`MAX_MANIFESTS`] generations; each lists the files and variables one
-//!   compile read.
-//! - The **result key** is the pre-key plus the content of every listed file and the value of
-//!   every listed variable.
+//!   content) in up to [`MAX_MANIFESTS`] generations; each lists what one compile observed (see
+//!   [`crate::rustc::observed`]).
+//! - The **result key** is the pre-key plus the current state of everything a manifest lists:
+//!   each file's content, each path's presence or absence, each link's target, each listed
+//!   directory's entries, each program's content, each variable's value (or unset). A hit
+//!   therefore requires that nothing the compile observed has changed.
 //!
 //! With [`Bases`] (`FERRY_BASEDIRS`), every path under a base directory enters the keys with the
 //! base replaced by a placeholder, and the entry's stored output paths and diagnostics carry the
-//! placeholder too, so two checkouts share entries and each replays with its own paths.
+//! placeholder too, so two checkouts share entries and each replays with its own paths. Values
+//! that reach the compiled bytes themselves are never rebased: a variable's value that occurs in
+//! the outputs (an `env!` of `CARGO_MANIFEST_DIR`: [`mark_verbatim`]), and a crate root given as an
+//! absolute path (what `file!()` embeds) unless a `--remap-path-prefix` rewrites it.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -20,84 +26,137 @@ use serde::{Deserialize, Serialize};
 use crate::key::{CacheKey, KeyBuilder, hex};
 use crate::output::CompileOutput;
 use crate::rustc::RustcArgs;
+use crate::rustc::observed::is_secret;
 use crate::store::{PutOutcome, Store};
 use crate::{Entry, EntryKind, Error};
 
 /// How many different input lists one scope may accumulate (a crate whose module set changes).
 pub const MAX_MANIFESTS: u32 = 8;
 
-/// Environment variables rustc (or the linker it runs) reads, beyond `CARGO_*` and `env-dep`s.
-pub const OBSERVED_ENV: &[&str] = &[
-    "RUSTC_BOOTSTRAP",
-    "SOURCE_DATE_EPOCH",
-    "RUSTC_OVERRIDE_VERSION_STRING",
-    "RUST_TARGET_PATH",
-    "LIBRARY_PATH",
-    "MACOSX_DEPLOYMENT_TARGET",
-    "IPHONEOS_DEPLOYMENT_TARGET",
-    "SDKROOT",
-];
-
-/// `CARGO_*` variables that never reach a compile's output but differ between machines or runs.
-const IGNORED_CARGO_ENV: &[&str] = &["CARGO", "CARGO_HOME", "CARGO_MAKEFLAGS"];
-
-/// Is this variable part of every pre-key (when set)?
-pub fn keyed_env(name: &str) -> bool {
-    name.starts_with("CARGO_") && !IGNORED_CARGO_ENV.contains(&name) || OBSERVED_ENV.contains(&name)
-}
-
-/// The payload of a manifest entry: what one compile under a scope read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The payload of a manifest entry: what one compile under a scope observed, each list sorted.
+/// Paths are absolute (relative to a base when stored under [`Bases`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputList {
-    /// Files as rustc named them in its dep-info (relative to the cwd, or absolute).
+    /// Files read: keyed by content (a directory opened is keyed as a directory).
     pub files: Vec<String>,
-    /// Variables read through `env!`/`option_env!`.
+    /// Paths looked up and found, but not read: keyed by their kind (file, directory, other).
+    pub present: Vec<String>,
+    /// Paths looked for and not found: must still be absent.
+    pub absent: Vec<String>,
+    /// Symbolic links read: keyed by their target.
+    pub links: Vec<String>,
+    /// Directories listed: keyed by their entry names.
+    pub listings: Vec<String>,
+    /// Programs started, as named: a bare name is resolved in `PATH`; keyed by content.
+    pub programs: Vec<String>,
+    /// Environment variables looked up: keyed by value, or as unset.
     pub env: Vec<String>,
+    /// Those of `env` whose value is keyed verbatim even under [`Bases`]: it names a path under a
+    /// base and reaches the compiled outputs (see [`mark_verbatim`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_verbatim: Vec<String>,
 }
 
-/// What a pre-key covers; the caller gathers it (digests, environment) from wherever it runs.
+/// Marks the variables whose values must not be rebased: with base directories, a value that
+/// names a path under a base and occurs as-is in the compile's output files (an `env!` of
+/// `CARGO_MANIFEST_DIR` compiled into a string) would otherwise be replayed, first checkout's path
+/// and all, in another checkout. Such a compile then misses elsewhere instead. A value that does
+/// not reach the outputs (a proc-macro that only reads files under `CARGO_MANIFEST_DIR`) stays
+/// rebased, and shared.
+pub fn mark_verbatim(list: &mut InputList, bases: &Bases, env: impl Fn(&str) -> Option<Vec<u8>>, outputs: &[&[u8]]) {
+    list.env_verbatim.clear();
+    if bases.is_empty() {
+        return;
+    }
+    for name in &list.env {
+        let Some(value) = env(name) else { continue };
+        if value.len() >= 2 && bases.rebase_bytes(&value) != value && outputs.iter().any(|o| contains(o, &value)) {
+            list.env_verbatim.push(name.clone());
+        }
+    }
+}
+
+/// Does `haystack` contain `needle` (non-empty)?
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let (first, rest) = (needle[0], &needle[1..]);
+    let mut at = 0;
+    while let Some(i) = haystack[at..].iter().position(|&b| b == first) {
+        let start = at + i;
+        if haystack[start + 1..].starts_with(rest) {
+            return true;
+        }
+        at = start + 1;
+    }
+    false
+}
+
+/// What a pre-key covers; the caller gathers it (digests, driver identity) from wherever it runs.
 #[derive(Debug)]
 pub struct PreKeyParts<'a> {
     /// The ToolchainId, hex.
     pub toolchain: &'a str,
+    /// `rustc` when the toolchain's own rustc runs; otherwise the driver's file name and content
+    /// digest (`clippy-driver blake3:…`), so another driver never gets rustc's entries.
+    pub driver: &'a str,
     pub cwd: &'a str,
     pub args: &'a RustcArgs,
     /// `(name, path as given, blake3 of the content)` per `--extern` file, in argument order.
     pub externs: Vec<(String, String, [u8; 32])>,
-    /// Every set variable for which [`keyed_env`] holds.
-    pub env: Vec<(String, String)>,
-    /// For crates that link: the linker's identity, and `(kind, name, path + digest or "system")`
-    /// per native library.
-    pub link: Option<Link>,
+    /// What `-C target-cpu=native` resolves to here (CPU name and features), when it is given.
+    pub native_cpu: Option<&'a str>,
 }
 
-/// The linker's identity and `(kind, name, path + digest or "system")` per native library.
-pub type Link = (String, Vec<(String, String, String)>);
+/// What is at a path now, as the result key sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// A regular file and the blake3 of its content.
+    File([u8; 32]),
+    Dir,
+    /// A device, FIFO or socket.
+    Other,
+    Absent,
+    /// There, but not readable (the manifest cannot be checked).
+    Unreadable,
+}
 
-/// The pre-key.
-pub fn pre_key(parts: PreKeyParts<'_>, bases: &Bases) -> CacheKey {
+/// Where the current state of a compile's inputs is read from: the client's own machine, or a
+/// worker's job tree and the job's environment.
+pub trait Inputs {
+    /// The path now (not following a final symlink only for [`Inputs::link`]).
+    fn probe(&mut self, path: &str) -> Found;
+    /// A symbolic link's target, or None when the path is not a link.
+    fn link(&mut self, path: &str) -> Option<String>;
+    /// A directory's entry names, sorted; None when it cannot be listed.
+    fn listing(&mut self, path: &str) -> Option<Vec<String>>;
+    /// The content digest of the program this name starts (a bare name searched in `PATH`).
+    fn program(&mut self, name: &str) -> Option<[u8; 32]>;
+    /// A variable's value, or None when unset.
+    fn env(&self, name: &str) -> Option<Vec<u8>>;
+}
+
+/// The pre-key, with its readable parts (for `ferry explain`).
+pub fn pre_key(parts: PreKeyParts<'_>, bases: &Bases) -> KeyBuilder {
     let mut k = KeyBuilder::new("rustc-compile");
     bases.mark(&mut k);
     k.field("toolchain", parts.toolchain);
+    k.field("driver", parts.driver);
     k.field("cwd", bases.rebase(parts.cwd));
-    for (i, arg) in parts.args.normalized.iter().enumerate() {
-        k.field(&format!("arg{i}"), bases.rebase(arg));
+    let remaps: Vec<&str> = parts.args.remapped_prefixes();
+    for (i, arg) in parts.args.keyed().iter().enumerate() {
+        // A crate root named by an absolute path is compiled into the output (`file!()`, panic
+        // locations): rebased only when a --remap-path-prefix rewrites it anyway.
+        let embedded = *arg == parts.args.input
+            && Path::new(arg).is_absolute()
+            && !remaps.iter().any(|from| Path::new(arg).starts_with(from));
+        k.field(&format!("arg{i}"), if embedded { (*arg).to_owned() } else { bases.rebase(arg) });
     }
     for (name, path, digest) in &parts.externs {
         k.field(&format!("extern:{name}:{}", bases.rebase(path)), hex(digest));
     }
-    let mut env = parts.env;
-    env.sort();
-    for (name, value) in env {
-        k.field(&format!("env:{name}"), bases.rebase(&value));
+    if let Some(cpu) = parts.native_cpu {
+        k.field("target-cpu=native", cpu);
     }
-    if let Some((linker, libs)) = parts.link {
-        k.field("linker", linker);
-        for (kind, name, value) in libs {
-            k.field(&format!("native-lib:{kind}:{name}"), bases.rebase(&value));
-        }
-    }
-    k.finish()
+    k
 }
 
 /// Manifests live under the pre-key and the crate root's content: the root usually declares the
@@ -117,29 +176,59 @@ pub fn manifest_key(scope: &CacheKey, generation: u32) -> CacheKey {
     k.finish()
 }
 
-/// The key of the result of a compile that read `list`: `digest` gives a listed file's content
-/// digest, `env` a listed variable's value. None when a file cannot be read (that manifest cannot
-/// describe this compile).
-pub fn result_key(
-    pre: &CacheKey,
-    list: &InputList,
-    bases: &Bases,
-    mut digest: impl FnMut(&str) -> Option<[u8; 32]>,
-    env: impl Fn(&str) -> Option<Vec<u8>>,
-) -> Option<CacheKey> {
+/// The key of the result of a compile that observed `list`, from the current state of its inputs,
+/// with its readable parts. None when something the list records no longer holds (a file read is
+/// gone, a path found is absent, a path absent is there): that manifest cannot describe this
+/// compile.
+pub fn result_key(pre: &CacheKey, list: &InputList, bases: &Bases, now: &mut dyn Inputs) -> Option<KeyBuilder> {
     let mut k = KeyBuilder::new("rustc-result");
     k.field("pre", pre.to_string());
     for file in &list.files {
-        let d = digest(file)?;
-        k.field(&format!("file:{}", bases.rebase(file)), hex(&d));
+        let value = match now.probe(file) {
+            Found::File(d) => hex(&d),
+            Found::Dir => "directory".into(),
+            Found::Other | Found::Absent | Found::Unreadable => return None,
+        };
+        k.field(&format!("file:{}", bases.rebase(file)), value);
+    }
+    for path in &list.present {
+        let kind = match now.probe(path) {
+            Found::File(_) => "file",
+            Found::Dir => "directory",
+            Found::Other => "other",
+            Found::Absent | Found::Unreadable => return None,
+        };
+        k.field(&format!("present:{}", bases.rebase(path)), kind);
+    }
+    for path in &list.absent {
+        if now.probe(path) != Found::Absent {
+            return None;
+        }
+        k.field(&format!("absent:{}", bases.rebase(path)), "absent");
+    }
+    for path in &list.links {
+        let target = now.link(path)?;
+        k.field(&format!("link:{}", bases.rebase(path)), bases.rebase(&target));
+    }
+    for path in &list.listings {
+        let names = now.listing(path)?;
+        k.field(&format!("listing:{}", bases.rebase(path)), names.join("\n"));
+    }
+    for name in &list.programs {
+        let digest = now.program(name)?;
+        k.field(&format!("program:{}", bases.rebase(name)), hex(&digest));
     }
     for name in &list.env {
-        match env(name) {
+        match now.env(name) {
+            Some(v) if is_secret(name, &v) => k.field(&format!("env:{name}"), format!("secret {}", blake3::hash(&v))),
+            Some(v) if list.env_verbatim.contains(name) => {
+                k.field(&format!("env:{name}"), [b"=".as_slice(), &v].concat())
+            }
             Some(v) => k.field(&format!("env:{name}"), [b"=".as_slice(), &bases.rebase_bytes(&v)].concat()),
             None => k.field(&format!("env:{name}"), "unset"),
         };
     }
-    Some(k.finish())
+    Some(k)
 }
 
 /// Adds `list` to the manifests of `scope` in a shared tier, where other writers may be adding
@@ -308,8 +397,15 @@ impl Bases {
 
     fn map_list(&self, mut list: InputList, f: fn(&Bases, &[u8]) -> Vec<u8>) -> InputList {
         if !self.is_empty() {
-            list.files =
-                list.files.iter().map(|p| String::from_utf8_lossy(&f(self, p.as_bytes())).into_owned()).collect();
+            let map = |paths: &mut Vec<String>| {
+                for p in paths.iter_mut() {
+                    *p = String::from_utf8_lossy(&f(self, p.as_bytes())).into_owned();
+                }
+            };
+            for paths in [&mut list.files, &mut list.present, &mut list.absent, &mut list.links, &mut list.listings] {
+                map(paths);
+            }
+            map(&mut list.programs);
         }
         list
     }
@@ -391,13 +487,13 @@ mod tests {
             let args = args(root);
             let parts = PreKeyParts {
                 toolchain: "00",
+                driver: "rustc",
                 cwd: root,
                 args: &args,
                 externs: vec![("dep".into(), format!("{root}/target/libdep.rlib"), [7; 32])],
-                env: vec![("CARGO_MANIFEST_DIR".into(), root.into())],
-                link: None,
+                native_cpu: None,
             };
-            pre_key(parts, bases)
+            pre_key(parts, bases).finish()
         };
         let a = Bases::new(["/ws/a".into()]).unwrap();
         let b = Bases::new(["/elsewhere/b".into()]).unwrap();

@@ -778,7 +778,7 @@ impl JobRun {
             Some(job_event::Kind::Stderr(b)) => self.stderr.push_str(&String::from_utf8_lossy(&b)),
             Some(job_event::Kind::Output(o)) => self.outputs.entry(o.path).or_default().extend_from_slice(&o.data),
             Some(job_event::Kind::Finished(f)) => self.finished = Some(f),
-            None => {}
+            Some(job_event::Kind::Observed(_)) | None => {}
         }
     }
 

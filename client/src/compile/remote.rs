@@ -1,50 +1,72 @@
-//! Remote compiles: a cache miss of a distributable compile becomes a job on a worker.
+//! Step 5 on a worker: a miss of a distributable compile becomes a job.
 //!
-//! No local rustc pass decides what to send. We ship what the compile may read: the package
-//! directory (`CARGO_MANIFEST_DIR`, bounded, without `target/` and VCS dirs, with every directory
-//! so `..` paths resolve), the `--extern` files, the metadata and proc-macro files of the
-//! `-L dependency=` directories (rustc loads transitive crates from there), and `OUT_DIR`. All
-//! by content: the worker says which digests it lacks and only those travel. The exact inputs
-//! come back in the job's dep-info, which the caller uses for the cache key as for a local compile.
+//! No local rustc pass decides what to send. A crate compiled before is sent what its manifests
+//! say it read; a new one its package directory (bounded, without VCS directories and without the
+//! target directory — by its real path, so sources under a nested `src/target/` still go); and
+//! always the crate root, the `--extern` files, the metadata and proc-macro files of the
+//! `-L dependency=` directories (rustc loads transitive crates from there), and `OUT_DIR`. All by
+//! content: the worker says which digests it lacks and only those travel.
 //!
-//! Every failure is a reason string; the caller compiles locally and counts it.
+//! The worker observes the job in its sandbox and sends what it observed twice: before rustc's
+//! `.rmeta` announcement, and at the end. Each time the client derives the result key from that
+//! list with its own files and environment; a key unlike the worker's means the worker saw
+//! something else (a file not sent, a variable not sent), and the job is abandoned — before cargo
+//! acted on the metadata, in the first case. A key that agrees is the key the worker publishes
+//! under and the client stores under.
+//!
+//! Only declared outputs are accepted from a worker, as regular files within a size cap. Every
+//! failure is a [`Fallback`]; the caller compiles locally and counts it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
+use ferry_cache::rustc::recipe::{self, absolute};
+use ferry_cache::rustc::{InputList, RustcArgs, is_secret, keyed_env};
+use ferry_cache::{CacheKey, DiskStore};
 use ferry_proto::to_digest;
 use ferry_proto::v1::worker_client::WorkerClient;
 use ferry_proto::v1::{self, allocate_response, job_event};
 use ferry_toolchains::{Compiler, ToolchainId};
 
+use super::identity::Identity;
+use super::keys::{Keys, LocalInputs};
+use super::run::Ran;
+use super::{Job, exit_code};
 use crate::config::Config;
 use crate::phases::Phases;
 use crate::process::RunOutput;
-use ferry_cache::rustc::RustcArgs;
-use ferry_cache::rustc::recipe::absolute;
+use crate::reason::{Call, CallFailure, Fallback, LocalReason};
 
 /// Most files a job may ship, and most bytes (beyond these the compile stays local).
 const MAX_FILES: usize = 20_000;
 const MAX_BYTES: u64 = 1 << 30;
+/// The largest output accepted from a worker, and all outputs of one job together.
+const MAX_OUTPUT_BYTES: u64 = 4 << 30;
+const MAX_OUTPUTS_BYTES: u64 = 8 << 30;
 const CHUNK: usize = 1 << 20;
 /// Directories never shipped from a package.
-const SKIPPED_DIRS: &[&str] = &["target", ".git", ".hg", ".svn", ".jj"];
+const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn", ".jj"];
+/// Top-level directories a worker never takes files into (it has its own).
+const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
 
-/// What the caller needs to run a job remotely.
+/// What a remote compile needs from the wrapper.
 #[derive(Debug)]
-pub struct Job<'a> {
+pub struct RemoteJob<'a> {
     pub config: &'a Config,
     pub rustc: &'a RustcArgs,
     pub compiler: &'a Compiler,
     pub toolchain: ToolchainId,
     pub cwd: &'a Path,
-    /// Environment variable names earlier compiles of this crate read (from its manifests).
-    pub env_names: Vec<String>,
+    /// The manifests of this crate's scope: what earlier compiles read.
+    pub known: &'a [InputList],
+    pub pre: CacheKey,
 }
 
 /// A finished remote job (outputs already written locally).
@@ -55,6 +77,8 @@ pub struct Remote {
     pub bytes_sent: u64,
     /// The bytes of each output as written, by absolute path (for the local cache entry).
     pub outputs: HashMap<String, Vec<u8>>,
+    /// What the job observed, with the key both sides derived from it.
+    pub observed: InputList,
 }
 
 /// Why a compile cannot go to the cluster at all (it is then simply local, not a fallback).
@@ -89,14 +113,14 @@ pub fn distributable(rustc: &RustcArgs, cwd: &Path) -> Result<(), &'static str> 
 /// Why a remote compile did not produce the answer, and what of it cargo has already seen.
 #[derive(Debug)]
 pub struct Failed {
-    pub reason: String,
+    pub reason: Fallback,
     /// stderr lines already passed to cargo (artifact notifications): a local re-run must not
     /// repeat them (cargo panics on a second notification for the same unit).
     pub forwarded: Vec<Vec<u8>>,
 }
 
-impl From<String> for Failed {
-    fn from(reason: String) -> Failed {
+impl From<Fallback> for Failed {
+    fn from(reason: Fallback) -> Failed {
         Failed { reason, forwarded: Vec::new() }
     }
 }
@@ -113,52 +137,86 @@ pub fn backing_off(cache_dir: &Path, backoff: Duration) -> bool {
 }
 
 /// Records a failure that means the scheduler itself is unreachable or unresponsive.
-pub fn note_failure(cache_dir: &Path, reason: &str) {
-    let scheduler_down =
-        reason.starts_with("scheduler-") || reason == "allocate-timeout" || reason == "has-toolchain-timeout";
-    if scheduler_down {
-        let _ = fs::write(cache_dir.join("cluster-down"), reason);
+pub fn note_failure(cache_dir: &Path, reason: &Fallback) {
+    if reason.scheduler_down() {
+        let _ = fs::write(cache_dir.join("cluster-down"), reason.as_str());
     }
 }
 
-/// Runs the job on a worker. Err is a fallback reason.
-pub fn run(job: &Job) -> Result<Remote, Failed> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|_| "runtime-unavailable".to_string())?;
+impl Job {
+    /// Runs the compile on a worker and stores its result like a local one.
+    pub(super) fn compile_remotely(
+        &mut self,
+        store: &DiskStore,
+        ident: &Identity,
+        keys: &Keys,
+        known: &[InputList],
+    ) -> Result<ExitCode, Failed> {
+        let job = RemoteJob {
+            config: &self.config,
+            rustc: &self.rustc,
+            compiler: &ident.compiler,
+            toolchain: ident.id,
+            cwd: &self.cwd,
+            known,
+            pre: keys.pre,
+        };
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let remote = run(&job)?;
+        self.stats.compiled_remote += 1;
+        self.stats.bytes_sent += remote.bytes_sent;
+        tracing::info!(worker = %remote.worker, krate = %self.rustc.crate_name, "compiled remotely");
+        let status = remote.run.status;
+        let ran = Ran {
+            run: remote.run,
+            observed: Ok(remote.observed),
+            started,
+            compile_ms: clock.elapsed().as_millis() as u64,
+        };
+        if let Err(reason) = self.store_result(store, ident, keys, known, ran, remote.outputs) {
+            self.count_not_stored(&reason);
+        }
+        Ok(exit_code(status))
+    }
+}
+
+/// Runs the job on a worker.
+pub fn run(job: &RemoteJob) -> Result<Remote, Failed> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|_| Fallback::RuntimeUnavailable)?;
     runtime.block_on(run_async(job))
 }
 
 /// `call` within [`CALL_DEADLINE`], its failure as a reason.
 async fn deadline<T>(
-    call: &str,
+    call: Call,
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
+) -> Result<T, Fallback> {
     match tokio::time::timeout(CALL_DEADLINE, fut).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(reason_for(call, &s)),
         Err(_) => {
-            tracing::warn!(call, "cluster call timed out");
-            Err(format!("{call}-timeout"))
+            tracing::warn!(?call, "cluster call timed out");
+            Err(Fallback::Call(call, CallFailure::Timeout))
         }
     }
 }
 
-async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
+async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
     let mut clock = Phases::start();
     let mut scheduler = tokio::time::timeout(Duration::from_secs(5), crate::cluster::scheduler(job.config))
         .await
-        .map_err(|_| "scheduler-timeout".to_string())?
+        .map_err(|_| Fallback::Call(Call::Scheduler, CallFailure::Timeout))?
         .map_err(|e| {
             tracing::warn!(error = %format!("{e:#}"), "scheduler unreachable");
-            "scheduler-unreachable".to_string()
+            Fallback::Call(Call::Scheduler, CallFailure::Unreachable)
         })?;
     clock.lap("connect");
     ensure_toolchain(job, &mut scheduler).await?;
     clock.lap("toolchain");
     let allocation = deadline(
-        "allocate",
+        Call::Allocate,
         scheduler.allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() }),
     )
     .await?;
@@ -167,14 +225,14 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
         Some(allocate_response::Result::Local(local)) => {
             tracing::info!(why = %local.detail, "scheduler says compile locally");
             let reason = match local.reason() {
-                v1::LocalReason::NoWorkers => "no-workers",
-                v1::LocalReason::ToolchainFetching => "toolchain-fetching",
-                v1::LocalReason::WorkersQuarantined => "workers-quarantined",
-                v1::LocalReason::NoCapacity | v1::LocalReason::Unspecified => "no-capacity",
+                v1::LocalReason::NoWorkers => LocalReason::NoWorkers,
+                v1::LocalReason::ToolchainFetching => LocalReason::ToolchainFetching,
+                v1::LocalReason::WorkersQuarantined => LocalReason::WorkersQuarantined,
+                v1::LocalReason::NoCapacity | v1::LocalReason::Unspecified => LocalReason::NoCapacity,
             };
-            return Err(String::from(reason).into());
+            return Err(Fallback::Local(reason).into());
         }
-        None => return Err(String::from("scheduler-bad-answer").into()),
+        None => return Err(Fallback::WorkerBadAnswer.into()),
     };
     clock.lap("allocate");
     // Blocking on this single-threaded runtime is fine: nothing else runs on it meanwhile.
@@ -185,12 +243,13 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
         if job.config.scheduler.as_deref().is_some_and(|u| u.starts_with("https")) { "https" } else { "http" },
         assignment.address
     );
-    let (channel, token) =
-        crate::cluster::channel(job.config, &url).await.map_err(|_| "worker-unreachable".to_string())?;
+    let (channel, token) = crate::cluster::channel(job.config, &url)
+        .await
+        .map_err(|_| Fallback::Call(Call::Worker, CallFailure::Unreachable))?;
     let mut worker = WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
     let digests: Vec<v1::Digest> = inputs.files.values().map(|f| to_digest(f.digest)).collect();
     clock.lap("worker-connect");
-    let missing = deadline("find-missing", worker.find_missing(v1::FindMissingRequest { digests })).await?.missing;
+    let missing = deadline(Call::FindMissing, worker.find_missing(v1::FindMissingRequest { digests })).await?.missing;
     clock.lap("find-missing");
     let bytes_sent = upload_blobs(&mut worker, &inputs, &missing).await?;
     clock.lap("upload");
@@ -215,34 +274,34 @@ async fn run_async(job: &Job<'_>) -> Result<Remote, Failed> {
         dirs: inputs.dirs.clone(),
         basedirs: job.config.basedirs.dirs().to_vec(),
     };
-    let mut events = deadline("run-job", worker.run_job(request)).await?;
+    let mut events = deadline(Call::RunJob, worker.run_job(request)).await?;
     let mut forwarded = Vec::new();
     let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded, &mut clock).await;
-    let (run, held, outputs) = received.map_err(|reason| Failed { reason, forwarded })?;
+    let (run, held, outputs, observed) = received.map_err(|reason| Failed { reason, forwarded })?;
     let _ = std::io::stderr().write_all(&held);
     let _ = std::io::stdout().write_all(&run.stdout);
     tracing::debug!(krate = %job.rustc.crate_name, files = inputs.files.len(), bytes_sent, phases = %clock, "remote job");
-    Ok(Remote { run, worker: assignment.worker_id, bytes_sent, outputs })
+    Ok(Remote { run, worker: assignment.worker_id, bytes_sent, outputs, observed })
 }
 
 /// Reads a job's events to the end: stdout and stderr kept (artifact notifications passed to
-/// cargo at once, recorded in `forwarded`; diagnostics held back), output files written as they
-/// complete. The dep-info is checked against this machine's environment as soon as it arrives —
-/// before the `.rmeta` announcement that follows it — so a job that saw another value of an
-/// `env!`/`option_env!` variable is abandoned before cargo acts on any of it.
+/// cargo at once, recorded in `forwarded`; diagnostics held back), declared outputs written as
+/// they complete, and the worker's observations checked against this machine as they arrive.
 async fn receive(
     events: &mut tonic::Streaming<v1::JobEvent>,
-    job: &Job<'_>,
+    job: &RemoteJob<'_>,
     worker: &str,
     forwarded: &mut Vec<Vec<u8>>,
     clock: &mut Phases,
-) -> Result<(RunOutput, Vec<u8>, HashMap<String, Vec<u8>>), String> {
-    let dep_info = job.rustc.dep_info_path().map(|p| absolute(job.cwd, &p).display().to_string());
+) -> Result<(RunOutput, Vec<u8>, HashMap<String, Vec<u8>>, InputList), Fallback> {
+    let declared = outputs(job);
     let mut run = RunOutput { status: std::process::ExitStatus::from_raw(0), stdout: Vec::new(), stderr: Vec::new() };
     let mut held = Vec::new();
     let mut partial: BTreeMap<String, (bool, Vec<u8>)> = BTreeMap::new();
     let mut received = HashMap::new();
+    let mut total = 0u64;
     let mut finished = None;
+    let mut observed = None;
     loop {
         let event = match tokio::time::timeout(EVENT_IDLE, events.message()).await {
             Ok(Ok(Some(e))) => e,
@@ -250,13 +309,13 @@ async fn receive(
             // The worker's own report of a job it could not run, versus the connection breaking.
             Ok(Err(s)) if s.code() == tonic::Code::Internal => {
                 tracing::warn!(worker, error = %s.message(), "the worker could not run the job");
-                return Err("worker-error".into());
+                return Err(Fallback::WorkerError);
             }
             Ok(Err(s)) => {
                 tracing::warn!(worker, status = %s.message(), "worker lost during the job");
-                return Err("worker-lost".into());
+                return Err(Fallback::WorkerLost);
             }
-            Err(_) => return Err("worker-silent".into()),
+            Err(_) => return Err(Fallback::WorkerSilent),
         };
         match event.kind {
             Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
@@ -271,16 +330,29 @@ async fn receive(
                 run.stderr.extend_from_slice(&data);
             }
             Some(job_event::Kind::Output(chunk)) => {
+                // Only the outputs this compile declares, within the caps: a worker never
+                // writes anywhere else on this machine.
+                if !declared.contains(&chunk.path) {
+                    tracing::warn!(worker, path = %chunk.path, "the worker sent an output that was not asked for");
+                    return Err(Fallback::OutputRejected);
+                }
                 let entry = partial.entry(chunk.path.clone()).or_insert((chunk.executable, Vec::new()));
+                total += chunk.data.len() as u64;
+                if entry.1.len() as u64 + chunk.data.len() as u64 > MAX_OUTPUT_BYTES || total > MAX_OUTPUTS_BYTES {
+                    return Err(Fallback::OutputRejected);
+                }
                 entry.1.extend_from_slice(&chunk.data);
                 if chunk.last {
                     let (executable, bytes) = partial.remove(&chunk.path).expect("just inserted");
-                    if dep_info.as_deref() == Some(chunk.path.as_str()) {
-                        check_environment(&bytes)?;
-                    }
                     write_output(Path::new(&chunk.path), &bytes, executable)
-                        .map_err(|_| "output-write-failed".to_string())?;
+                        .map_err(|_| Fallback::OutputWriteFailed)?;
                     received.insert(chunk.path, bytes);
+                }
+            }
+            Some(job_event::Kind::Observed(o)) => {
+                let list = verify_observation(job, &o)?;
+                if o.complete {
+                    observed = Some(list);
                 }
             }
             Some(job_event::Kind::Finished(f)) => {
@@ -290,36 +362,41 @@ async fn receive(
             None => {}
         }
     }
-    let finished = finished.ok_or_else(|| "worker-lost".to_string())?;
+    let finished = finished.ok_or(Fallback::WorkerLost)?;
     if !finished.limit.is_empty() {
         tracing::warn!(worker, limit = %finished.limit, "remote job stopped by a sandbox limit");
-        return Err("sandbox-limit".into());
+        return Err(Fallback::SandboxLimit);
     }
     run.status = match (finished.exit_code, finished.signal) {
         (Some(code), _) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
         (None, Some(signal)) => std::process::ExitStatus::from_raw(signal & 0x7f),
-        (None, None) => return Err("worker-bad-answer".into()),
+        (None, None) => return Err(Fallback::WorkerBadAnswer),
     };
     if run.status.code() != Some(0) {
-        return Err(format!("remote-exit-{}", run.status.code().map_or("signal".into(), |c| c.to_string())));
+        return Err(Fallback::RemoteExit(run.status.code()));
     }
-    if outputs(job).iter().any(|o| !received.contains_key(o)) {
-        return Err("missing-output".into());
+    if declared.iter().any(|o| !received.contains_key(o)) {
+        return Err(Fallback::MissingOutput);
     }
-    Ok((run, held, received))
+    let observed = observed.ok_or(Fallback::RemoteObservationIncomplete)?;
+    Ok((run, held, received, observed))
 }
 
-/// Every variable the remote compile read must have had the value it has here; otherwise its
-/// outputs are not what a local compile would make (the variable was not sent: its name is
-/// learned from this compile's manifest and sent next time).
-fn check_environment(dep_info: &[u8]) -> Result<(), String> {
-    for (name, seen) in ferry_cache::rustc::depinfo::env_values(&String::from_utf8_lossy(dep_info)) {
-        if std::env::var(&name).ok() != seen {
-            tracing::info!(name, "a variable the remote compile read differs from ours");
-            return Err("env-not-sent".into());
-        }
+/// The worker's observation, accepted only when this machine derives the same result key from it.
+fn verify_observation(job: &RemoteJob, o: &v1::Observed) -> Result<InputList, Fallback> {
+    if !o.incomplete.is_empty() {
+        tracing::info!(krate = %job.rustc.crate_name, why = %o.incomplete, "the worker could not observe the whole job");
+        return Err(Fallback::RemoteObservationIncomplete);
     }
-    Ok(())
+    let list: InputList = serde_json::from_slice(&o.list).map_err(|_| Fallback::WorkerBadAnswer)?;
+    let theirs = ferry_proto::digest(o.key.as_ref(), "key").map_err(|_| Fallback::WorkerBadAnswer)?;
+    let list = job.config.basedirs.restore_list(list);
+    let ours = recipe::result_key(&job.pre, &list, &job.config.basedirs, &mut LocalInputs { cwd: job.cwd });
+    if ours.map(|k| k.finish().0) != Some(theirs) {
+        tracing::info!(krate = %job.rustc.crate_name, "the worker observed other inputs than this machine has");
+        return Err(Fallback::RemoteInputsDiffer);
+    }
+    Ok(list)
 }
 
 /// When a background upload ended (its lock is free) and the toolchain is still not on the
@@ -331,43 +408,43 @@ const UPLOAD_RETRY: Duration = Duration::from_secs(300);
 /// the first wrapper to notice starts `ferry toolchain upload` in the background (detached, holding
 /// the upload lock for as long as it runs, logging to `toolchains/upload-<id>.log`), and this
 /// compile, like every one until the toolchain is on the scheduler, is local (`toolchain-uploading`).
-async fn ensure_toolchain(job: &Job<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), String> {
+async fn ensure_toolchain(job: &RemoteJob<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), Fallback> {
     let id = Some(to_digest(job.toolchain.0));
-    if deadline("has-toolchain", scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
+    if deadline(Call::HasToolchain, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
         return Ok(());
     }
     let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
-    let lock = crate::files::lock_file(&lock_path).map_err(|_| "toolchain-lock".to_string())?;
+    let lock = crate::files::lock_file(&lock_path).map_err(|_| Fallback::ToolchainLock)?;
     match lock.try_lock() {
         Ok(()) => {}
-        Err(fs::TryLockError::WouldBlock) => return Err("toolchain-uploading".into()),
-        Err(fs::TryLockError::Error(_)) => return Err("toolchain-lock".into()),
+        Err(fs::TryLockError::WouldBlock) => return Err(Fallback::ToolchainUploading),
+        Err(fs::TryLockError::Error(_)) => return Err(Fallback::ToolchainLock),
     }
     // It may have landed between the two questions.
-    if deadline("has-toolchain", scheduler.has_toolchain(v1::ToolchainRef { id })).await?.present {
+    if deadline(Call::HasToolchain, scheduler.has_toolchain(v1::ToolchainRef { id })).await?.present {
         return Ok(());
     }
     let attempt = lock_path.with_extension("started");
     if crate::files::fresh(&attempt, UPLOAD_RETRY) {
-        return Err("toolchain-upload-failed".into());
+        return Err(Fallback::ToolchainUploadFailed);
     }
     let log = job.config.cache_dir.join(format!("toolchains/upload-{}.log", job.toolchain));
     let started = fs::write(&attempt, b"").and_then(|()| start_upload(job, &lock, &log));
     match started {
         Ok(()) => {
             tracing::info!(toolchain = %job.toolchain, log = %log.display(), "uploading the toolchain in the background");
-            Err("toolchain-uploading".into())
+            Err(Fallback::ToolchainUploading)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the toolchain upload");
-            Err("toolchain-upload-failed".into())
+            Err(Fallback::ToolchainUploadFailed)
         }
     }
 }
 
 /// Starts `ferry toolchain upload` for this job's toolchain, detached from the build (its own
 /// session, none of cargo's stdio), inheriting `lock` so the lock is held until it exits.
-fn start_upload(job: &Job, lock: &fs::File, log: &Path) -> std::io::Result<()> {
+fn start_upload(job: &RemoteJob, lock: &fs::File, log: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
@@ -408,12 +485,32 @@ struct Inputs {
     bytes: u64,
 }
 
-fn gather(job: &Job) -> Result<Inputs, String> {
+fn gather(job: &RemoteJob) -> Result<Inputs, Fallback> {
     let mut inputs = Inputs::default();
-    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).ok_or("not-under-cargo")?;
-    walk(&manifest_dir, &mut inputs, true)?;
-    let input = absolute(job.cwd, &job.rustc.input);
-    add_file(&input, &mut inputs)?;
+    let out_dir = job.rustc.out_dir.as_ref().map(|d| absolute(job.cwd, d));
+    if job.known.is_empty() {
+        // Never compiled before: the whole package.
+        let manifest_dir =
+            std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).ok_or(Fallback::Inputs("not-under-cargo"))?;
+        walk(&manifest_dir, &mut inputs, out_dir.as_deref())?;
+    } else {
+        // What earlier compiles of this scope read (what no longer exists is simply not sent).
+        for list in job.known {
+            for path in list.files.iter().chain(&list.present) {
+                let path = absolute(job.cwd, path);
+                if shippable(job, &path) {
+                    add_existing(&path, &mut inputs)?;
+                }
+            }
+            for dir in &list.listings {
+                let dir = absolute(job.cwd, dir);
+                if shippable(job, &dir) && dir.is_dir() {
+                    walk(&dir, &mut inputs, out_dir.as_deref())?;
+                }
+            }
+        }
+    }
+    add_file(&absolute(job.cwd, &job.rustc.input), &mut inputs)?;
     for (_, path) in &job.rustc.externs {
         add_file(&absolute(job.cwd, path), &mut inputs)?;
     }
@@ -423,18 +520,18 @@ fn gather(job: &Job) -> Result<Inputs, String> {
         }
         let dir = absolute(job.cwd, dir);
         inputs.dirs.push(dir.display().to_string());
-        for entry in fs::read_dir(&dir).map_err(|_| "dependency-dir-unreadable")?.flatten() {
+        for entry in fs::read_dir(&dir).map_err(|_| Fallback::Inputs("dependency-dir-unreadable"))?.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "rmeta" || e == "so") {
                 add_file(&path, &mut inputs)?;
             }
         }
     }
-    if let Some(out_dir) = std::env::var_os("OUT_DIR") {
-        walk(&absolute(job.cwd, &out_dir), &mut inputs, false)?;
+    if let Some(build_out) = std::env::var_os("OUT_DIR") {
+        walk(&absolute(job.cwd, &build_out), &mut inputs, None)?;
     }
-    if let Some(out) = &job.rustc.out_dir {
-        inputs.dirs.push(absolute(job.cwd, out).display().to_string());
+    if let Some(out) = &out_dir {
+        inputs.dirs.push(out.display().to_string());
     }
     // An earlier build's copy of an output is not an input: the job replaces it, and on the worker
     // it may be a read-only link to the blob store.
@@ -446,39 +543,59 @@ fn gather(job: &Job) -> Result<Inputs, String> {
     Ok(inputs)
 }
 
-fn walk(dir: &Path, inputs: &mut Inputs, skip_build_dirs: bool) -> Result<(), String> {
+/// Can a worker take this path into a job (not a system directory, not the toolchain)?
+fn shippable(job: &RemoteJob, path: &Path) -> bool {
+    let top = path.components().nth(1).map(|c| c.as_os_str().to_owned()).unwrap_or_default();
+    !SYSTEM_DIRS.iter().any(|d| OsStr::new(d) == top) && !path.starts_with(&job.compiler.root)
+}
+
+/// Adds every file under `dir`, skipping VCS directories and the build's own target directory
+/// (any directory the output directory lies in), and records every directory.
+fn walk(dir: &Path, inputs: &mut Inputs, out_dir: Option<&Path>) -> Result<(), Fallback> {
     inputs.dirs.push(dir.display().to_string());
-    let entries = fs::read_dir(dir).map_err(|_| "package-unreadable".to_string())?;
+    let entries = fs::read_dir(dir).map_err(|_| Fallback::Inputs("package-unreadable"))?;
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name();
         let Ok(kind) = entry.file_type() else { continue };
         if kind.is_dir() {
-            if skip_build_dirs && SKIPPED_DIRS.iter().any(|s| name == *s) {
+            if VCS_DIRS.iter().any(|s| name == *s) || out_dir.is_some_and(|o| o.starts_with(&path)) {
                 continue;
             }
-            walk(&path, inputs, skip_build_dirs)?;
+            walk(&path, inputs, out_dir)?;
         } else if kind.is_file() || (kind.is_symlink() && path.is_file()) {
             add_file(&path, inputs)?;
         }
         if inputs.files.len() > MAX_FILES {
-            return Err("too-many-input-files".into());
+            return Err(Fallback::Inputs("too-many-input-files"));
         }
     }
     Ok(())
 }
 
-fn add_file(path: &Path, inputs: &mut Inputs) -> Result<(), String> {
+/// [`add_file`] for a path that may be gone or be a directory.
+fn add_existing(path: &Path, inputs: &mut Inputs) -> Result<(), Fallback> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => add_file(path, inputs),
+        Ok(m) if m.is_dir() => {
+            inputs.dirs.push(path.display().to_string());
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn add_file(path: &Path, inputs: &mut Inputs) -> Result<(), Fallback> {
     let key = path.display().to_string();
     if inputs.files.contains_key(&key) {
         return Ok(());
     }
-    let meta = fs::metadata(path).map_err(|_| "input-unreadable".to_string())?;
+    let meta = fs::metadata(path).map_err(|_| Fallback::Inputs("input-unreadable"))?;
     inputs.bytes += meta.len();
     if inputs.bytes > MAX_BYTES {
-        return Err("inputs-too-large".into());
+        return Err(Fallback::Inputs("inputs-too-large"));
     }
-    let digest = crate::digests::digest(path, &meta).ok_or("input-unreadable")?;
+    let digest = crate::digests::digest(path, &meta).ok_or(Fallback::Inputs("input-unreadable"))?;
     let executable = meta.permissions().mode() & 0o111 != 0;
     inputs.files.insert(key, InputFile { digest, executable, source: path.to_owned() });
     Ok(())
@@ -490,7 +607,7 @@ async fn upload_blobs(
     >,
     inputs: &Inputs,
     missing: &[v1::Digest],
-) -> Result<u64, String> {
+) -> Result<u64, Fallback> {
     if missing.is_empty() {
         return Ok(0);
     }
@@ -503,11 +620,11 @@ async fn upload_blobs(
     }
     let total: u64 = sources.values().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), Fallback> {
         for (digest, path) in sources {
-            let bytes = fs::read(&path).map_err(|_| "input-unreadable".to_string())?;
+            let bytes = fs::read(&path).map_err(|_| Fallback::Inputs("input-unreadable"))?;
             if *blake3::hash(&bytes).as_bytes() != digest {
-                return Err("input-changed".into());
+                return Err(Fallback::Inputs("input-changed"));
             }
             let count = bytes.len().div_ceil(CHUNK).max(1);
             for i in 0..count {
@@ -524,32 +641,45 @@ async fn upload_blobs(
     let upload = worker.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx));
     match tokio::time::timeout(Duration::from_secs(600), upload).await {
         Ok(Ok(_)) => {}
-        Ok(Err(s)) => return Err(reason_for("upload-blobs", &s)),
-        Err(_) => return Err("upload-blobs-timeout".into()),
+        Ok(Err(s)) => return Err(reason_for(Call::UploadBlobs, &s)),
+        Err(_) => return Err(Fallback::Call(Call::UploadBlobs, CallFailure::Timeout)),
     }
-    reader.await.map_err(|_| "input-unreadable".to_string())??;
+    reader.await.map_err(|_| Fallback::Inputs("input-unreadable"))??;
     Ok(total)
 }
 
-/// The environment a job sees: cargo's variables (not the jobserver), `OUT_DIR`, the variables
-/// rustc itself reads, and those earlier compiles of this crate read through `env!`.
-fn environment(job: &Job) -> Vec<v1::EnvVar> {
+/// Variables cargo sets for each crate, sent to every job.
+const CRATE_ENV_PREFIXES: &[&str] = &["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_"];
+const CRATE_ENV: &[&str] = &[
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+    "OUT_DIR",
+    "RUSTC_BOOTSTRAP",
+    "SOURCE_DATE_EPOCH",
+];
+
+/// The environment a job sees: cargo's variables for the crate, and every variable earlier
+/// compiles of it looked up. Never a secret, a loader variable, or one of cargo's own settings:
+/// a compile that reads a variable not sent sees it unset, which the key check catches.
+fn environment(job: &RemoteJob) -> Vec<v1::EnvVar> {
+    let learned: Vec<&String> = job.known.iter().flat_map(|l| l.env.iter()).collect();
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in std::env::vars() {
-        // Everything the key covers (so the worker derives the keys a client computes), OUT_DIR, and
-        // the stack size rustc's threads get.
-        let wanted = (name.starts_with("CARGO") && name != "CARGO_MAKEFLAGS")
-            || ferry_cache::rustc::recipe::keyed_env(&name)
-            || ["OUT_DIR", "RUST_MIN_STACK"].contains(&name.as_str())
-            || job.env_names.contains(&name);
-        if wanted {
-            env.insert(name, value);
+    for (name, value) in std::env::vars_os() {
+        let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else { continue };
+        let wanted = CRATE_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+            || CRATE_ENV.contains(&name)
+            || learned.iter().any(|l| *l == name);
+        if wanted && keyed_env(name) && !is_secret(name, value.as_bytes()) && !name.starts_with("LD_") {
+            env.insert(name.to_owned(), value.to_owned());
         }
     }
     env.into_iter().map(|(name, value)| v1::EnvVar { name, value }).collect()
 }
 
-fn outputs(job: &Job) -> Vec<String> {
+fn outputs(job: &RemoteJob) -> Vec<String> {
     job.rustc.outputs().into_iter().map(|(p, _)| absolute(job.cwd, &p).display().to_string()).collect()
 }
 
@@ -574,12 +704,13 @@ fn client_id() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
-fn reason_for(call: &str, s: &tonic::Status) -> String {
-    tracing::warn!(call, code = ?s.code(), message = %s.message(), "cluster call failed");
-    match s.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!("{call}-refused"),
-        tonic::Code::Unavailable => format!("{call}-unavailable"),
-        tonic::Code::DeadlineExceeded => format!("{call}-timeout"),
-        _ => format!("{call}-failed"),
-    }
+fn reason_for(call: Call, s: &tonic::Status) -> Fallback {
+    tracing::warn!(?call, code = ?s.code(), message = %s.message(), "cluster call failed");
+    let how = match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => CallFailure::Refused,
+        tonic::Code::Unavailable => CallFailure::Unavailable,
+        tonic::Code::DeadlineExceeded => CallFailure::Timeout,
+        _ => CallFailure::Failed,
+    };
+    Fallback::Call(call, how)
 }

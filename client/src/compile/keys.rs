@@ -1,0 +1,114 @@
+//! Step 3, key: the pre-key (everything known before compiling), the manifest scope, and the
+//! result key of a manifest, computed from this machine's files and environment as they are now
+//! ([`LocalInputs`]). The recipe itself is `ferry_cache::rustc::recipe`, shared with the workers.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::path::Path;
+
+use ferry_cache::rustc::recipe::{self, PreKeyParts, absolute};
+use ferry_cache::rustc::{Found, InputList, Inputs};
+use ferry_cache::{CacheKey, KeyBuilder};
+
+use super::Job;
+use super::identity::Identity;
+use crate::reason::Fallback;
+
+/// A compile's pre-key (with its readable parts, for `ferry explain`) and manifest scope.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub pre_parts: KeyBuilder,
+    pub pre: CacheKey,
+    pub scope: CacheKey,
+}
+
+impl Keys {
+    pub fn new(pre_parts: KeyBuilder, scope: CacheKey) -> Keys {
+        Keys { pre: pre_parts.finish(), pre_parts, scope }
+    }
+}
+
+impl Job {
+    /// Everything that determines the compile and is known before running it.
+    pub(super) fn pre_key(&mut self, ident: &Identity) -> Result<KeyBuilder, Fallback> {
+        let mut externs = Vec::new();
+        for (name, path) in &self.rustc.externs {
+            let digest = file_digest(&self.cwd.join(path)).ok_or(Fallback::ExternUnreadable)?;
+            externs.push((name.clone(), path.clone(), digest));
+        }
+        let cwd = self.cwd.to_string_lossy().into_owned();
+        let toolchain = ident.id.to_hex();
+        let parts = PreKeyParts {
+            toolchain: &toolchain,
+            driver: &ident.driver,
+            cwd: &cwd,
+            args: &self.rustc,
+            externs,
+            native_cpu: ident.native_cpu.as_deref(),
+        };
+        Ok(recipe::pre_key(parts, &self.config.basedirs))
+    }
+
+    /// The manifests' scope: the pre-key and the crate root's content.
+    pub(super) fn manifest_scope(&mut self, pre: &CacheKey) -> CacheKey {
+        recipe::manifest_scope(pre, file_digest(&self.cwd.join(&self.rustc.input)))
+    }
+
+    /// The result key of a compile that observed `list`, from this machine's state now.
+    pub(super) fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<KeyBuilder> {
+        recipe::result_key(pre, list, &self.config.basedirs, &mut LocalInputs { cwd: &self.cwd })
+    }
+}
+
+/// This machine's files and environment, as a result key reads them. Digests come through the
+/// stat-fingerprint memo (`crate::digests`).
+pub struct LocalInputs<'a> {
+    pub cwd: &'a Path,
+}
+
+impl Inputs for LocalInputs<'_> {
+    fn probe(&mut self, path: &str) -> Found {
+        let path = absolute(self.cwd, path);
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => crate::digests::digest(&path, &m).map_or(Found::Unreadable, Found::File),
+            Ok(m) if m.is_dir() => Found::Dir,
+            Ok(_) => Found::Other,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Found::Absent,
+            Err(_) => Found::Unreadable,
+        }
+    }
+
+    fn link(&mut self, path: &str) -> Option<String> {
+        fs::read_link(absolute(self.cwd, path)).ok().and_then(|t| t.to_str().map(str::to_owned))
+    }
+
+    fn listing(&mut self, path: &str) -> Option<Vec<String>> {
+        let mut names: Vec<String> = fs::read_dir(absolute(self.cwd, path))
+            .ok()?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        names.sort();
+        Some(names)
+    }
+
+    fn program(&mut self, name: &str) -> Option<[u8; 32]> {
+        let found = if name.contains('/') {
+            absolute(self.cwd, name)
+        } else {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())?
+        };
+        file_digest(&found)
+    }
+
+    fn env(&self, name: &str) -> Option<Vec<u8>> {
+        std::env::var_os(name).map(|v| v.into_encoded_bytes())
+    }
+}
+
+/// The content digest of a file (through the memo).
+pub fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    let meta = fs::metadata(path).ok()?;
+    crate::digests::digest(path, &meta)
+}

@@ -1,0 +1,162 @@
+//! Step 5, run: a miss compiles on a worker when it can ([`super::remote`]), else here; a local
+//! compile runs observed — the interposer preloaded into rustc and everything it starts, logging
+//! what they read, looked for, listed, ran and looked up — and its observation becomes the
+//! manifest ([`ferry_cache::rustc::input_list`]). A compile whose observation is incomplete still
+//! gives cargo its answer; only its result is not stored.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
+
+use ferry_cache::DiskStore;
+use ferry_cache::rustc::recipe::absolute;
+use ferry_cache::rustc::{InputList, Scope, input_list};
+
+use super::identity::Identity;
+use super::keys::Keys;
+use super::{Job, exit_code, remote};
+use crate::process::{self, RunOutput};
+use crate::reason::{Fallback, NotStored};
+use crate::shared::SharedTier;
+
+/// A compile that ran here.
+pub struct Ran {
+    pub run: RunOutput,
+    /// Its manifest, or why it cannot have one.
+    pub observed: Result<InputList, NotStored>,
+    pub started: SystemTime,
+    pub compile_ms: u64,
+}
+
+/// The interposer and this compile's log.
+struct Observer {
+    interposer: PathBuf,
+    log: PathBuf,
+}
+
+impl Job {
+    pub(super) fn compile_and_store(
+        &mut self,
+        store: &DiskStore,
+        shared: Option<&mut SharedTier>,
+        ident: &Identity,
+        keys: &Keys,
+        known: &[InputList],
+    ) -> ExitCode {
+        let mut remote_failure = None;
+        let may_distribute = ident.is_plain_rustc() && ident.native_cpu.is_none();
+        if self.config.scheduler.is_some() && may_distribute && remote::distributable(&self.rustc, &self.cwd).is_ok() {
+            if remote::backing_off(&self.config.cache_dir, self.config.cluster_backoff) {
+                self.count_fallback(&Fallback::ClusterBackoff);
+            } else {
+                let remote = self.compile_remotely(store, ident, keys, known);
+                self.clock.lap("remote");
+                match remote {
+                    Ok(code) => return code,
+                    Err(failed) => {
+                        tracing::info!(reason = %failed.reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
+                        remote::note_failure(&self.config.cache_dir, &failed.reason);
+                        self.count_fallback(&failed.reason);
+                        remote_failure = Some(failed);
+                    }
+                }
+            }
+        }
+        let drop_lines = remote_failure.as_ref().map(|f| f.forwarded.clone()).unwrap_or_default();
+        let ran = match self.run_observed(ident, &drop_lines) {
+            Ok(ran) => ran,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {e}", ident.program.display());
+                return ExitCode::from(1);
+            }
+        };
+        self.stats.compiled_local += 1;
+        self.clock.lap("compile");
+        if remote_failure.is_some_and(|f| matches!(f.reason, Fallback::RemoteExit(_))) && ran.run.status.success() {
+            // The worker's compile failed where ours succeeded: a broken worker or a missing
+            // input; the local result stands, and the discrepancy is counted.
+            tracing::warn!(krate = %self.rustc.crate_name, "remote compile failed but local succeeded");
+            self.count_fallback(&Fallback::Discrepancy);
+        }
+        let status = ran.run.status;
+        match self.store_result(store, ident, keys, known, ran, HashMap::new()) {
+            Ok(stored) => {
+                if let Some(tier) = shared
+                    && tier.may_write()
+                {
+                    self.publish_shared_detached(tier, &stored, &keys.scope);
+                }
+            }
+            Err(reason) => self.count_not_stored(&reason),
+        }
+        self.clock.lap("store");
+        exit_code(status)
+    }
+
+    pub(super) fn count_not_stored(&mut self, reason: &NotStored) {
+        tracing::debug!(reason = %reason.as_str(), krate = %self.rustc.crate_name, "result not stored");
+        *self.stats.not_stored.entry(reason.as_str()).or_default() += 1;
+    }
+
+    /// Runs the compile here with its stdout/stderr teed to cargo (minus `drop_lines`, which a
+    /// failed remote job already passed on), observed.
+    fn run_observed(&mut self, ident: &Identity, drop_lines: &[Vec<u8>]) -> std::io::Result<Ran> {
+        let observer = self.observer();
+        let mut args: Vec<OsString> = ident.prefix.clone();
+        args.extend(self.invocation.rest.iter().cloned());
+        let env = match &observer {
+            Some(o) => ferry_observe::environment(
+                &o.interposer,
+                &o.log,
+                std::env::var_os("LD_PRELOAD").as_deref(),
+                std::process::id(),
+            ),
+            None => Vec::new(),
+        };
+        let started = SystemTime::now();
+        let clock = Instant::now();
+        let run = process::run_teed(&ident.program, &args, &env, drop_lines);
+        let compile_ms = clock.elapsed().as_millis() as u64;
+        let observed = match &observer {
+            Some(o) => self.read_observation(o, ident),
+            None => Err(NotStored::Unobserved("observer-unavailable".into())),
+        };
+        if let Some(o) = &observer {
+            let _ = fs::remove_file(&o.log);
+        }
+        Ok(Ran { run: run?, observed, started, compile_ms })
+    }
+
+    /// The interposer installed under the cache dir and a fresh log; None (the compile then runs
+    /// unobserved and is not stored) when either cannot be made.
+    fn observer(&self) -> Option<Observer> {
+        let dir = self.config.cache_dir.join("observe");
+        let interposer = ferry_observe::install(&dir)
+            .map_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot install the observer"))
+            .ok()?;
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let log = dir.join("logs").join(format!("{}-{nanos}.log", std::process::id()));
+        let made = fs::create_dir_all(log.parent()?).and_then(|()| fs::File::create_new(&log));
+        made.map_err(|e| tracing::warn!(error = %e, "cannot create the observation log")).ok()?;
+        Some(Observer { interposer, log })
+    }
+
+    fn read_observation(&self, observer: &Observer, ident: &Identity) -> Result<InputList, NotStored> {
+        let bytes = fs::read(&observer.log).map_err(|_| NotStored::Unobserved("log-unreadable".into()))?;
+        let records = ferry_observe::parse(&bytes).map_err(|_| NotStored::Unobserved("log-malformed".into()))?;
+        let scope = Scope {
+            toolchain_root: &ident.compiler.root,
+            outputs: self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect(),
+            search_dirs: self.rustc.search_dirs().map(|d| absolute(&self.cwd, d)).collect(),
+            own_files: vec![observer.log.clone(), observer.interposer.clone()],
+        };
+        input_list(&records, &scope).map_err(|incomplete| {
+            tracing::info!(krate = %self.rustc.crate_name, %incomplete, "the compile was not fully observed");
+            NotStored::Unobserved(incomplete.reason)
+        })
+    }
+}

@@ -1,0 +1,173 @@
+//! Step 6, store: a finished compile's result goes into the local tier under the key of what it
+//! observed, with its manifest in the next free generation of its scope; and into the shared tier
+//! from a detached copy of the wrapper when this client holds `cache-write`.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use ferry_cache::rustc::InputList;
+use ferry_cache::rustc::recipe::{self, MAX_MANIFESTS, absolute, manifest_key};
+use ferry_cache::{CacheKey, CompileOutput, DiskStore, Entry, EntryKind, OutputFile};
+
+use super::Job;
+use super::identity::Identity;
+use super::keys::Keys;
+use super::run::Ran;
+use crate::process;
+use crate::reason::NotStored;
+use crate::shared::SharedTier;
+use crate::stats::Stats;
+
+/// A result as the local tier stored it: its key and encoded entry (what the shared tier gets
+/// too), and the manifest that leads to it.
+pub struct Stored {
+    pub key: CacheKey,
+    pub toolchain: [u8; 32],
+    pub bytes: Vec<u8>,
+    pub list: InputList,
+}
+
+impl Job {
+    /// Stores a compile's result; `written` holds outputs this process wrote itself (a remote
+    /// job's), which are not read back.
+    pub(super) fn store_result(
+        &mut self,
+        store: &DiskStore,
+        ident: &Identity,
+        keys: &Keys,
+        known: &[InputList],
+        ran: Ran,
+        mut written: HashMap<String, Vec<u8>>,
+    ) -> Result<Stored, NotStored> {
+        let run = &ran.run;
+        let code = match (run.status.code(), run.status.signal()) {
+            (_, Some(_)) => return Err(NotStored::KilledBySignal),
+            (Some(0), _) => 0,
+            (Some(1), _) if self.config.cache_failures => 1,
+            (Some(1), _) => return Err(NotStored::CompileError),
+            (Some(101), _) => return Err(NotStored::InternalCompilerError),
+            _ => return Err(NotStored::UnexpectedExitCode),
+        };
+        let mut list = ran.observed?;
+        for file in &list.files {
+            let changed = fs::metadata(absolute(&self.cwd, file)).map(|m| modified(&m) > ran.started).unwrap_or(true);
+            if changed {
+                return Err(NotStored::InputsChangedDuringCompile);
+            }
+        }
+        // Digests taken before the compile may describe older content.
+        crate::digests::forget_seen();
+        let mut files = Vec::new();
+        if code == 0 {
+            for (path, executable) in self.rustc.outputs() {
+                let bytes = match written.remove(&absolute(&self.cwd, &path).display().to_string()) {
+                    Some(bytes) => bytes,
+                    None => fs::read(self.cwd.join(&path)).map_err(|_| NotStored::MissingOutput)?,
+                };
+                files.push(OutputFile { path, executable, bytes: bytes.into() });
+            }
+        }
+        let outputs: Vec<&[u8]> = files.iter().map(|f| &f.bytes[..]).collect();
+        recipe::mark_verbatim(
+            &mut list,
+            &self.config.basedirs,
+            |n| std::env::var_os(n).map(|v| v.into_encoded_bytes()),
+            &outputs,
+        );
+        let new_generation = (!known.contains(&list)).then_some(known.len() as u32);
+        if new_generation.is_some_and(|g| g >= MAX_MANIFESTS) {
+            return Err(NotStored::TooManyInputLists);
+        }
+        let parts = self.result_key(&keys.pre, &list).ok_or(NotStored::InputUnreadable)?;
+        let key = parts.finish();
+        let output = self.config.basedirs.rebase_output(CompileOutput {
+            exit_code: code,
+            stdout: run.stdout.clone(),
+            stderr: run.stderr.clone(),
+            files,
+            compile_ms: ran.compile_ms,
+        });
+        let toolchain = ident.id.0;
+        let bytes = Entry::encode_result(key, toolchain, &output);
+        drop(output);
+        if !self.put_encoded(store, &key, &bytes) {
+            return Err(NotStored::CacheWriteFailed);
+        }
+        if let Some(generation) = new_generation {
+            let payload = serde_json::to_vec(&self.config.basedirs.rebase_list(&list)).expect("input list serializes");
+            let manifest =
+                Entry { kind: EntryKind::Manifest, key: manifest_key(&keys.scope, generation), toolchain, payload };
+            if !self.put(store, &manifest) {
+                return Err(NotStored::CacheWriteFailed);
+            }
+        }
+        crate::explain::note(&self.config, &self.rustc, &self.cwd, keys, Some(&parts), "miss (stored)");
+        Ok(Stored { key, toolchain, bytes, list })
+    }
+
+    /// [`Job::publish_shared`] after cargo has its answer: a forked child uploads while this
+    /// process exits. The child holds the cache dir's publishing lock, which `ferry stats` waits
+    /// for, so counters (and a teammate's next build after them) see the publish done. In-process
+    /// when a fork is not safe here.
+    pub(super) fn publish_shared_detached(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey) {
+        let Ok(lock) = publishing_lock(&self.config.cache_dir).and_then(|f| f.lock_shared().map(|()| f)) else {
+            return self.publish_shared(tier, stored, scope);
+        };
+        match process::detach() {
+            process::Detached::Parent => drop(lock),
+            process::Detached::NotPossible => self.publish_shared(tier, stored, scope),
+            process::Detached::Child => {
+                // The parent counts its own work; the child only what it does, on a tier of its
+                // own (the parent's runtime and connection are the parent's).
+                self.stats = Stats::default();
+                if let Some(mut tier) = SharedTier::open(&self.config, &mut self.stats) {
+                    self.publish_shared(&mut tier, stored, scope);
+                }
+                tracing::debug!(key = %stored.key, "published after the build's answer");
+                let _ = Stats::add(&self.config.stats_path(), &self.stats);
+                drop(lock);
+                // SAFETY: ends the forked child without running the parent's exit handlers.
+                unsafe { libc::_exit(0) }
+            }
+        }
+    }
+
+    /// A local compile's result into the shared tier (this client holds `cache-write`): the
+    /// result first, so a manifest never leads to nothing.
+    fn publish_shared(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey) {
+        if !tier.put(&stored.key, &stored.bytes, &mut self.stats) {
+            return;
+        }
+        let list = self.config.basedirs.rebase_list(&stored.list);
+        match recipe::publish_manifest(tier.store(), stored.toolchain, scope, &list) {
+            Ok(true) => {}
+            Ok(false) => self.count_not_stored(&NotStored::SharedTooManyInputLists),
+            Err(e) => tier.failed(&e, &mut self.stats),
+        }
+    }
+}
+
+fn modified(meta: &fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    meta.modified().unwrap_or_else(|_| SystemTime::UNIX_EPOCH + Duration::from_secs(meta.mtime() as u64))
+}
+
+/// The lock detached publishers hold (shared) while they run; see [`wait_for_publishers`].
+fn publishing_lock(cache_dir: &Path) -> std::io::Result<File> {
+    crate::files::lock_file(&cache_dir.join("publishing.lock"))
+}
+
+/// Waits (at most `limit`) until no detached publisher of this cache dir is still running.
+pub fn wait_for_publishers(cache_dir: &Path, limit: Duration) {
+    let Ok(lock) = publishing_lock(cache_dir) else { return };
+    let start = Instant::now();
+    while let Err(fs::TryLockError::WouldBlock) = lock.try_lock() {
+        if start.elapsed() > limit {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,257 @@
+//! Why a compile left the cached path, or why its result was not kept: one enum per kind, each
+//! variant rendered once ([`Fallback::as_str`], [`NotStored::as_str`]) under the names
+//! `ferry stats` counts, and explained once ([`explain`]) for `ferry stats` and the README's table.
+
+use std::fmt;
+
+/// An infrastructure problem that turned a cached or remote compile into a plain local one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// The compiler cargo named could not be mapped to a toolchain.
+    ToolchainUnresolved,
+    /// The local toolchain store could not be opened.
+    ToolchainStore,
+    /// The compile targets a platform whose standard library is not installed.
+    TargetNotInstalled,
+    /// The toolchain could not be hashed.
+    ToolchainIdentify,
+    /// The local cache directory could not be opened.
+    CacheUnavailable,
+    /// An `--extern` file could not be read.
+    ExternUnreadable,
+    /// A cached output could not be written back.
+    ReplayWriteFailed,
+    /// The scheduler failed to answer recently: compiles stay local for a while.
+    ClusterBackoff,
+    /// A call to the scheduler or a worker failed.
+    Call(Call, CallFailure),
+    /// The scheduler answered "compile locally".
+    Local(LocalReason),
+    /// The toolchain is being uploaded in the background, or its upload failed recently.
+    ToolchainUploading,
+    ToolchainUploadFailed,
+    ToolchainLock,
+    /// The worker could not run the job (its own error, reported by it).
+    WorkerError,
+    /// The connection to the worker broke during the job.
+    WorkerLost,
+    /// The worker sent nothing for too long.
+    WorkerSilent,
+    /// A sandbox limit stopped the job.
+    SandboxLimit,
+    /// The remote compile failed (exit code, or a signal).
+    RemoteExit(Option<i32>),
+    /// The worker did not send every declared output, or sent something else.
+    MissingOutput,
+    OutputRejected,
+    /// An output sent by the worker could not be written here.
+    OutputWriteFailed,
+    /// What the remote compile observed differs from this machine (a file, a variable).
+    RemoteInputsDiffer,
+    /// The worker could not observe the whole job.
+    RemoteObservationIncomplete,
+    /// The worker's answer made no sense.
+    WorkerBadAnswer,
+    /// Gathering the job's inputs failed (too many, too large, unreadable).
+    Inputs(&'static str),
+    /// Local machinery failed (no async runtime).
+    RuntimeUnavailable,
+    /// The remote compile failed but the local one succeeded: a broken worker or a missing input.
+    Discrepancy,
+}
+
+/// Which cluster call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Scheduler,
+    HasToolchain,
+    Allocate,
+    Worker,
+    FindMissing,
+    UploadBlobs,
+    RunJob,
+}
+
+/// How a cluster call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFailure {
+    Unreachable,
+    Timeout,
+    Refused,
+    Unavailable,
+    Failed,
+}
+
+/// The scheduler's reasons to say "compile locally" (`ferry.v1.LocalReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalReason {
+    NoWorkers,
+    NoCapacity,
+    ToolchainFetching,
+    WorkersQuarantined,
+}
+
+/// A compile that ran but whose result was not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStored {
+    KilledBySignal,
+    /// rustc exit 1 (without `FERRY_CACHE_FAILURES=1`): includes build-script probes meant to fail.
+    CompileError,
+    InternalCompilerError,
+    UnexpectedExitCode,
+    /// The observation of the compile is incomplete (the reason says what it could not see).
+    Unobserved(String),
+    /// An input changed while the compile ran.
+    InputsChangedDuringCompile,
+    /// A listed input cannot be read back.
+    InputUnreadable,
+    /// A declared output is missing.
+    MissingOutput,
+    CacheWriteFailed,
+    TooManyInputLists,
+    SharedTooManyInputLists,
+}
+
+impl Fallback {
+    /// The name `ferry stats` counts it under.
+    pub fn as_str(&self) -> String {
+        match self {
+            Fallback::ToolchainUnresolved => "toolchain-unresolved".into(),
+            Fallback::ToolchainStore => "toolchain-store".into(),
+            Fallback::TargetNotInstalled => "target-not-installed".into(),
+            Fallback::ToolchainIdentify => "toolchain-identify".into(),
+            Fallback::CacheUnavailable => "cache-unavailable".into(),
+            Fallback::ExternUnreadable => "extern-unreadable".into(),
+            Fallback::ReplayWriteFailed => "replay-write-failed".into(),
+            Fallback::ClusterBackoff => "cluster-backoff".into(),
+            Fallback::Call(call, how) => format!("{}-{}", call.as_str(), how.as_str()),
+            Fallback::Local(reason) => reason.as_str().into(),
+            Fallback::ToolchainUploading => "toolchain-uploading".into(),
+            Fallback::ToolchainUploadFailed => "toolchain-upload-failed".into(),
+            Fallback::ToolchainLock => "toolchain-lock".into(),
+            Fallback::WorkerError => "worker-error".into(),
+            Fallback::WorkerLost => "worker-lost".into(),
+            Fallback::WorkerSilent => "worker-silent".into(),
+            Fallback::SandboxLimit => "sandbox-limit".into(),
+            Fallback::RemoteExit(Some(code)) => format!("remote-exit-{code}"),
+            Fallback::RemoteExit(None) => "remote-exit-signal".into(),
+            Fallback::MissingOutput => "missing-output".into(),
+            Fallback::OutputRejected => "output-rejected".into(),
+            Fallback::OutputWriteFailed => "output-write-failed".into(),
+            Fallback::RemoteInputsDiffer => "remote-inputs-differ".into(),
+            Fallback::RemoteObservationIncomplete => "remote-observation-incomplete".into(),
+            Fallback::WorkerBadAnswer => "worker-bad-answer".into(),
+            Fallback::Inputs(what) => (*what).into(),
+            Fallback::RuntimeUnavailable => "runtime-unavailable".into(),
+            Fallback::Discrepancy => "discrepancy".into(),
+        }
+    }
+
+    /// True when this means the scheduler itself did not answer (every wrapper then backs off).
+    pub fn scheduler_down(&self) -> bool {
+        matches!(
+            self,
+            Fallback::Call(Call::Scheduler, _)
+                | Fallback::Call(Call::Allocate, CallFailure::Timeout)
+                | Fallback::Call(Call::HasToolchain, CallFailure::Timeout)
+        )
+    }
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+impl Call {
+    fn as_str(self) -> &'static str {
+        match self {
+            Call::Scheduler => "scheduler",
+            Call::HasToolchain => "has-toolchain",
+            Call::Allocate => "allocate",
+            Call::Worker => "worker",
+            Call::FindMissing => "find-missing",
+            Call::UploadBlobs => "upload-blobs",
+            Call::RunJob => "run-job",
+        }
+    }
+}
+
+impl CallFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            CallFailure::Unreachable => "unreachable",
+            CallFailure::Timeout => "timeout",
+            CallFailure::Refused => "refused",
+            CallFailure::Unavailable => "unavailable",
+            CallFailure::Failed => "failed",
+        }
+    }
+}
+
+impl LocalReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::NoWorkers => "no-workers",
+            LocalReason::NoCapacity => "no-capacity",
+            LocalReason::ToolchainFetching => "toolchain-fetching",
+            LocalReason::WorkersQuarantined => "workers-quarantined",
+        }
+    }
+}
+
+impl NotStored {
+    /// The name `ferry stats` counts it under.
+    pub fn as_str(&self) -> String {
+        match self {
+            NotStored::KilledBySignal => "killed-by-signal".into(),
+            NotStored::CompileError => "compile-error".into(),
+            NotStored::InternalCompilerError => "internal-compiler-error".into(),
+            NotStored::UnexpectedExitCode => "unexpected-exit-code".into(),
+            NotStored::Unobserved(reason) => format!("unobserved: {reason}"),
+            NotStored::InputsChangedDuringCompile => "inputs-changed-during-compile".into(),
+            NotStored::InputUnreadable => "input-unreadable".into(),
+            NotStored::MissingOutput => "missing-output".into(),
+            NotStored::CacheWriteFailed => "cache-write-failed".into(),
+            NotStored::TooManyInputLists => "too-many-input-lists".into(),
+            NotStored::SharedTooManyInputLists => "shared-too-many-input-lists".into(),
+        }
+    }
+}
+
+/// One line on what a counted reason means and what to do about it, by the name `ferry stats`
+/// shows (`pass-through: ...`, `fallback: ...`, `not stored: ...`); None for names without one.
+pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
+    let text = match (kind, name) {
+        ("pass-through", "incremental") => {
+            "cargo compiles workspace members incrementally in debug builds; set CARGO_INCREMENTAL=0 to cache them"
+        }
+        ("pass-through", "query") => "rustc -vV / --print: cargo's questions, nothing to cache",
+        ("pass-through", "stdin-input") => "a source on stdin (cargo's probes): nothing to cache",
+        ("pass-through", "multiple-inputs") => {
+            "more than one source file: a wrapper in front of rustc that ferry cannot tell apart from rustc"
+        }
+        ("pass-through", "non-utf8-argument") => "an argument ferry cannot represent: rustc runs unchanged",
+        ("pass-through", "output-not-regular") => {
+            "an output path is a device, FIFO, socket or directory: rustc writes it itself"
+        }
+        ("pass-through", "unknown-flag") => "a rustc flag ferry does not know: never guessed at",
+        ("fallback", "discrepancy") => {
+            "the worker's compile failed where the local one succeeded: the worker's log has its stderr"
+        }
+        ("fallback", "remote-inputs-differ") => {
+            "the worker saw another file or variable than this machine (learned now; sent next time)"
+        }
+        ("fallback", "workers-quarantined") => "every worker is quarantined after failing jobs: see ferry status",
+        ("fallback", "worker-error") => "a worker could not run the job: see ferry status for its error",
+        ("not stored", "compile-error") => {
+            "rustc reported errors (build scripts' probes fail on purpose); FERRY_CACHE_FAILURES=1 caches them"
+        }
+        ("not stored", r) if r.starts_with("unobserved") => {
+            "part of the compile could not be observed (a static program, a dropped LD_PRELOAD): never cached"
+        }
+        _ => return None,
+    };
+    Some(text)
+}
