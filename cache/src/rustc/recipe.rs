@@ -153,8 +153,11 @@ pub fn pre_key(parts: PreKeyParts<'_>, bases: &Bases) -> KeyBuilder {
     for (name, path, digest) in &parts.externs {
         k.field(&format!("extern:{name}:{}", bases.rebase(path)), hex(digest));
     }
-    if let Some(cpu) = parts.native_cpu {
+    if let Some(native) = parts.native_cpu {
+        // `cpu=NAME features=+a,+b,...`: the name readable in `ferry explain`, the list hashed.
+        let (cpu, features) = native.split_once(" features=").unwrap_or((native, ""));
         k.field("target-cpu=native", cpu);
+        k.field("target-cpu=native features", features);
     }
     k
 }

@@ -50,11 +50,17 @@ impl Job {
     pub(super) fn identify(&mut self) -> Result<Identity, Fallback> {
         let inv = &self.invocation;
         let rustc_path = inv.inner.as_deref().unwrap_or(&inv.program).to_owned();
-        let compiler =
-            resolve_compiler_with(&rustc_path, inv.plus.as_deref(), &self.cwd, process::output).map_err(|e| {
+        let mut compiler = resolve_compiler_with(&rustc_path, inv.plus.as_deref(), &self.cwd, process::output)
+            .map_err(|e| {
                 tracing::warn!(error = %e, "cannot resolve the toolchain");
                 Fallback::ToolchainUnresolved
             })?;
+        // A driver of the toolchain named as the compiler (`RUSTC=.../bin/clippy-driver`): the
+        // toolchain is its directory's; rustc is the toolchain's own.
+        let own_rustc = compiler.root.join("bin/rustc");
+        if compiler.rustc != own_rustc && own_rustc.is_file() {
+            compiler.rustc = own_rustc;
+        }
         let toolchains =
             LocalStore::open(&self.config.cache_dir).map(|s| s.with_spawn(process::output)).map_err(|e| {
                 tracing::warn!(error = %e, "toolchain store unavailable");
@@ -83,6 +89,7 @@ impl Job {
             None => (self.direct_program(&compiler), Vec::new()),
         };
         let driver = self.driver_identity(&compiler, &program)?;
+        tracing::debug!(program = %program.display(), rustc = %compiler.rustc.display(), %driver, "identified");
         let native_cpu = if self.rustc.native_cpu {
             Some(native_cpu(&self.config.cache_dir, &compiler, &id, &self.rustc.target))
         } else {

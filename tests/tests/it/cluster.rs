@@ -471,6 +471,12 @@ fn a_second_client_with_an_empty_cache_hits_every_unit_in_the_shared_tier() {
     let lib = ws.join("crates/texty/src/lib.rs");
     let source = fs::read_to_string(&lib).expect("texty");
     write(&lib, &format!("{source}\npub const EXTRA: &str = include_str!(\"nested/../../extra.txt\");\n"));
+    // Both machines reach the linker driver through a `cc` of their own on PATH.
+    let tools = c.world.path().join("tools");
+    fs::create_dir_all(&tools).expect("mkdir");
+    replace_script(&tools.join("cc"), "exec /usr/bin/cc \"$@\"");
+    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap_or_default());
+    c.world.set("PATH", &path);
     let expected = plain_outputs(&c.world, &ws);
 
     build_as(&mut c, "first", &ws);
@@ -483,7 +489,20 @@ fn a_second_client_with_an_empty_cache_hits_every_unit_in_the_shared_tier() {
     wait_until(Duration::from_secs(30), "every unit's result and manifest in the shared tier", || {
         (scheduler_entries(&c).len() >= 2 * UNITS as usize).then_some(())
     });
-    // A teammate: empty local cache, same sources at the same place.
+    // A teammate: empty local cache, same sources at the same place; a byte-identical linker
+    // driver with another inode and mtime, colors on, its own registry token and HTTP timeout.
+    fs::copy(tools.join("cc"), tools.join("cc.copy")).expect("copy");
+    fs::rename(tools.join("cc.copy"), tools.join("cc")).expect("rename");
+    fs::File::options()
+        .append(true)
+        .open(tools.join("cc"))
+        .expect("open")
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1 << 30))
+        .expect("mtime");
+    c.world
+        .set("CARGO_TERM_COLOR", "always")
+        .set("CARGO_REGISTRY_TOKEN", "second-secret")
+        .set("CARGO_HTTP_TIMEOUT", "77");
     client(&mut c, "second");
     clean(&c.world, &ws);
     let jobs = remote_jobs(&c.world).len();
@@ -762,6 +781,61 @@ fn a_worker_whose_sandbox_breaks_is_quarantined_and_builds_lose_nothing() {
     assert_eq!(n(&s, "/fallbacks/workers-quarantined"), 1, "{s:#}");
     assert_eq!(n(&s, "/fallbacks/worker-error"), 3, "{s:#}");
     assert_eq!(n(&s, "/compiled_remote"), 1, "{s:#}");
+}
+
+#[test]
+fn target_cpu_native_stays_local_keyed_by_this_cpu() {
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let dir = c.world.path().join("native");
+    write(&dir.join("Cargo.toml"), "[package]\nname = \"native\"\nversion = \"0.1.0\"\nedition = \"2021\"\n");
+    write(
+        &dir.join("src/lib.rs"),
+        "pub fn dot(a: &[f32], b: &[f32]) -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() }\n",
+    );
+    write(&dir.join("src/main.rs"), "fn main() { println!(\"{}\", native::dot(&[1.0, 2.0], &[3.0, 4.0])); }\n");
+    c.world.set("RUSTFLAGS", "-C target-cpu=native");
+    client(&mut c, "native");
+    ok_build(cargo_build(&c.world, &dir, true));
+    let s = c.world.stats();
+    assert_eq!(
+        (n(&s, "/compiled_remote"), n(&s, "/compiled_local")),
+        (0, 2),
+        "nothing built for 'native' leaves: {s:#}"
+    );
+    assert_no_fallbacks(&s);
+    let explained = c.world.ferry_ok(&["explain", "--crate", "native"]);
+    let cpu = explained.lines().find(|l| l.contains("target-cpu=native = ")).unwrap_or_default();
+    assert!(cpu.contains("cpu=") && !cpu.contains("cpu=unknown"), "{explained}");
+    // The same build without the flag goes to the worker: only 'native' kept it here.
+    c.world.set("RUSTFLAGS", "");
+    clean(&c.world, &dir);
+    client(&mut c, "portable");
+    ok_build(cargo_build(&c.world, &dir, true));
+    assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1);
+}
+
+#[test]
+fn sources_under_a_nested_target_directory_reach_the_worker() {
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let dir = c.world.path().join("nt");
+    write(&dir.join("Cargo.toml"), "[package]\nname = \"nt\"\nversion = \"0.1.0\"\nedition = \"2021\"\n");
+    write(
+        &dir.join("src/lib.rs"),
+        "mod target;\npub fn arch() -> String { target::arch_of(\"x86_64-unknown-linux-gnu\") }\n",
+    );
+    write(&dir.join("src/target.rs"), "mod parser;\npub fn arch_of(t: &str) -> String { parser::first(t) }\n");
+    write(
+        &dir.join("src/target/parser.rs"),
+        "pub fn first(t: &str) -> String { t.split('-').next().unwrap_or_default().to_owned() }\n",
+    );
+    write(&dir.join("src/main.rs"), "fn main() { println!(\"{}\", nt::arch()); }\n");
+    client(&mut c, "nested");
+    ok_build(cargo_build(&c.world, &dir, true));
+    let s = c.world.stats();
+    assert_no_fallbacks(&s);
+    assert_eq!(n(&s, "/compiled_remote"), 1, "{s:#}");
+    let out = ok(Command::new(dir.join("target/debug/nt")).output().expect("runs"));
+    assert_eq!(out.trim(), "x86_64");
 }
 
 /// The first `name` on `PATH`.

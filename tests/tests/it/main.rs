@@ -1,6 +1,7 @@
 //! The one end-to-end test binary. Each module is one area; helpers live in `ferry_tests`.
 
 mod cluster;
+mod inputs;
 mod security;
 mod toolchain;
 mod wrapper;
