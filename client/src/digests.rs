@@ -11,8 +11,13 @@
 //! waits longer; one that runs behind by more than [`SETTLED`] weakens it to the filesystem's
 //! own timestamp granularity.)
 //!
-//! One small file per path under `<cache dir>/digests/`, replaced atomically; a damaged one is
-//! just a miss. This process also remembers what it hashed, by fingerprint.
+//! The one exception is [`remember_output`]: a compile's output, hashed from the bytes the
+//! wrapper itself wrote (a replay) or read after the compiler that wrote it exited. Nothing else
+//! writes that path until cargo runs the same unit again, so no write can share its clock tick;
+//! and without it every crate would hash its dependencies' fresh `.rmeta`s again.
+//!
+//! One small file per path under `<cache dir>/digests/`, rewritten in place; a damaged or half
+//! written one is just a miss. This process also remembers what it hashed, by fingerprint.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,6 +29,10 @@ use std::time::{Duration, SystemTime};
 
 /// How long ago a file's last change must be before its digest is remembered.
 pub const SETTLED: Duration = Duration::from_secs(2);
+
+/// Smaller files are hashed every time: reading and hashing a few KiB costs no more than reading
+/// a memo, and not remembering them saves creating thousands of memo files in a cold build.
+pub const MEMO_FROM: u64 = 64 << 10;
 
 static DIR: OnceLock<PathBuf> = OnceLock::new();
 
@@ -47,9 +56,22 @@ thread_local! {
     static COUNTS: RefCell<(u64, u64)> = const { RefCell::new((0, 0)) };
 }
 
-/// The blake3 of `path`'s content, from a memo when its fingerprint matches.
-pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
-    let stamp = format!(
+/// Remembers the digest of an output whose bytes are `bytes` (see the module docs).
+pub fn remember_output(path: &Path, bytes: &[u8]) {
+    let Ok(meta) = fs::metadata(path) else { return };
+    if meta.len() != bytes.len() as u64 {
+        return;
+    }
+    let digest = *blake3::hash(bytes).as_bytes();
+    let stamp = stamp(&meta);
+    if meta.len() >= MEMO_FROM {
+        write_memo(path, &stamp, digest);
+    }
+    remember(path, stamp, digest);
+}
+
+fn stamp(meta: &fs::Metadata) -> String {
+    format!(
         "{} {}.{} {}.{} {} {}",
         meta.len(),
         meta.mtime(),
@@ -58,14 +80,37 @@ pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
         meta.ctime_nsec(),
         meta.ino(),
         meta.dev()
-    );
+    )
+}
+
+fn memo_path(path: &Path) -> Option<PathBuf> {
+    DIR.get().map(|dir| {
+        let name = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
+        dir.join(&name[..32])
+    })
+}
+
+/// Writes a memo in place, in one `write`: a reader that sees it half written (or empty) finds
+/// no matching fingerprint or no valid digest, a miss. (A temp file and a rename per memo would
+/// create and delete an inode each time, which ext4 makes costly when thousands pile up.)
+fn write_memo(path: &Path, stamp: &str, digest: [u8; 32]) {
+    use std::io::Write;
+    let Some(memo) = memo_path(path) else { return };
+    let text = format!("{stamp} {}\n", blake3::Hash::from_bytes(digest).to_hex());
+    let open = || fs::File::options().write(true).create(true).truncate(true).open(&memo);
+    let file = open().or_else(|_| memo.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| open()));
+    if let Ok(mut file) = file {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
+
+/// The blake3 of `path`'s content, from a memo when its fingerprint matches.
+pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
+    let stamp = stamp(meta);
     if let Some(d) = SEEN.with(|s| s.borrow().get(path).filter(|(st, _)| *st == stamp).map(|(_, d)| *d)) {
         return Some(d);
     }
-    let memo = DIR.get().map(|dir| {
-        let name = blake3::hash(path.as_os_str().as_encoded_bytes()).to_hex();
-        dir.join(&name[..32])
-    });
+    let memo = memo_path(path).filter(|_| meta.len() >= MEMO_FROM);
     if let Some(memo) = &memo
         && let Ok(text) = fs::read_to_string(memo)
         && let Some((their_stamp, hex)) = text.trim_end().rsplit_once(' ')
@@ -79,16 +124,12 @@ pub fn digest(path: &Path, meta: &fs::Metadata) -> Option<[u8; 32]> {
     let hashed_at = SystemTime::now();
     let digest = hash_file(path)?;
     COUNTS.with(|c| c.borrow_mut().0 += 1);
+    tracing::trace!(path = %path.display(), bytes = meta.len(), "hashed");
     let time = |secs: i64, nanos: i64| SystemTime::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos as u32);
     let changed = time(meta.ctime(), meta.ctime_nsec()).max(time(meta.mtime(), meta.mtime_nsec()));
     let settled = hashed_at.duration_since(changed).is_ok_and(|age| age > SETTLED);
-    if let Some(memo) = memo.filter(|_| settled) {
-        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-        let text = format!("{stamp} {}\n", blake3::Hash::from_bytes(digest).to_hex());
-        let written = memo.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::write(&tmp, text));
-        if written.and_then(|()| fs::rename(&tmp, &memo)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+    if settled && memo.is_some() {
+        write_memo(path, &stamp, digest);
     }
     remember(path, stamp, digest);
     Some(digest)
@@ -134,7 +175,7 @@ mod tests {
         fs::write(&file, b"one").unwrap();
         let first = digest(&file, &fs::metadata(&file).unwrap()).unwrap();
         assert_eq!(first, *blake3::hash(b"one").as_bytes());
-        // Just written: not remembered on disk (racy clean), only by this process.
+        // Small, and just written: not remembered on disk, only by this process.
         assert!(fs::read_dir(dir.path().join("digests")).map_or(true, |d| d.count() == 0));
         assert_eq!(digest(&file, &fs::metadata(&file).unwrap()).unwrap(), first);
         // Same size, and the mtime put back: the ctime still moves.

@@ -1,7 +1,8 @@
 //! `ferry explain`: every part of a compile's key, and what differs between two compiles of the
 //! same unit (on two machines, in two checkouts).
 //!
-//! The wrapper records the last [`KEEP`] cacheable compiles of a cache dir under
+//! The wrapper records the last [`KEEP`] compiles it stored (its misses; a hit needs no
+//! explaining, and `ferry explain -- CMD` computes any compile's keys on demand) under
 //! `<cache dir>/explain/`, one JSON file each: the crate, its command line, the outcome, the
 //! pre-key and the result key with every field (toolchain id, driver, arguments, each observed
 //! file with its digest, each variable with its value; secrets only as digests). A record file

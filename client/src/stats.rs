@@ -42,8 +42,11 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Reads the counters; a missing or damaged file reads as zeros.
+    /// Reads the counters (waiting for a writer to finish); a missing or damaged file reads as
+    /// zeros.
     pub fn read(path: &Path) -> Stats {
+        let lock = crate::files::lock_file(&path.with_extension("lock"));
+        let _held = lock.as_ref().ok().and_then(|l| l.lock_shared().ok());
         fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
@@ -56,19 +59,21 @@ impl Stats {
         Stats::update(path, |s| *s = Stats::default())
     }
 
+    /// Rewrites the file in place under the exclusive lock (readers take it shared): no temp file,
+    /// so no inode is created and deleted per compile.
     fn update(path: &Path, change: impl FnOnce(&mut Stats)) -> std::io::Result<()> {
+        use std::io::{Read, Seek};
         let lock = crate::files::lock_file(&path.with_extension("lock"))?;
         lock.lock()?;
-        let mut stats = Stats::read(path);
+        let mut file = File::options().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text)?;
+        let mut stats: Stats = serde_json::from_slice(&text).unwrap_or_default();
         change(&mut stats);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        let result = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&stats).expect("stats serialize")))
-            .and_then(|()| fs::rename(&tmp, path));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        let bytes = serde_json::to_vec_pretty(&stats).expect("stats serialize");
+        file.set_len(0)?;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        file.write_all(&bytes)
     }
 
     fn merge(&mut self, d: &Stats) {

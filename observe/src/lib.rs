@@ -149,6 +149,47 @@ pub fn install(dir: &Path) -> io::Result<PathBuf> {
     written.map(|()| path)
 }
 
+/// Where an observed compile's records go: a memory file (`memfd`), opened by the observed
+/// processes as `/proc/<pid>/fd/<n>` of the process that made it (no disk file to create and
+/// delete per compile), or a file.
+#[derive(Debug)]
+pub struct Log {
+    file: fs::File,
+    /// The path the observed processes open.
+    pub path: PathBuf,
+}
+
+impl Log {
+    /// A log in memory, for processes of the same user while this process lives.
+    pub fn in_memory() -> io::Result<Log> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: memfd_create reads a NUL-terminated name; the fd it returns is ours.
+        let fd = unsafe { libc::memfd_create(c"ferry-observe".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { fs::File::from_raw_fd(fd) };
+        let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
+        Ok(Log { file, path })
+    }
+
+    /// A new, empty log file at `path` (which must not exist).
+    pub fn file(path: &Path) -> io::Result<Log> {
+        let file = fs::File::options().read(true).write(true).create_new(true).open(path)?;
+        Ok(Log { file, path: path.to_owned() })
+    }
+
+    /// Everything written so far.
+    pub fn read_all(&self) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let len = self.file.metadata()?.len() as usize;
+        let mut bytes = vec![0u8; len];
+        self.file.read_exact_at(&mut bytes, 0)?;
+        Ok(bytes)
+    }
+}
+
 /// The variables that make a process observed: the interposer preloaded (before any preload the
 /// environment already has), the log, and the pid of the process that starts it.
 pub fn environment(

@@ -45,7 +45,6 @@ impl Job {
             let Some(entry) = self.get(store, &key) else { continue };
             let payload_len = entry.payload.len() as u64;
             if let Some(output) = self.usable_output(&key, entry.payload.into()) {
-                crate::explain::note(&self.config, &self.rustc, &self.cwd, keys, Some(&parts), "hit (local tier)");
                 return self.replay(&output, payload_len, Tier::Local).map(Found::Hit);
             }
         }
@@ -86,7 +85,6 @@ impl Job {
                 self.put(store, &promoted);
             }
             self.clock.lap("promote");
-            crate::explain::note(&self.config, &self.rustc, &self.cwd, keys, Some(&parts), "hit (shared tier)");
             return Some(self.replay(&output, payload_len, Tier::Shared));
         }
         None

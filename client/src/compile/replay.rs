@@ -36,6 +36,10 @@ impl Job {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write a cached output");
                 return Err(Fallback::ReplayWriteFailed);
             }
+            // What dependents read next: their keys find its digest without hashing it again.
+            if file.path.ends_with(".rmeta") || file.path.ends_with(".so") {
+                crate::digests::remember_output(&path, &file.bytes);
+            }
         }
         match tier {
             Tier::Local => self.stats.hits_local += 1,

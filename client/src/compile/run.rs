@@ -35,7 +35,7 @@ pub struct Ran {
 /// The interposer and this compile's log.
 struct Observer {
     interposer: PathBuf,
-    log: PathBuf,
+    log: ferry_observe::Log,
 }
 
 impl Job {
@@ -83,16 +83,22 @@ impl Job {
             self.count_fallback(&Fallback::Discrepancy);
         }
         let status = ran.run.status;
-        match self.store_result(store, ident, keys, known, ran, HashMap::new()) {
+        let prepared = self.prepare_result(keys, known, ran, HashMap::new());
+        // cargo has its answer (outputs, streams, exit code); writing the entry (and its fsync)
+        // can wait for the next job slot rather than hold this one.
+        self.after_answer(|job, forked| match prepared.and_then(|p| job.commit_result(store, ident, keys, p)) {
             Ok(stored) => {
-                if let Some(tier) = shared
+                let mut own =
+                    if forked && shared.is_some() { SharedTier::open(&job.config, &mut job.stats) } else { None };
+                let tier = if forked { own.as_mut() } else { shared };
+                if let Some(tier) = tier
                     && tier.may_write()
                 {
-                    self.publish_shared_detached(tier, &stored, &keys.scope);
+                    job.publish_shared(tier, &stored, &keys.scope);
                 }
             }
-            Err(reason) => self.count_not_stored(&reason),
-        }
+            Err(reason) => job.count_not_stored(&reason),
+        });
         self.clock.lap("store");
         exit_code(status)
     }
@@ -111,7 +117,7 @@ impl Job {
         let env = match &observer {
             Some(o) => ferry_observe::environment(
                 &o.interposer,
-                &o.log,
+                &o.log.path,
                 std::env::var_os("LD_PRELOAD").as_deref(),
                 std::process::id(),
             ),
@@ -121,12 +127,15 @@ impl Job {
         let clock = Instant::now();
         let run = process::run_teed(&ident.program, &args, &env, drop_lines);
         let compile_ms = clock.elapsed().as_millis() as u64;
+        self.clock.lap("rustc");
         let observed = match &observer {
             Some(o) => self.read_observation(o, ident),
             None => Err(NotStored::Unobserved("observer-unavailable".into())),
         };
-        if let Some(o) = &observer {
-            let _ = fs::remove_file(&o.log);
+        if let Some(o) = &observer
+            && !o.log.path.starts_with("/proc")
+        {
+            let _ = fs::remove_file(&o.log.path);
         }
         Ok(Ran { run: run?, observed, started, compile_ms })
     }
@@ -138,21 +147,23 @@ impl Job {
         let interposer = ferry_observe::install(&dir)
             .map_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot install the observer"))
             .ok()?;
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let log = dir.join("logs").join(format!("{}-{nanos}.log", std::process::id()));
-        let made = fs::create_dir_all(log.parent()?).and_then(|()| fs::File::create_new(&log));
-        made.map_err(|e| tracing::warn!(error = %e, "cannot create the observation log")).ok()?;
+        let log = ferry_observe::Log::in_memory().or_else(|_| {
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let path = dir.join("logs").join(format!("{}-{nanos}.log", std::process::id()));
+            fs::create_dir_all(dir.join("logs")).and_then(|()| ferry_observe::Log::file(&path))
+        });
+        let log = log.map_err(|e| tracing::warn!(error = %e, "cannot create the observation log")).ok()?;
         Some(Observer { interposer, log })
     }
 
     fn read_observation(&self, observer: &Observer, ident: &Identity) -> Result<InputList, NotStored> {
-        let bytes = fs::read(&observer.log).map_err(|_| NotStored::Unobserved("log-unreadable".into()))?;
+        let bytes = observer.log.read_all().map_err(|_| NotStored::Unobserved("log-unreadable".into()))?;
         let records = ferry_observe::parse(&bytes).map_err(|_| NotStored::Unobserved("log-malformed".into()))?;
         let scope = Scope {
             toolchain_root: &ident.compiler.root,
             outputs: self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect(),
             search_dirs: self.rustc.search_dirs().map(|d| absolute(&self.cwd, d)).collect(),
-            own_files: vec![observer.log.clone(), observer.interposer.clone()],
+            own_files: vec![observer.log.path.clone(), observer.interposer.clone()],
         };
         input_list(&records, &scope).map_err(|incomplete| {
             tracing::info!(krate = %self.rustc.crate_name, %incomplete, "the compile was not fully observed");

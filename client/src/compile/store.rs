@@ -30,6 +30,17 @@ pub struct Stored {
     pub list: InputList,
 }
 
+/// A result ready to store: everything read from the build's files (outputs, the current state of
+/// the inputs) is in it, so storing it no longer depends on them (a `cargo clean` right after the
+/// build cannot take them away from under a detached store).
+pub struct Prepared {
+    key: CacheKey,
+    parts: ferry_cache::KeyBuilder,
+    list: InputList,
+    new_generation: Option<u32>,
+    output: CompileOutput,
+}
+
 impl Job {
     /// Stores a compile's result; `written` holds outputs this process wrote itself (a remote
     /// job's), which are not read back.
@@ -40,8 +51,20 @@ impl Job {
         keys: &Keys,
         known: &[InputList],
         ran: Ran,
-        mut written: HashMap<String, Vec<u8>>,
+        written: HashMap<String, Vec<u8>>,
     ) -> Result<Stored, NotStored> {
+        let prepared = self.prepare_result(keys, known, ran, written)?;
+        self.commit_result(store, ident, keys, prepared)
+    }
+
+    /// The key, manifest and entry of a compile's result, from its observation and outputs.
+    pub(super) fn prepare_result(
+        &mut self,
+        keys: &Keys,
+        known: &[InputList],
+        ran: Ran,
+        mut written: HashMap<String, Vec<u8>>,
+    ) -> Result<Prepared, NotStored> {
         let run = &ran.run;
         let code = match (run.status.code(), run.status.signal()) {
             (_, Some(_)) => return Err(NotStored::KilledBySignal),
@@ -52,6 +75,7 @@ impl Job {
             _ => return Err(NotStored::UnexpectedExitCode),
         };
         let mut list = ran.observed?;
+        self.clock.lap("observed");
         for file in &list.files {
             let changed = fs::metadata(absolute(&self.cwd, file)).map(|m| modified(&m) > ran.started).unwrap_or(true);
             if changed {
@@ -70,6 +94,12 @@ impl Job {
                 files.push(OutputFile { path, executable, bytes: bytes.into() });
             }
         }
+        // What dependents' compiles read (metadata, proc-macros) is remembered now; an rlib has
+        // one reader, the final link, which hashes it anyway.
+        for f in files.iter().filter(|f| f.path.ends_with(".rmeta") || f.path.ends_with(".so")) {
+            crate::digests::remember_output(&absolute(&self.cwd, &f.path), &f.bytes);
+        }
+        self.clock.lap("outputs");
         let outputs: Vec<&[u8]> = files.iter().map(|f| &f.bytes[..]).collect();
         recipe::mark_verbatim(
             &mut list,
@@ -83,6 +113,7 @@ impl Job {
         }
         let parts = self.result_key(&keys.pre, &list).ok_or(NotStored::InputUnreadable)?;
         let key = parts.finish();
+        self.clock.lap("result-key");
         let output = self.config.basedirs.rebase_output(CompileOutput {
             exit_code: code,
             stdout: run.stdout.clone(),
@@ -90,6 +121,18 @@ impl Job {
             files,
             compile_ms: ran.compile_ms,
         });
+        Ok(Prepared { key, parts, list, new_generation, output })
+    }
+
+    /// Publishes a prepared result into the local tier: the result, then its manifest.
+    pub(super) fn commit_result(
+        &mut self,
+        store: &DiskStore,
+        ident: &Identity,
+        keys: &Keys,
+        prepared: Prepared,
+    ) -> Result<Stored, NotStored> {
+        let Prepared { key, parts, list, new_generation, output } = prepared;
         let toolchain = ident.id.0;
         let bytes = Entry::encode_result(key, toolchain, &output);
         drop(output);
@@ -104,29 +147,32 @@ impl Job {
                 return Err(NotStored::CacheWriteFailed);
             }
         }
+        self.clock.lap("put");
         crate::explain::note(&self.config, &self.rustc, &self.cwd, keys, Some(&parts), "miss (stored)");
         Ok(Stored { key, toolchain, bytes, list })
     }
 
-    /// [`Job::publish_shared`] after cargo has its answer: a forked child uploads while this
-    /// process exits. The child holds the cache dir's publishing lock, which `ferry stats` waits
-    /// for, so counters (and a teammate's next build after them) see the publish done. In-process
-    /// when a fork is not safe here.
-    pub(super) fn publish_shared_detached(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey) {
+    /// Runs `work` after cargo has its answer: in a forked copy of this process while this one
+    /// exits, so the work (storing an entry, with its fsync; uploading it to the shared tier) is
+    /// off the build's critical path. The copy holds the cache dir's publishing lock (shared),
+    /// which `ferry stats` waits for, so counters (and a teammate's next build after them) see
+    /// the work done. In this process when a fork is not safe here (more than one thread).
+    /// `work` is told whether it runs in the copy, which must not use the parent's connections
+    /// (their runtime's state is the parent's).
+    pub(super) fn after_answer(&mut self, work: impl FnOnce(&mut Job, bool)) {
         let Ok(lock) = publishing_lock(&self.config.cache_dir).and_then(|f| f.lock_shared().map(|()| f)) else {
-            return self.publish_shared(tier, stored, scope);
+            return work(self, false);
         };
         match process::detach() {
             process::Detached::Parent => drop(lock),
-            process::Detached::NotPossible => self.publish_shared(tier, stored, scope),
+            process::Detached::NotPossible => {
+                tracing::debug!("not single-threaded: storing before answering");
+                work(self, false)
+            }
             process::Detached::Child => {
-                // The parent counts its own work; the child only what it does, on a tier of its
-                // own (the parent's runtime and connection are the parent's).
+                // The parent counts its own work; the copy only what it does.
                 self.stats = Stats::default();
-                if let Some(mut tier) = SharedTier::open(&self.config, &mut self.stats) {
-                    self.publish_shared(&mut tier, stored, scope);
-                }
-                tracing::debug!(key = %stored.key, "published after the build's answer");
+                work(self, true);
                 let _ = Stats::add(&self.config.stats_path(), &self.stats);
                 drop(lock);
                 // SAFETY: ends the forked child without running the parent's exit handlers.
@@ -137,7 +183,7 @@ impl Job {
 
     /// A local compile's result into the shared tier (this client holds `cache-write`): the
     /// result first, so a manifest never leads to nothing.
-    fn publish_shared(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey) {
+    pub(super) fn publish_shared(&mut self, tier: &mut SharedTier, stored: &Stored, scope: &CacheKey) {
         if !tier.put(&stored.key, &stored.bytes, &mut self.stats) {
             return;
         }
