@@ -141,6 +141,10 @@ impl JobObserver {
         let mut inputs = TreeInputs::new(job);
         let key =
             recipe::result_key(&pre, &list, &bases, &mut inputs).ok_or("an observed input cannot be read back")?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let parts: Vec<String> = key.parts().iter().map(|p| format!("{} = {}", p.name, p.value)).collect();
+            tracing::debug!(partial, parts = %parts.join("; "), "the job's key parts");
+        }
         Ok(Derived { scope, list, key: key.finish() })
     }
 }

@@ -168,15 +168,15 @@ impl Job {
         self.stats.bytes_sent += remote.bytes_sent;
         tracing::info!(worker = %remote.worker, krate = %self.rustc.crate_name, "compiled remotely");
         let status = remote.run.status;
-        let ran = Ran {
-            run: remote.run,
-            observed: Ok(remote.observed),
-            started,
-            compile_ms: clock.elapsed().as_millis() as u64,
-        };
-        if let Err(reason) = self.store_result(store, ident, keys, known, ran, remote.outputs) {
-            self.count_not_stored(&reason);
-        }
+        let compile_ms = clock.elapsed().as_millis() as u64;
+        let ran = Ran { run: remote.run, observed: Ok(remote.observed), started, compile_ms };
+        let prepared = self.prepare_result(keys, known, ran, remote.outputs);
+        // As for a local compile: the entry is written once cargo has its answer.
+        self.after_answer(|job, _| {
+            if let Err(reason) = prepared.and_then(|p| job.commit_result(store, ident, keys, p)) {
+                job.count_not_stored(&reason);
+            }
+        });
         Ok(exit_code(status))
     }
 }
@@ -392,8 +392,13 @@ fn verify_observation(job: &RemoteJob, o: &v1::Observed) -> Result<InputList, Fa
     let theirs = ferry_proto::digest(o.key.as_ref(), "key").map_err(|_| Fallback::WorkerBadAnswer)?;
     let list = job.config.basedirs.restore_list(list);
     let ours = recipe::result_key(&job.pre, &list, &job.config.basedirs, &mut LocalInputs { cwd: job.cwd });
-    if ours.map(|k| k.finish().0) != Some(theirs) {
+    if ours.as_ref().map(|k| k.finish().0) != Some(theirs) {
         tracing::info!(krate = %job.rustc.crate_name, "the worker observed other inputs than this machine has");
+        if let Some(ours) = &ours {
+            // The worker logs its own parts (debug): the two lists show which input differs.
+            let parts: Vec<String> = ours.parts().iter().map(|p| format!("{} = {}", p.name, p.value)).collect();
+            tracing::debug!(krate = %job.rustc.crate_name, parts = %parts.join("; "), "this machine's key parts");
+        }
         return Err(Fallback::RemoteInputsDiffer);
     }
     Ok(list)

@@ -42,22 +42,8 @@ pub struct Prepared {
 }
 
 impl Job {
-    /// Stores a compile's result; `written` holds outputs this process wrote itself (a remote
-    /// job's), which are not read back.
-    pub(super) fn store_result(
-        &mut self,
-        store: &DiskStore,
-        ident: &Identity,
-        keys: &Keys,
-        known: &[InputList],
-        ran: Ran,
-        written: HashMap<String, Vec<u8>>,
-    ) -> Result<Stored, NotStored> {
-        let prepared = self.prepare_result(keys, known, ran, written)?;
-        self.commit_result(store, ident, keys, prepared)
-    }
-
-    /// The key, manifest and entry of a compile's result, from its observation and outputs.
+    /// The key, manifest and entry of a compile's result, from its observation and outputs;
+    /// `written` holds outputs this process wrote itself (a remote job's), which are not read back.
     pub(super) fn prepare_result(
         &mut self,
         keys: &Keys,

@@ -553,3 +553,66 @@ fn c_build_script(name: &str, link_lib: bool) -> String {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[test]
+fn explain_shows_every_part_and_the_parts_two_machines_differ_in() {
+    let files = [
+        ("Cargo.toml", package("told", "", &[])),
+        ("src/lib.rs", "pub const WHO: &str = env!(\"CASE_WHO\");\n".to_owned()),
+    ];
+    let files: Vec<(&str, &str)> = files.iter().map(|(a, b)| (*a, b.as_str())).collect();
+    let a = Project::new(&files);
+    a.build_with(&[("CASE_WHO", "alice")]).ok();
+    let shown = a.world.ferry_ok(&["explain", "--crate", "told"]);
+    for part in ["toolchain = ", "driver = rustc", "cwd = ", "env:CASE_WHO = =alice"] {
+        assert!(shown.contains(part), "'{part}' missing from:\n{shown}");
+    }
+    let source = a.root.join("src/lib.rs").display().to_string();
+    let digest = blake3::hash(&fs::read(a.root.join("src/lib.rs")).expect("source")).to_hex().to_string();
+    assert!(shown.contains(&format!("file:{source} = {digest}")), "the source and its digest:\n{shown}");
+
+    // Machine B: same project at the same place, another value; it misses, and the diff says why.
+    let mut b = Project::new(&files);
+    b.set_env("FERRY_CACHE_DIR", b.world.path().join("cache-b"));
+    let root_b = b.root.clone();
+    fs::remove_dir_all(&root_b).expect("rm");
+    b.root = a.root.clone();
+    b.clean();
+    b.build_with(&[("CASE_WHO", "bob")]).ok();
+    let diff = b.world.ferry_ok(&[
+        "explain",
+        "--crate",
+        "told",
+        "--diff",
+        &a.world.cache_dir().display().to_string(),
+        &b.world.path().join("cache-b").display().to_string(),
+    ]);
+    assert!(diff.contains("pre-key: the same"), "{diff}");
+    assert!(diff.contains("result key: 1 part(s) differ") && diff.contains("env:CASE_WHO"), "{diff}");
+    assert!(diff.contains("=alice") && diff.contains("=bob"), "{diff}");
+    assert!(!diff.contains("toolchain"), "only the parts that differ: {diff}");
+
+    // And for a command, without compiling: the keys it would have now.
+    let out = b
+        .world
+        .command(bin("ferry"))
+        .args(["explain", "--"])
+        .arg(crate::wrapper::rustc())
+        .args(["--crate-name", "told", "--crate-type", "lib", "--emit=link", "src/lib.rs"])
+        .current_dir(&a.root)
+        .output()
+        .expect("ferry explain");
+    let text = ok(out);
+    assert!(text.contains("no manifest: never compiled here") && text.contains("driver = rustc"), "{text}");
+}
+
+#[test]
+fn stats_explain_incremental_pass_throughs_with_the_fix() {
+    let p = Project::new(&[("Cargo.toml", &package("incr", "", &[])), ("src/lib.rs", "pub fn f() {}\n")]);
+    let mut cmd = cargo(&p.world, &p.root);
+    cmd.args(["build", "--offline"]).env("RUSTC_WRAPPER", bin("ferry")).env("CARGO_INCREMENTAL", "1");
+    ok(cmd.output().expect("cargo"));
+    let text = p.world.ferry_ok(&["stats"]);
+    assert!(text.contains("pass-through: incremental"), "{text}");
+    assert!(text.contains("CARGO_INCREMENTAL=0"), "the one-line fix is shown:\n{text}");
+}
