@@ -60,8 +60,8 @@ struct Inner {
     /// Queued allocations waiting for a slot.
     waiters: HashMap<WaitId, oneshot::Sender<Assignment>>,
     /// The current session of each worker: its number (a stale session ending must not remove
-    /// the worker's newer registration) and the sender of its stream.
-    sessions: HashMap<String, (u64, mpsc::Sender<Result<v1::SchedulerMessage, Status>>)>,
+    /// the worker's newer registration), the sender of its stream, and its key for job grants.
+    sessions: HashMap<String, (u64, mpsc::Sender<Result<v1::SchedulerMessage, Status>>, ferry_proto::GrantKey)>,
     next_session: u64,
     /// Toolchains just uploaded and sent to the workers to prefetch, and when: until a worker
     /// holds one (or [`PREFETCH_WAIT`] passes), its jobs are answered "compile locally" rather than
@@ -148,11 +148,12 @@ impl SchedulerApi for Service {
         let reg = registration(reg)?;
         let id = reg.id.clone();
         let (tx, rx) = mpsc::channel(4);
+        let grant_key = ferry_proto::new_grant_key();
         let session = {
             let mut inner = self.shared.lock();
             inner.next_session += 1;
             let session = inner.next_session;
-            inner.sessions.insert(id.clone(), (session, tx.clone()));
+            inner.sessions.insert(id.clone(), (session, tx.clone(), grant_key));
             let effects = inner
                 .state
                 .register(reg.clone(), Instant::now())
@@ -162,7 +163,8 @@ impl SchedulerApi for Service {
         };
         info!(worker = %id, address = %reg.address, slots = reg.slots, "worker registered");
         let lease_ms = self.shared.config.lease.as_millis() as u32;
-        let registered = scheduler_message::Kind::Registered(v1::Registered { lease_ms });
+        let registered =
+            scheduler_message::Kind::Registered(v1::Registered { lease_ms, grant_key: grant_key.to_vec() });
         let _ = tx.send(Ok(v1::SchedulerMessage { kind: Some(registered) })).await;
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
@@ -186,7 +188,7 @@ impl SchedulerApi for Service {
                 }
             }
             let mut inner = shared.lock();
-            if inner.sessions.get(&id).is_some_and(|(s, _)| *s == session) {
+            if inner.sessions.get(&id).is_some_and(|(s, _, _)| *s == session) {
                 inner.sessions.remove(&id);
                 let effects = inner.state.remove(&id);
                 info!(worker = %id, failed_jobs = effects.failed_jobs.len(), "worker session ended");
@@ -218,7 +220,7 @@ impl SchedulerApi for Service {
                 inner.prefetching.remove(&toolchain);
             }
             match inner.state.allocate(&client, toolchain) {
-                Allocation::Assigned(a) => return Ok(Response::new(assigned(a))),
+                Allocation::Assigned(a) => return Ok(Response::new(inner.assigned(a))),
                 Allocation::NoWorkers => {
                     return Ok(Response::new(local(v1::LocalReason::NoWorkers, "no workers are registered")));
                 }
@@ -235,7 +237,7 @@ impl SchedulerApi for Service {
         };
         let timeout = self.shared.config.queue_timeout;
         if let Ok(Ok(a)) = tokio::time::timeout(timeout, rx).await {
-            return Ok(Response::new(assigned(a)));
+            return Ok(Response::new(self.shared.lock().assigned(a)));
         }
         // Timed out. If the slot came at the last moment, `apply` saw the waiter gone and
         // released it, so cancelling here never leaks a slot.
@@ -331,7 +333,7 @@ impl SchedulerApi for Service {
                 kind: Some(scheduler_message::Kind::Prefetch(v1::ToolchainRef { id: Some(to_digest(id.0)) })),
             };
             let mut inner = self.shared.lock();
-            let sent = inner.sessions.values().filter(|(_, tx)| tx.try_send(Ok(prefetch.clone())).is_ok()).count();
+            let sent = inner.sessions.values().filter(|(_, tx, _)| tx.try_send(Ok(prefetch.clone())).is_ok()).count();
             if sent > 0 {
                 inner.prefetching.insert(id, Instant::now());
             }
@@ -522,7 +524,9 @@ fn apply_report(shared: &Shared, id: &str, report: v1::Report) -> Result<(), Sta
     let mut inner = shared.lock();
     let now = Instant::now();
     for ended in report.ended {
-        let outcome = if ended.ok {
+        let outcome = if ended.refused {
+            JobOutcome::Released
+        } else if ended.ok {
             JobOutcome::Succeeded { duration: Duration::from_millis(ended.duration_ms) }
         } else {
             warn!(worker = %id, job = ended.job_id, error = %ended.error, "a job failed on the worker");
@@ -544,14 +548,23 @@ fn apply_report(shared: &Shared, id: &str, report: v1::Report) -> Result<(), Sta
     Ok(())
 }
 
-fn assigned(a: Assignment) -> v1::AllocateResponse {
-    v1::AllocateResponse {
-        result: Some(v1::allocate_response::Result::Assigned(v1::Assignment {
-            job_id: a.job.0,
-            worker_id: a.worker,
-            address: a.address,
-            has_toolchain: a.has_toolchain,
-        })),
+impl Inner {
+    /// The answer for an assignment, with the job's grant signed under its worker's session key.
+    fn assigned(&self, a: Assignment) -> v1::AllocateResponse {
+        let grant = match self.sessions.get(&a.worker) {
+            Some((_, _, key)) => ferry_proto::Grant::new(a.job.0, &a.worker).sign(key),
+            // The worker's session ended meanwhile: the client's call will fail and fall back.
+            None => Vec::new(),
+        };
+        v1::AllocateResponse {
+            result: Some(v1::allocate_response::Result::Assigned(v1::Assignment {
+                job_id: a.job.0,
+                worker_id: a.worker,
+                address: a.address,
+                has_toolchain: a.has_toolchain,
+                grant,
+            })),
+        }
     }
 }
 

@@ -14,15 +14,17 @@
 //! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, or `redis://[user:pw@]host[:port][/db]` |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
-//! | tokens accepted from clients | `[[tokens]] token, roles` | — | none |
-//! | non-loopback without TLS/tokens | `insecure` | — | `false` |
+//! | non-loopback without TLS | `insecure` | — | `false` |
+//!
+//! Clients present job grants from the scheduler, not tokens: a `[[tokens]]` section (accepted
+//! before grants existed) is refused with that explanation.
 //! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs` | — | 600, 8 GiB, 1 GiB, 4096, 600 |
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_proto::{SharedTierSpec, Tokens, tokens_from_config};
+use ferry_proto::SharedTierSpec;
 use serde::Deserialize;
 
 use crate::sandbox::SandboxConfig;
@@ -41,7 +43,6 @@ pub struct WorkerConfig {
     /// Where the worker publishes the results of the jobs it runs.
     pub shared_cache: SharedTierSpec,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
-    pub tokens: Tokens,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
 }
@@ -60,8 +61,8 @@ struct FileConfig {
     ca: Option<PathBuf>,
     toolchain_cache_bytes: Option<u64>,
     tls: Option<Tls>,
-    #[serde(default)]
-    tokens: Vec<Token>,
+    /// No longer used (see the module docs); present only to refuse it clearly.
+    tokens: Option<toml::Value>,
     insecure: Option<bool>,
     #[serde(default)]
     sandbox: SandboxSection,
@@ -72,13 +73,6 @@ struct FileConfig {
 struct Tls {
     cert: PathBuf,
     key: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Token {
-    token: String,
-    roles: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,8 +122,12 @@ impl WorkerConfig {
             }
             None => None,
         };
-        let tokens = tokens_from_config(parsed.tokens.into_iter().map(|t| (t.token, t.roles)).collect())
-            .map_err(|e| anyhow::anyhow!("{origin}: key 'tokens': {e}"))?;
+        if parsed.tokens.is_some() {
+            anyhow::bail!(
+                "{origin}: key 'tokens' is not used by workers any more: clients present job grants from the \
+                 scheduler instead of tokens; remove it"
+            );
+        }
         let shared_cache = match env("FERRY_SHARED_CACHE").or(parsed.shared_cache) {
             Some(text) => SharedTierSpec::parse(&text)
                 .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?,
@@ -158,7 +156,6 @@ impl WorkerConfig {
             toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
             shared_cache,
             tls,
-            tokens,
             insecure: parsed.insecure.unwrap_or(false),
             sandbox,
         })

@@ -49,8 +49,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if !report.cgroups {
         tracing::warn!("cgroup v2 is not usable here: job limits are per process (rlimits) only");
     }
-    let tokens_required = matches!(config.tokens, ferry_proto::Tokens::Required(_));
-    let check = |addr| ferry_proto::check_exposure(addr, config.tls.is_some(), tokens_required, config.insecure);
+    // Every call needs a job grant from the scheduler: that is the worker's authentication.
+    let check = |addr| ferry_proto::check_exposure(addr, config.tls.is_some(), true, config.insecure);
     let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;
     let shutdown = ferry_proto::daemon::shutdown_on_signals()?;
     run_worker(config, listener, shutdown).await

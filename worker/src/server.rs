@@ -1,6 +1,7 @@
 //! [`run`]: serve the `Worker` service on a listener and hold the scheduler session, until the
 //! shutdown token is cancelled.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use anyhow::Context;
 use ferry_cache::{RedisStore, Store};
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::worker_server::WorkerServer;
-use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor, Tokens, check_exposure, to_digest};
+use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor, check_exposure, to_digest};
 use ferry_toolchains::ToolchainId;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -25,8 +26,7 @@ use crate::toolchain_cache::ToolchainCache;
 
 pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    check_exposure(addr, config.tls.is_some(), matches!(config.tokens, Tokens::Required(_)), config.insecure)
-        .map_err(anyhow::Error::msg)?;
+    check_exposure(addr, config.tls.is_some(), true, config.insecure).map_err(anyhow::Error::msg)?;
     let data = &config.data_dir;
     crate::check::prepare_data_dir(data).with_context(|| format!("preparing the data dir {}", data.display()))?;
     let jobs_dir = data.join("jobs");
@@ -51,7 +51,11 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
             Box::pin(async move { fetch(connect().await.map_err(|e| format!("{e:#}"))?, token, id, sink).await })
         })
     };
+    let worker_id = config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
     let shared = Arc::new(Shared {
+        worker_id: worker_id.clone(),
+        grant_keys: Mutex::new(Vec::new()),
+        granted: Mutex::new(HashMap::new()),
         blobs: BlobStore::open(data).context("opening the blob store")?,
         toolchains: ToolchainCache::open(data, config.toolchain_cache_bytes).context("opening the toolchain cache")?,
         sandbox: config.sandbox.clone(),
@@ -65,15 +69,20 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         publisher: publisher(&config, token.clone()),
     });
     let identity = session::Identity {
-        id: config.id.clone().unwrap_or_else(|| format!("{}-{}", hostname(), addr.port())),
+        id: worker_id,
         address: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
         slots: config.slots,
     };
     let session = tokio::spawn(session::run(connect, token, identity, Arc::clone(&shared), shutdown.clone()));
     let stopping = Arc::clone(&shared);
+    let grants = Arc::clone(&shared);
     let api = InterceptedService::new(
         WorkerServer::new(Service { shared }).max_decoding_message_size(16 << 20).max_encoding_message_size(16 << 20),
-        config.tokens.clone().interceptor(),
+        move |mut request: tonic::Request<()>| {
+            let grant = grants.check_grant(&request).map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+            request.extensions_mut().insert(grant);
+            Ok(request)
+        },
     );
     // No call outlives the sandbox's own wall clock by much.
     let mut server = ferry_proto::daemon::server().timeout(config.sandbox.wall_clock + Duration::from_secs(300));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::v1::worker_server::Worker as WorkerApi;
 use ferry_proto::v1::{self, job_event};
-use ferry_proto::{Role, absolute_path, digest, digests, require, to_digest};
+use ferry_proto::{Grant, GrantError, absolute_path, digest, digests, to_digest};
 use ferry_toolchains::ToolchainId;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::Stream;
@@ -50,6 +50,13 @@ pub struct Service {
 }
 
 pub(crate) struct Shared {
+    /// This worker's id, as registered: grants name it.
+    pub worker_id: String,
+    /// Grant keys of this worker's latest scheduler sessions (newest last; a reconnect makes a
+    /// new one, and grants made just before it still verify with the previous).
+    pub grant_keys: Mutex<Vec<ferry_proto::GrantKey>>,
+    /// Job ids that started here, with their grant's expiry: each grant runs one job, once.
+    pub granted: Mutex<HashMap<u64, u64>>,
     pub blobs: BlobStore,
     pub toolchains: ToolchainCache,
     pub sandbox: SandboxConfig,
@@ -99,7 +106,7 @@ impl WorkerApi for Service {
         &self,
         request: Request<v1::FindMissingRequest>,
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
-        require(&request, Role::Client, "FindMissing")?;
+        granted(&request)?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
         let missing = wanted.iter().filter(|d| !self.shared.blobs.has(d)).map(|d| to_digest(*d)).collect();
         Ok(Response::new(v1::FindMissingResponse { missing }))
@@ -109,7 +116,7 @@ impl WorkerApi for Service {
         &self,
         request: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::UploadBlobsResponse>, Status> {
-        require(&request, Role::Client, "UploadBlobs")?;
+        granted(&request)?;
         let mut inbound = request.into_inner();
         let mut current: Option<crate::blobs::IncomingBlob> = None;
         let mut stored = 0;
@@ -147,18 +154,56 @@ impl WorkerApi for Service {
     }
 
     async fn run_job(&self, request: Request<v1::RunJobRequest>) -> Result<Response<Self::RunJobStream>, Status> {
-        require(&request, Role::Client, "RunJob")?;
-        let job = validate(request.into_inner())?;
+        let grant = granted(&request)?;
+        match self.start_job(&grant, request.into_inner()).await {
+            Ok(events) => Ok(Response::new(events)),
+            Err((status, infrastructure)) => {
+                // The scheduler frees the job's slot at once (and counts a worker's own failure).
+                let error = if infrastructure { status.message().to_owned() } else { String::new() };
+                self.shared.ended.lock().unwrap_or_else(|p| p.into_inner()).push(v1::JobEnded {
+                    job_id: grant.job_id,
+                    ok: !infrastructure,
+                    duration_ms: 0,
+                    error,
+                    refused: !infrastructure,
+                });
+                self.shared.job_ended.notify_one();
+                Err(status)
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Checks and starts a granted job; Err carries whether the failure is this worker's own.
+    async fn start_job(
+        &self,
+        grant: &Grant,
+        request: v1::RunJobRequest,
+    ) -> Result<BoxStream<v1::JobEvent>, (Status, bool)> {
+        let refused = |s: Status| (s, false);
+        let job = validate(request).map_err(refused)?;
+        if grant.job_id != job.id {
+            return Err(refused(Status::permission_denied(format!(
+                "the grant is for job {}, not job {}: a worker runs only the job it was granted",
+                grant.job_id, job.id
+            ))));
+        }
         let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d)).count();
         if missing > 0 {
-            return Err(Status::failed_precondition(format!("{missing} input blobs are missing; upload them first")));
+            let message = format!("{missing} input blobs are missing; upload them first");
+            return Err(refused(Status::failed_precondition(message)));
         }
+        self.shared.claim(grant).map_err(refused)?;
         let shared = Arc::clone(&self.shared);
-        let permit = Arc::clone(&self.shared).slots_permit().await?;
+        let permit = Arc::clone(&self.shared).slots_permit().await.map_err(refused)?;
         let id = job.toolchain;
-        let lease = shared.toolchain(id).await.map_err(|e| Status::unavailable(format!("toolchain {id}: {e}")))?;
+        let lease = shared
+            .toolchain(id)
+            .await
+            .map_err(|e| (Status::unavailable(format!("toolchain {id}: {e}")), !e.contains("is not stored here")))?;
         if !shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id) {
-            return Err(Status::already_exists(format!("job {} is already running here", job.id)));
+            return Err(refused(Status::already_exists(format!("job {} is already running here", job.id))));
         }
         let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
         tokio::task::spawn_blocking(move || {
@@ -178,14 +223,42 @@ impl WorkerApi for Service {
                 ok: error.is_empty(),
                 duration_ms: started.elapsed().as_millis() as u64,
                 error,
+                refused: false,
             });
             shared.job_ended.notify_one();
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
+/// The grant the interceptor checked (every call to this service has one).
+fn granted<T>(request: &Request<T>) -> Result<Grant, Status> {
+    request.extensions().get::<Grant>().cloned().ok_or_else(|| Status::unauthenticated(GrantError::Missing.to_string()))
+}
+
 impl Shared {
+    /// Checks a call's job grant: made by this worker's scheduler, for this worker, not expired.
+    pub fn check_grant<T>(&self, request: &Request<T>) -> Result<Grant, GrantError> {
+        let bytes = ferry_proto::grant_bytes(request).ok_or(GrantError::Missing)?;
+        let keys = self.grant_keys.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Grant::verify(&bytes, &keys, &self.worker_id)
+    }
+
+    /// Marks a granted job as started; a second start of the same job is refused.
+    fn claim(&self, grant: &Grant) -> Result<(), Status> {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut granted = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+        granted.retain(|_, expires| *expires >= now);
+        if granted.insert(grant.job_id, grant.expires_ms).is_some() {
+            return Err(Status::already_exists(format!(
+                "job {} was already run here; a grant runs one job once",
+                grant.job_id
+            )));
+        }
+        Ok(())
+    }
+
     /// `id` unpacked here, fetched from the scheduler first unless present (concurrent callers
     /// share one fetch); the lease keeps it from eviction.
     pub async fn toolchain(&self, id: ToolchainId) -> Result<crate::toolchain_cache::Lease, String> {

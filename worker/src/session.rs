@@ -72,7 +72,15 @@ async fn session(
     tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Register(register)) }).await?;
     let mut inbound = client.worker_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let lease_ms = match inbound.message().await? {
-        Some(v1::SchedulerMessage { kind: Some(scheduler_message::Kind::Registered(r)) }) => r.lease_ms,
+        Some(v1::SchedulerMessage { kind: Some(scheduler_message::Kind::Registered(r)) }) => {
+            let key: ferry_proto::GrantKey =
+                r.grant_key.as_slice().try_into().map_err(|_| anyhow::anyhow!("the scheduler sent no grant key"))?;
+            let mut keys = shared.grant_keys.lock().unwrap_or_else(|p| p.into_inner());
+            keys.push(key);
+            let excess = keys.len().saturating_sub(2);
+            keys.drain(..excess);
+            r.lease_ms
+        }
         _ => anyhow::bail!("the scheduler did not confirm the registration"),
     };
     tracing::info!(worker = %identity.id, lease_ms, "registered with the scheduler");

@@ -243,15 +243,20 @@ async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
         if job.config.scheduler.as_deref().is_some_and(|u| u.starts_with("https")) { "https" } else { "http" },
         assignment.address
     );
-    let (channel, token) = crate::cluster::channel(job.config, &url)
+    let (channel, _) = crate::cluster::channel(job.config, &url)
         .await
         .map_err(|_| Fallback::Call(Call::Worker, CallFailure::Unreachable))?;
-    let mut worker = WorkerClient::with_interceptor(channel, token).max_decoding_message_size(64 << 20);
+    // Only the job's grant goes to the worker, never this client's token.
+    let mut worker = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
+    let grant = assignment.grant.clone();
+
     let digests: Vec<v1::Digest> = inputs.files.values().map(|f| to_digest(f.digest)).collect();
     clock.lap("worker-connect");
-    let missing = deadline(Call::FindMissing, worker.find_missing(v1::FindMissingRequest { digests })).await?.missing;
+    let missing = deadline(Call::FindMissing, worker.find_missing(granted(v1::FindMissingRequest { digests }, &grant)))
+        .await?
+        .missing;
     clock.lap("find-missing");
-    let bytes_sent = upload_blobs(&mut worker, &inputs, &missing).await?;
+    let bytes_sent = upload_blobs(&mut worker, &grant, &inputs, &missing).await?;
     clock.lap("upload");
     let request = v1::RunJobRequest {
         job_id: assignment.job_id,
@@ -274,7 +279,7 @@ async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
         dirs: inputs.dirs.clone(),
         basedirs: job.config.basedirs.dirs().to_vec(),
     };
-    let mut events = deadline(Call::RunJob, worker.run_job(request)).await?;
+    let mut events = deadline(Call::RunJob, worker.run_job(granted(request, &grant))).await?;
     let mut forwarded = Vec::new();
     let received = receive(&mut events, job, &assignment.worker_id, &mut forwarded, &mut clock).await;
     let (run, held, outputs, observed) = received.map_err(|reason| Failed { reason, forwarded })?;
@@ -380,6 +385,13 @@ async fn receive(
     }
     let observed = observed.ok_or(Fallback::RemoteObservationIncomplete)?;
     Ok((run, held, received, observed))
+}
+
+/// A request to a worker, carrying the job's grant.
+fn granted<T>(message: T, grant: &[u8]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    ferry_proto::attach_grant(&mut request, grant);
+    request
 }
 
 /// The worker's observation, accepted only when this machine derives the same result key from it.
@@ -607,9 +619,8 @@ fn add_file(path: &Path, inputs: &mut Inputs) -> Result<(), Fallback> {
 }
 
 async fn upload_blobs(
-    worker: &mut WorkerClient<
-        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ferry_proto::TokenInterceptor>,
-    >,
+    worker: &mut WorkerClient<tonic::transport::Channel>,
+    grant: &[u8],
     inputs: &Inputs,
     missing: &[v1::Digest],
 ) -> Result<u64, Fallback> {
@@ -643,7 +654,7 @@ async fn upload_blobs(
         Ok(())
     });
     // Generous but bounded: the keepalive catches a dead worker sooner.
-    let upload = worker.upload_blobs(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let upload = worker.upload_blobs(granted(tokio_stream::wrappers::ReceiverStream::new(rx), grant));
     match tokio::time::timeout(Duration::from_secs(600), upload).await {
         Ok(Ok(_)) => {}
         Ok(Err(s)) => return Err(reason_for(Call::UploadBlobs, &s)),

@@ -63,12 +63,8 @@ fn tokens_decide_who_may_do_what() {
     });
     assert_eq!(workers(&status(&world)), Vec::<String>::new(), "a worker registered with a client token");
 
-    // A worker with the worker token registers. It accepts the client token from its clients.
-    let worker_config = write(
-        &world,
-        "worker.toml",
-        &format!("token = \"{WORKER_TOKEN}\"\n{}", tokens_toml(&[(CLIENT_TOKEN, "client"), (WORKER_TOKEN, "worker")])),
-    );
+    // A worker with the worker token registers.
+    let worker_config = write(&world, "worker.toml", &format!("token = \"{WORKER_TOKEN}\"\n"));
     let worker = without_token(&mut world, |w| w.worker("w1", &scheduler.url(), &["--config", utf8(&worker_config)]));
     let registered = world.wait_for_status(Duration::from_secs(30), |s| !workers(s).is_empty());
     assert_eq!(
@@ -78,17 +74,44 @@ fn tokens_decide_who_may_do_what() {
     );
     assert!(!impostor.log_text().contains("registered with the scheduler"), "{}", impostor.log_text());
 
-    // The worker's own service checks tokens too.
+    // The worker's own service takes job grants from the scheduler, never tokens: a client's
+    // token is worthless there (and never sent), a grant is needed.
     let rt = runtime();
     let url = format!("http://{}", worker.addr);
-    let call = |token: Option<&str>| rt.block_on(bounded(find_missing_as(&url, None, token, vec![[1; 32]])));
-    let refused = call(None).expect_err("FindMissing without a token");
-    assert_status(&refused, Code::Unauthenticated, &["needs a bearer token"]);
-    let refused = call(Some("an-unknown-token-0123456789")).expect_err("FindMissing with an unknown token");
-    assert_status(&refused, Code::Unauthenticated, &["not known"]);
-    let refused = call(Some(WORKER_TOKEN)).expect_err("FindMissing with the worker token");
-    assert_status(&refused, Code::PermissionDenied, &["FindMissing", "'client' role"]);
-    assert_eq!(call(Some(CLIENT_TOKEN)).expect("FindMissing with the client token"), [[1; 32]]);
+    let call = |token: Option<&str>, grant: Option<&[u8]>| {
+        rt.block_on(bounded(find_missing_as(&url, None, token, grant, vec![[1; 32]])))
+    };
+    let refused = call(None, None).expect_err("FindMissing without a grant");
+    assert_status(&refused, Code::Unauthenticated, &["no job grant"]);
+    let refused = call(Some(CLIENT_TOKEN), None).expect_err("FindMissing with the client token, no grant");
+    assert_status(&refused, Code::Unauthenticated, &["no job grant"]);
+    let forged = ferry_proto::Grant::new(1, &workers(&registered)[0]).sign(&[7; 32]);
+    let refused = call(None, Some(&forged)).expect_err("FindMissing with a grant signed by someone else");
+    assert_status(&refused, Code::Unauthenticated, &["not made for this worker"]);
+    let scheduler_channel = rt.block_on(connect_trusting(&scheduler.url(), None)).expect("scheduler");
+    let mut scheduler_api = SchedulerClient::new(scheduler_channel);
+    let grant = rt.block_on(async {
+        let mut request =
+            tonic::Request::new(v1::AllocateRequest { toolchain: Some(to_digest([9; 32])), client_id: "t".into() });
+        request.metadata_mut().insert("authorization", bearer(CLIENT_TOKEN).parse().expect("header"));
+        match scheduler_api.allocate(request).await.expect("Allocate").into_inner().result {
+            Some(v1::allocate_response::Result::Assigned(a)) => a.grant,
+            other => panic!("no assignment: {other:?}"),
+        }
+    });
+    assert_eq!(call(None, Some(&grant)).expect("FindMissing with a grant"), [[1; 32]]);
+    // A worker config still listing tokens for clients is refused, saying why.
+    let stale = write(&world, "stale.toml", &tokens_toml(&[(CLIENT_TOKEN, "client")]));
+    let out = run_bounded(
+        {
+            let mut cmd = world.command(bin("ferry-worker"));
+            cmd.args(["--scheduler", &scheduler.url(), "--config", utf8(&stale), "--data-dir"])
+                .arg(world.path().join("stale"));
+            cmd
+        },
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success() && text(&out.stderr).contains("job grants"), "{}", text(&out.stderr));
 }
 
 // ---- TLS and exposure --------------------------------------------------------------------------
@@ -124,8 +147,15 @@ fn tls_serves_only_clients_that_trust_its_ca() {
     assert_eq!(workers(&registered), std::slice::from_ref(&worker.addr));
 
     let rt = runtime();
+    let scheduler_https = format!("https://{}", scheduler.addr);
+    let grant = rt.block_on(async {
+        let channel = connect_trusting(&scheduler_https, Some(&pki.ca)).await.expect("scheduler over TLS");
+        allocate_as(SchedulerClient::new(channel)).await.grant
+    });
     let (https, http) = (format!("https://{}", worker.addr), format!("http://{}", worker.addr));
-    let call = |url: &str, ca: Option<&Path>| rt.block_on(bounded(find_missing_as(url, ca, None, vec![[1; 32]])));
+    let call = |url: &str, ca: Option<&Path>| {
+        rt.block_on(bounded(find_missing_as(url, ca, None, Some(&grant), vec![[1; 32]])))
+    };
     assert_eq!(call(&https, Some(&pki.ca)).expect("FindMissing over TLS"), [[1; 32]]);
     let err = call(&https, None).expect_err("TLS without the CA");
     assert!(err.message().contains("UnknownIssuer"), "{err:?}");
@@ -164,8 +194,9 @@ fn a_worker_on_a_non_loopback_address_needs_tls_and_tokens_or_insecure() {
     wait_until(Duration::from_secs(10), "the insecure worker warns", || worker.log_text().contains("INSECURE"));
     let port = worker.addr.rsplit(':').next().expect("port");
     let url = format!("http://127.0.0.1:{port}");
-    let missing = runtime().block_on(bounded(find_missing_as(&url, None, None, vec![[1; 32]])));
-    assert_eq!(missing.expect("the insecure worker serves"), [[1; 32]]);
+    // It serves (and, with no scheduler to grant jobs, refuses every call for want of a grant).
+    let refused = runtime().block_on(bounded(find_missing_as(&url, None, None, None, vec![[1; 32]])));
+    assert_status(&refused.expect_err("a call without a grant"), Code::Unauthenticated, &["no job grant"]);
 
     // Like the scheduler, it must not announce an address it then refuses to serve: whatever
     // waits for its `listening on` line (a supervisor, this DSL) would take it for started.
@@ -416,11 +447,11 @@ fn concurrent_jobs_with_the_same_id_do_not_share_files() {
         }"#
         .replace("@PATH@", &victim_source),
     );
-    let (victim_run, snoop) = cluster.run_overlapping(&victim, &snoop, 77);
-    // A second job under a running id is refused (its client compiles locally); were it ever
+    let (job_id, victim_run, snoop) = cluster.run_overlapping(&victim, &snoop);
+    // A second job under the same grant is refused (a grant runs one job once); were it ever
     // accepted, it must not see the first's files.
     match snoop {
-        Err(refused) => assert_status(&refused, Code::AlreadyExists, &["77", "already running"]),
+        Err(refused) => assert_status(&refused, Code::AlreadyExists, &[&job_id.to_string(), "already run"]),
         Ok(snoop_run) => {
             assert_ne!(snoop_run.finished().exit_code, Some(0), "the second job read the first's {victim_source}");
             snoop_run.assert_macro_failed(&format!("read {victim_source}: No such file or directory"));
@@ -608,7 +639,7 @@ impl Cluster {
         let worker = world.worker("w1", &scheduler.url(), &["--config", utf8(&config)]);
         world.wait_for_status(Duration::from_secs(30), |s| !workers(s).is_empty());
         Cluster {
-            worker: WorkerApi::connect(&worker.addr),
+            worker: WorkerApi::connect(&worker.addr, &scheduler.url()),
             _worker_daemon: worker,
             _scheduler: scheduler,
             toolchain,
@@ -654,10 +685,12 @@ impl Cluster {
 
     /// Starts `first` (whose macro prints to stdout, then takes a while), runs `second` to its end
     /// meanwhile (or takes its refusal), then reads `first` to its end; both under the same job id.
-    fn run_overlapping(&self, first: &Job, second: &Job, job_id: u64) -> (JobRun, Result<JobRun, Status>) {
+    fn run_overlapping(&self, first: &Job, second: &Job) -> (u64, JobRun, Result<JobRun, Status>) {
         self.upload_inputs(first);
         self.upload_inputs(second);
-        let requests = [first, second].map(|j| v1::RunJobRequest { job_id, ..j.request(self.toolchain, &self.root) });
+        let (job_id, grant) = self.worker.allocate();
+        let requests = [first, second]
+            .map(|j| granted(v1::RunJobRequest { job_id, ..j.request(self.toolchain, &self.root) }, &grant));
         let [first, second] = requests;
         let mut client = self.worker.client.clone();
         self.worker
@@ -677,7 +710,7 @@ impl Cluster {
                 let mut rest = collect(events, start).await?;
                 rest.stdout.insert_str(0, &early.stdout);
                 rest.stderr.insert_str(0, &early.stderr);
-                Ok((rest, second))
+                Ok((job_id, rest, second))
             }))
             .expect("overlapping jobs")
     }
@@ -696,24 +729,47 @@ impl Cluster {
     }
 }
 
-/// A gRPC client to a worker, with its own runtime so the tests stay synchronous.
+/// A gRPC client to a worker, with its own runtime so the tests stay synchronous. Like a real
+/// client it asks the scheduler for job grants: one kept for blob calls, a fresh one per job.
 struct WorkerApi {
     rt: tokio::runtime::Runtime,
     client: WorkerClient<Channel>,
+    scheduler: SchedulerClient<Channel>,
+    blob_grant: std::cell::RefCell<Option<(Instant, Vec<u8>)>>,
 }
 
 impl WorkerApi {
-    fn connect(addr: &str) -> WorkerApi {
+    fn connect(addr: &str, scheduler: &str) -> WorkerApi {
         let rt = runtime();
         let channel = rt.block_on(connect(&format!("http://{addr}"))).expect("connecting to the worker");
-        WorkerApi { rt, client: WorkerClient::new(channel) }
+        let scheduler = rt.block_on(connect(scheduler)).expect("connecting to the scheduler");
+        WorkerApi {
+            rt,
+            client: WorkerClient::new(channel),
+            scheduler: SchedulerClient::new(scheduler),
+            blob_grant: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// A fresh allocation: (job id, grant).
+    fn allocate(&self) -> (u64, Vec<u8>) {
+        let a = self.rt.block_on(allocate_as(self.scheduler.clone()));
+        (a.job_id, a.grant)
+    }
+
+    /// The grant blob calls use (renewed well before it expires).
+    fn grant(&self) -> Vec<u8> {
+        let mut held = self.blob_grant.borrow_mut();
+        if held.as_ref().is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(60)) {
+            *held = Some((Instant::now(), self.allocate().1));
+        }
+        held.as_ref().expect("just set").1.clone()
     }
 
     fn find_missing(&self, digests: Vec<v1::Digest>) -> Result<Vec<v1::Digest>, Status> {
         let mut client = self.client.clone();
-        self.rt.block_on(bounded(async move {
-            Ok(client.find_missing(v1::FindMissingRequest { digests }).await?.into_inner().missing)
-        }))
+        let request = granted(v1::FindMissingRequest { digests }, &self.grant());
+        self.rt.block_on(bounded(async move { Ok(client.find_missing(request).await?.into_inner().missing) }))
     }
 
     fn find_missing_digests(&self, digests: &[[u8; 32]]) -> Vec<[u8; 32]> {
@@ -723,17 +779,45 @@ impl WorkerApi {
 
     fn upload(&self, chunks: Vec<v1::BlobChunk>) -> Result<u32, Status> {
         let mut client = self.client.clone();
-        self.rt.block_on(bounded(async move {
-            Ok(client.upload_blobs(tokio_stream::iter(chunks)).await?.into_inner().stored)
-        }))
+        let request = granted(tokio_stream::iter(chunks), &self.grant());
+        self.rt.block_on(bounded(async move { Ok(client.upload_blobs(request).await?.into_inner().stored) }))
     }
 
+    /// Runs `request` as the job of a fresh grant (its job id is the grant's).
     fn run_job(&self, request: v1::RunJobRequest) -> Result<JobRun, Status> {
+        let (job_id, grant) = self.allocate();
+        self.run_job_granted(v1::RunJobRequest { job_id, ..request }, &grant)
+    }
+
+    fn run_job_granted(&self, request: v1::RunJobRequest, grant: &[u8]) -> Result<JobRun, Status> {
         let mut client = self.client.clone();
+        let request = granted(request, grant);
         self.rt.block_on(bounded(async move {
             let start = Instant::now();
             collect(client.run_job(request).await?.into_inner(), start).await
         }))
+    }
+}
+
+/// A request carrying a job grant.
+fn granted<T>(message: T, grant: &[u8]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    ferry_proto::attach_grant(&mut request, grant);
+    request
+}
+
+/// `Allocate` until the scheduler assigns a worker (it answers "compile locally" while its
+/// workers fetch a just-uploaded toolchain); bounded.
+async fn allocate_as(mut scheduler: SchedulerClient<Channel>) -> v1::Assignment {
+    let start = Instant::now();
+    loop {
+        let request = v1::AllocateRequest { toolchain: Some(to_digest([9; 32])), client_id: "test".into() };
+        let answer = scheduler.allocate(request).await.expect("Allocate").into_inner();
+        if let Some(v1::allocate_response::Result::Assigned(a)) = answer.result {
+            return a;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no assignment within 60 s: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -953,11 +1037,13 @@ impl SchedulerApi {
     }
 }
 
-/// `FindMissing` on the worker at `url` as a caller trusting `ca` and holding `token`.
+/// `FindMissing` on the worker at `url` as a caller trusting `ca`, holding `token` (a bearer token,
+/// which workers ignore) and `grant`.
 async fn find_missing_as(
     url: &str,
     ca: Option<&Path>,
     token: Option<&str>,
+    grant: Option<&[u8]>,
     digests: Vec<[u8; 32]>,
 ) -> Result<Vec<[u8; 32]>, Status> {
     let channel = connect_trusting(url, ca).await?;
@@ -965,6 +1051,9 @@ async fn find_missing_as(
         tonic::Request::new(v1::FindMissingRequest { digests: digests.into_iter().map(to_digest).collect() });
     if let Some(token) = token {
         request.metadata_mut().insert("authorization", bearer(token).parse().expect("header value"));
+    }
+    if let Some(grant) = grant {
+        ferry_proto::attach_grant(&mut request, grant);
     }
     let missing = WorkerClient::new(channel).find_missing(request).await?.into_inner().missing;
     Ok(missing.iter().map(|d| d.blake3.as_slice().try_into().expect("32 bytes")).collect())
