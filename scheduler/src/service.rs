@@ -34,6 +34,9 @@ const CACHE_GRACE: Duration = Duration::from_secs(600);
 /// Longest a freshly uploaded toolchain's jobs stay local while the workers prefetch it.
 const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 
+/// The sending half of a worker's session stream.
+type SessionTx = mpsc::Sender<Result<v1::SchedulerMessage, Status>>;
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The service object tonic serves.
@@ -61,7 +64,7 @@ struct Inner {
     waiters: HashMap<WaitId, oneshot::Sender<Assignment>>,
     /// The current session of each worker: its number (a stale session ending must not remove
     /// the worker's newer registration), the sender of its stream, and its key for job grants.
-    sessions: HashMap<String, (u64, mpsc::Sender<Result<v1::SchedulerMessage, Status>>, ferry_proto::GrantKey)>,
+    sessions: HashMap<String, (u64, SessionTx, ferry_proto::GrantKey)>,
     next_session: u64,
     /// Toolchains just uploaded and sent to the workers to prefetch, and when: until a worker
     /// holds one (or [`PREFETCH_WAIT`] passes), its jobs are answered "compile locally" rather than
