@@ -8,8 +8,10 @@ use std::fmt;
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
-    /// Allocate workers, upload and list toolchains, read status, read the shared cache.
+    /// Allocate workers, list toolchains, read status, read the shared cache.
     Client,
+    /// Upload toolchains (each upload makes every worker fetch it: not for every client).
+    ToolchainUpload,
     /// Register as a worker, fetch toolchains, write the shared cache.
     Worker,
     /// Write the shared cache from a client (CI machines).
@@ -22,6 +24,7 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "client" => Some(Role::Client),
+            "toolchain-upload" => Some(Role::ToolchainUpload),
             "worker" => Some(Role::Worker),
             "cache-write" => Some(Role::CacheWrite),
             "admin" => Some(Role::Admin),
@@ -34,6 +37,7 @@ impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Role::Client => "client",
+            Role::ToolchainUpload => "toolchain-upload",
             Role::Worker => "worker",
             Role::CacheWrite => "cache-write",
             Role::Admin => "admin",
@@ -106,7 +110,10 @@ pub fn tokens_from_config(entries: Vec<(String, Vec<String>)>) -> Result<Tokens,
         }
         let roles = names
             .iter()
-            .map(|r| Role::parse(r).ok_or_else(|| format!("unknown role '{r}' (client, worker, cache-write, admin)")))
+            .map(|r| {
+                Role::parse(r)
+                    .ok_or_else(|| format!("unknown role '{r}' (client, toolchain-upload, worker, cache-write, admin)"))
+            })
             .collect::<Result<Vec<Role>, String>>()?;
         out.push((token, roles));
     }

@@ -264,7 +264,7 @@ impl SchedulerApi for Service {
         &self,
         request: Request<Streaming<v1::ToolchainUpload>>,
     ) -> Result<Response<v1::UploadToolchainResponse>, Status> {
-        require(&request, Role::Client, "UploadToolchain")?;
+        require(&request, Role::ToolchainUpload, "UploadToolchain")?;
         let mut inbound = request.into_inner();
         let Some(v1::ToolchainUpload { kind: Some(v1::toolchain_upload::Kind::Header(header)) }) =
             inbound.message().await?

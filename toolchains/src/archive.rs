@@ -248,10 +248,14 @@ fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx
                 loop {
                     let next = rx.lock().expect("member queue poisoned").recv();
                     let Ok((seq, member)) = next else { return };
-                    let mut out = Vec::with_capacity(1 << 20);
+                    // A member holds one chunk: it may inflate to at most that much (a member of
+                    // deflated zeros would otherwise inflate a thousandfold, in memory).
+                    let mut out = Vec::with_capacity(CHUNK);
                     let mut decoder = flate2::read::GzDecoder::new(&member[..]);
-                    let result = decoder.read_to_end(&mut out).and_then(|_| {
-                        if decoder.into_inner().is_empty() {
+                    let result = (&mut decoder).take(CHUNK as u64 + 1).read_to_end(&mut out).and_then(|_| {
+                        if out.len() > CHUNK {
+                            Err(io::Error::other(format!("a gzip member inflates to more than {CHUNK} bytes")))
+                        } else if decoder.into_inner().is_empty() {
                             Ok(out)
                         } else {
                             Err(io::Error::other("gzip member is longer than its data"))
@@ -269,7 +273,8 @@ fn inflate_parallel(mut reader: impl Read + Send, first: [u8; MEMBER_HEADER], tx
             let mut header = first;
             for seq in 0u64.. {
                 let total = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes")) as usize;
-                if !(MEMBER_HEADER + 8..=64 << 20).contains(&total) {
+                // A chunk's member is never much larger than the chunk (deflate's worst case).
+                if !(MEMBER_HEADER + 8..=2 * CHUNK).contains(&total) {
                     let _ = job_tx.send((seq, header.to_vec())); // inflating it reports the damage
                     return;
                 }
@@ -633,4 +638,32 @@ fn nanos() -> u128 {
 /// blake3 of a whole file, for checking stored archives.
 pub(crate) fn file_digest(path: &Path) -> Result<([u8; 32], u64), Error> {
     hash_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A member of deflated zeros (what a gzip bomb is made of): it would inflate to 64 MiB; the
+    /// reader stops at one chunk and says why, without holding the rest in memory.
+    #[test]
+    fn a_member_that_inflates_past_its_chunk_is_refused() {
+        let bomb = gzip_member(&vec![0u8; 64 << 20], 9).unwrap();
+        assert!(bomb.len() < 2 * CHUNK, "64 MiB of zeros deflate to {} bytes", bomb.len());
+        let (tx, rx) = sync_channel(4);
+        std::thread::scope(|s| {
+            s.spawn(|| inflate(&bomb[..], tx));
+            let results: Vec<io::Result<Vec<u8>>> = rx.iter().collect();
+            let err = results.into_iter().find_map(Result::err).expect("the bomb is refused");
+            assert!(err.to_string().contains("inflates to more than"), "{err}");
+        });
+        // A well-formed member inflates as before.
+        let fine = gzip_member(b"a chunk", 1).unwrap();
+        let (tx, rx) = sync_channel(4);
+        std::thread::scope(|s| {
+            s.spawn(|| inflate(&fine[..], tx));
+            let out: Vec<u8> = rx.iter().flat_map(|r| r.unwrap()).collect();
+            assert_eq!(out, b"a chunk");
+        });
+    }
 }

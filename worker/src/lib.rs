@@ -3,6 +3,7 @@
 //! session, and [`serve`], which runs all of it until told to stop. A job may load a
 //! client-supplied proc-macro — arbitrary code — so nothing a client sends runs outside the sandbox.
 
+mod beneath;
 mod blobs;
 mod check;
 mod config;

@@ -116,8 +116,11 @@ impl JobObserver {
         let mut list = input_list(&records, &scope).map_err(|e| e.to_string())?;
         let bases = Bases::new(job.basedirs.iter().cloned()).map_err(|b| format!("bad base directory '{b}'"))?;
         if !bases.is_empty() {
-            let outputs: Vec<Vec<u8>> =
-                job.outputs.iter().filter_map(|o| fs::read(job.tree.join(o.trim_start_matches('/'))).ok()).collect();
+            let outputs: Vec<Vec<u8>> = job
+                .outputs
+                .iter()
+                .filter_map(|o| crate::beneath::read_beneath(job.tree, o, 4 << 30).ok())
+                .collect();
             let outputs: Vec<&[u8]> = outputs.iter().map(Vec::as_slice).collect();
             let env = |n: &str| job.env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone().into_bytes());
             recipe::mark_verbatim(&mut list, &bases, env, &outputs);
@@ -188,7 +191,15 @@ impl Inputs for TreeInputs<'_> {
         match fs::metadata(&host) {
             Ok(m) if m.is_file() => match abs.to_str().and_then(|p| self.job.inputs.get(p)) {
                 Some(d) => Found::File(*d),
-                None => fs::read(&host).map_or(Found::Unreadable, |b| Found::File(*blake3::hash(&b).as_bytes())),
+                // Read without following links when it lies in the job's tree (a process left in
+                // the sandbox could have planted one); the mirrored system directories are read-only.
+                None => {
+                    let bytes = match host.strip_prefix(self.job.tree) {
+                        Ok(rel) => crate::beneath::read_beneath(self.job.tree, &rel.to_string_lossy(), 4 << 30),
+                        Err(_) => fs::read(&host),
+                    };
+                    bytes.map_or(Found::Unreadable, |b| Found::File(*blake3::hash(&b).as_bytes()))
+                }
             },
             Ok(m) if m.is_dir() => Found::Dir,
             Ok(_) => Found::Other,

@@ -31,6 +31,8 @@ const CHUNK: usize = 1 << 20;
 /// the worker's disk with one endless stream.
 const MAX_BLOB_BYTES: u64 = 1 << 30;
 const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+/// The largest output a job may send back (clients refuse more anyway).
+const MAX_OUTPUT_BYTES: u64 = 4 << 30;
 /// Top-level directories a job's files may never be placed in.
 const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
 
@@ -488,19 +490,20 @@ fn run_blocking(
 /// Streams one declared output and returns its bytes; a missing one is simply not sent (the
 /// client notices) and comes back empty.
 fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<(), ()>) -> Result<Vec<u8>, ()> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-    let path = tree.join(&out[1..]);
-    // Never follow a link the job may have planted, at the file or along its directories.
-    let Ok(meta) = std::fs::symlink_metadata(&path) else { return Ok(Vec::new()) };
-    let inside = match (path.canonicalize(), tree.canonicalize()) {
-        (Ok(p), Ok(t)) => p.starts_with(t),
-        _ => false,
-    };
-    if !meta.file_type().is_file() || !inside {
+    // Opened beneath the tree without following any link, a regular file, within the cap.
+    let Ok(file) = crate::beneath::open_beneath(tree, out) else { return Ok(Vec::new()) };
+    let Ok(meta) = file.metadata() else { return Ok(Vec::new()) };
+    if meta.len() > MAX_OUTPUT_BYTES {
+        tracing::warn!(output = out, bytes = meta.len(), "an output over the cap is not sent");
         return Ok(Vec::new());
     }
     let executable = meta.permissions().mode() & 0o111 != 0;
-    let Ok(bytes) = std::fs::read(&path) else { return Ok(Vec::new()) };
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    if file.take(MAX_OUTPUT_BYTES + 1).read_to_end(&mut bytes).is_err() || bytes.len() as u64 > MAX_OUTPUT_BYTES {
+        return Ok(Vec::new());
+    }
     let count = bytes.len().div_ceil(CHUNK).max(1);
     for i in 0..count {
         let data = bytes[(i * CHUNK).min(bytes.len())..((i + 1) * CHUNK).min(bytes.len())].to_vec();

@@ -53,6 +53,9 @@ fn tokens_decide_who_may_do_what() {
     assert_refused(&ferry(&world, &["toolchain", "list", "--json"]), &["'client' role"]);
     world.set("FERRY_TOKEN", CLIENT_TOKEN);
     assert_eq!(workers(&status(&world)), Vec::<String>::new());
+    // Uploading a toolchain (which makes every worker fetch it) needs its own role.
+    world.set("FERRY_CACHE_DIR", shared_store());
+    assert_refused(&ferry(&world, &["toolchain", "upload", "--json"]), &["'toolchain-upload' role"]);
 
     // A worker holding a client token cannot register, however often it retries.
     let impostor_config = write(&world, "impostor.toml", &format!("token = \"{CLIENT_TOKEN}\"\n"));
