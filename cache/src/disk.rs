@@ -135,6 +135,10 @@ impl Store for DiskStore {
         self.read_verified(key, |bytes| Entry::decode_owned(bytes, key))
     }
 
+    fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error> {
+        DiskStore::get_encoded(self, key)
+    }
+
     /// Publishes an already encoded entry under `key` unless a verified one is there. The caller
     /// has verified `bytes` (or encoded them itself).
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {

@@ -18,6 +18,14 @@
 //!
 //! A reader trusts nothing before the checksum matches, and nothing after it that the header
 //! does not agree with: the key must be the one asked for and every length must add up.
+//!
+//! An entry in a shared tier may carry a **seal** after it: the magic `FERRYMAC` and a keyed
+//! blake3 MAC of the entry under the site's shared-tier key (`FERRY_SHARED_KEY_FILE`). The
+//! checksum catches damage; the seal proves a trusted writer (a worker, a `cache-write` client)
+//! made the entry, so a compromised cache node or a man in the middle cannot serve one that
+//! verifies. The entry's own length (from its header) says where a seal starts, so readers
+//! without the key, and stores that only pass entries on, ignore it; readers with the key accept
+//! only sealed entries whose MAC matches ([`unseal`]).
 
 use std::fmt;
 
@@ -83,6 +91,49 @@ pub enum EntryError {
     /// A remote tier found its copy corrupt (and removed it) instead of sending it.
     #[error("the tier holding it found it corrupt and removed it")]
     CorruptAtSource,
+    /// The entry carries no seal, but this reader accepts only sealed entries.
+    #[error("the entry is not sealed by a trusted writer")]
+    Unsealed,
+    /// The seal does not match the entry under this reader's key.
+    #[error("the entry's seal does not verify: not written by a holder of the shared-tier key")]
+    BadSeal,
+}
+
+const SEAL_MAGIC: [u8; 8] = *b"FERRYMAC";
+/// The bytes a seal adds after an entry.
+pub const SEAL_LEN: usize = 8 + 32;
+
+/// The entry part of `bytes` and the seal after it, if there is one. The entry's length comes
+/// from its own header; bytes that do not add up are returned whole, for the checks to refuse.
+pub fn split_seal(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
+    if bytes.len() >= HEADER_LEN {
+        let stored_len = u64::from_le_bytes(array(&bytes[88..96]));
+        if let Some(entry_len) = stored_len.checked_add(MIN_LEN as u64).and_then(|l| usize::try_from(l).ok())
+            && bytes.len() == entry_len + SEAL_LEN
+            && bytes[entry_len..entry_len + 8] == SEAL_MAGIC
+        {
+            return (&bytes[..entry_len], Some(&bytes[entry_len + 8..]));
+        }
+    }
+    (bytes, None)
+}
+
+/// An encoded entry with its seal under `key` (an entry already sealed is sealed afresh).
+pub fn seal(bytes: &[u8], key: &[u8; 32]) -> Vec<u8> {
+    let (entry, _) = split_seal(bytes);
+    let mut out = Vec::with_capacity(entry.len() + SEAL_LEN);
+    out.extend_from_slice(entry);
+    out.extend_from_slice(&SEAL_MAGIC);
+    out.extend_from_slice(blake3::keyed_hash(key, entry).as_bytes());
+    out
+}
+
+/// Checks the seal of `bytes` under `key`; Ok means a holder of the key wrote it.
+pub fn unseal(bytes: &[u8], key: &[u8; 32]) -> Result<(), EntryError> {
+    let (entry, seal) = split_seal(bytes);
+    let mac: [u8; 32] = seal.ok_or(EntryError::Unsealed)?.try_into().map_err(|_| EntryError::Unsealed)?;
+    // blake3::Hash compares in constant time.
+    if blake3::keyed_hash(key, entry) == blake3::Hash::from_bytes(mac) { Ok(()) } else { Err(EntryError::BadSeal) }
 }
 
 const MAGIC: [u8; 8] = *b"FERRYCE\0";
@@ -177,7 +228,8 @@ impl Entry {
         let header = Header::verify(&bytes, expected_key)?;
         let payload = match header.compression {
             STORED_RAW => {
-                bytes.truncate(bytes.len() - CHECKSUM_LEN);
+                let entry_len = split_seal(&bytes).0.len();
+                bytes.truncate(entry_len - CHECKSUM_LEN);
                 bytes.drain(..HEADER_LEN);
                 bytes
             }
@@ -268,6 +320,7 @@ impl Header {
     /// Checks everything that can be checked without touching the payload, in the documented
     /// order; for a raw payload that includes its length.
     fn verify(bytes: &[u8], expected_key: &CacheKey) -> Result<Header, EntryError> {
+        let (bytes, _) = split_seal(bytes);
         if bytes.len() < MIN_LEN {
             return Err(EntryError::TooShort { len: bytes.len() });
         }
@@ -319,6 +372,7 @@ impl Header {
 
 /// The stored payload of bytes that passed [`Header::verify`].
 fn stored(bytes: &[u8]) -> &[u8] {
+    let (bytes, _) = split_seal(bytes);
     &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
 }
 

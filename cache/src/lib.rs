@@ -16,11 +16,13 @@ mod key;
 mod output;
 mod redis;
 pub mod rustc;
+mod sealed;
 mod store;
 
 pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, parse_size};
-pub use entry::{Entry, EntryError, EntryKind};
+pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, seal, split_seal, unseal};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use output::{CompileOutput, OutputFile};
 pub use redis::{RedisStore, RedisUrl, redis_key};
+pub use sealed::{Sealed, read_key_file};
 pub use store::{Error, PutOutcome, Store};

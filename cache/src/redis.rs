@@ -170,6 +170,10 @@ impl Store for RedisStore {
         self.get_verified(key, |bytes| Entry::decode_owned(bytes, key))
     }
 
+    fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error> {
+        self.get_verified(key, |bytes| Entry::check(&bytes, key).map(|()| bytes))
+    }
+
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
         let name = redis_key(key);
         // Twice at most: a value already there counts only once it checks out (one that does not

@@ -13,6 +13,10 @@ pub trait Store: Send + Sync {
     /// The verified entry stored under `key`, or `None` on a miss.
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error>;
 
+    /// The encoded entry under `key` as stored (a seal after it included), its header and
+    /// checksum checked, not decoded: for a layer that checks more before decoding.
+    fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error>;
+
     /// Publishes `entry` under `entry.key` unless an entry is already there (first writer wins).
     fn put(&self, entry: &Entry) -> Result<PutOutcome, Error> {
         self.put_encoded(&entry.key, &entry.encode())

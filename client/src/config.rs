@@ -20,6 +20,7 @@
 //! | shared tier bypass after an error or a slow answer | `cache.shared_backoff_secs` | `FERRY_SHARED_BACKOFF` | `30` (seconds) |
 //! | shared tier deadline per call | `cache.shared_timeout_ms` | `FERRY_SHARED_TIMEOUT_MS` | `2000` |
 //! | base directories (paths in keys relative to them) | `cache.basedirs` | `FERRY_BASEDIRS` (`:`-separated) | none |
+//! | shared-tier key: seal what this client writes, accept only sealed entries | `cache.shared_key_file` | `FERRY_SHARED_KEY_FILE` | none: entries are not sealed |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub struct Config {
     pub shared_backoff: Duration,
     pub shared_timeout: Duration,
     pub basedirs: Bases,
+    /// The site's shared-tier key (from a file of 64 hex digits): with it, entries this client
+    /// writes are sealed and only entries sealed under it are read from the shared tier.
+    pub shared_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +94,7 @@ struct CacheSection {
     shared_backoff_secs: Option<u64>,
     shared_timeout_ms: Option<u64>,
     basedirs: Option<Vec<String>>,
+    shared_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,7 +196,19 @@ impl Config {
                 origin("cache.basedirs")
             )
         })?;
+        let shared_key =
+            match env("FERRY_SHARED_KEY_FILE")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+                .or(file.cache.shared_key_file)
+            {
+                Some(path) => Some(ferry_cache::read_key_file(&path).map_err(|e| {
+                    anyhow::anyhow!("{e} ({} or FERRY_SHARED_KEY_FILE)", origin("cache.shared_key_file"))
+                })?),
+                None => None,
+            };
         Ok(Config {
+            shared_key,
             cache_dir,
             cache_size,
             cache_failures,

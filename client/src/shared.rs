@@ -52,6 +52,11 @@ impl SharedTier {
                 .map_err(|e| ("misconfigured", e)),
             SharedTierSpec::Scheduler => connect(config),
         };
+        // With the site key, what is written is sealed and only sealed entries are read.
+        let opened = opened.map(|store| match config.shared_key {
+            Some(key) => Box::new(ferry_cache::Sealed::new(store, key)) as Box<dyn Store>,
+            None => store,
+        });
         match opened {
             Ok(store) => Some(SharedTier { store, cache_dir: config.cache_dir.clone(), writer }),
             Err((reason, message)) => {

@@ -145,6 +145,15 @@ impl Store for RemoteCache {
         }
     }
 
+    fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error> {
+        let corrupt = |reason| Error::Corrupt { path: format!("scheduler cache entry {key}").into(), reason };
+        match self.block("shared cache get", self.fetch(key))? {
+            Fetched::Bytes(bytes) => Entry::check(&bytes, key).map(|()| Some(bytes)).map_err(corrupt),
+            Fetched::Missing => Ok(None),
+            Fetched::CorruptThere => Err(corrupt(EntryError::CorruptAtSource)),
+        }
+    }
+
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
         let len = bytes.len() as u64;
         let published = self.block("shared cache put", self.store(key, bytes))?;

@@ -13,6 +13,7 @@
 //! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
 //! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, or `redis://[user:pw@]host[:port][/db]` |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
+//! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
 //! | non-loopback without TLS | `insecure` | — | `false` |
 //!
@@ -42,6 +43,8 @@ pub struct WorkerConfig {
     pub toolchain_cache_bytes: u64,
     /// Where the worker publishes the results of the jobs it runs.
     pub shared_cache: SharedTierSpec,
+    /// The site's shared-tier key: entries the worker publishes are sealed under it.
+    pub shared_key: Option<[u8; 32]>,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
@@ -51,6 +54,7 @@ pub struct WorkerConfig {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     shared_cache: Option<String>,
+    shared_key_file: Option<PathBuf>,
     scheduler: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
@@ -133,6 +137,13 @@ impl WorkerConfig {
                 .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?,
             None => SharedTierSpec::Scheduler,
         };
+        let shared_key = match env("FERRY_SHARED_KEY_FILE").map(PathBuf::from).or(parsed.shared_key_file) {
+            Some(path) => Some(
+                ferry_cache::read_key_file(&path)
+                    .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_key_file' (or FERRY_SHARED_KEY_FILE): {e}"))?,
+            ),
+            None => None,
+        };
         let defaults = SandboxConfig::default();
         let s = parsed.sandbox;
         let sandbox = SandboxConfig {
@@ -155,6 +166,7 @@ impl WorkerConfig {
             ca: env("FERRY_CA").map(PathBuf::from).or(parsed.ca),
             toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
             shared_cache,
+            shared_key,
             tls,
             insecure: parsed.insecure.unwrap_or(false),
             sandbox,

@@ -122,14 +122,20 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
     Ok(endpoint)
 }
 
-/// The shared tier the worker publishes to, opened on the publisher's own thread.
+/// The shared tier the worker publishes to, opened on the publisher's own thread (and sealed
+/// under the site key when one is configured).
 fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher> {
     let (url, ca) = (config.scheduler.clone(), config.ca.clone());
+    let key = config.shared_key;
+    let sealed = move |store: Box<dyn Store>| match key {
+        Some(key) => Box::new(ferry_cache::Sealed::new(store, key)) as Box<dyn Store>,
+        None => store,
+    };
     match config.shared_cache.clone() {
         SharedTierSpec::Off => None,
-        SharedTierSpec::Redis(redis) => Some(Publisher::start(move || {
-            RedisStore::new(&redis, STORE_DEADLINE).map(|s| Box::new(s) as Box<dyn Store>)
-        })),
+        SharedTierSpec::Redis(redis) => {
+            Some(Publisher::start(move || RedisStore::new(&redis, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
+        }
         SharedTierSpec::Scheduler => Some(Publisher::start(move || {
             let runtime = std::sync::Arc::new(
                 tokio::runtime::Builder::new_current_thread()
@@ -143,7 +149,7 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
                 endpoint(&url, ca.as_deref()).map_err(|e| format!("{e:#}"))?.connect_lazy()
             };
             let client = SchedulerClient::with_interceptor(channel, token);
-            Ok(Box::new(RemoteCache::new(runtime, client, STORE_DEADLINE)) as Box<dyn Store>)
+            Ok(sealed(Box::new(RemoteCache::new(runtime, client, STORE_DEADLINE))))
         })),
     }
 }

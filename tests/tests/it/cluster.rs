@@ -613,6 +613,46 @@ fn a_corrupt_shared_entry_is_reported_and_never_promoted() {
 }
 
 #[test]
+fn with_a_site_key_only_sealed_entries_are_served() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("site.key");
+    write(&key, &format!("{}\n", "ab".repeat(32)));
+    let worker_toml = format!("shared_key_file = \"{}\"\n", key.display());
+    let worker_toml: &'static str = Box::leak(worker_toml.into_boxed_str());
+    let mut c =
+        Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, worker_toml, ..Setup::default() });
+    c.world.set("FERRY_SHARED_KEY_FILE", &key);
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+    build_as(&mut c, "first", &ws);
+    wait_until(Duration::from_secs(30), "every unit's result and manifest in the shared tier", || {
+        (scheduler_entries(&c).len() >= 2 * UNITS as usize).then_some(())
+    });
+    // Every entry in the tier carries a seal, and a second keyed client hits every unit.
+    for entry in scheduler_entries(&c) {
+        let bytes = fs::read(&entry).expect("entry");
+        assert!(ferry_cache::split_seal(&bytes).1.is_some(), "{} is not sealed", entry.display());
+    }
+    let s = build_as(&mut c, "second", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+
+    // A writer without the key (it may write: the loopback default grants every role) builds an
+    // edit: its rlib compiles on the worker (which seals it), its binary here, published unsealed.
+    // A keyed client takes the worker's entry and refuses the binary's.
+    edit(&ws.join("crates/base/src/lib.rs"), "\"base\"", "\"base2\"");
+    c.world.set("FERRY_SHARED_KEY_FILE", "");
+    let rogue = build_as(&mut c, "rogue", &ws);
+    assert!(n(&rogue, "/shared_writes") >= 1, "the keyless client published: {rogue:#}");
+    c.world.set("FERRY_SHARED_KEY_FILE", &key);
+    let s = build_as(&mut c, "keyed-after-rogue", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS - 1, 1), "{s:#}");
+    assert_eq!(n(&s, "/shared_errors/corrupt-entry"), 1, "the unsealed binary was refused: {s:#}");
+    assert!(app(&ws).contains("base2"), "{}", app(&ws));
+}
+
+#[test]
 fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
     let redis_dir = tempfile::tempdir().expect("temp dir");
     let redis = ferry_tests::Redis::start(redis_dir.path());
