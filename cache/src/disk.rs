@@ -167,6 +167,75 @@ impl Store for DiskStore {
 }
 
 impl DiskStore {
+    /// The entry file of `key`, opened and checked (header and checksum, read 1 MiB at a time,
+    /// never held whole in memory), rewound, with its length: for serving large entries. One that
+    /// does not check out is removed and reported.
+    pub fn open_checked(&self, key: &CacheKey) -> Result<Option<(File, u64)>, Error> {
+        use std::io::{BufReader, Seek};
+        let path = self.entry_path(key);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let len = file.metadata().map_err(io_at(&path))?.len();
+        match crate::entry::check_stream(BufReader::new(&file), len, key) {
+            Ok(()) => {
+                let _ = file.set_modified(SystemTime::now());
+                file.rewind().map_err(io_at(&path))?;
+                Ok(Some((file, len)))
+            }
+            Err(reason) => {
+                remove_if_same_file(&path, &file);
+                warn!(path = %path.display(), %reason, "removed corrupt cache entry");
+                Err(Error::Corrupt { path, reason })
+            }
+        }
+    }
+
+    /// A temp file in this store to receive an entry into (see [`DiskStore::publish_temp`]).
+    pub fn begin_temp(&self) -> Result<(File, PathBuf), Error> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let name = format!("{}.r{}.{nanos}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let path = self.root.join(TMP_DIR).join(name);
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).mode(0o444).open(&path).map_err(io_at(&path))?;
+        Ok((file, path))
+    }
+
+    /// Publishes a received temp file (from [`DiskStore::begin_temp`], already checked by the
+    /// caller) under `key`: fsync, then a link that never replaces an entry that verifies. The
+    /// temp file is gone afterwards.
+    pub fn publish_temp(&self, key: &CacheKey, file: File, tmp: &Path) -> Result<PutOutcome, Error> {
+        let len = file.metadata().map_err(io_at(tmp))?.len();
+        let synced = file.sync_all().map_err(io_at(tmp));
+        drop(file);
+        let path = self.entry_path(key);
+        let outcome = synced.and_then(|()| {
+            if fs::symlink_metadata(&path).is_ok() && matches!(self.open_checked(key), Ok(Some(_))) {
+                return Ok(PutOutcome::AlreadyPresent);
+            }
+            let linked = match fs::hard_link(tmp, &path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let shard = path.parent().expect("entry paths have a shard directory");
+                    fs::create_dir_all(shard).and_then(|()| fs::hard_link(tmp, &path))
+                }
+                linked => linked,
+            };
+            match linked {
+                Ok(()) => {
+                    self.account(len);
+                    Ok(PutOutcome::Published { bytes: len })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyPresent),
+                Err(e) => Err(io_at(&path)(e)),
+            }
+        });
+        let _ = fs::remove_file(tmp);
+        outcome
+    }
+
     /// The encoded entry stored under `key` after checking its header and checksum (the payload
     /// is not decompressed: for a tier that passes entries on, whose receiver decodes them).
     pub fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error> {

@@ -118,6 +118,64 @@ pub fn split_seal(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
     (bytes, None)
 }
 
+/// Checks an encoded entry of `len` bytes read from `reader` (a file) without holding it in
+/// memory: the header fields and lengths, then the checksum over the entry part, hashing 1 MiB at
+/// a time. A seal after the entry is allowed (and not checked). The payload's compressed framing
+/// is not decoded: a receiver that decodes verifies it.
+pub fn check_stream(mut reader: impl std::io::Read, len: u64, expected_key: &CacheKey) -> Result<(), EntryError> {
+    let truncated = |offset| EntryError::Truncated { what: "entry", offset };
+    if len < MIN_LEN as u64 {
+        return Err(EntryError::TooShort { len: len as usize });
+    }
+    let mut header = [0u8; HEADER_LEN];
+    reader.read_exact(&mut header).map_err(|_| truncated(0))?;
+    if header[0..8] != MAGIC {
+        return Err(EntryError::BadMagic { found: array(&header[0..8]) });
+    }
+    let version = u32::from_le_bytes(array(&header[8..12]));
+    if version != FORMAT_VERSION {
+        return Err(EntryError::UnsupportedVersion { what: "entry", version });
+    }
+    EntryKind::from_byte(header[12]).ok_or(EntryError::BadKind { kind: header[12] })?;
+    if header[13] != STORED_RAW && header[13] != STORED_LZ4 {
+        return Err(EntryError::BadCompression { compression: header[13] });
+    }
+    let key = CacheKey(array(&header[16..48]));
+    if key != *expected_key {
+        return Err(EntryError::KeyMismatch { expected: *expected_key, found: key });
+    }
+    let stored_len = u64::from_le_bytes(array(&header[88..96]));
+    let entry_len = stored_len.checked_add(MIN_LEN as u64).ok_or(EntryError::LengthMismatch {
+        what: "stored payload",
+        expected: stored_len,
+        actual: len,
+    })?;
+    if entry_len != len && entry_len + SEAL_LEN as u64 != len {
+        return Err(EntryError::LengthMismatch {
+            what: "stored payload",
+            expected: stored_len,
+            actual: len - MIN_LEN as u64,
+        });
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&header);
+    let mut left = stored_len;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        reader.read_exact(&mut buf[..n]).map_err(|_| truncated((entry_len - left) as usize))?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    let mut stored_sum = [0u8; CHECKSUM_LEN];
+    reader.read_exact(&mut stored_sum).map_err(|_| truncated((entry_len - 32) as usize))?;
+    let computed = hasher.finalize();
+    if computed.as_bytes() != &stored_sum {
+        return Err(EntryError::ChecksumMismatch { stored: stored_sum, computed: *computed.as_bytes() });
+    }
+    Ok(())
+}
+
 /// An encoded entry with its seal under `key` (an entry already sealed is sealed afresh).
 pub fn seal(bytes: &[u8], key: &[u8; 32]) -> Vec<u8> {
     let (entry, _) = split_seal(bytes);

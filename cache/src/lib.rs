@@ -20,7 +20,7 @@ mod sealed;
 mod store;
 
 pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, parse_size};
-pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, seal, split_seal, unseal};
+pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, check_stream, seal, split_seal, unseal};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use output::{CompileOutput, OutputFile};
 pub use redis::{RedisStore, RedisUrl, redis_key};

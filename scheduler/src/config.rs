@@ -11,6 +11,7 @@
 //! | largest toolchain archive | `max_toolchain_bytes` | — | `4294967296` |
 //! | shared cache tier size (evicts least recently used beyond it) | `cache_size` | `FERRY_SHARED_CACHE_SIZE` | `20G` |
 //! | largest shared cache entry | `max_entry_bytes` | — | `1073741824` |
+//! | shared cache transfers served at once (each holds at most ~7 MiB: the bound on the tier's memory) | `cache_concurrency` | — | `16` |
 //! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
@@ -37,6 +38,10 @@ pub struct SchedulerConfig {
     /// The shared cache tier's size limit (`<data_dir>/cache`).
     pub cache_size: u64,
     pub max_entry_bytes: u64,
+    /// `CacheGet`/`CachePut` calls served at once; more wait (2 s at most, then
+    /// `RESOURCE_EXHAUSTED`). Each streams through a file in 1 MiB pieces, so the cache service's
+    /// memory stays under about this × 7 MiB whatever the entry sizes and the number of clients.
+    pub cache_concurrency: usize,
     /// PEM certificate and key; `None` serves plain HTTP/2 (loopback or `insecure` only).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
@@ -54,6 +59,7 @@ struct FileConfig {
     max_toolchain_bytes: Option<u64>,
     cache_size: Option<String>,
     max_entry_bytes: Option<u64>,
+    cache_concurrency: Option<usize>,
     tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
@@ -106,6 +112,7 @@ impl SchedulerConfig {
             max_toolchain_bytes: parsed.max_toolchain_bytes.unwrap_or(4 << 30),
             cache_size,
             max_entry_bytes: parsed.max_entry_bytes.unwrap_or(1 << 30),
+            cache_concurrency: parsed.cache_concurrency.unwrap_or(16).max(1),
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),

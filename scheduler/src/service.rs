@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome, Store};
+use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome};
 use ferry_proto::v1::scheduler_server::Scheduler as SchedulerApi;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
 use ferry_proto::{ChunkReader, Role, digest, digests, require, require_any, to_digest};
@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     cache: DiskStore,
     /// Shared entries found corrupt on a read (and removed) since start, for `ferry status`.
     corrupt_entries: std::sync::atomic::AtomicU64,
+    /// Cache transfers served at once (`cache_concurrency`): the bound on their memory.
+    cache_permits: Arc<tokio::sync::Semaphore>,
     config: SchedulerConfig,
     shutdown: CancellationToken,
 }
@@ -91,7 +93,9 @@ impl Service {
             prefetching: HashMap::new(),
         };
         let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
-        let shared = Shared { inner: Mutex::new(inner), archives, cache, corrupt_entries, config, shutdown };
+        let cache_permits = Arc::new(tokio::sync::Semaphore::new(config.cache_concurrency));
+        let shared =
+            Shared { inner: Mutex::new(inner), archives, cache, corrupt_entries, cache_permits, config, shutdown };
         Ok(Service { shared: Arc::new(shared) })
     }
 
@@ -109,6 +113,19 @@ impl Service {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A cache-transfer slot, waiting 2 s at most.
+    async fn cache_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        let permit =
+            tokio::time::timeout(Duration::from_secs(2), Arc::clone(&self.cache_permits).acquire_owned()).await;
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Status::resource_exhausted(format!(
+                "the shared cache is serving {} transfers; try again later",
+                self.config.cache_concurrency
+            ))),
+        }
     }
 }
 
@@ -408,13 +425,14 @@ impl SchedulerApi for Service {
     async fn cache_get(&self, request: Request<v1::CacheKeyRef>) -> Result<Response<Self::CacheGetStream>, Status> {
         require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "CacheGet")?;
         let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
+        let permit = self.shared.cache_permit().await?;
         let shared = self.shared.clone();
-        let found = tokio::task::spawn_blocking(move || shared.cache.get_encoded(&key))
+        let opened = tokio::task::spawn_blocking(move || shared.cache.open_checked(&key))
             .await
             .map_err(|e| Status::internal(format!("cache lookup: {e}")))?;
         // Checked (header and checksum) but not decoded: the client decodes and verifies it.
-        let bytes = match found {
-            Ok(Some(bytes)) => bytes,
+        let (file, _len) = match opened {
+            Ok(Some(found)) => found,
             Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
             Err(CacheError::Corrupt { path, reason }) => {
                 self.shared.corrupt_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -423,9 +441,30 @@ impl SchedulerApi for Service {
             }
             Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
         };
-        let chunks: Vec<Result<v1::Chunk, Status>> =
-            bytes.chunks(CHUNK).map(|c| Ok(v1::Chunk { data: c.to_vec() })).collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        // Streamed from the file in 1 MiB pieces, at most a few in flight.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let _permit = permit;
+            let mut file = file;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.blocking_send(Ok(v1::Chunk { data: buf })).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::internal(format!("reading the entry: {e}"))));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn cache_put(
@@ -443,32 +482,50 @@ impl SchedulerApi for Service {
         if header.size > max {
             return Err(Status::invalid_argument(format!("entry of {} bytes is over the limit of {max}", header.size)));
         }
-        let mut bytes = Vec::with_capacity(header.size as usize);
-        while let Some(message) = inbound.message().await? {
-            let Some(v1::cache_upload::Kind::Data(data)) = message.kind else {
-                return Err(Status::invalid_argument("only 'data' may follow the header"));
-            };
-            if bytes.len() as u64 + data.len() as u64 > header.size {
+        let _permit = self.shared.cache_permit().await?;
+        // Received into a temp file of the store, never whole in memory.
+        let (mut file, tmp) =
+            self.shared.cache.begin_temp().map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
+        let received = async {
+            use std::io::Write;
+            let mut written = 0u64;
+            while let Some(message) = inbound.message().await? {
+                let Some(v1::cache_upload::Kind::Data(data)) = message.kind else {
+                    return Err(Status::invalid_argument("only 'data' may follow the header"));
+                };
+                written += data.len() as u64;
+                if written > header.size {
+                    return Err(Status::invalid_argument(format!(
+                        "entry is larger than the {} bytes announced",
+                        header.size
+                    )));
+                }
+                file.write_all(&data).map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
+            }
+            if written != header.size {
                 return Err(Status::invalid_argument(format!(
-                    "entry is larger than the {} bytes announced",
+                    "entry ended after {written} of the {} bytes announced",
                     header.size
                 )));
             }
-            bytes.extend_from_slice(&data);
+            Ok(())
         }
-        if bytes.len() as u64 != header.size {
-            return Err(Status::invalid_argument(format!(
-                "entry ended after {} of the {} bytes announced",
-                bytes.len(),
-                header.size
-            )));
+        .await;
+        if let Err(e) = received {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
         let shared = self.shared.clone();
         let stored = tokio::task::spawn_blocking(move || -> Result<PutOutcome, Status> {
-            // Fully verified once, here (compressed framing included); stored as received.
-            Entry::verify(&bytes, &key)
-                .map_err(|e| Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")))?;
-            shared.cache.put_encoded(&key, &bytes).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
+            // Fully verified once, here (compressed framing included for small entries, whose
+            // payloads are the compressed ones); stored as received.
+            let checked = verify_received(&mut file, &key, header.size);
+            if let Err(e) = checked {
+                drop(file);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")));
+            }
+            shared.cache.publish_temp(&key, file, &tmp).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
         .map_err(|e| Status::internal(format!("cache store: {e}")))??;
@@ -504,6 +561,22 @@ impl SchedulerApi for Service {
             shared_corrupt_entries: self.shared.corrupt_entries.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
+}
+
+/// Checks a received entry in its temp file: header and checksum streamed; an entry small enough
+/// to be lz4-compressed is decoded whole (its compressed framing must hold too).
+fn verify_received(file: &mut std::fs::File, key: &CacheKey, len: u64) -> Result<(), ferry_cache::EntryError> {
+    use std::io::{BufReader, Read, Seek};
+    let io = |_| ferry_cache::EntryError::Truncated { what: "received entry", offset: 0 };
+    file.rewind().map_err(io)?;
+    ferry_cache::check_stream(BufReader::new(&mut *file), len, key)?;
+    if len <= 4 << 20 {
+        file.rewind().map_err(io)?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut bytes).map_err(io)?;
+        Entry::verify(&bytes, key)?;
+    }
+    Ok(())
 }
 
 fn registration(r: v1::Register) -> Result<Registration, Status> {
