@@ -41,8 +41,10 @@ pub enum Fallback {
     SandboxLimit,
     /// The remote compile failed (exit code, or a signal).
     RemoteExit(Option<i32>),
-    /// The worker did not send every declared output, or sent something else.
+    /// The worker did not send every declared output.
     MissingOutput,
+    /// The worker sent an output that was not declared, or one over the size cap: nothing of it
+    /// is written.
     OutputRejected,
     /// An output sent by the worker could not be written here.
     OutputWriteFailed,

@@ -307,6 +307,7 @@ async fn receive(
     let mut total = 0u64;
     let mut finished = None;
     let mut observed = None;
+    let mut checked = false;
     loop {
         let event = match tokio::time::timeout(EVENT_IDLE, events.message()).await {
             Ok(Ok(Some(e))) => e,
@@ -325,7 +326,11 @@ async fn receive(
         match event.kind {
             Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
             Some(job_event::Kind::Stderr(data)) => {
-                if data.starts_with(br#"{"$message_type":"artifact""#) {
+                // cargo starts dependents at the `.rmeta` announcement: passed on only once the
+                // worker's observation of what it was made from has been checked, else held back
+                // like a diagnostic (and re-announced by a local compile if the job fails).
+                let artifact = data.starts_with(br#"{"$message_type":"artifact""#);
+                if artifact && (checked || !contains(&data, br#""emit":"metadata""#)) {
                     clock.lap("artifact");
                     let _ = std::io::stderr().write_all(&data);
                     forwarded.push(data.strip_suffix(b"\n").unwrap_or(&data).to_vec());
@@ -356,6 +361,7 @@ async fn receive(
             }
             Some(job_event::Kind::Observed(o)) => {
                 let list = verify_observation(job, &o)?;
+                checked = true;
                 if o.complete {
                     observed = Some(list);
                 }
@@ -385,6 +391,10 @@ async fn receive(
     }
     let observed = observed.ok_or(Fallback::RemoteObservationIncomplete)?;
     Ok((run, held, received, observed))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// A request to a worker, carrying the job's grant.

@@ -568,9 +568,12 @@ fn only_workers_and_cache_write_clients_write_the_shared_tier() {
         client_token: Some(CLIENT),
         ..Setup::default()
     });
-    let _ = WORKER;
     let ws = c.world.path().join("ws");
     workspace(&ws);
+    // The laptops' registry credentials: like their FERRY_TOKEN, never for a worker's eyes.
+    const REGISTRY: &str = "registry-secret-9c41e07b";
+    const NAMED_REGISTRY: &str = "named-registry-secret-27d5aa";
+    c.world.set("CARGO_REGISTRY_TOKEN", REGISTRY).set("CARGO_REGISTRIES_INTERNAL_TOKEN", NAMED_REGISTRY);
 
     // A laptop: its rlibs compile on the worker (which publishes them); its own compiles of the
     // proc-macro, build script and binary may not be written.
@@ -589,6 +592,30 @@ fn only_workers_and_cache_write_clients_write_the_shared_tier() {
     c.world.set("FERRY_TOKEN", CLIENT);
     assert_eq!(n(&build_as(&mut c, "third-laptop", &ws), "/hits_remote"), UNITS);
     assert_eq!(app(&ws), APP_LINE);
+
+    // No client's secret reached the worker: not its data directory (blobs, job trees, state),
+    // not its log at debug level.
+    let worker = &c.workers[0];
+    let mut places: Vec<(String, Vec<u8>)> = vec![(worker.log.display().to_string(), worker.log_text().into_bytes())];
+    let data = c.world.path().join("worker0");
+    for file in crate::wrapper::files_under(&data) {
+        // Unpacked toolchains are verified against their archive's id: nothing of a client's.
+        if !file.starts_with(data.join("toolchains")) {
+            places.push((file.display().to_string(), fs::read(&file).unwrap_or_default()));
+        }
+    }
+    assert!(places.len() > 10 && places.iter().any(|(p, _)| p.contains("/blobs/")), "nothing looked at: {places:?}");
+    for secret in [CLIENT, CI, REGISTRY, NAMED_REGISTRY] {
+        for (place, bytes) in &places {
+            assert!(!contains(bytes, secret.as_bytes()), "{secret} is in {place}");
+        }
+    }
+    assert!(worker.log_text().contains("job"), "the worker's log is empty");
+    let _ = WORKER;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]

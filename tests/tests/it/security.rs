@@ -562,12 +562,45 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
         ),
         ("an unknown toolchain", good(), Code::Unavailable, vec![hex(&unknown), "is not stored here".into()]),
     ];
+    // The loader's and libc's variables would run code or read files no key covers.
+    let with_env = |name: &str, value: &str| {
+        let mut r = good();
+        r.env.push(v1::EnvVar { name: name.into(), value: value.into() });
+        r
+    };
+    let mut cases = cases;
+    for (name, value) in [
+        ("LD_PRELOAD", "/tmp/evil.so"),
+        ("LD_LIBRARY_PATH", "/tmp/forged-driver"),
+        ("LD_AUDIT", "/tmp/evil.so"),
+        ("GCONV_PATH", "/tmp/gconv"),
+        ("MALLOC_CHECK_", "3"),
+        ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
+        ("FERRY_OBSERVE_LOG", "/tmp/x"),
+    ] {
+        cases.push((
+            "a loader variable",
+            with_env(name, value),
+            Code::InvalidArgument,
+            vec![format!("environment variable '{name}' is not allowed in a job")],
+        ));
+    }
     for (what, request, code, needles) in cases {
         let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
         let err = cluster.worker.run_job(request).expect_err(what);
         assert_status(&err, code, &needles);
         cluster.assert_clean();
     }
+    // A job id other than the one granted.
+    let (granted_id, grant) = cluster.worker.allocate();
+    let other = v1::RunJobRequest { job_id: granted_id + 1, ..good() };
+    let err = cluster.worker.run_job_granted(other, &grant).expect_err("a job it was not granted");
+    assert_status(
+        &err,
+        Code::PermissionDenied,
+        &[&format!("the grant is for job {granted_id}, not job {}", granted_id + 1)],
+    );
+    cluster.assert_clean();
     assert_eq!(files_in(&cluster.worker_data.join("toolchains")), Vec::<String>::new(), "a fetch left something");
 
     // Blobs whose bytes are not what their digest says, or that never end, are not stored.
@@ -600,6 +633,293 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
     assert_eq!(cluster.worker.upload(vec![chunk(to_digest(fine), b"fine", true)]).expect("a good blob"), 1);
     assert_eq!(cluster.worker.find_missing_digests(&[fine, claimed]), [claimed]);
     cluster.assert_clean();
+}
+
+// ---- poisoning the shared tier -----------------------------------------------------------------
+
+/// A raw client (any caller the scheduler grants a job) sends the very job an honest client would
+/// send for a crate — same arguments, same cargo variables — except that its static library (in
+/// the `-L native` directory, where a build script leaves it in `OUT_DIR`) is forged. The worker
+/// publishes what it built under the key of what the job read in the sandbox, so the honest
+/// client, whose library is the real one, never gets it: its rlib is byte-identical to plain
+/// rustc's. Controls: the forged library did shape the attacker's rlib, the attacker's entry was
+/// published, and a second honest client does get the worker's result of the first one's job.
+#[test]
+fn a_job_with_a_forged_input_never_reaches_an_honest_client() {
+    let cluster = Cluster::new("");
+    let world = &cluster.world;
+    let dir = world.path().join("poison");
+    let native = dir.join("native");
+    fs::create_dir_all(&native).expect("mkdir");
+    fs::write(
+        dir.join("lib.rs"),
+        "extern \"C\" {\n    fn answer() -> i32;\n}\npub fn get() -> i32 {\n    unsafe { answer() }\n}\n",
+    )
+    .expect("write lib.rs");
+    let static_lib = |value: i32| {
+        let c = dir.join("answer.c");
+        fs::write(&c, format!("int answer(void) {{ return {value}; }}\n")).expect("write answer.c");
+        let mut cc = Command::new("cc");
+        cc.arg("-c").arg(&c).arg("-o").arg(dir.join("answer.o"));
+        ok(run_bounded(cc, Duration::from_secs(60)));
+        let _ = fs::remove_file(native.join("libanswer.a"));
+        let mut ar = Command::new("ar");
+        ar.arg("rcs").arg(native.join("libanswer.a")).arg(dir.join("answer.o"));
+        ok(run_bounded(ar, Duration::from_secs(60)));
+    };
+    let out = dir.join("out");
+    let mut args: Vec<String> =
+        ["--crate-name", "victim", "--crate-type", "lib", "--edition", "2021"].map(String::from).into();
+    args.extend(["--emit=dep-info,metadata,link".into(), "-l".into(), "static=answer".into()]);
+    args.extend(["-L".into(), format!("native={}", native.display())]);
+    args.extend([path_string(&dir.join("lib.rs")), "--out-dir".into(), path_string(&out)]);
+    let cargo_env = [("CARGO_CRATE_NAME", "victim"), ("CARGO_MANIFEST_DIR", utf8(&dir)), ("CARGO_PKG_NAME", "victim")];
+    let rlib = out.join("libvictim.rlib");
+
+    // The attack: the forged library goes up with the job; the worker compiles and publishes.
+    static_lib(666);
+    let job =
+        Job { dir: dir.clone(), args: args.clone(), inputs: vec![dir.join("lib.rs"), native.join("libanswer.a")] };
+    cluster.upload_inputs(&job);
+    let request = v1::RunJobRequest {
+        outputs: ["libvictim.rlib", "libvictim.rmeta", "victim.d"].map(|f| path_string(&out.join(f))).into(),
+        env: cargo_env.map(|(name, value)| v1::EnvVar { name: name.into(), value: value.into() }).into(),
+        ..job.request(cluster.toolchain, &cluster.root)
+    };
+    let attack = cluster.worker.run_job(request).expect("the attacker's job");
+    attack.assert_compiled();
+    let forged = attack.outputs[&path_string(&rlib)].clone();
+    let entries = || {
+        let dir = world.path().join("scheduler/cache");
+        if dir.exists() { crate::wrapper::files_under(&dir).len() } else { 0 }
+    };
+    wait_until(Duration::from_secs(30), "the worker publishes the attacker's result", || entries() >= 2);
+
+    // The honest client: the real library on disk, an empty cache of its own.
+    static_lib(1);
+    let honest = |name: &str| {
+        let (_, stats) = wrapped_rustc(world, name, &dir, &args, &cargo_env);
+        (fs::read(&rlib).expect("the honest rlib"), stats)
+    };
+    let (built, stats) = honest("honest-cache");
+    assert_eq!((&stats["hits_remote"], &stats["compiled_remote"]), (&0.into(), &1.into()), "{stats:#}");
+    plain_rustc(&dir, &args);
+    let expected = fs::read(&rlib).expect("the plain rlib");
+    assert!(built == expected, "the honest build differs from plain rustc");
+    assert!(forged != expected, "control: the forged library did not change the attacker's rlib");
+
+    // Control: the worker's result of the honest job is served, so the miss above was the keys
+    // differing in the library alone.
+    wait_until(Duration::from_secs(30), "the honest job's result is published", || entries() >= 4);
+    let (again, stats) = honest("second-honest-cache");
+    assert_eq!((&stats["hits_remote"], &stats["misses"]), (&1.into(), &0.into()), "{stats:#}");
+    assert!(again == expected, "the second honest build differs from plain rustc");
+}
+
+/// Runs `rustc args` in `dir` through the wrapper, with its own cache `cache` (under the world)
+/// and cargo's variables `env`, after emptying `dir/out`; the wrapper's output and `ferry stats`.
+fn wrapped_rustc(world: &World, cache: &str, dir: &Path, args: &[String], env: &[(&str, &str)]) -> (Output, Value) {
+    let _ = fs::remove_dir_all(dir.join("out"));
+    fs::create_dir_all(dir.join("out")).expect("mkdir");
+    let mut cmd = world.command(bin("ferry"));
+    cmd.envs(env.iter().copied()).env("FERRY_CACHE_DIR", world.path().join(cache));
+    cmd.env("FERRY_LOG_FILE", world.path().join(format!("{cache}.log")));
+    cmd.current_dir(dir).arg(sysroot().join("bin/rustc")).args(args);
+    let out = run_bounded(cmd, Duration::from_secs(300));
+    assert!(out.status.success(), "the wrapped compile failed: {}", text(&out.stderr));
+    let mut stats = world.command(bin("ferry"));
+    stats.env("FERRY_CACHE_DIR", world.path().join(cache)).args(["stats", "--json"]);
+    let stats: Value = serde_json::from_str(&ok(run_bounded(stats, Duration::from_secs(60)))).expect("stats");
+    (out, stats)
+}
+
+/// Runs plain `rustc args` in `dir`, after emptying `dir/out`.
+fn plain_rustc(dir: &Path, args: &[String]) {
+    let _ = fs::remove_dir_all(dir.join("out"));
+    fs::create_dir_all(dir.join("out")).expect("mkdir");
+    let mut plain = Command::new(sysroot().join("bin/rustc"));
+    plain.current_dir(dir).args(args);
+    ok(run_bounded(plain, Duration::from_secs(120)));
+}
+
+// ---- a hostile worker --------------------------------------------------------------------------
+
+/// A worker (anyone holding a `worker` token, or a compromised machine) that registers with the
+/// scheduler like a real one and answers every job with what the test tells it to. The client
+/// must take nothing it did not ask for: an output outside the declared ones is not written, and
+/// an `.rmeta` announced without an observation the client could check never reaches cargo; the
+/// compile falls back to a local one, counted.
+#[test]
+fn a_hostile_worker_gets_nothing_written_outside_the_declared_outputs() {
+    let mut world = World::new();
+    let scheduler = world.scheduler(&[]);
+    world.set("FERRY_SCHEDULER", scheduler.url());
+    let log = world.path().join("ferry.log");
+    world.set("FERRY_CACHE_DIR", shared_store()).set("FERRY_LOG_FILE", log);
+    let uploaded = json(&ferry(&world, &["toolchain", "upload", "--json"]));
+    assert_eq!(uploaded["id"], packaged()["id"], "{uploaded}");
+    let toolchain = digest_from_hex(packaged()["id"].as_str().expect("id"));
+    // Each compile below falls back to a local one: none of them may be a hit on the one before.
+    world.set("FERRY_SHARED_CACHE", "off");
+
+    let dir = world.path().join("honest");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("lib.rs"), "pub fn answer() -> u32 {\n    42\n}\n").expect("write lib.rs");
+    let out = dir.join("out");
+    let mut args: Vec<String> =
+        ["--crate-name", "victim", "--crate-type", "lib", "--edition", "2021"].map(String::from).into();
+    args.extend(["--emit=dep-info,metadata,link", "--error-format=json", "--json=artifacts"].map(String::from));
+    args.extend([path_string(&dir.join("lib.rs")), "--out-dir".into(), path_string(&out)]);
+    let cargo_env = [("CARGO_CRATE_NAME", "victim"), ("CARGO_MANIFEST_DIR", utf8(&dir)), ("CARGO_PKG_NAME", "victim")];
+    plain_rustc(&dir, &args);
+    let expected: BTreeMap<String, Vec<u8>> =
+        files_in(&out).into_iter().map(|f| (f.clone(), fs::read(out.join(&f)).expect("read"))).collect();
+    assert_eq!(expected.len(), 3, "{:?}", expected.keys());
+
+    let planted = world.path().join("planted-by-the-worker");
+    let rmeta = path_string(&out.join("libvictim.rmeta"));
+    let chunk = |path: &str, data: &[u8]| v1::JobEvent {
+        kind: Some(job_event::Kind::Output(v1::OutputChunk {
+            path: path.to_owned(),
+            executable: false,
+            data: data.to_vec(),
+            last: true,
+        })),
+    };
+    let finished = v1::JobEvent {
+        kind: Some(job_event::Kind::Finished(v1::JobFinished { exit_code: Some(0), ..Default::default() })),
+    };
+    let announced = format!(
+        "{{\"$message_type\":\"artifact\",\"artifact\":\"{rmeta}\",\"emit\":\"metadata\",\"from\":\"hostile\"}}\n"
+    );
+    let answers: Vec<(&str, Vec<v1::JobEvent>)> = vec![
+        ("output-rejected", vec![chunk(utf8(&planted), b"planted"), finished.clone()]),
+        (
+            // Forged outputs at their declared paths, the `.rmeta` announced, no observation sent.
+            "remote-observation-incomplete",
+            vec![
+                chunk(&rmeta, b"forged metadata"),
+                v1::JobEvent { kind: Some(job_event::Kind::Stderr(announced.into_bytes())) },
+                chunk(&path_string(&out.join("libvictim.rlib")), b"forged rlib"),
+                chunk(&path_string(&out.join("victim.d")), b"forged dep-info"),
+                finished,
+            ],
+        ),
+    ];
+    // The worker serves while the test runs the build: a runtime with a thread of its own.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    for (i, (reason, events)) in answers.into_iter().enumerate() {
+        let hostile = rt.block_on(HostileWorker::start(&scheduler.url(), toolchain, events));
+        let registered = |s: &Value| s["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["id"] == "hostile");
+        let status = world.wait_for_status(Duration::from_secs(30), registered);
+        assert!(registered(&status), "the hostile worker did not register: {status:#}");
+        let (run, stats) = wrapped_rustc(&world, &format!("cache-{i}"), &dir, &args, &cargo_env);
+        assert_eq!(stats["fallbacks"], serde_json::json!({ reason: 1 }), "{stats:#}");
+        assert_eq!(hostile.jobs(), 1, "the job did not go to the hostile worker");
+        assert!(!planted.exists(), "the worker wrote {}", planted.display());
+        let got: BTreeMap<String, Vec<u8>> =
+            files_in(&out).into_iter().map(|f| (f.clone(), fs::read(out.join(&f)).expect("read"))).collect();
+        assert!(got == expected, "{reason}: the outputs differ from plain rustc's");
+        // Cargo heard of the `.rmeta` once: from the local compile, not from the worker.
+        let stderr = text(&run.stderr);
+        assert_eq!(stderr.matches(r#""emit":"metadata""#).count(), 1, "{reason}: {stderr}");
+        assert!(!stderr.contains("hostile"), "{reason}: the worker's announcement reached cargo: {stderr}");
+        drop(hostile);
+        let status = world.wait_for_status(Duration::from_secs(30), |s| workers(s).is_empty());
+        assert!(workers(&status).is_empty(), "the hostile worker's session did not end: {status:#}");
+    }
+}
+
+/// The hostile worker: its gRPC server and its session with the scheduler, both ended on drop.
+struct HostileWorker {
+    jobs: std::sync::Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl HostileWorker {
+    async fn start(scheduler: &str, toolchain: [u8; 32], answer: Vec<v1::JobEvent>) -> HostileWorker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        let jobs = std::sync::Arc::new(AtomicU64::new(0));
+        let service = Hostile { answer, jobs: jobs.clone() };
+        let server = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(v1::worker_server::WorkerServer::new(service))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        let mut client = SchedulerClient::new(connect(scheduler).await.expect("scheduler"));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let register = v1::Register {
+            worker_id: "hostile".into(),
+            address,
+            slots: 4,
+            toolchains: vec![to_digest(toolchain)],
+            version: "0".into(),
+        };
+        tx.send(v1::WorkerMessage { kind: Some(v1::worker_message::Kind::Register(register)) }).await.expect("send");
+        let mut inbound =
+            client.worker_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("session").into_inner();
+        let session = tokio::spawn(async move {
+            loop {
+                let report = v1::Report { toolchains: vec![to_digest(toolchain)], ..Default::default() };
+                if tx.send(v1::WorkerMessage { kind: Some(v1::worker_message::Kind::Report(report)) }).await.is_err() {
+                    return;
+                }
+                match tokio::time::timeout(Duration::from_secs(1), inbound.message()).await {
+                    Ok(Ok(Some(_))) | Err(_) => {}
+                    Ok(_) => return,
+                }
+            }
+        });
+        HostileWorker { jobs, tasks: vec![server, session] }
+    }
+
+    fn jobs(&self) -> u64 {
+        self.jobs.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HostileWorker {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+struct Hostile {
+    answer: Vec<v1::JobEvent>,
+    jobs: std::sync::Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl v1::worker_server::Worker for Hostile {
+    async fn find_missing(
+        &self,
+        _: tonic::Request<v1::FindMissingRequest>,
+    ) -> Result<tonic::Response<v1::FindMissingResponse>, Status> {
+        Ok(tonic::Response::new(v1::FindMissingResponse { missing: Vec::new() }))
+    }
+
+    async fn upload_blobs(
+        &self,
+        _: tonic::Request<tonic::Streaming<v1::BlobChunk>>,
+    ) -> Result<tonic::Response<v1::UploadBlobsResponse>, Status> {
+        Ok(tonic::Response::new(v1::UploadBlobsResponse { stored: 0 }))
+    }
+
+    type RunJobStream = tokio_stream::Iter<std::vec::IntoIter<Result<v1::JobEvent, Status>>>;
+
+    async fn run_job(
+        &self,
+        _: tonic::Request<v1::RunJobRequest>,
+    ) -> Result<tonic::Response<Self::RunJobStream>, Status> {
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        let events: Vec<Result<v1::JobEvent, Status>> = self.answer.iter().cloned().map(Ok).collect();
+        Ok(tonic::Response::new(tokio_stream::iter(events)))
+    }
 }
 
 // ---- helpers: a scheduler and one worker, reached over gRPC ------------------------------------
