@@ -441,8 +441,11 @@ impl SchedulerApi for Service {
             }
             Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
         };
-        // Streamed from the file in 1 MiB pieces, at most a few in flight.
-        let (tx, rx) = mpsc::channel(4);
+        // Streamed from the file in 1 MiB pieces, two waiting at most. With the piece being read,
+        // the one being encoded and HTTP/2's buffers, a transfer holds about 7 MiB (measured: 16
+        // slow readers of a 100 MB entry grow the scheduler by 108 MiB): `cache_concurrency`
+        // times that bounds the tier's memory.
+        let (tx, rx) = mpsc::channel(2);
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
             let _permit = permit;

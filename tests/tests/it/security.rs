@@ -244,6 +244,147 @@ fn an_upload_that_is_not_its_claimed_toolchain_is_refused_and_nothing_is_stored(
     assert_eq!(files_in(&store.join("tmp")), Vec::<String>::new());
 }
 
+// ---- bounded work from the network -------------------------------------------------------------
+
+/// The scheduler's peak memory (`VmHWM`) may grow by this much under the attacks below: the
+/// documented bound of `cache_concurrency` (16) transfers of at most ~7 MiB each, plus slack for
+/// the 500 waiting requests and the allocator.
+const MEMORY_BOUND: u64 = 160 << 20;
+
+/// A gzip bomb uploaded as a toolchain, then 500 concurrent `CacheGet`s of a 100 MB entry by slow
+/// readers: the bomb is refused without being inflated, at most `cache_concurrency` transfers are
+/// served at once (the rest are told to come back, clearly), every entry that arrives is whole,
+/// and the scheduler's peak memory stays within its documented bound — far below what inflating
+/// the bomb or holding a few of the entries whole would take. Prints the peak for the notes.
+#[test]
+fn the_scheduler_stays_within_its_memory_bound_under_a_bomb_and_a_flood() {
+    let world = World::new();
+    let scheduler = world.scheduler(&[]);
+    let api = SchedulerApi::connect(&scheduler);
+    let peak = || {
+        let status = fs::read_to_string(format!("/proc/{}/status", scheduler.child.id())).expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM").to_owned();
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") << 10
+    };
+    api.has([0; 32]); // the scheduler has served a call
+    let idle = peak();
+
+    // A tar whose first entry is a 10 MiB manifest, then zeros: 512 MiB in all, deflated into
+    // one gzip member of well under a megabyte.
+    let bomb = world.path().join("bomb.tar.gz");
+    let mut gz = flate2::write::GzEncoder::new(fs::File::create(&bomb).expect("create"), flate2::Compression::best());
+    let mut header = tar::Header::new_gnu();
+    header.set_path(".ferry/manifest").expect("path");
+    header.set_size(10 << 20);
+    header.set_mode(0o644);
+    header.set_cksum();
+    std::io::Write::write_all(&mut gz, header.as_bytes()).expect("deflate");
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..512 {
+        std::io::Write::write_all(&mut gz, &zeros).expect("deflate");
+    }
+    gz.finish().expect("finish");
+    let size = fs::metadata(&bomb).expect("bomb").len();
+    assert!(size < 1 << 20, "the bomb is {size} bytes");
+    let claimed = *blake3::hash(b"a toolchain").as_bytes();
+    let err = api.upload(claimed, size, &bomb, None).expect_err("the bomb was stored");
+    // Refused as soon as its bytes stop making sense (each member may inflate to one 1 MiB chunk
+    // at most, the unit test in the archive reader shows, so nothing gets far).
+    assert_status(&err, Code::InvalidArgument, &["is not toolchain", "archive is corrupt"]);
+    assert_store_empty(&world.path().join("scheduler/toolchains"));
+    let after_bomb = peak();
+    assert!(after_bomb - idle < MEMORY_BOUND, "the bomb grew the scheduler by {} MiB", (after_bomb - idle) >> 20);
+
+    // A 100 MB entry (incompressible bytes), stored once.
+    let mut content = vec![0u8; 100_000_000];
+    blake3::Hasher::new().update(b"content").finalize_xof().fill(&mut content);
+    let key = ferry_cache::CacheKey(*blake3::hash(b"a big entry").as_bytes());
+    let output = ferry_cache::CompileOutput {
+        files: vec![ferry_cache::OutputFile { path: "/big.rlib".into(), executable: false, bytes: content.into() }],
+        ..Default::default()
+    };
+    let entry = ferry_cache::Entry::encode_result(key, [1; 32], &output);
+    drop(output);
+    let expected = blake3::hash(&entry);
+    let header = v1::CacheHeader { key: Some(to_digest(key.0)), size: entry.len() as u64 };
+    let messages: Vec<v1::CacheUpload> =
+        std::iter::once(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) })
+            .chain(
+                entry.chunks(1 << 20).map(|c| v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Data(c.to_vec())) }),
+            )
+            .collect();
+    drop(entry);
+    let mut client = api.client.clone();
+    let published = api.rt.block_on(bounded(async move {
+        Ok(client.cache_put(tokio_stream::iter(messages)).await?.into_inner().published)
+    }));
+    assert!(published.expect("CachePut"), "the entry was not published");
+    let after_put = peak();
+    assert!(
+        after_put - idle < MEMORY_BOUND,
+        "storing the entry grew the scheduler by {} MiB",
+        (after_put - idle) >> 20
+    );
+
+    // The flood: 500 readers on 10 connections, each taking the first piece, then holding its
+    // stream for 3 s before reading the rest.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let url = scheduler.url();
+    let outcomes: Vec<Result<blake3::Hash, Status>> = rt.block_on(async move {
+        let mut channels = Vec::new();
+        for _ in 0..10 {
+            channels.push(connect(&url).await.expect("connect"));
+        }
+        let readers: Vec<_> = (0..500)
+            .map(|i| {
+                let mut client = SchedulerClient::new(channels[i % 10].clone()).max_decoding_message_size(64 << 20);
+                tokio::spawn(async move {
+                    let request = v1::CacheKeyRef { key: Some(to_digest(key.0)) };
+                    let mut stream = client.cache_get(request).await?.into_inner();
+                    let mut hasher = blake3::Hasher::new();
+                    let first = stream.message().await?.ok_or_else(|| Status::data_loss("empty"))?;
+                    hasher.update(&first.data);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    while let Some(chunk) = stream.message().await? {
+                        hasher.update(&chunk.data);
+                    }
+                    Ok(hasher.finalize())
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for reader in readers {
+            outcomes
+                .push(tokio::time::timeout(Duration::from_secs(300), reader).await.expect("bounded").expect("task"));
+        }
+        outcomes
+    });
+    let whole = outcomes.iter().filter(|o| o.as_ref().is_ok_and(|h| *h == expected)).count();
+    let mut refused = 0;
+    for outcome in &outcomes {
+        match outcome {
+            Ok(h) => assert_eq!(*h, expected, "an entry arrived altered"),
+            Err(s) => {
+                assert_status(s, Code::ResourceExhausted, &["serving 16 transfers", "try again later"]);
+                refused += 1;
+            }
+        }
+    }
+    let flood = peak();
+    eprintln!(
+        "scheduler VmHWM: idle {} MiB, after a 512 MiB gzip bomb {} MiB, after a 100 MB CachePut {} MiB, after 500 \
+         CacheGets of it {} MiB ({whole} served whole, {refused} told to come back)",
+        idle >> 20,
+        after_bomb >> 20,
+        after_put >> 20,
+        flood >> 20
+    );
+    assert!(whole >= 16, "only {whole} readers were served");
+    assert!(flood - idle < MEMORY_BOUND, "the flood grew the scheduler by {} MiB", (flood - idle) >> 20);
+    // Still up and answering.
+    assert!(!api.has(claimed));
+}
+
 // ---- the sandbox, through the worker -----------------------------------------------------------
 
 #[test]
