@@ -81,7 +81,7 @@ pub struct StatsArgs {
 }
 
 pub fn toolchain(cmd: ToolchainCommand) -> anyhow::Result<()> {
-    let config = Config::load()?;
+    let config = Config::load_reporting()?;
     crate::logging::init(&config);
     match cmd {
         ToolchainCommand::Package(args) => package(&config, args),
@@ -210,7 +210,7 @@ fn list_cluster(config: &Config, args: ListArgs) -> anyhow::Result<()> {
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let config = Config::load()?;
+    let config = Config::load_reporting()?;
     let s = runtime()?.block_on(async {
         let mut client = crate::cluster::scheduler(&config).await?;
         let r = client.status(ferry_proto::v1::StatusRequest {}).await;
@@ -315,7 +315,7 @@ fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
 }
 
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let config = Config::load()?;
+    let config = Config::load_reporting()?;
     let path = config.stats_path();
     // Counters include the shared-tier publishes that finish after a build returns.
     crate::compile::wait_for_publishers(&config.cache_dir, std::time::Duration::from_secs(30));
@@ -348,7 +348,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         print!("{}", explain::diff(&a, &b));
         return Ok(());
     }
-    let config = Config::load()?;
+    let config = Config::load_reporting()?;
     let records = explain::records(&config.cache_dir, args.krate.as_deref());
     if records.is_empty() {
         anyhow::bail!(

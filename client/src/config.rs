@@ -2,7 +2,9 @@
 //!
 //! The file is `FERRY_CONFIG` if set, else `$XDG_CONFIG_HOME/ferry/config.toml` (or
 //! `~/.config/ferry/config.toml`); a missing default file is fine, a missing `FERRY_CONFIG` is not.
-//! Everything is validated once into [`Config`]; errors name the file and the key.
+//! Everything is validated once into [`Config`]. A setting that cannot be used takes its default
+//! (or the safe choice: no shared tier) and becomes a problem in [`Config::problems`] that names
+//! its source, the variable or the file and key; only a missing cache directory is an error.
 //!
 //! | setting            | file key          | environment           | default                    |
 //! |--------------------|-------------------|-----------------------|----------------------------|
@@ -12,7 +14,7 @@
 //! | eviction grace     | `cache.grace_secs`| `FERRY_CACHE_GRACE`   | `600` (seconds)            |
 //! | log filter         | `log.level`       | `FERRY_LOG`           | unset: no logging          |
 //! | log file           | `log.file`        | `FERRY_LOG_FILE`      | `<cache dir>/ferry.log`    |
-//! | scheduler URL      | `cluster.scheduler` | `FERRY_SCHEDULER`   | unset: no cluster          |
+//! | scheduler URL (`host:port` means `http://host:port`) | `cluster.scheduler` | `FERRY_SCHEDULER` | unset: no cluster |
 //! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
 //! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
 //! | cluster backoff    | `cluster.backoff_secs` | `FERRY_CLUSTER_BACKOFF` | `10` (seconds)       |
@@ -28,7 +30,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ferry_cache::rustc::Bases;
 use ferry_proto::SharedTierSpec;
-use serde::Deserialize;
 
 /// The resolved configuration every part of the client reads.
 #[derive(Debug, Clone)]
@@ -61,47 +62,9 @@ pub struct Config {
     /// The site's shared-tier key (from a file of 64 hex digits): with it, entries this client
     /// writes are sealed and only entries sealed under it are read from the shared tier.
     pub shared_key: Option<[u8; 32]>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    cache: CacheSection,
-    #[serde(default)]
-    log: LogSection,
-    #[serde(default)]
-    cluster: ClusterSection,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClusterSection {
-    scheduler: Option<String>,
-    token: Option<String>,
-    ca: Option<PathBuf>,
-    backoff_secs: Option<u64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CacheSection {
-    dir: Option<PathBuf>,
-    size: Option<toml::Value>,
-    failures: Option<bool>,
-    grace_secs: Option<u64>,
-    shared: Option<String>,
-    shared_backoff_secs: Option<u64>,
-    shared_timeout_ms: Option<u64>,
-    basedirs: Option<Vec<String>>,
-    shared_key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogSection {
-    level: Option<String>,
-    file: Option<PathBuf>,
+    /// Settings that could not be used, each naming its source (variable, or file and key) and
+    /// what was used instead: logged and counted by the wrapper, shown by the commands.
+    pub problems: Vec<String>,
 }
 
 impl Config {
@@ -110,103 +73,109 @@ impl Config {
         Config::load_from(&|name| std::env::var(name).ok())
     }
 
-    pub fn load_from(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
-        let explicit = env("FERRY_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from);
-        let path = explicit.clone().or_else(|| config_home(env).map(|d| d.join("ferry/config.toml")));
-        let file = match &path {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => toml::from_str::<FileConfig>(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => FileConfig::default(),
-                Err(e) => return Err(e).with_context(|| format!("reading config file {}", path.display())),
-            },
-            None => FileConfig::default(),
-        };
-        let origin = |key: &str| match &path {
-            Some(p) => format!("{}: key '{key}'", p.display()),
-            None => format!("key '{key}'"),
-        };
-
-        let cache_dir = match env("FERRY_CACHE_DIR").filter(|s| !s.is_empty()) {
-            Some(dir) => PathBuf::from(dir),
-            None => match file.cache.dir {
-                Some(dir) => dir,
-                None => cache_home(env).context("cannot find a cache directory; set FERRY_CACHE_DIR")?.join("ferry"),
-            },
-        };
-        let cache_size = match env("FERRY_CACHE_SIZE") {
-            Some(s) => parse_size(&s).with_context(|| "environment variable FERRY_CACHE_SIZE".to_string())?,
-            None => match file.cache.size {
-                Some(toml::Value::Integer(n)) if n >= 0 => n as u64,
-                Some(toml::Value::String(s)) => parse_size(&s).with_context(|| origin("cache.size"))?,
-                Some(other) => bail!("{}: expected a size like \"10G\", got {other:?}", origin("cache.size")),
-                None => 10 << 30,
-            },
-        };
-        let cache_failures = match env("FERRY_CACHE_FAILURES") {
-            Some(s) => parse_bool(&s).context("environment variable FERRY_CACHE_FAILURES")?,
-            None => file.cache.failures.unwrap_or(false),
-        };
-        let grace = match env("FERRY_CACHE_GRACE") {
-            Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("FERRY_CACHE_GRACE: '{s}' is not seconds"))?,
-            None => file.cache.grace_secs.unwrap_or(600),
-        };
-        let log = env("FERRY_LOG").filter(|s| !s.is_empty()).or(file.log.level);
-        let log_file = env("FERRY_LOG_FILE")
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-            .or(file.log.file)
-            .unwrap_or_else(|| cache_dir.join("ferry.log"));
-        let scheduler = env("FERRY_SCHEDULER").filter(|s| !s.is_empty()).or(file.cluster.scheduler);
-        if let Some(url) = &scheduler
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            bail!("scheduler URL '{url}' must start with http:// or https:// ({})", origin("cluster.scheduler"));
+    /// Like [`Config::load`], and tells the user on stderr about every setting that was not
+    /// usable (for commands; the wrapper logs and counts them instead).
+    pub fn load_reporting() -> anyhow::Result<Config> {
+        let config = Config::load()?;
+        for problem in &config.problems {
+            eprintln!("ferry: configuration error: {problem}");
         }
-        let token = env("FERRY_TOKEN").filter(|s| !s.is_empty()).or(file.cluster.token);
-        let ca = env("FERRY_CA").filter(|s| !s.is_empty()).map(PathBuf::from).or(file.cluster.ca);
-        let backoff = match env("FERRY_CLUSTER_BACKOFF") {
-            Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("FERRY_CLUSTER_BACKOFF: '{s}' is not seconds"))?,
-            None => file.cluster.backoff_secs.unwrap_or(10),
-        };
-        let seconds = |name: &str, file: Option<u64>, default: u64| -> anyhow::Result<u64> {
-            match env(name) {
-                Some(s) => s.trim().parse().map_err(|_| anyhow::anyhow!("{name}: '{s}' is not a whole number")),
-                None => Ok(file.unwrap_or(default)),
+        Ok(config)
+    }
+
+    /// A setting that cannot be used never stops ferry: it takes its default (or, where the
+    /// default could be less safe than what was meant, the safe choice: no shared tier) and the
+    /// reason goes into [`Config::problems`]. Err only when there is no cache directory at all.
+    pub fn load_from(env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
+        let mut s = Settings::read(env);
+
+        let cache_dir = match s.text(Some("FERRY_CACHE_DIR"), "cache.dir") {
+            Some(Ok(dir)) => PathBuf::from(dir),
+            bad => {
+                if let Some(Err(problem)) = bad {
+                    s.problems.push(problem);
+                }
+                cache_home(env).context("cannot find a cache directory; set FERRY_CACHE_DIR")?.join("ferry")
             }
         };
-        let shared_backoff = seconds("FERRY_SHARED_BACKOFF", file.cache.shared_backoff_secs, 30)?;
-        let shared_timeout = seconds("FERRY_SHARED_TIMEOUT_MS", file.cache.shared_timeout_ms, 2000)?;
-        let shared = match env("FERRY_SHARED_CACHE").filter(|s| !s.is_empty()).or(file.cache.shared) {
-            Some(text) => SharedTierSpec::parse(&text)
-                .map_err(|e| anyhow::anyhow!("{e} ({} or FERRY_SHARED_CACHE)", origin("cache.shared")))?,
-            None if scheduler.is_some() => SharedTierSpec::Scheduler,
-            None => SharedTierSpec::Off,
+        let cache_size =
+            s.value(Some("FERRY_CACHE_SIZE"), "cache.size", 10 << 30, "10G", |raw| match (raw.text(), raw) {
+                (Some(text), _) => parse_size(text).map_err(|e| e.to_string()),
+                (None, Raw::File(toml::Value::Integer(n))) if *n >= 0 => Ok(*n as u64),
+                (None, _) => Err(format!("expected a size like \"10G\", got {}", raw.shown())),
+            });
+        let cache_failures = s.value(Some("FERRY_CACHE_FAILURES"), "cache.failures", false, "false", boolean);
+        let grace = s.value(Some("FERRY_CACHE_GRACE"), "cache.grace_secs", 600, "600", whole);
+        let log = s.text(Some("FERRY_LOG"), "log.level").and_then(|r| r.map_err(|p| s.problems.push(p)).ok());
+        let log_file = match s.text(Some("FERRY_LOG_FILE"), "log.file") {
+            Some(Ok(file)) => PathBuf::from(file),
+            bad => {
+                if let Some(Err(problem)) = bad {
+                    s.problems.push(problem);
+                }
+                cache_dir.join("ferry.log")
+            }
         };
+        let scheduler = s.value(Some("FERRY_SCHEDULER"), "cluster.scheduler", None, "no cluster", |raw| {
+            let url = raw.text().ok_or_else(|| format!("expected a URL, got {}", raw.shown()))?.trim();
+            match url.split_once("://") {
+                Some(("http" | "https", _)) => Ok(Some(url.to_owned())),
+                // `host:port`, as the scheduler prints its address.
+                None => Ok(Some(format!("http://{url}"))),
+                Some(_) => Err(format!("scheduler URL '{url}' must start with http:// or https://")),
+            }
+        });
+        let token = s.text(Some("FERRY_TOKEN"), "cluster.token").and_then(|r| r.map_err(|p| s.problems.push(p)).ok());
+        let ca = s.text(Some("FERRY_CA"), "cluster.ca").and_then(|r| r.map_err(|p| s.problems.push(p)).ok());
+        let backoff = s.value(Some("FERRY_CLUSTER_BACKOFF"), "cluster.backoff_secs", 10, "10", whole);
+        let shared_backoff = s.value(Some("FERRY_SHARED_BACKOFF"), "cache.shared_backoff_secs", 30, "30", whole);
+        let shared_timeout = s.value(Some("FERRY_SHARED_TIMEOUT_MS"), "cache.shared_timeout_ms", 2000, "2000", whole);
+        let default_shared = if scheduler.is_some() { SharedTierSpec::Scheduler } else { SharedTierSpec::Off };
+        let default_text = if scheduler.is_some() { "the scheduler's" } else { "off" };
+        let mut shared =
+            s.value(Some("FERRY_SHARED_CACHE"), "cache.shared", default_shared, default_text, |raw| match raw.text() {
+                Some(text) => SharedTierSpec::parse(text),
+                None => Err(format!("expected 'scheduler', 'off' or a redis:// URL, got {}", raw.shown())),
+            });
         if shared == SharedTierSpec::Scheduler && scheduler.is_none() {
-            bail!("the shared cache is 'scheduler' but no scheduler is set ({})", origin("cache.shared"));
+            s.problems.push("the shared cache is 'scheduler' but no scheduler is set; the shared tier is off".into());
+            shared = SharedTierSpec::Off;
         }
-        let basedirs = match env("FERRY_BASEDIRS") {
-            Some(s) => s.split(':').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
-            None => file.cache.basedirs.unwrap_or_default(),
-        };
-        let basedirs = Bases::new(basedirs).map_err(|bad| {
-            anyhow::anyhow!(
-                "base directory '{bad}' must be an absolute path ({} or FERRY_BASEDIRS)",
-                origin("cache.basedirs")
-            )
-        })?;
-        let shared_key =
-            match env("FERRY_SHARED_KEY_FILE")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .or(file.cache.shared_key_file)
-            {
-                Some(path) => Some(ferry_cache::read_key_file(&path).map_err(|e| {
-                    anyhow::anyhow!("{e} ({} or FERRY_SHARED_KEY_FILE)", origin("cache.shared_key_file"))
-                })?),
-                None => None,
+        let basedirs = s.value(Some("FERRY_BASEDIRS"), "cache.basedirs", Bases::default(), "none", |raw| {
+            let dirs: Vec<String> = match raw {
+                Raw::Env(text) => text.split(':').filter(|d| !d.is_empty()).map(str::to_owned).collect(),
+                Raw::File(toml::Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("expected paths, got {}", shown(v))))
+                    .collect::<Result<_, _>>()?,
+                Raw::File(other) => return Err(format!("expected a list of paths, got {}", shown(other))),
             };
+            Bases::new(dirs).map_err(|bad| format!("base directory '{bad}' must be an absolute path"))
+        });
+        // Without its key a client would read unsealed entries where sealed ones were meant:
+        // an unusable key turns the shared tier off instead.
+        let shared_key = match s.text(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file") {
+            None => None,
+            Some(Ok(path)) => match ferry_cache::read_key_file(std::path::Path::new(&path)) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    let origin = s.origin(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file");
+                    s.problems.push(format!("{origin}: {e}; the shared tier is off"));
+                    shared = SharedTierSpec::Off;
+                    None
+                }
+            },
+            Some(Err(problem)) => {
+                s.problems.push(format!("{problem}; the shared tier is off"));
+                shared = SharedTierSpec::Off;
+                None
+            }
+        };
+        if s.unreadable && shared != SharedTierSpec::Off {
+            shared = SharedTierSpec::Off;
+            s.problems.push("with the config file unusable the shared tier is off (it may hold a key)".into());
+        }
+        s.unknown_keys();
         Ok(Config {
             shared_key,
             cache_dir,
@@ -217,12 +186,13 @@ impl Config {
             log_file,
             scheduler,
             token,
-            ca,
+            ca: ca.map(PathBuf::from),
             cluster_backoff: Duration::from_secs(backoff),
             shared,
             shared_backoff: Duration::from_secs(shared_backoff),
             shared_timeout: Duration::from_millis(shared_timeout),
             basedirs,
+            problems: s.problems,
         })
     }
 
@@ -233,6 +203,186 @@ impl Config {
 
     pub fn stats_path(&self) -> PathBuf {
         self.cache_dir.join("stats.json")
+    }
+}
+
+/// Every file key there is, by section (anything else in the file is reported and ignored).
+const FILE_KEYS: &[&str] = &[
+    "cache.dir",
+    "cache.size",
+    "cache.failures",
+    "cache.grace_secs",
+    "cache.shared",
+    "cache.shared_backoff_secs",
+    "cache.shared_timeout_ms",
+    "cache.basedirs",
+    "cache.shared_key_file",
+    "cluster.scheduler",
+    "cluster.token",
+    "cluster.ca",
+    "cluster.backoff_secs",
+    "log.level",
+    "log.file",
+];
+
+/// One setting's raw value: a non-empty environment variable wins over the file.
+enum Raw<'a> {
+    Env(&'a str),
+    File(&'a toml::Value),
+}
+
+/// The file (parsed once) and the environment, with the problems found so far.
+struct Settings<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    path: Option<PathBuf>,
+    file: toml::Table,
+    /// The file was named but could not be read or parsed: none of it applies.
+    unreadable: bool,
+    problems: Vec<String>,
+}
+
+impl<'e> Settings<'e> {
+    fn read(env: &'e dyn Fn(&str) -> Option<String>) -> Settings<'e> {
+        let explicit = env("FERRY_CONFIG").filter(|s| !s.is_empty()).map(PathBuf::from);
+        let path = explicit.clone().or_else(|| config_home(env).map(|d| d.join("ferry/config.toml")));
+        let mut s =
+            Settings { env, path: path.clone(), file: toml::Table::new(), unreadable: false, problems: Vec::new() };
+        let Some(path) = path else { return s };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(table) => s.file = table,
+                Err(e) => {
+                    s.unreadable = true;
+                    s.problems.push(format!("{}: {}; the file is ignored", path.display(), e.message().trim()));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {}
+            Err(e) => {
+                s.unreadable = true;
+                s.problems.push(format!("cannot read the config file {} (FERRY_CONFIG): {e}", path.display()));
+            }
+        }
+        s
+    }
+
+    /// "environment variable NAME" or "FILE: key 'KEY'", whichever the value came from.
+    fn origin(&self, var: Option<&str>, key: &str) -> String {
+        match var.filter(|v| (self.env)(v).is_some_and(|s| !s.is_empty())) {
+            Some(var) => format!("environment variable {var}"),
+            None => match &self.path {
+                Some(p) => format!("{}: key '{key}'", p.display()),
+                None => format!("key '{key}'"),
+            },
+        }
+    }
+
+    fn lookup(&self, key: &str) -> Option<&toml::Value> {
+        let (section, name) = key.split_once('.')?;
+        self.file.get(section)?.as_table()?.get(name)
+    }
+
+    /// The setting parsed by `parse`, or `default` (shown to the user as `default_text`) with a
+    /// problem recorded when it does not parse.
+    fn value<T>(
+        &mut self,
+        var: Option<&str>,
+        key: &str,
+        default: T,
+        default_text: &str,
+        parse: impl FnOnce(&Raw) -> Result<T, String>,
+    ) -> T {
+        let from_env = var.and_then(|v| (self.env)(v)).filter(|s| !s.is_empty());
+        let result = match (&from_env, self.lookup(key)) {
+            (Some(text), _) => parse(&Raw::Env(text)),
+            (None, Some(value)) => parse(&Raw::File(value)),
+            (None, None) => return default,
+        };
+        result.unwrap_or_else(|e| {
+            let origin = self.origin(var, key);
+            self.problems.push(format!("{origin}: {e}; using the default ({default_text})"));
+            default
+        })
+    }
+
+    /// A text setting: None when unset, Err(problem) when the file holds something else.
+    fn text(&mut self, var: Option<&str>, key: &str) -> Option<Result<String, String>> {
+        if let Some(text) = var.and_then(|v| (self.env)(v)).filter(|s| !s.is_empty()) {
+            return Some(Ok(text));
+        }
+        match self.lookup(key)? {
+            toml::Value::String(text) => Some(Ok(text.clone())),
+            other => {
+                Some(Err(format!("{}: expected text, got {}; it is ignored", self.origin(None, key), shown(other))))
+            }
+        }
+    }
+
+    /// Reports what the file holds that ferry does not know (a typo must not pass unnoticed).
+    fn unknown_keys(&mut self) {
+        let Some(path) = &self.path else { return };
+        for (section, value) in &self.file {
+            match value.as_table() {
+                Some(table) => {
+                    for name in table.keys() {
+                        let key = format!("{section}.{name}");
+                        if !FILE_KEYS.contains(&key.as_str()) {
+                            self.problems.push(format!("{}: unknown key '{key}'; it is ignored", path.display()));
+                        }
+                    }
+                }
+                None => self.problems.push(format!(
+                    "{}: unknown key '{section}' (settings go in [cache], [cluster] and [log]); it is ignored",
+                    path.display()
+                )),
+            }
+        }
+    }
+}
+
+impl Raw<'_> {
+    /// The value as text: a variable's, or a string in the file.
+    fn text(&self) -> Option<&str> {
+        match self {
+            Raw::Env(text) => Some(text),
+            Raw::File(toml::Value::String(text)) => Some(text),
+            Raw::File(_) => None,
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Raw::Env(text) => format!("'{text}'"),
+            Raw::File(value) => shown(value),
+        }
+    }
+}
+
+/// A file value as the user wrote it, roughly.
+fn shown(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("'{s}'"),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        toml::Value::Array(_) => "a list".into(),
+        toml::Value::Table(_) => "a table".into(),
+    }
+}
+
+fn boolean(raw: &Raw) -> Result<bool, String> {
+    match (raw.text(), raw) {
+        (Some(text), _) => parse_bool(text).map_err(|e| e.to_string()),
+        (None, Raw::File(toml::Value::Boolean(b))) => Ok(*b),
+        (None, _) => Err(format!("expected true or false, got {}", raw.shown())),
+    }
+}
+
+fn whole(raw: &Raw) -> Result<u64, String> {
+    match (raw.text(), raw) {
+        (Some(text), _) => text.trim().parse().map_err(|_| format!("'{text}' is not a whole number")),
+        (None, Raw::File(toml::Value::Integer(n))) if *n >= 0 => Ok(*n as u64),
+        (None, _) => Err(format!("expected a whole number, got {}", raw.shown())),
     }
 }
 
@@ -288,17 +438,65 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_the_file_and_key() {
+    fn an_unusable_setting_takes_its_default_and_names_its_source() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[cache]\nsize = \"lots\"\n").unwrap();
-        let err = format!("{:#}", load(&[("FERRY_CONFIG", file.to_str().unwrap())]).unwrap_err());
-        assert!(err.contains("c.toml: key 'cache.size'") && err.contains("'lots'"), "{err}");
-        std::fs::write(&file, "[cache]\nsize_limit = 3\n").unwrap();
-        let err = format!("{:#}", load(&[("FERRY_CONFIG", file.to_str().unwrap())]).unwrap_err());
-        assert!(err.contains("c.toml") && err.contains("size_limit"), "{err}");
-        let err = format!("{:#}", load(&[("FERRY_CONFIG", "/nonexistent/ferry.toml")]).unwrap_err());
-        assert!(err.contains("/nonexistent/ferry.toml"), "{err}");
-        assert!(load(&[("HOME", "/h"), ("FERRY_CACHE_FAILURES", "maybe")]).is_err());
+        let f = file.to_str().unwrap();
+        std::fs::write(&file, "[cache]\nsize = \"lots\"\nfailures = true\n").unwrap();
+        let c = load(&[("FERRY_CONFIG", f)]).unwrap();
+        assert_eq!((c.cache_size, c.cache_failures), (10 << 30, true));
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        assert!(
+            c.problems[0].contains("c.toml: key 'cache.size'") && c.problems[0].contains("'lots'"),
+            "{:?}",
+            c.problems
+        );
+        assert!(c.problems[0].contains("using the default (10G)"), "{:?}", c.problems);
+
+        // From the environment, the variable is named, not a file that does not exist.
+        let c = load(&[("FERRY_CACHE_SIZE", "10X"), ("FERRY_CACHE_FAILURES", "maybe")]).unwrap();
+        assert_eq!((c.cache_size, c.cache_failures), (10 << 30, false));
+        assert!(
+            c.problems.iter().any(|p| p.starts_with("environment variable FERRY_CACHE_SIZE: ")),
+            "{:?}",
+            c.problems
+        );
+        assert!(c.problems.iter().any(|p| p.starts_with("environment variable FERRY_CACHE_FAILURES: ")));
+        assert!(c.problems.iter().all(|p| !p.contains("config.toml")), "{:?}", c.problems);
+
+        // A typo in a key is reported, and the rest of the file applies.
+        std::fs::write(&file, "[cache]\nsize_limit = 3\nsize = \"1G\"\n[cach]\nx = 1\n").unwrap();
+        let c = load(&[("FERRY_CONFIG", f)]).unwrap();
+        assert_eq!(c.cache_size, 1 << 30);
+        assert!(c.problems.iter().any(|p| p.contains("unknown key 'cache.size_limit'")), "{:?}", c.problems);
+        assert!(c.problems.iter().any(|p| p.contains("unknown key 'cach.x'")), "{:?}", c.problems);
+
+        // A file that does not parse (or cannot be read) is ignored whole, and the shared tier
+        // is off: the file may have held the key that entries must be sealed under.
+        std::fs::write(&file, "[cache\nsize = 3\n").unwrap();
+        let c = load(&[("FERRY_CONFIG", f), ("FERRY_SCHEDULER", "http://s:1")]).unwrap();
+        assert_eq!(c.shared, SharedTierSpec::Off);
+        assert!(
+            c.problems.iter().any(|p| p.contains("c.toml") && p.contains("the file is ignored")),
+            "{:?}",
+            c.problems
+        );
+        let c = load(&[("FERRY_CONFIG", "/nonexistent/ferry.toml")]).unwrap();
+        assert!(c.problems.iter().any(|p| p.contains("/nonexistent/ferry.toml")), "{:?}", c.problems);
+
+        // An unreadable key file: no shared tier rather than an unsealed one.
+        let c = load(&[("FERRY_SCHEDULER", "http://s:1"), ("FERRY_SHARED_KEY_FILE", "/nonexistent/key")]).unwrap();
+        assert_eq!((c.shared, c.shared_key), (SharedTierSpec::Off, None));
+        assert!(c.problems.iter().any(|p| p.starts_with("environment variable FERRY_SHARED_KEY_FILE: ")));
+    }
+
+    #[test]
+    fn a_scheduler_address_without_a_scheme_is_http() {
+        let c = load(&[("FERRY_SCHEDULER", "127.0.0.1:7700")]).unwrap();
+        assert_eq!(c.scheduler.as_deref(), Some("http://127.0.0.1:7700"));
+        assert_eq!((c.shared, c.problems.len()), (SharedTierSpec::Scheduler, 0));
+        let c = load(&[("FERRY_SCHEDULER", "grpc://s:1")]).unwrap();
+        assert_eq!((c.scheduler, c.shared), (None, SharedTierSpec::Off));
+        assert!(c.problems[0].starts_with("environment variable FERRY_SCHEDULER: "), "{:?}", c.problems);
     }
 }

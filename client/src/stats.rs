@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Stats {
+    /// Wrapper calls that ran with a setting that could not be used (at its default, or the
+    /// shared tier off), by the problem (which names the variable, or the file and key).
+    pub config_errors: BTreeMap<String, u64>,
     /// Every wrapper invocation, pass-through included.
     pub requests: u64,
     pub hits_local: u64,
@@ -95,6 +98,7 @@ impl Stats {
             (&mut self.passthrough, &d.passthrough),
             (&mut self.fallbacks, &d.fallbacks),
             (&mut self.not_stored, &d.not_stored),
+            (&mut self.config_errors, &d.config_errors),
         ] {
             for (k, v) in theirs {
                 *mine.entry(k.clone()).or_default() += v;
@@ -130,7 +134,16 @@ impl Stats {
             }
         }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        let mut out: String = rows.iter().map(|(k, v)| format!("{k:<width$}  {v:>10}\n")).collect();
+        // A setting ferry could not use comes first: every number below is shaped by it.
+        let mut out = String::new();
+        if !self.config_errors.is_empty() {
+            out.push_str("configuration errors (compiles that ran with a setting at its default):\n");
+            for (problem, n) in &self.config_errors {
+                out.push_str(&format!("  {n:>6}  {problem}\n"));
+            }
+            out.push('\n');
+        }
+        out.extend(rows.iter().map(|(k, v)| format!("{k:<width$}  {v:>10}\n")));
         let mut notes = Vec::new();
         for (title, map) in
             [("pass-through", &self.passthrough), ("fallback", &self.fallbacks), ("not stored", &self.not_stored)]

@@ -100,6 +100,11 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
     };
     crate::logging::init(&config);
     crate::digests::init(&config.cache_dir);
+    // Loud, never silent: logged, and counted for `ferry stats` (which shows them first).
+    for problem in &config.problems {
+        tracing::warn!(%problem, "configuration error");
+        *stats.config_errors.entry(problem.clone()).or_default() += 1;
+    }
     let rustc = match classify(&invocation.rest) {
         Classified::Cacheable(r) => r,
         Classified::Passthrough(reason) => return passthrough_counted(&config, stats, &invocation, &reason),
@@ -212,7 +217,7 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
         bail!("give the compiler command after '--', e.g. ferry explain -- rustc --crate-name a src/lib.rs ...");
     }
     let invocation = Invocation::parse(args);
-    let config = Config::load()?;
+    let config = Config::load_reporting()?;
     crate::digests::init(&config.cache_dir);
     let rustc = match classify(&invocation.rest) {
         Classified::Cacheable(r) => r,

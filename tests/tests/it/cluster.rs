@@ -881,6 +881,7 @@ fn target_cpu_native_stays_local_keyed_by_this_cpu() {
     assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1);
 }
 
+/// Also: a `FERRY_SCHEDULER` without a scheme distributes.
 #[test]
 fn sources_under_a_nested_target_directory_reach_the_worker() {
     let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
@@ -897,10 +898,14 @@ fn sources_under_a_nested_target_directory_reach_the_worker() {
     );
     write(&dir.join("src/main.rs"), "fn main() { println!(\"{}\", nt::arch()); }\n");
     client(&mut c, "nested");
+    // The scheduler's address as it prints it, without a scheme: taken as http://.
+    let addr = c.scheduler.addr.clone();
+    c.world.set("FERRY_SCHEDULER", &addr);
     ok_build(cargo_build(&c.world, &dir, true));
     let s = c.world.stats();
     assert_no_fallbacks(&s);
     assert_eq!(n(&s, "/compiled_remote"), 1, "{s:#}");
+    assert_eq!(s["config_errors"], serde_json::json!({}), "{s:#}");
     let out = ok(Command::new(dir.join("target/debug/nt")).output().expect("runs"));
     assert_eq!(out.trim(), "x86_64");
 }

@@ -534,6 +534,53 @@ fn logs_never_reach_the_build_output() {
     assert!(logged.contains("DEBUG pass-through"), "no debug line in {}:\n{logged}", log.display());
 }
 
+/// A setting ferry cannot use is loud and never makes it step aside: the build is still cached
+/// (that setting at its default), nothing reaches the build's output, the log says it, and
+/// `ferry stats` counts it first, naming the variable or the file and key it came from.
+#[test]
+fn a_bad_setting_is_counted_and_named_and_the_build_is_still_cached() {
+    let mut world = world();
+    let config = world.path().join("ferry.toml");
+    fs::write(&config, "[cache]\nfailures = \"sometimes\"\nsize_limit = \"1G\"\n").unwrap();
+    let log = world.path().join("ferry.log");
+    world.set("FERRY_CACHE_SIZE", "10X").set("FERRY_CONFIG", &config).set("FERRY_LOG_FILE", &log);
+    let ws = workspace_in(&world, "ws");
+    let plain = ok_build(cargo_build(&world, &ws, false));
+    let expected = outputs(&ws);
+    clean(&world, &ws);
+
+    let cold = ok_build(cargo_build(&world, &ws, true));
+    assert_eq!(build_log(&cold), build_log(&plain), "ferry wrote into the build's output");
+    clean(&world, &ws);
+    ok_build(cargo_build(&world, &ws, true));
+    assert_same_outputs(&expected, &outputs(&ws));
+    let s = world.stats();
+    assert_eq!((n(&s, "/misses"), n(&s, "/hits_local")), (UNIT_COUNT, UNIT_COUNT), "{s:#}");
+    let errors = s["config_errors"].as_object().expect("config_errors");
+    let named = |needle: &str| errors.iter().find(|(k, _)| k.contains(needle)).map(|(k, v)| (k.clone(), v.clone()));
+    let cfg = config.display().to_string();
+    for needle in [
+        "environment variable FERRY_CACHE_SIZE: ".to_owned(),
+        format!("{cfg}: key 'cache.failures'"),
+        format!("{cfg}: unknown key 'cache.size_limit'"),
+    ] {
+        let (problem, count) = named(&needle).unwrap_or_else(|| panic!("no config error naming {needle:?}: {s:#}"));
+        assert_eq!(count.as_u64(), Some(n(&s, "/requests")), "{problem}: counted once per wrapper call");
+    }
+    assert!(
+        named("FERRY_CACHE_SIZE").is_some_and(|(p, _)| p.contains("'10X'") && p.contains("using the default (10G)"))
+    );
+
+    // `ferry stats` shows them first, and says where each came from on stderr too.
+    let out = world.ferry(&["stats"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("configuration errors"), "{table}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ferry: configuration error: environment variable FERRY_CACHE_SIZE: "), "{stderr}");
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("configuration error") && logged.contains("FERRY_CACHE_SIZE"), "{logged}");
+}
+
 /// One damage applied to every entry file after a full build, then: the next build (from clean)
 /// is correct and counts the damage, and the one after hits again.
 fn check_damaged_entries(damage: Damage) {
