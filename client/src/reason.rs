@@ -245,6 +245,13 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         ("fallback", "remote-inputs-differ") => {
             "the worker saw another file or variable than this machine (learned now; sent next time)"
         }
+        ("fallback", "toolchain-in-system-dir") => {
+            "the compiler lives under /usr (a distribution's rustc): a worker cannot mount it without hiding its own \
+             /usr; install a toolchain with rustup (or under /usr/local/<dir>) to distribute"
+        }
+        ("fallback", "project-in-system-dir") => {
+            "the project is under /etc, /usr (other than /usr/local) or another system directory a worker has its own of"
+        }
         ("fallback", "workers-quarantined") => "every worker is quarantined after failing jobs: see ferry status",
         ("fallback", "worker-error") => "a worker could not run the job: see ferry status for its error",
         ("not stored", "compile-error") => {

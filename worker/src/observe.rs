@@ -168,9 +168,15 @@ impl<'a> TreeInputs<'a> {
     }
 
     /// Where a path inside the sandbox is on the host; None when the sandbox has nothing there.
+    /// Under /usr the job's files are grafted onto the host's (`sandbox::graft`): the tree's
+    /// wins where it has the path.
     fn host(&self, path: &str) -> Option<PathBuf> {
         let rel = path.strip_prefix('/')?;
         let top = rel.split('/').next().unwrap_or_default();
+        if top == "usr" {
+            let in_tree = self.job.tree.join(rel);
+            return Some(if fs::symlink_metadata(&in_tree).is_ok() { in_tree } else { PathBuf::from(path) });
+        }
         if self.tops.contains(top) {
             Some(self.job.tree.join(rel))
         } else if MIRRORED.contains(&top) {

@@ -25,6 +25,7 @@
 //! passes on as exit code 128 + signal; and, where the kernel only makes a call fail, from the
 //! job's stderr — see [`Limit`].
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
@@ -179,6 +180,10 @@ pub enum SandboxError {
     NotADirectory { path: PathBuf },
     #[error("toolchain '{}' is not a directory", path.display())]
     ToolchainNotADirectory { path: PathBuf },
+    #[error("a toolchain at '{path}' would hide the worker's own /usr: under /usr only /usr/local can hold one")]
+    ToolchainUnderUsr { path: String },
+    #[error("the job tree holds '{}': under /usr a job may bring files into /usr/local only", path.display())]
+    UsrOutsideLocal { path: PathBuf },
     #[error("cannot {action} '{}': {source}", path.display())]
     Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("lost track of the sandboxed process: {0}")]
@@ -338,7 +343,11 @@ const NOBODY: u32 = 65534;
 /// Top-level tree names that would hide (or be hidden by) the sandbox's own system directories.
 /// Top-level names a job tree may not use. `tmp` is allowed: projects often live under /tmp, and
 /// then the job's own `tmp` replaces the sandbox's private tmpfs.
-const RESERVED: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
+const RESERVED: &[&str] = &["lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "boot"];
+
+/// The one place under `/usr` a job may bring files (projects and `CARGO_HOME` in the official
+/// Rust container image, toolchains installed there): grafted onto the host's, see [`graft`].
+pub const USR_LOCAL: &str = "/usr/local";
 
 /// Host paths mirrored into the sandbox as the host has them: a symlink stays the same symlink, a
 /// directory is bound read-only, a missing one is skipped.
@@ -403,6 +412,19 @@ fn command_line(config: &SandboxConfig, job: &SandboxJob) -> Result<Vec<OsString
         return Err(SandboxError::ToolchainNotADirectory { path: toolchain_dir.to_path_buf() });
     }
     let tree = tree_entries(job.tree)?;
+    if tree.iter().any(|(name, _)| name == "usr") {
+        for entry in fs::read_dir(job.tree.join("usr")).map_err(|source| SandboxError::Io {
+            action: "list the job tree",
+            path: job.tree.join("usr"),
+            source,
+        })? {
+            let entry =
+                entry.map_err(|source| SandboxError::Io { action: "list", path: job.tree.join("usr"), source })?;
+            if entry.file_name() != "local" {
+                return Err(SandboxError::UsrOutsideLocal { path: entry.path() });
+            }
+        }
+    }
 
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
@@ -430,6 +452,27 @@ fn command_line(config: &SandboxConfig, job: &SandboxJob) -> Result<Vec<OsString
         push(&[os("--size"), tmp_size.as_ref(), os("--tmpfs"), os("/tmp")]);
     }
     push(&[os("--ro-bind"), os("/usr"), os("/usr")]);
+    // What the job brings under /usr/local (its tree's `usr/local`, a toolchain installed there)
+    // joins what the host has there; everything else of /usr is the host's.
+    let tree_usr_local = job.tree.join("usr/local");
+    let toolchain_under_usr = Path::new(toolchain_mount).starts_with("/usr");
+    let mut read_only_after = Vec::new();
+    if tree_usr_local.exists() || toolchain_under_usr {
+        if !Path::new(toolchain_mount).starts_with(USR_LOCAL) && toolchain_under_usr {
+            return Err(SandboxError::ToolchainUnderUsr { path: toolchain_mount.to_owned() });
+        }
+        let mut extra = Vec::new();
+        if toolchain_under_usr {
+            extra.push(Graft {
+                inside: PathBuf::from(toolchain_mount),
+                host: toolchain_dir.to_path_buf(),
+                writable: false,
+            });
+        }
+        let tree = tree_usr_local.is_dir().then_some(tree_usr_local.as_path());
+        graft(Path::new(USR_LOCAL), Some(Path::new(USR_LOCAL)), tree, &extra, &mut args, &mut read_only_after)?;
+    }
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
     for dir in MIRRORED {
         match fs::symlink_metadata(dir) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -445,15 +488,23 @@ fn command_line(config: &SandboxConfig, job: &SandboxJob) -> Result<Vec<OsString
         }
     }
     for (name, host) in &tree {
+        if name == "usr" {
+            continue; // grafted above
+        }
         let mut inside = OsString::from("/");
         inside.push(name);
         push(&[os("--bind"), host.as_os_str(), &inside]);
     }
-    push(&[os("--ro-bind"), toolchain_dir.as_os_str(), toolchain_mount.as_ref()]);
+    if !toolchain_under_usr {
+        push(&[os("--ro-bind"), toolchain_dir.as_os_str(), toolchain_mount.as_ref()]);
+    }
     for bind in job.binds {
         absolute("bind mount path", bind.inside)?;
         let flag = if bind.writable { os("--bind") } else { os("--ro-bind") };
         push(&[flag, bind.host.as_os_str(), bind.inside.as_ref()]);
+    }
+    for dir in &read_only_after {
+        push(&[os("--remount-ro"), dir.as_os_str()]);
     }
     push(&[os("--remount-ro"), os("/")]);
     push(&[os("--chdir"), job.cwd.as_ref(), os("--"), job.program.as_ref()]);
@@ -473,6 +524,107 @@ fn absolute(what: &'static str, value: &str) -> Result<(), SandboxError> {
 fn no_nul(what: &'static str, value: &str) -> Result<(), SandboxError> {
     if value.contains('\0') {
         return Err(SandboxError::NulByte { what, value: value.replace('\0', "\\0") });
+    }
+    Ok(())
+}
+
+/// A host path to mount at `inside`, among those a [`graft`] places.
+#[derive(Debug)]
+struct Graft {
+    inside: PathBuf,
+    host: PathBuf,
+    writable: bool,
+}
+
+/// Makes `inside` (a directory that exists in the sandbox so far, inside a read-only bind) the
+/// union of the host's directory `host`, the job tree's `tree` and the `extra` mounts beneath it:
+/// a tmpfs at `inside`, each entry the tree has bound from the tree whole (the job's own: the
+/// host's entry of that name, if any, is hidden), each entry only the host has bound back
+/// read-only (a symlink recreated), and each extra mount bound where it goes (through the host's
+/// directories, grafted the same way, when one lies beneath them). The tmpfs directories are added
+/// to `read_only_after`, to be remounted read-only once every mount is in place. So a project in
+/// `/usr/local/src/app` or a toolchain in `/usr/local/rustup` appears at its client path, and the
+/// rest of the host's `/usr/local` stays as it is.
+fn graft(
+    inside: &Path,
+    host: Option<&Path>,
+    tree: Option<&Path>,
+    extra: &[Graft],
+    args: &mut Vec<OsString>,
+    read_only_after: &mut Vec<PathBuf>,
+) -> Result<(), SandboxError> {
+    let list = |dir: &Path| -> Result<BTreeMap<OsString, fs::Metadata>, SandboxError> {
+        let io_error = |source| SandboxError::Io { action: "list", path: dir.to_path_buf(), source };
+        let mut entries = BTreeMap::new();
+        for entry in fs::read_dir(dir).map_err(io_error)? {
+            let entry = entry.map_err(io_error)?;
+            entries.insert(entry.file_name(), fs::symlink_metadata(entry.path()).map_err(io_error)?);
+        }
+        Ok(entries)
+    };
+    let host_entries = match host {
+        Some(h) if h.is_dir() => list(h)?,
+        _ => BTreeMap::new(),
+    };
+    let tree_entries = match tree {
+        Some(t) => list(t)?,
+        None => BTreeMap::new(),
+    };
+    let mut names: BTreeSet<OsString> = host_entries.keys().chain(tree_entries.keys()).cloned().collect();
+    for g in extra {
+        if let Some(first) = g.inside.strip_prefix(inside).ok().and_then(|rest| rest.components().next()) {
+            names.insert(first.as_os_str().to_owned());
+        }
+    }
+    args.extend([OsString::from("--tmpfs"), inside.as_os_str().to_owned()]);
+    read_only_after.push(inside.to_path_buf());
+    let bind = |args: &mut Vec<OsString>, source: &Path, at: &Path, writable: bool| {
+        let flag = if writable { "--bind" } else { "--ro-bind" };
+        args.extend([OsString::from(flag), source.as_os_str().to_owned(), at.as_os_str().to_owned()]);
+    };
+    for name in names {
+        let at = inside.join(&name);
+        let beneath: Vec<&Graft> = extra.iter().filter(|g| g.inside.starts_with(&at)).collect();
+        if let Some(g) = beneath.iter().find(|g| g.inside == at) {
+            bind(args, &g.host, &at, g.writable);
+            continue;
+        }
+        if let Some(meta) = tree_entries.get(&name) {
+            let source = tree.expect("listed").join(&name);
+            if meta.file_type().is_symlink() {
+                return Err(SandboxError::SymlinkInTree { path: source });
+            }
+            // bwrap makes the mount points of the extra mounts inside the tree's directory.
+            bind(args, &source, &at, true);
+            for g in beneath {
+                bind(args, &g.host, &g.inside, g.writable);
+            }
+            continue;
+        }
+        match host_entries.get(&name) {
+            Some(meta) if meta.is_dir() && !beneath.is_empty() => {
+                let below: Vec<Graft> = beneath
+                    .iter()
+                    .map(|g| Graft { inside: g.inside.clone(), host: g.host.clone(), writable: g.writable })
+                    .collect();
+                graft(&at, Some(&host.expect("listed").join(&name)), None, &below, args, read_only_after)?;
+            }
+            Some(meta) if meta.file_type().is_symlink() => {
+                let target = fs::read_link(host.expect("listed").join(&name)).map_err(|source| SandboxError::Io {
+                    action: "read the link",
+                    path: at.clone(),
+                    source,
+                })?;
+                args.extend([OsString::from("--symlink"), target.into_os_string(), at.into_os_string()]);
+            }
+            Some(_) => bind(args, &host.expect("listed").join(&name), &at, false),
+            // Only extra mounts go here: bwrap makes the directories on the way in the tmpfs.
+            None => {
+                for g in beneath {
+                    bind(args, &g.host, &g.inside, g.writable);
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -33,8 +33,9 @@ const MAX_BLOB_BYTES: u64 = 1 << 30;
 const MAX_UPLOAD_BYTES: u64 = 4 << 30;
 /// The largest output a job may send back (clients refuse more anyway).
 const MAX_OUTPUT_BYTES: u64 = 4 << 30;
-/// Top-level directories a job's files may never be placed in.
-const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
+/// Top-level directories a job's files may never be placed in; under `/usr` only `/usr/local`
+/// may hold them (grafted onto the worker's own, see `sandbox::graft`).
+const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "boot"];
 
 /// Fetches toolchain archives (from the scheduler) into a file.
 pub type Fetcher = Arc<
@@ -556,6 +557,15 @@ fn refused_env(name: &str) -> bool {
 fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
     let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
     absolute_path(&r.toolchain_root, "toolchain_root")?;
+    if Path::new(&r.toolchain_root).starts_with("/usr")
+        && !Path::new(&r.toolchain_root).starts_with(crate::sandbox::USR_LOCAL)
+        || r.toolchain_root == crate::sandbox::USR_LOCAL
+    {
+        return Err(Status::invalid_argument(format!(
+            "'toolchain_root' {} would hide the worker's own /usr: under /usr only /usr/local/<dir> can hold a toolchain",
+            r.toolchain_root
+        )));
+    }
     if r.program != format!("{}/bin/rustc", r.toolchain_root) {
         return Err(Status::invalid_argument("'program' must be the toolchain's bin/rustc"));
     }
@@ -566,8 +576,11 @@ fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
     let place = |path: &str, field: &'static str| -> Result<(), Status> {
         absolute_path(path, field)?;
         let top = path[1..].split('/').next().unwrap_or_default();
-        if SYSTEM_DIRS.contains(&top) {
+        if SYSTEM_DIRS.contains(&top) && !Path::new(path).starts_with(crate::sandbox::USR_LOCAL) {
             return Err(Status::invalid_argument(format!("'{field}' {path} is inside a system directory")));
+        }
+        if path == crate::sandbox::USR_LOCAL {
+            return Err(Status::invalid_argument(format!("'{field}' {path} is the worker's own /usr/local")));
         }
         if Path::new(path).starts_with(&r.toolchain_root) {
             return Err(Status::invalid_argument(format!("'{field}' {path} is inside the toolchain")));

@@ -252,6 +252,46 @@ fn the_toolchain_is_visible_under_a_tree_directory() {
 }
 
 #[test]
+fn a_project_and_a_toolchain_under_usr_local_join_the_hosts_usr_local() {
+    // The host's /usr/local has something of its own the job can still see beside its files.
+    let own = fs::read_dir("/usr/local").unwrap().flatten().find(|e| e.path().is_dir()).map(|e| e.file_name());
+    let own = own.expect("a directory in the host's /usr/local");
+    let tree = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tree.path().join("usr/local/src/job")).unwrap();
+    fs::write(tree.path().join("usr/local/src/job/lib.rs"), "pub fn answer() -> u32 { 42 }\n").unwrap();
+    let program = "/usr/local/rustup/toolchains/test/bin/rustc";
+    let listing = format!("/usr/local/{}", own.to_string_lossy());
+    let args = strings(&[
+        "--crate-type",
+        "lib",
+        "--edition",
+        "2021",
+        "/usr/local/src/job/lib.rs",
+        "--out-dir",
+        "/usr/local/src/job/out",
+    ]);
+    let job = SandboxJob {
+        program,
+        args: &args,
+        cwd: "/usr/local/src/job",
+        env: &[],
+        toolchain: (&toolchain().host, "/usr/local/rustup/toolchains/test"),
+        tree: tree.path(),
+        binds: &[],
+    };
+    let mut stderr = Vec::new();
+    let outcome = run(&config(), &job, &mut |_, b| stderr.extend_from_slice(b)).unwrap();
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}: {}", String::from_utf8_lossy(&stderr));
+    assert!(tree.path().join("usr/local/src/job/out/liblib.rlib").is_file());
+    // And the host's own entry is there, as the host has it.
+    let ls = SandboxJob { program: "/usr/bin/ls", args: &strings(&["-d", &listing]), ..job };
+    let mut out = Vec::new();
+    let outcome = run(&config(), &ls, &mut |_, b| out.extend_from_slice(b)).unwrap();
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?}: {}", String::from_utf8_lossy(&out));
+    assert!(String::from_utf8_lossy(&out).contains(&listing), "{}", String::from_utf8_lossy(&out));
+}
+
+#[test]
 fn bad_jobs_are_refused_before_anything_runs() {
     let check = |tree: &Path, program: &str, cwd: &str, config: &SandboxConfig| {
         let args = Vec::new();
@@ -279,13 +319,18 @@ fn bad_jobs_are_refused_before_anything_runs() {
     assert!(matches!(&error, SandboxError::NotAbsolute { what: "working directory", .. }), "{error}");
     assert_eq!(error.to_string(), "the job's working directory must be an absolute path, got 'job'");
 
-    for name in ["usr", "etc"] {
+    for name in ["lib", "etc"] {
         let tree = tempfile::tempdir().unwrap();
         fs::create_dir(tree.path().join(name)).unwrap();
         let error = check(tree.path(), &rustc, "/", &config());
         assert!(matches!(&error, SandboxError::ReservedName { name: n } if n == name), "{error}");
         assert_eq!(error.to_string(), format!("tree entry '{name}' would shadow the system directory '/{name}'"));
     }
+    // Under /usr, only /usr/local.
+    let tree = tempfile::tempdir().unwrap();
+    fs::create_dir_all(tree.path().join("usr/share")).unwrap();
+    let error = check(tree.path(), &rustc, "/", &config());
+    assert!(matches!(&error, SandboxError::UsrOutsideLocal { path } if path.ends_with("usr/share")), "{error}");
 
     let tree = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink("/etc", tree.path().join("job")).unwrap();

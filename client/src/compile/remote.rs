@@ -53,8 +53,9 @@ const MAX_OUTPUTS_BYTES: u64 = 8 << 30;
 const CHUNK: usize = 1 << 20;
 /// Directories never shipped from a package.
 const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn", ".jj"];
-/// Top-level directories a worker never takes files into (it has its own).
-const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "var", "boot"];
+/// Top-level directories a worker never takes files into (it has its own); of `/usr` it takes
+/// `/usr/local` (projects and `CARGO_HOME` in the official Rust container image).
+const SYSTEM_DIRS: &[&str] = &["usr", "lib", "lib64", "bin", "sbin", "etc", "proc", "dev", "sys", "run", "boot"];
 
 /// What a remote compile needs from the wrapper.
 #[derive(Debug)]
@@ -183,6 +184,14 @@ impl Job {
 
 /// Runs the job on a worker.
 pub fn run(job: &RemoteJob) -> Result<Remote, Failed> {
+    // Paths a worker cannot give a job, named rather than refused there one job at a time.
+    let root = &job.compiler.root;
+    if root.starts_with("/usr") && !(root.starts_with("/usr/local/") && root != Path::new("/usr/local")) {
+        return Err(Fallback::Inputs("toolchain-in-system-dir").into());
+    }
+    if !shippable_place(job.cwd) {
+        return Err(Fallback::Inputs("project-in-system-dir").into());
+    }
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|_| Fallback::RuntimeUnavailable)?;
     runtime.block_on(run_async(job))
@@ -572,8 +581,14 @@ fn gather(job: &RemoteJob) -> Result<Inputs, Fallback> {
 
 /// Can a worker take this path into a job (not a system directory, not the toolchain)?
 fn shippable(job: &RemoteJob, path: &Path) -> bool {
+    shippable_place(path) && !path.starts_with(&job.compiler.root)
+}
+
+/// Outside the system directories a worker has its own of (`/usr/local` is not one of them).
+fn shippable_place(path: &Path) -> bool {
     let top = path.components().nth(1).map(|c| c.as_os_str().to_owned()).unwrap_or_default();
-    !SYSTEM_DIRS.iter().any(|d| OsStr::new(d) == top) && !path.starts_with(&job.compiler.root)
+    !SYSTEM_DIRS.iter().any(|d| OsStr::new(d) == top)
+        || (path.starts_with("/usr/local") && path != Path::new("/usr/local"))
 }
 
 /// Adds every file under `dir`, skipping VCS directories and the build's own target directory

@@ -881,6 +881,40 @@ fn target_cpu_native_stays_local_keyed_by_this_cpu() {
     assert_eq!(n(&c.world.stats(), "/compiled_remote"), 1);
 }
 
+/// Projects where container images and CI agents keep them (`/var/tmp`, `/usr/local/src`), built
+/// with the installed toolchain and with one under `/usr/local` (where the official Rust image has
+/// rustup's), distribute: the worker grafts them onto its own `/usr/local`, hiding none of it.
+#[test]
+fn projects_and_toolchains_under_var_and_usr_local_distribute() {
+    let toolchain = crate::toolchain::ToolchainCopy::new_in(Path::new("/usr/local"));
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    // Every build compiles on the worker, none hits the one before.
+    c.world.set("FERRY_SHARED_CACHE", "off");
+    for parent in ["/var/tmp", "/usr/local/src"] {
+        let place = tempfile::Builder::new().prefix("ferry-test-").tempdir_in(parent).expect("temp dir");
+        let ws = place.path().join("ws");
+        workspace(&ws);
+        for rustc in [None, Some(toolchain.rustc())] {
+            let what = format!(
+                "a project in {parent} built by {}",
+                rustc.as_ref().map_or("rustc".into(), |r| r.display().to_string())
+            );
+            match &rustc {
+                Some(r) => c.world.set("RUSTC", r),
+                None => c.world.set("RUSTC", crate::wrapper::rustc()),
+            };
+            let expected = plain_outputs(&c.world, &ws);
+            let s = build_as(&mut c, &format!("{}-{}", parent.replace('/', "-"), rustc.is_some()), &ws);
+            if fallback_count(&s) > 0 {
+                panic!("{what}: {s:#}\nworker log:\n{}", tail(&c.workers[0].log_text(), 40));
+            }
+            assert_eq!(n(&s, "/compiled_remote"), RLIBS.len() as u64, "{what}: {s:#}");
+            assert_same_outputs(&expected, &outputs(&ws));
+            assert_eq!(app(&ws), APP_LINE, "{what}");
+        }
+    }
+}
+
 /// Also: a `FERRY_SCHEDULER` without a scheme distributes.
 #[test]
 fn sources_under_a_nested_target_directory_reach_the_worker() {

@@ -533,7 +533,12 @@ pub(crate) struct ToolchainCopy {
 
 impl ToolchainCopy {
     pub(crate) fn new() -> ToolchainCopy {
-        let dir = tempfile::Builder::new().prefix("ferry-toolchain-copy-").tempdir().expect("temp dir");
+        ToolchainCopy::new_in(&std::env::temp_dir())
+    }
+
+    /// A copy in a new directory under `parent`.
+    pub(crate) fn new_in(parent: &Path) -> ToolchainCopy {
+        let dir = tempfile::Builder::new().prefix("ferry-toolchain-copy-").tempdir_in(parent).expect("temp dir");
         let root = dir.path().join("toolchain");
         let from = &installed().sysroot;
         fs::create_dir_all(root.join("bin")).expect("mkdir");
