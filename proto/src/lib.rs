@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 pub mod daemon;
 mod grant;
+pub mod http;
 
 pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config};
 pub use cache::{RemoteCache, SchedulerApi, SharedTierSpec, TokenInterceptor};

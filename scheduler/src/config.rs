@@ -15,6 +15,7 @@
 //! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
+//! | HTTP address for `/metrics` and the status page at `/` | `http` | `FERRY_HTTP` / `--http` | off |
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct SchedulerConfig {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
     pub insecure: bool,
+    /// Where to serve `/metrics` and the status page (`--http`); None: not at all.
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +67,7 @@ struct FileConfig {
     #[serde(default)]
     tokens: Vec<TokenEntry>,
     insecure: Option<bool>,
+    http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +120,7 @@ impl SchedulerConfig {
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),
+            http: env("FERRY_HTTP").or(parsed.http),
         })
     }
 

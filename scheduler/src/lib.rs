@@ -3,6 +3,7 @@
 
 mod archives;
 mod config;
+mod http;
 mod service;
 mod state;
 
@@ -43,7 +44,7 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
         })
     };
     let api = tonic::service::interceptor::InterceptedService::new(
-        SchedulerServer::new(service)
+        SchedulerServer::new(service.clone())
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes),
         config.tokens.clone().interceptor(),
@@ -52,6 +53,17 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
     if let Some((cert, key)) = &config.tls {
         server = server.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
+    // `http on ADDR` right after `listening on ADDR`, for whoever waits for both.
+    let http = match &config.http {
+        Some(http) => {
+            let listener = ferry_proto::http::bind(http).await?;
+            println!("http on {}", listener.local_addr()?);
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let router = http::router(service.clone());
+            Some(tokio::spawn(ferry_proto::http::serve(listener, router, shutdown.clone())))
+        }
+        None => None,
+    };
     tracing::info!(%addr, tls = config.tls.is_some(), "scheduler serving");
     let served = server
         .add_service(api)
@@ -59,5 +71,8 @@ pub async fn run(config: SchedulerConfig, listener: TcpListener, shutdown: Cance
         .await;
     shutdown.cancel();
     let _ = expiry.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     served.context("serving")
 }

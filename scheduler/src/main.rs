@@ -18,6 +18,9 @@ struct Args {
     /// Where toolchain archives are stored (default ~/.local/share/ferry-scheduler)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics and a status page at / on this address (off by default)
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,7 +31,8 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let config = SchedulerConfig::load(args.config.as_deref(), args.listen, args.data_dir)?;
+    let mut config = SchedulerConfig::load(args.config.as_deref(), args.listen, args.data_dir)?;
+    config.http = args.http.or(config.http);
     let check = |addr| config.check_exposure(addr).map_err(|e| format!("{e:#}"));
     let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;
     let shutdown = ferry_proto::daemon::shutdown_on_signals()?;

@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     cache_permits: Arc<tokio::sync::Semaphore>,
     config: SchedulerConfig,
     shutdown: CancellationToken,
+    metrics: crate::http::Metrics,
+    /// The shared tier's usage when last scanned.
+    usage: Mutex<Option<(Instant, ferry_cache::Usage)>>,
 }
 
 #[derive(Debug)]
@@ -94,8 +97,18 @@ impl Service {
         };
         let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
         let cache_permits = Arc::new(tokio::sync::Semaphore::new(config.cache_concurrency));
-        let shared =
-            Shared { inner: Mutex::new(inner), archives, cache, corrupt_entries, cache_permits, config, shutdown };
+        let metrics = crate::http::Metrics::default();
+        let shared = Shared {
+            inner: Mutex::new(inner),
+            archives,
+            cache,
+            corrupt_entries,
+            cache_permits,
+            config,
+            shutdown,
+            metrics,
+            usage: Mutex::new(None),
+        };
         Ok(Service { shared: Arc::new(shared) })
     }
 
@@ -108,6 +121,100 @@ impl Service {
         }
         inner.apply(effects);
     }
+}
+
+impl Service {
+    /// The answer to one `Allocate`: a slot, or "compile locally" and why.
+    async fn answer_allocation(
+        &self,
+        request: Request<v1::AllocateRequest>,
+    ) -> Result<Response<v1::AllocateResponse>, Status> {
+        require(&request, Role::Client, "Allocate")?;
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
+        let client = if r.client_id.is_empty() {
+            peer.map(|p: SocketAddr| p.ip().to_string()).unwrap_or_default()
+        } else {
+            r.client_id
+        };
+        let (wait, rx) = {
+            let mut inner = self.shared.lock();
+            if let Some(since) = inner.prefetching.get(&toolchain) {
+                if since.elapsed() < PREFETCH_WAIT && inner.state.holders(&toolchain).is_empty() {
+                    return Ok(Response::new(local(
+                        v1::LocalReason::ToolchainFetching,
+                        "the workers are fetching this toolchain",
+                    )));
+                }
+                inner.prefetching.remove(&toolchain);
+            }
+            match inner.state.allocate(&client, toolchain) {
+                Allocation::Assigned(a) => return Ok(Response::new(inner.assigned(a))),
+                Allocation::NoWorkers => {
+                    return Ok(Response::new(local(v1::LocalReason::NoWorkers, "no workers are registered")));
+                }
+                Allocation::AllQuarantined => {
+                    let detail = "every worker is quarantined after failing jobs (see ferry status)";
+                    return Ok(Response::new(local(v1::LocalReason::WorkersQuarantined, detail)));
+                }
+                Allocation::Queued(wait) => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(wait, tx);
+                    (wait, rx)
+                }
+            }
+        };
+        let timeout = self.shared.config.queue_timeout;
+        if let Ok(Ok(a)) = tokio::time::timeout(timeout, rx).await {
+            return Ok(Response::new(self.shared.lock().assigned(a)));
+        }
+        // Timed out. If the slot came at the last moment, `apply` saw the waiter gone and
+        // released it, so cancelling here never leaks a slot.
+        let mut inner = self.shared.lock();
+        inner.waiters.remove(&wait);
+        inner.state.cancel(wait);
+        let detail = format!("every worker slot stayed busy for {} ms", timeout.as_millis());
+        Ok(Response::new(local(v1::LocalReason::NoCapacity, &detail)))
+    }
+
+    /// The allocation state now (for metrics and the status page).
+    pub(crate) fn state_status(&self) -> crate::state::Status {
+        self.shared.lock().state.status(Instant::now())
+    }
+
+    pub(crate) fn toolchain_records(&self) -> Vec<Record> {
+        self.shared.archives.list()
+    }
+
+    /// The workers holding toolchain `id`.
+    pub(crate) fn holders(&self, id: &ToolchainId) -> Vec<String> {
+        self.shared.lock().state.holders(id)
+    }
+
+    /// What the shared tier holds: a directory scan, made at most every 30 s (the status page
+    /// reloads every 2 s). None when it cannot be read.
+    pub(crate) fn cache_usage(&self) -> Option<ferry_cache::Usage> {
+        let mut scanned = self.shared.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if scanned.as_ref().is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(30)) {
+            *scanned = Some((Instant::now(), self.shared.cache.usage().ok()?));
+        }
+        scanned.as_ref().map(|(_, usage)| *usage)
+    }
+
+    pub(crate) fn corrupt_entries(&self) -> u64 {
+        self.shared.corrupt_entries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn metrics(&self) -> &crate::http::Metrics {
+        &self.shared.metrics
+    }
+}
+
+/// A "compile locally" reason as metrics label it: `LOCAL_REASON_NO_WORKERS` is `no-workers`.
+fn local_reason_name(reason: i32) -> String {
+    let name = v1::LocalReason::try_from(reason).map_or("LOCAL_REASON_UNKNOWN", |r| r.as_str_name());
+    name.trim_start_matches("LOCAL_REASON_").to_ascii_lowercase().replace('_', "-")
 }
 
 impl Shared {
@@ -219,53 +326,17 @@ impl SchedulerApi for Service {
     }
 
     async fn allocate(&self, request: Request<v1::AllocateRequest>) -> Result<Response<v1::AllocateResponse>, Status> {
-        require(&request, Role::Client, "Allocate")?;
-        let peer = request.remote_addr();
-        let r = request.into_inner();
-        let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
-        let client = if r.client_id.is_empty() {
-            peer.map(|p: SocketAddr| p.ip().to_string()).unwrap_or_default()
-        } else {
-            r.client_id
-        };
-        let (wait, rx) = {
-            let mut inner = self.shared.lock();
-            if let Some(since) = inner.prefetching.get(&toolchain) {
-                if since.elapsed() < PREFETCH_WAIT && inner.state.holders(&toolchain).is_empty() {
-                    return Ok(Response::new(local(
-                        v1::LocalReason::ToolchainFetching,
-                        "the workers are fetching this toolchain",
-                    )));
-                }
-                inner.prefetching.remove(&toolchain);
-            }
-            match inner.state.allocate(&client, toolchain) {
-                Allocation::Assigned(a) => return Ok(Response::new(inner.assigned(a))),
-                Allocation::NoWorkers => {
-                    return Ok(Response::new(local(v1::LocalReason::NoWorkers, "no workers are registered")));
-                }
-                Allocation::AllQuarantined => {
-                    let detail = "every worker is quarantined after failing jobs (see ferry status)";
-                    return Ok(Response::new(local(v1::LocalReason::WorkersQuarantined, detail)));
-                }
-                Allocation::Queued(wait) => {
-                    let (tx, rx) = oneshot::channel();
-                    inner.waiters.insert(wait, tx);
-                    (wait, rx)
-                }
-            }
-        };
-        let timeout = self.shared.config.queue_timeout;
-        if let Ok(Ok(a)) = tokio::time::timeout(timeout, rx).await {
-            return Ok(Response::new(self.shared.lock().assigned(a)));
+        let started = Instant::now();
+        let answer = self.answer_allocation(request).await;
+        if let Ok(response) = &answer {
+            let result = match &response.get_ref().result {
+                Some(v1::allocate_response::Result::Assigned(_)) => "assigned".to_owned(),
+                Some(v1::allocate_response::Result::Local(l)) => local_reason_name(l.reason),
+                None => "none".to_owned(),
+            };
+            self.shared.metrics.allocated(&result, started.elapsed());
         }
-        // Timed out. If the slot came at the last moment, `apply` saw the waiter gone and
-        // released it, so cancelling here never leaks a slot.
-        let mut inner = self.shared.lock();
-        inner.waiters.remove(&wait);
-        inner.state.cancel(wait);
-        let detail = format!("every worker slot stayed busy for {} ms", timeout.as_millis());
-        Ok(Response::new(local(v1::LocalReason::NoCapacity, &detail)))
+        answer
     }
 
     async fn has_toolchain(
@@ -337,16 +408,19 @@ impl SchedulerApi for Service {
             uploaded: 0,
             last_used: 0,
         };
+        let received = incoming.received;
         verifier
             .await
             .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
-            .map_err(Status::invalid_argument)?;
+            .map_err(Status::invalid_argument)
+            .inspect_err(|_| self.shared.metrics.toolchain_transfer("upload", false, received))?;
         let shared = Arc::clone(&self.shared);
         let stored = tokio::task::spawn_blocking(move || shared.archives.publish(incoming, &id, record))
             .await
             .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
             .map_err(Status::invalid_argument)?;
         info!(toolchain = %id, stored, "toolchain uploaded");
+        self.shared.metrics.toolchain_transfer("upload", true, received);
         if stored {
             // Best effort: a worker whose stream is full fetches on its first job instead.
             let prefetch = v1::SchedulerMessage {
@@ -372,6 +446,8 @@ impl SchedulerApi for Service {
             Status::not_found(format!("toolchain {id} is not stored here; upload it with 'ferry toolchain upload'"))
         })?;
         self.shared.archives.touch(&id);
+        let size = file.metadata().await.map_or(0, |m| m.len());
+        self.shared.metrics.toolchain_transfer("fetch", true, size);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
@@ -425,7 +501,7 @@ impl SchedulerApi for Service {
     async fn cache_get(&self, request: Request<v1::CacheKeyRef>) -> Result<Response<Self::CacheGetStream>, Status> {
         require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "CacheGet")?;
         let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
-        let permit = self.shared.cache_permit().await?;
+        let permit = self.shared.cache_permit().await.inspect_err(|_| self.shared.metrics.cache_get("busy"))?;
         let shared = self.shared.clone();
         let opened = tokio::task::spawn_blocking(move || shared.cache.open_checked(&key))
             .await
@@ -433,8 +509,12 @@ impl SchedulerApi for Service {
         // Checked (header and checksum) but not decoded: the client decodes and verifies it.
         let (file, _len) = match opened {
             Ok(Some(found)) => found,
-            Ok(None) => return Err(Status::not_found(format!("no entry {key}"))),
+            Ok(None) => {
+                self.shared.metrics.cache_get("miss");
+                return Err(Status::not_found(format!("no entry {key}")));
+            }
             Err(CacheError::Corrupt { path, reason }) => {
+                self.shared.metrics.cache_get("corrupt");
                 self.shared.corrupt_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(path = %path.display(), %reason, "removed a corrupt shared cache entry");
                 return Err(Status::data_loss(format!("entry {key} was corrupt here and has been removed")));
@@ -446,6 +526,8 @@ impl SchedulerApi for Service {
         // slow readers of a 100 MB entry grow the scheduler by 108 MiB): `cache_concurrency`
         // times that bounds the tier's memory.
         let (tx, rx) = mpsc::channel(2);
+        self.shared.metrics.cache_get("hit");
+        let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
             use std::io::Read;
             let _permit = permit;
@@ -456,6 +538,7 @@ impl SchedulerApi for Service {
                     Ok(0) => return,
                     Ok(n) => {
                         buf.truncate(n);
+                        shared.metrics.cache_bytes("read", n as u64);
                         if tx.blocking_send(Ok(v1::Chunk { data: buf })).is_err() {
                             return;
                         }
@@ -485,7 +568,7 @@ impl SchedulerApi for Service {
         if header.size > max {
             return Err(Status::invalid_argument(format!("entry of {} bytes is over the limit of {max}", header.size)));
         }
-        let _permit = self.shared.cache_permit().await?;
+        let _permit = self.shared.cache_permit().await.inspect_err(|_| self.shared.metrics.cache_put("busy"))?;
         // Received into a temp file of the store, never whole in memory.
         let (mut file, tmp) =
             self.shared.cache.begin_temp().map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
@@ -516,6 +599,7 @@ impl SchedulerApi for Service {
         .await;
         if let Err(e) = received {
             let _ = std::fs::remove_file(&tmp);
+            self.shared.metrics.cache_put("refused");
             return Err(e);
         }
         let shared = self.shared.clone();
@@ -531,8 +615,13 @@ impl SchedulerApi for Service {
             shared.cache.publish_temp(&key, file, &tmp).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
-        .map_err(|e| Status::internal(format!("cache store: {e}")))??;
+        .map_err(|e| Status::internal(format!("cache store: {e}")))?
+        .inspect_err(|_| self.shared.metrics.cache_put("refused"))?;
         let published = matches!(stored, PutOutcome::Published { .. });
+        self.shared.metrics.cache_put(if published { "published" } else { "present" });
+        if published {
+            self.shared.metrics.cache_bytes("written", header.size);
+        }
         tracing::debug!(%key, published, "shared cache entry");
         Ok(Response::new(v1::CachePutResponse { published }))
     }

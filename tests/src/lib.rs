@@ -126,6 +126,8 @@ pub struct Daemon {
     /// The address it printed on its `listening on ADDR` line.
     pub addr: String,
     pub log: PathBuf,
+    /// Every stdout line after the first (kept reading, so a later line never meets a closed pipe).
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Daemon {
@@ -135,10 +137,18 @@ impl Daemon {
         let mut child = cmd.stdout(Stdio::piped()).stderr(log_file).spawn().expect("daemon starts");
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = std::sync::mpsc::channel();
+        let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = std::sync::Arc::clone(&later);
         std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
             let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = reader.read_line(&mut line);
             let _ = tx.send(line);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                lines.lock().unwrap_or_else(|p| p.into_inner()).push(line.trim_end().to_owned());
+                line.clear();
+            }
         });
         let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
@@ -149,7 +159,21 @@ impl Daemon {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         };
-        Daemon { addr: addr.to_owned(), child, log }
+        Daemon { addr: addr.to_owned(), child, log, stdout: later }
+    }
+
+    /// The address of its `http on ADDR` line (printed right after `listening on` when started
+    /// with `--http`), waiting for it up to 10 s.
+    pub fn http_addr(&self) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let lines = self.stdout.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(addr) = lines.iter().find_map(|l| l.strip_prefix("http on ")) {
+                return addr.to_owned();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no 'http on' line: {lines:?}\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn url(&self) -> String {

@@ -16,6 +16,7 @@
 //! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
 //! | non-loopback without TLS | `insecure` | — | `false` |
+//! | HTTP address for `/metrics` | `http` | `FERRY_HTTP` / `--http` | off |
 //!
 //! Clients present job grants from the scheduler, not tokens: a `[[tokens]]` section (accepted
 //! before grants existed) is refused with that explanation.
@@ -48,6 +49,8 @@ pub struct WorkerConfig {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
+    /// Where to serve `/metrics` (`--http`); None: not at all.
+    pub http: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +71,7 @@ struct FileConfig {
     /// No longer used (see the module docs); present only to refuse it clearly.
     tokens: Option<toml::Value>,
     insecure: Option<bool>,
+    http: Option<String>,
     #[serde(default)]
     sandbox: SandboxSection,
 }
@@ -96,6 +100,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub slots: Option<u32>,
     pub data_dir: Option<PathBuf>,
+    pub http: Option<String>,
 }
 
 impl WorkerConfig {
@@ -108,6 +113,8 @@ impl WorkerConfig {
             .or_else(|| env("FERRY_SCHEDULER"))
             .or(parsed.scheduler)
             .context("no scheduler: pass --scheduler URL (or set FERRY_SCHEDULER, or 'scheduler' in the config)")?;
+        // `host:port`, as the scheduler prints its address, means http://.
+        let scheduler = if scheduler.contains("://") { scheduler } else { format!("http://{scheduler}") };
         if !(scheduler.starts_with("http://") || scheduler.starts_with("https://")) {
             anyhow::bail!("scheduler URL '{scheduler}' must start with http:// or https://");
         }
@@ -170,6 +177,7 @@ impl WorkerConfig {
             tls,
             insecure: parsed.insecure.unwrap_or(false),
             sandbox,
+            http: flags.http.or_else(|| env("FERRY_HTTP")).or(parsed.http),
         })
     }
 }

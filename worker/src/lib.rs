@@ -7,6 +7,7 @@ mod beneath;
 mod blobs;
 mod check;
 mod config;
+mod http;
 mod observe;
 mod publish;
 mod sandbox;

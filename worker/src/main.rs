@@ -24,6 +24,9 @@ struct Args {
     /// Where blobs, toolchains and job directories live (default ~/.local/share/ferry-worker)
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics on this address (off by default)
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,8 +37,13 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let flags =
-        Overrides { scheduler: args.scheduler, listen: args.listen, slots: args.slots, data_dir: args.data_dir };
+    let flags = Overrides {
+        scheduler: args.scheduler,
+        listen: args.listen,
+        slots: args.slots,
+        data_dir: args.data_dir,
+        http: args.http,
+    };
     let config = WorkerConfig::load(args.config.as_deref(), flags)?;
     // A worker that cannot run jobs must not register: every job sent to it would fail.
     let report = match ferry_worker::self_check(&config.sandbox, &config.data_dir) {

@@ -67,11 +67,23 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         ended: Mutex::new(Vec::new()),
         job_ended: tokio::sync::Notify::new(),
         publisher: publisher(&config, token.clone()),
+        metrics: crate::http::Metrics::default(),
     });
     let identity = session::Identity {
         id: worker_id,
         address: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
         slots: config.slots,
+    };
+    // `http on ADDR` right after `listening on ADDR`, for whoever waits for both.
+    let http = match &config.http {
+        Some(http) => {
+            let listener = ferry_proto::http::bind(http).await?;
+            println!("http on {}", listener.local_addr()?);
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let router = crate::http::router(Arc::clone(&shared), config.slots);
+            Some(tokio::spawn(ferry_proto::http::serve(listener, router, shutdown.clone())))
+        }
+        None => None,
     };
     let session = tokio::spawn(session::run(connect, token, identity, Arc::clone(&shared), shutdown.clone()));
     let stopping = Arc::clone(&shared);
@@ -96,6 +108,9 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         .await;
     shutdown.cancel();
     let _ = session.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     if served.is_ok() {
         stopping.blobs.close();
     }

@@ -76,6 +76,7 @@ pub(crate) struct Shared {
     pub job_ended: tokio::sync::Notify,
     /// Publishes successful jobs' results to the shared cache tier (None: `shared_cache = off`).
     pub publisher: Option<crate::publish::Publisher>,
+    pub metrics: crate::http::Metrics,
 }
 
 impl std::fmt::Debug for Service {
@@ -144,6 +145,7 @@ impl WorkerApi for Service {
                 return Err(Status::resource_exhausted(format!("a blob may be at most {MAX_BLOB_BYTES} bytes")));
             }
             blob.write(&chunk.data).map_err(|e| Status::internal(format!("storing blob: {e}")))?;
+            self.shared.metrics.blob_bytes(chunk.data.len() as u64);
             if chunk.last {
                 let blob = current.take().expect("current blob");
                 self.shared.blobs.finish(blob).map_err(Status::invalid_argument)?;
@@ -163,6 +165,7 @@ impl WorkerApi for Service {
             Err((status, infrastructure)) => {
                 // The scheduler frees the job's slot at once (and counts a worker's own failure).
                 let error = if infrastructure { status.message().to_owned() } else { String::new() };
+                self.shared.metrics.job(if infrastructure { "error" } else { "refused" }, None);
                 self.shared.ended.lock().unwrap_or_else(|p| p.into_inner()).push(v1::JobEnded {
                     job_id: grant.job_id,
                     ok: !infrastructure,
@@ -211,13 +214,15 @@ impl Service {
         let (tx, rx) = mpsc::channel::<Result<v1::JobEvent, Status>>(64);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let error = match run_blocking(&shared, &job, &lease.dir, tx) {
-                Ok(()) | Err(JobFailure::ClientGone) => String::new(),
+            let (outcome, error) = match run_blocking(&shared, &job, &lease.dir, tx) {
+                Ok(outcome) => (outcome, String::new()),
+                Err(JobFailure::ClientGone) => ("client-gone", String::new()),
                 Err(JobFailure::Infrastructure(error)) => {
                     tracing::warn!(job = job.id, %error, "a job could not run");
-                    error
+                    ("error", error)
                 }
             };
+            shared.metrics.job(outcome, Some(started.elapsed().as_secs_f64()));
             drop(lease);
             drop(permit);
             shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
@@ -304,7 +309,7 @@ fn run_blocking(
     job: &Job,
     toolchain: &Path,
     tx: mpsc::Sender<Result<v1::JobEvent, Status>>,
-) -> Result<(), JobFailure> {
+) -> Result<&'static str, JobFailure> {
     let send = |kind| tx.blocking_send(Ok(v1::JobEvent { kind: Some(kind) })).map_err(|_| ());
     let fail = |msg: String| {
         let _ = tx.blocking_send(Err(Status::internal(msg.clone())));
@@ -485,7 +490,12 @@ fn run_blocking(
         cleanup_ms = (clock.elapsed() - ran).as_millis() as u64,
         "job done"
     );
-    if streaming_ok { Ok(()) } else { Err(JobFailure::ClientGone) }
+    let outcome = match (outcome.exit_code, outcome.limit) {
+        (_, Some(_)) => "limit",
+        (Some(0), None) => "succeeded",
+        _ => "failed",
+    };
+    if streaming_ok { Ok(outcome) } else { Err(JobFailure::ClientGone) }
 }
 
 /// Streams one declared output and returns its bytes; a missing one is simply not sent (the

@@ -915,6 +915,150 @@ fn projects_and_toolchains_under_var_and_usr_local_distribute() {
     }
 }
 
+/// `--http` on both daemons (here `http` in their config files): Prometheus metrics scraped while a
+/// build runs and after it show allocations, jobs, shared-tier traffic and the scheduler's
+/// "compile locally" answers by reason; the status page renders in a real headless Chromium and
+/// lists the worker (its screenshot is kept in `target/test-artifacts/`).
+#[test]
+fn metrics_and_the_status_page_show_the_cluster_at_work() {
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        scheduler_toml: "http = \"127.0.0.1:0\"\n",
+        worker_toml: "http = \"127.0.0.1:0\"\n",
+        ..Setup::default()
+    });
+    let (scheduler, worker) = (c.scheduler.http_addr(), c.workers[0].http_addr());
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+
+    // Scraped every 100 ms while the build runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = {
+        let (stop, scheduler, worker) = (stop.clone(), scheduler.clone(), worker.clone());
+        std::thread::spawn(move || {
+            let mut scrapes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                scrapes.push((http_get(&scheduler, "/metrics"), http_get(&worker, "/metrics")));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            scrapes
+        })
+    };
+    let s = build_as(&mut c, "first", &ws);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.join().expect("scraper");
+    assert_no_fallbacks(&s);
+    assert!(scrapes.len() >= 2, "{} scrapes during the build", scrapes.len());
+    let assigned = r#"ferry_scheduler_allocations_total{result="assigned"}"#;
+    let seen: Vec<f64> = scrapes.iter().map(|(s, _)| metric(s, assigned)).collect();
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "a counter went down: {seen:?}");
+    let busy = scrapes.iter().map(|(s, _)| metric(s, r#"ferry_scheduler_slots{state="busy"}"#)).fold(0.0, f64::max);
+    let running = scrapes.iter().map(|(s, _)| metric(s, "ferry_scheduler_jobs_running")).fold(0.0, f64::max);
+    eprintln!("during the build: {} scrapes, at most {busy} slots busy, {running} jobs running", scrapes.len());
+
+    let rlibs = RLIBS.len() as f64;
+    let after = http_get(&scheduler, "/metrics");
+    for (name, at_least) in [
+        (assigned, rlibs),
+        (r#"ferry_scheduler_jobs_total{outcome="done"}"#, rlibs),
+        (r#"ferry_scheduler_workers{state="registered"}"#, 1.0),
+        (r#"ferry_scheduler_slots{state="total"}"#, 2.0),
+        ("ferry_scheduler_allocation_seconds_count", rlibs),
+        ("ferry_toolchains", 1.0),
+    ] {
+        assert!(metric(&after, name) >= at_least, "{name} < {at_least}:\n{after}");
+    }
+    let from_worker = http_get(&worker, "/metrics");
+    assert!(metric(&from_worker, r#"ferry_worker_jobs_total{outcome="succeeded"}"#) >= rlibs, "{from_worker}");
+    assert!(metric(&from_worker, "ferry_worker_job_seconds_count") >= rlibs, "{from_worker}");
+    assert_eq!(metric(&from_worker, r#"ferry_worker_slots{state="total"}"#), 2.0, "{from_worker}");
+    assert!(metric(&from_worker, "ferry_worker_blob_bytes_total") > 0.0, "{from_worker}");
+    wait_until(Duration::from_secs(30), "the worker's results are published", || {
+        let text = http_get(&scheduler, "/metrics");
+        (metric(&text, r#"ferry_shared_cache_puts_total{result="published"}"#) >= rlibs).then_some(())
+    });
+
+    // A second machine: its hits are the tier's.
+    let s = build_as(&mut c, "second", &ws);
+    assert_eq!(n(&s, "/hits_remote"), UNITS, "{s:#}");
+    let after = http_get(&scheduler, "/metrics");
+    assert!(metric(&after, r#"ferry_shared_cache_gets_total{result="hit"}"#) >= UNITS as f64, "{after}");
+    assert!(metric(&after, r#"ferry_shared_cache_bytes_total{direction="read"}"#) > 0.0, "{after}");
+
+    // The status page, rendered by a real browser.
+    let id = c.worker_id(0);
+    let url = format!("http://{scheduler}/");
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom", &url]).stdout).into_owned();
+    assert!(dom.contains("<h1>ferry scheduler</h1>") && dom.contains("id=\"workers\""), "{dom}");
+    let row = dom.lines().find(|l| l.contains("class=\"worker\"")).unwrap_or_else(|| panic!("no worker row: {dom}"));
+    assert!(
+        row.contains(&format!("<td>{id}</td>")) && row.contains(&format!("<td>{}</td>", c.workers[0].addr)),
+        "{row}"
+    );
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    fs::create_dir_all(&artifacts).expect("mkdir");
+    let shot = artifacts.join("status-page.png");
+    let _ = fs::remove_file(&shot);
+    chromium(&[&format!("--screenshot={}", shot.display()), "--window-size=1280,900", &url]);
+    let png = fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+
+    // No worker: the scheduler's "compile locally" answers, by reason.
+    c.workers[0].kill();
+    c.status_until("the worker is gone", |s| workers_of(s).is_empty());
+    c.world.set("FERRY_SHARED_CACHE", "off");
+    let s = build_as(&mut c, "alone", &ws);
+    assert!(n(&s, "/fallbacks/no-workers") >= 1, "{s:#}");
+    let after = http_get(&scheduler, "/metrics");
+    assert!(metric(&after, r#"ferry_scheduler_allocations_total{result="no-workers"}"#) >= 1.0, "{after}");
+}
+
+/// `GET path` over HTTP/1.1 from `addr`: the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample `name` (with its labels) in Prometheus text; 0 when absent.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Headless Chromium (the Debian package) with `args`, bounded.
+fn chromium(args: &[&str]) -> Output {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let program = std::env::split_paths(&path).map(|d| d.join("chromium")).find(|p| p.is_file());
+    let program = program.expect("chromium is not installed: apt-get install -y chromium (scripts/test does as root)");
+    let mut cmd = Command::new(program);
+    cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]).args(args);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("chromium starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        // SAFETY: kill(2) on the child's pid, which has not been waited for (its waiter is still running).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("chromium did not finish within 60 s");
+    };
+    let out = out.expect("chromium's output");
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
 /// Also: a `FERRY_SCHEDULER` without a scheme distributes.
 #[test]
 fn sources_under_a_nested_target_directory_reach_the_worker() {
