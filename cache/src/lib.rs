@@ -13,6 +13,7 @@
 mod disk;
 mod entry;
 mod key;
+mod memcached;
 mod output;
 mod redis;
 pub mod rustc;
@@ -22,6 +23,7 @@ mod store;
 pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, parse_size};
 pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, check_stream, seal, split_seal, unseal};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
+pub use memcached::{CHUNK as MEMCACHED_CHUNK, MemcachedStore, parse_memcached_url};
 pub use output::{CompileOutput, OutputFile};
 pub use redis::{RedisStore, RedisUrl, redis_key};
 pub use sealed::{Sealed, read_key_file};

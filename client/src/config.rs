@@ -18,7 +18,7 @@
 //! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
 //! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
 //! | cluster backoff    | `cluster.backoff_secs` | `FERRY_CLUSTER_BACKOFF` | `10` (seconds)       |
-//! | shared cache tier  | `cache.shared`    | `FERRY_SHARED_CACHE`  | the scheduler's cache when a scheduler is set; `off`, or `redis://[user:pw@]host[:port][/db]` |
+//! | shared cache tier  | `cache.shared`    | `FERRY_SHARED_CACHE`  | the scheduler's cache when a scheduler is set; `off`, `redis://[user:pw@]host[:port][/db]` or `memcached://host:port[,host:port…]` |
 //! | shared tier bypass after an error or a slow answer | `cache.shared_backoff_secs` | `FERRY_SHARED_BACKOFF` | `30` (seconds) |
 //! | shared tier deadline per call | `cache.shared_timeout_ms` | `FERRY_SHARED_TIMEOUT_MS` | `2000` |
 //! | base directories (paths in keys relative to them) | `cache.basedirs` | `FERRY_BASEDIRS` (`:`-separated) | none |
@@ -135,7 +135,9 @@ impl Config {
         let mut shared =
             s.value(Some("FERRY_SHARED_CACHE"), "cache.shared", default_shared, default_text, |raw| match raw.text() {
                 Some(text) => SharedTierSpec::parse(text),
-                None => Err(format!("expected 'scheduler', 'off' or a redis:// URL, got {}", raw.shown())),
+                None => {
+                    Err(format!("expected 'scheduler', 'off', a redis:// or a memcached:// URL, got {}", raw.shown()))
+                }
             });
         if shared == SharedTierSpec::Scheduler && scheduler.is_none() {
             s.problems.push("the shared cache is 'scheduler' but no scheduler is set; the shared tier is off".into());

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferry_cache::{CacheKey, Entry, Error as CacheError, PutOutcome, RedisStore, Store};
+use ferry_cache::{CacheKey, Entry, Error as CacheError, MemcachedStore, PutOutcome, RedisStore, Store};
 use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor};
 
 use crate::config::Config;
@@ -48,6 +48,9 @@ impl SharedTier {
         let opened = match &config.shared {
             SharedTierSpec::Off => return None,
             SharedTierSpec::Redis(url) => RedisStore::new(url, config.shared_timeout)
+                .map(|s| Box::new(s) as Box<dyn Store>)
+                .map_err(|e| ("misconfigured", e)),
+            SharedTierSpec::Memcached(url) => MemcachedStore::new(url, config.shared_timeout)
                 .map(|s| Box::new(s) as Box<dyn Store>)
                 .map_err(|e| ("misconfigured", e)),
             SharedTierSpec::Scheduler => connect(config),

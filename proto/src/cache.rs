@@ -49,10 +49,12 @@ pub enum SharedTierSpec {
     Scheduler,
     /// `redis://[user:password@]host[:port][/db]`
     Redis(String),
+    /// `memcached://host:port[,host:port…]`
+    Memcached(String),
 }
 
 impl SharedTierSpec {
-    /// `off`, `scheduler` or a valid `redis://` URL; Err is a sentence for the user.
+    /// `off`, `scheduler`, or a valid `redis://` or `memcached://` URL; Err is a sentence for the user.
     pub fn parse(text: &str) -> Result<SharedTierSpec, String> {
         match text {
             "off" => Ok(SharedTierSpec::Off),
@@ -61,7 +63,11 @@ impl SharedTierSpec {
                 ferry_cache::RedisUrl::parse(url)?;
                 Ok(SharedTierSpec::Redis(url.to_owned()))
             }
-            other => Err(format!("'{other}' is not 'scheduler', 'off' or a redis:// URL")),
+            url if url.starts_with("memcached://") => {
+                ferry_cache::parse_memcached_url(url)?;
+                Ok(SharedTierSpec::Memcached(url.to_owned()))
+            }
+            other => Err(format!("'{other}' is not 'scheduler', 'off', a redis:// or a memcached:// URL")),
         }
     }
 }

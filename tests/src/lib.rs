@@ -3,7 +3,7 @@
 //! Everything runs for real: the installed rustc, cargo, processes on loopback.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -296,4 +296,144 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A real `memcached` on a loopback port (64 MiB, the default 1 MiB item size), killed when dropped.
+#[derive(Debug)]
+pub struct Memcached {
+    child: Child,
+    pub port: u16,
+}
+
+impl Memcached {
+    /// Starts one (bounded retries: the free port is picked just before it binds).
+    pub fn start() -> Memcached {
+        for _ in 0..5 {
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let mut child = Command::new("memcached")
+                .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-m", "64", "-u", "nobody"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("memcached runs (scripts/test installs it)");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if memcached_command(port, "version\r\n").starts_with("VERSION") {
+                    return Memcached { child, port };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("memcached did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("memcached://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends `text` and reads until the answer's last line (`END`, `OK`, a status line); "" when
+    /// the server cannot be reached.
+    pub fn command(&self, text: &str) -> String {
+        memcached_command(self.port, text)
+    }
+
+    /// Every key the server holds (`lru_crawler metadump all`, which URL-encodes them).
+    pub fn keys(&self) -> Vec<String> {
+        self.command("lru_crawler metadump all\r\n")
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("key=").map(|rest| percent_decode(rest.split(' ').next().unwrap_or_default()))
+            })
+            .collect()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        stream.write_all(format!("get {key}\r\n").as_bytes()).ok()?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).ok()?;
+        let size: usize = line.trim_end().rsplit(' ').next()?.parse().ok()?;
+        let mut value = vec![0u8; size + 2];
+        std::io::Read::read_exact(&mut reader, &mut value).ok()?;
+        value.truncate(size);
+        Some(value)
+    }
+
+    /// Sets `key` to `value`.
+    pub fn set(&self, key: &str, value: &[u8]) {
+        let mut text = format!("set {key} 0 0 {}\r\n", value.len()).into_bytes();
+        text.extend_from_slice(value);
+        text.extend_from_slice(b"\r\n");
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("memcached");
+        stream.write_all(&text).expect("set");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("answer");
+        assert_eq!(line, "STORED\r\n", "set {key}");
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn memcached_command(port: u16, text: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    if stream.write_all(text.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        answer.push_str(&line);
+        let done = ["END\r\n", "OK\r\n", "STORED\r\n", "NOT_STORED\r\n", "DELETED\r\n", "NOT_FOUND\r\n"];
+        if line.starts_with("VERSION")
+            || line.starts_with("ERROR")
+            || line.contains("_ERROR")
+            || done.contains(&line.as_str())
+        {
+            break;
+        }
+    }
+    answer
+}
+
+/// `%XX` escapes decoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

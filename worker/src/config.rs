@@ -11,7 +11,7 @@
 //! | data directory | `data_dir` | `FERRY_DATA_DIR` / `--data-dir` | `~/.local/share/ferry-worker` |
 //! | token for the scheduler | `token` | `FERRY_TOKEN` | none |
 //! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
-//! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, or `redis://[user:pw@]host[:port][/db]` |
+//! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, `redis://[user:pw@]host[:port][/db]` or `memcached://host:port[,host:port…]` |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
 //! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |

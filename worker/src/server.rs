@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_cache::{RedisStore, Store};
+use ferry_cache::{MemcachedStore, RedisStore, Store};
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::worker_server::WorkerServer;
 use ferry_proto::{RemoteCache, SharedTierSpec, TokenInterceptor, check_exposure, to_digest};
@@ -150,6 +150,9 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
         SharedTierSpec::Off => None,
         SharedTierSpec::Redis(redis) => {
             Some(Publisher::start(move || RedisStore::new(&redis, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
+        }
+        SharedTierSpec::Memcached(url) => {
+            Some(Publisher::start(move || MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
         }
         SharedTierSpec::Scheduler => Some(Publisher::start(move || {
             let runtime = std::sync::Arc::new(

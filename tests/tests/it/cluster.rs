@@ -712,6 +712,72 @@ fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
 
 /// With every shared entry damaged: a client with an empty cache reports corruption, promotes
 /// nothing, and builds the right outputs; its own cache then replays them correctly.
+/// memcached as the shared tier (one real `memcached`, started here): a second machine hits every
+/// unit with byte-identical outputs; an entry of several MB goes in as chunks and comes back whole;
+/// every item damaged in place (a byte flipped) is refused by its digest and healed.
+#[test]
+fn memcached_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
+    let memcached = ferry_tests::Memcached::start();
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        env: vec![("FERRY_SHARED_CACHE", memcached.url())],
+        ..Setup::default()
+    });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+    assert_eq!(n(&build_as(&mut c, "first", &ws), "/compiled_remote"), RLIBS.len() as u64);
+    assert_eq!(scheduler_entries(&c).len(), 0, "the scheduler's own tier was used");
+    wait_until(Duration::from_secs(30), "the worker publishes every library", || {
+        (memcached.keys().iter().filter(|k| k.starts_with("ferry:v1:")).count() >= 2 * RLIBS.len()).then_some(())
+    });
+
+    let s = build_as(&mut c, "second", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+
+    // An entry of 5 MB: five chunks and a head, whole again on the way back.
+    let store = ferry_cache::MemcachedStore::new(&memcached.url(), Duration::from_secs(5)).expect("store");
+    let mut content = vec![0u8; 5 << 20];
+    blake3::Hasher::new().update(b"big").finalize_xof().fill(&mut content);
+    let key = ferry_cache::CacheKey(*blake3::hash(b"a big entry").as_bytes());
+    let output = ferry_cache::CompileOutput {
+        files: vec![ferry_cache::OutputFile {
+            path: "/big.rlib".into(),
+            executable: false,
+            bytes: content.clone().into(),
+        }],
+        ..Default::default()
+    };
+    let entry = ferry_cache::Entry::encode_result(key, [1; 32], &output);
+    use ferry_cache::Store;
+    assert_eq!(
+        store.put_encoded(&key, &entry).expect("put"),
+        ferry_cache::PutOutcome::Published { bytes: entry.len() as u64 }
+    );
+    let chunks = memcached.keys().into_iter().filter(|k| k.starts_with(&format!("ferry:v1:{key}:"))).count();
+    assert_eq!(chunks, entry.len().div_ceil(ferry_cache::MEMCACHED_CHUNK), "chunks of the big entry");
+    let back = store.get(&key).expect("get").expect("the big entry");
+    let back = ferry_cache::CompileOutput::decode(&back.payload).expect("a compile result");
+    assert!(back.files[0].bytes[..] == content[..], "the big entry came back changed");
+    assert_eq!(store.put_encoded(&key, &entry).expect("put"), ferry_cache::PutOutcome::AlreadyPresent);
+
+    // Damage every item in place (same length).
+    let keys: Vec<String> = memcached.keys().into_iter().filter(|k| k.starts_with("ferry:")).collect();
+    assert!(keys.len() as u64 >= 2 * UNITS, "{keys:?}");
+    for key in &keys {
+        let mut value = memcached.get(key).expect("value");
+        let middle = value.len() / 2;
+        value[middle] ^= 0x5a;
+        memcached.set(key, &value);
+    }
+    let damaged = store.get(&key);
+    assert!(matches!(damaged, Err(ferry_cache::Error::Corrupt { .. })), "the damaged big entry: {damaged:?}");
+    assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+}
+
 fn assert_corrupt_tier_is_harmless(c: &mut Cluster, ws: &Path, expected: &BTreeMap<String, blake3::Hash>) {
     let s = build_as(c, "after-damage", ws);
     assert!(n(&s, "/corrupt_entries") >= 1 && n(&s, "/shared_errors/corrupt-entry") >= 1, "{s:#}");
