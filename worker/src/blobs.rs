@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Present while a worker has the store open (see [`BlobStore::open`]).
 const OPEN_MARKER: &str = "open";
+/// Where the blobs found after an unclean stop wait for their first use (see [`BlobStore::open`]).
+const UNVERIFIED: &str = "unverified";
 
 #[derive(Debug)]
 pub struct BlobStore {
@@ -31,9 +33,12 @@ pub struct IncomingBlob {
 
 impl BlobStore {
     /// Opens the store for this worker process. Blobs are not fsynced (one fsync per input file
-    /// was most of a job's upload time): instead the store is marked open until [`BlobStore::close`],
-    /// and a store found still marked open — its last worker died, perhaps with the machine, whose
-    /// crash can leave a linked blob with missing content — starts empty.
+    /// was most of a job's upload time): instead the store is marked open until [`BlobStore::close`].
+    /// A store found still marked open — its last worker died, perhaps with the machine, whose
+    /// crash can leave a linked blob with missing content — keeps its blobs, but as unverified:
+    /// they move under `unverified/`, and each is checked against its digest the first time a job
+    /// needs it ([`BlobStore::has`]), moved back when it holds, removed when it does not. So a
+    /// killed worker's clients do not send everything again, and a torn blob never reaches a job.
     pub fn open(data_dir: &Path) -> std::io::Result<BlobStore> {
         let dir = data_dir.join("blobs");
         fs::create_dir_all(dir.join("tmp"))?;
@@ -42,12 +47,8 @@ impl BlobStore {
         }
         let marker = dir.join(OPEN_MARKER);
         if marker.exists() {
-            tracing::info!(dir = %dir.display(), "the blob store was not closed cleanly: emptying it");
-            for shard in fs::read_dir(&dir)?.flatten() {
-                if shard.file_type().is_ok_and(|t| t.is_dir()) && shard.file_name() != "tmp" {
-                    fs::remove_dir_all(shard.path())?;
-                }
-            }
+            let moved = set_aside(&dir)?;
+            tracing::info!(dir = %dir.display(), blobs = moved, "the blob store was not closed cleanly: its blobs are checked on first use");
         }
         File::create(&marker)?.sync_all()?;
         File::open(&dir)?.sync_all()?;
@@ -73,8 +74,32 @@ impl BlobStore {
         self.dir.join(&hex[..2]).join(hex)
     }
 
+    /// Whether the blob is here, verified: one set aside after an unclean stop is hashed now
+    /// (once) and taken back only when its content is its digest.
     pub fn has(&self, digest: &[u8; 32]) -> bool {
-        self.path(digest).is_file()
+        let path = self.path(digest);
+        if path.is_file() {
+            return true;
+        }
+        let hex = hex(digest);
+        let suspect = self.dir.join(UNVERIFIED).join(&hex[..2]).join(&hex);
+        if !suspect.is_file() {
+            return false;
+        }
+        let _ = fs::remove_file(suspect.with_extension("x"));
+        let holds = hash_file(&suspect).is_ok_and(|d| d == *digest);
+        if holds {
+            let _ = fs::create_dir_all(path.parent().expect("sharded"));
+            match fs::hard_link(&suspect, &path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(_) => return false,
+            }
+        } else {
+            tracing::warn!(blob = %hex, "a blob kept over an unclean stop does not match its digest: removed");
+        }
+        let _ = fs::remove_file(&suspect);
+        holds
     }
 
     pub fn begin(&self, digest: [u8; 32]) -> std::io::Result<IncomingBlob> {
@@ -172,6 +197,40 @@ impl Drop for IncomingBlob {
     }
 }
 
+/// Moves every verified shard under `unverified/` (merging with what an earlier unclean stop left
+/// there); returns how many blobs were moved. Executable twins are dropped (remade on use).
+fn set_aside(dir: &Path) -> std::io::Result<u64> {
+    let aside = dir.join(UNVERIFIED);
+    fs::create_dir_all(&aside)?;
+    let mut moved = 0;
+    for shard in fs::read_dir(dir)?.flatten() {
+        let name = shard.file_name();
+        if !shard.file_type().is_ok_and(|t| t.is_dir()) || name == "tmp" || name == UNVERIFIED {
+            continue;
+        }
+        let target = aside.join(&name);
+        fs::create_dir_all(&target)?;
+        for blob in fs::read_dir(shard.path())?.flatten() {
+            let from = blob.path();
+            if from.extension().is_some_and(|e| e == "x") {
+                let _ = fs::remove_file(&from);
+                continue;
+            }
+            fs::rename(&from, target.join(blob.file_name()))?;
+            moved += 1;
+        }
+        fs::remove_dir(shard.path())?;
+    }
+    Ok(moved)
+}
+
+/// blake3 of a file, read in 1 MiB pieces.
+fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(*hasher.finalize().as_bytes())
+}
+
 pub fn hex(d: &[u8; 32]) -> String {
     blake3::Hash::from_bytes(*d).to_hex().to_string()
 }
@@ -209,20 +268,34 @@ mod tests {
     }
 
     #[test]
-    fn a_store_not_closed_cleanly_starts_empty() {
+    fn a_store_not_closed_cleanly_keeps_its_blobs_until_they_fail_their_check() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let kept = put(&store, b"kept");
         store.close();
         let store = BlobStore::open(dir.path()).unwrap();
         assert!(store.has(&kept), "a clean close keeps the blobs");
-        let dropped = put(&store, b"dropped");
-        drop(store); // no close: the worker died
+        let intact = put(&store, b"intact");
+        let torn = put(&store, b"torn by a crash");
+        store.materialize(&intact, &dir.path().join("job/x.so"), true, true).unwrap();
+        drop(store); // no close: the worker died, perhaps with its machine
         let store = BlobStore::open(dir.path()).unwrap();
-        assert!(!store.has(&kept) && !store.has(&dropped));
+        // What the crash did to one of them (content lost after its link was made).
+        let torn_path = dir.path().join("blobs/unverified").join(&hex(&torn)[..2]).join(hex(&torn));
+        fs::set_permissions(&torn_path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&torn_path, vec![0u8; 15]).unwrap();
+        assert!(!store.path(&kept).exists(), "set aside until first use");
+        assert!(store.has(&kept) && store.has(&intact), "intact blobs are taken back on first use");
+        assert!(store.path(&kept).is_file());
+        assert!(!store.has(&torn), "a torn blob is not served");
+        assert!(!torn_path.exists(), "and is removed");
+        store.materialize(&intact, &dir.path().join("job2/x.so"), true, true).unwrap();
+        assert_eq!(fs::read(dir.path().join("job2/x.so")).unwrap(), b"intact", "its twin is made again");
+        let again = put(&store, b"torn by a crash");
+        assert_eq!(again, torn);
+        assert!(store.has(&torn), "sent again, stored again");
         assert!(dir.path().join("blobs/tmp").is_dir());
-        let again = put(&store, b"again");
-        assert!(store.has(&again));
     }
 
     #[test]

@@ -112,7 +112,13 @@ impl WorkerApi for Service {
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
         granted(&request)?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
-        let missing = wanted.iter().filter(|d| !self.shared.blobs.has(d)).map(|d| to_digest(*d)).collect();
+        // Off the async threads: a blob kept over an unclean stop is hashed on its first lookup.
+        let shared = Arc::clone(&self.shared);
+        let missing = tokio::task::spawn_blocking(move || {
+            wanted.iter().filter(|d| !shared.blobs.has(d)).map(|d| to_digest(*d)).collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?;
         Ok(Response::new(v1::FindMissingResponse { missing }))
     }
 

@@ -1125,6 +1125,38 @@ fn chromium(args: &[&str]) -> Output {
     out
 }
 
+/// A worker killed (SIGKILL: no clean stop, its blob store still marked open) and started again
+/// on its data directory keeps its input blobs: each is checked against its digest on first use,
+/// and the next build's jobs send none of them again.
+#[test]
+fn a_killed_worker_keeps_its_blobs_and_checks_them_on_first_use() {
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    c.world.set("FERRY_SHARED_CACHE", "off");
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let s = build_as(&mut c, "first", &ws);
+    assert_eq!(n(&s, "/compiled_remote"), RLIBS.len() as u64, "{s:#}");
+    assert!(n(&s, "/bytes_sent") > 0, "{s:#}");
+
+    c.workers[0].kill();
+    c.status_until("the killed worker is gone", |s| workers_of(s).is_empty());
+    let blobs = c.world.path().join("worker0/blobs");
+    assert!(blobs.join("open").exists(), "a killed worker leaves its store marked open");
+    let config = c.world.path().join("worker.toml").display().to_string();
+    let again = c.world.worker("worker0", &c.scheduler.url(), &["--slots", "2", "--config", &config]);
+    c.workers[0] = again;
+    let id = seed_id_if(true);
+    c.status_until("the worker is back", |s| workers_of(s).len() == 1 && has_toolchain(workers_of(s)[0], &id));
+    let set_aside = crate::wrapper::files_under(&blobs.join("unverified")).len();
+    assert!(set_aside >= RLIBS.len(), "{set_aside} blobs set aside for checking");
+
+    let s = build_as(&mut c, "after-the-kill", &ws);
+    assert_no_fallbacks(&s);
+    assert_eq!((n(&s, "/compiled_remote"), n(&s, "/bytes_sent")), (RLIBS.len() as u64, 0), "{s:#}");
+    let left = crate::wrapper::files_under(&blobs.join("unverified")).len();
+    assert!(left < set_aside, "no blob was checked and taken back ({left} of {set_aside} left)");
+}
+
 /// Also: a `FERRY_SCHEDULER` without a scheme distributes.
 #[test]
 fn sources_under_a_nested_target_directory_reach_the_worker() {
