@@ -254,7 +254,9 @@ impl Scheduler {
 
     /// A worker's periodic report renews its lease and updates its unpacked toolchains. With
     /// `running` (the jobs the worker runs now), assignments older than `claim_within` that the
-    /// worker never saw are released: their clients went away.
+    /// worker never saw are released: their clients went away; and jobs it runs that this
+    /// scheduler does not know (it restarted while they ran) are taken on, holding their slots
+    /// until the worker reports their end.
     pub fn report(
         &mut self,
         id: &str,
@@ -286,6 +288,17 @@ impl Scheduler {
                 .collect();
             for job in unclaimed {
                 effects.assigned.extend(self.finish(job, JobOutcome::Released, now)?.assigned);
+            }
+            let unknown: Vec<JobId> = running.iter().filter(|j| !self.jobs.contains_key(j)).copied().collect();
+            if !unknown.is_empty() {
+                self.unindex(id);
+                let worker = self.workers.get_mut(id).expect("checked");
+                for job in unknown {
+                    worker.jobs.insert(job);
+                    worker.busy += 1;
+                    self.jobs.insert(job, RunningJob { worker: id.to_owned(), assigned_at: now });
+                }
+                self.index(id);
             }
         }
         Ok(effects)
@@ -682,6 +695,23 @@ mod tests {
         assert_eq!(effects.assigned.len(), 1);
         assert_eq!(effects.assigned[0].0, w2);
         assert_eq!(effects.assigned[0].1.worker, "v");
+    }
+
+    #[test]
+    fn a_restarted_scheduler_takes_on_the_jobs_workers_report() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Duration::from_secs(10)).starting_jobs_at(1000);
+        s.register(reg("w", 2, &[tc(1)]), now).unwrap();
+        // The worker runs jobs 5 and 6 from before the restart: both slots are taken.
+        s.report("w", None, Some(&[JobId(5), JobId(6)]), Duration::from_secs(30), now).unwrap();
+        assert_eq!((s.status(now).running, s.status(now).workers[0].busy), (2, 2));
+        assert!(matches!(s.allocate("c", tc(1)), Allocation::Queued(_)), "no free slot");
+        // Job 5 ends: its slot serves the waiter.
+        let effects = s
+            .finish_reported("w", JobId(5), JobOutcome::Succeeded { duration: Duration::from_millis(1) }, now)
+            .unwrap();
+        assert_eq!(effects.assigned.len(), 1);
+        assert_eq!(s.status(now).workers[0].busy, 2);
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub enum Limit {
     FileSize,
     Processes,
     WallClock,
+    /// Not a limit: the job's client went away, and the job was killed at once to free its slot.
+    Abandoned,
 }
 
 /// How a job ended. bwrap passes a job's death by signal N on as exit code 128 + N, so such jobs
@@ -200,6 +202,17 @@ pub fn run(
     job: &SandboxJob,
     on_output: &mut dyn FnMut(Stream, &[u8]),
 ) -> Result<SandboxOutcome, SandboxError> {
+    run_until(config, job, on_output, &|| false)
+}
+
+/// [`run`], killing the job as soon as `abandoned` says its client went away (asked at least
+/// every [`ABANDON_CHECK`]); the outcome then has [`Limit::Abandoned`].
+pub fn run_until(
+    config: &SandboxConfig,
+    job: &SandboxJob,
+    on_output: &mut dyn FnMut(Stream, &[u8]),
+    abandoned: &dyn Fn() -> bool,
+) -> Result<SandboxOutcome, SandboxError> {
     let bwrap = find_bwrap(&config.bwrap)?;
     let args = command_line(config, job)?;
     // Only root can switch users; anyone may "switch" to themselves.
@@ -237,7 +250,7 @@ pub fn run(
 
     // A wall clock too long to represent is no wall clock at all.
     let deadline = start.checked_add(config.wall_clock).unwrap_or_else(|| start + Duration::from_secs(1 << 40));
-    let mut watch = Watch::new(deadline);
+    let mut watch = Watch::new(deadline, abandoned);
     let (gate, clues) = pump(&mut process, &mut watch, [stdout, stderr], on_output)?;
     let status = process.reap(&mut watch).map_err(SandboxError::Monitor)?;
     let duration = start.elapsed();
@@ -251,7 +264,9 @@ pub fn run(
     if let Some(message) = gate.finish(exit_code, on_output) {
         return Err(SandboxError::Setup { message });
     }
-    let limit = if watch.killed {
+    let limit = if watch.abandoned {
+        Some(Limit::Abandoned)
+    } else if watch.killed {
         Some(Limit::WallClock)
     } else {
         classify(exit_code, signal, duration, config.cpu_secs, &clues)
@@ -282,6 +297,7 @@ impl fmt::Display for Limit {
             Limit::FileSize => "file size",
             Limit::Processes => "processes",
             Limit::WallClock => "wall-clock time",
+            Limit::Abandoned => "client gone",
         })
     }
 }
@@ -782,22 +798,34 @@ impl Drop for Process {
 }
 
 /// The wall clock: time left before the kill, then a grace period to drain the pipes.
-struct Watch {
+struct Watch<'a> {
     deadline: Instant,
     killed: bool,
+    /// Asked between waits: the job's client is gone.
+    gone: &'a dyn Fn() -> bool,
+    abandoned: bool,
 }
 
-impl Watch {
-    fn new(deadline: Instant) -> Self {
-        Watch { deadline, killed: false }
+/// How often a running job's client is checked for.
+pub const ABANDON_CHECK: Duration = Duration::from_millis(200);
+
+impl<'a> Watch<'a> {
+    fn new(deadline: Instant, gone: &'a dyn Fn() -> bool) -> Self {
+        Watch { deadline, killed: false, gone, abandoned: false }
     }
 
-    /// Time left to wait; kills the process group when the deadline passes (once), and answers
-    /// `None` when the grace period after the kill is over too.
+    /// Time left to wait (at most [`ABANDON_CHECK`]); kills the process group when the deadline
+    /// passes or the client is gone (once), and answers `None` when the grace period after the
+    /// kill is over too.
     fn remaining(&mut self, process: &mut Process) -> Option<Duration> {
         let now = Instant::now();
+        if !self.killed && (self.gone)() {
+            tracing::debug!(pid = process.pid, "the job's client is gone, killing the sandbox");
+            self.abandoned = true;
+            self.deadline = now;
+        }
         if now < self.deadline {
-            return Some(self.deadline - now);
+            return Some((self.deadline - now).min(ABANDON_CHECK));
         }
         if self.killed {
             return None;

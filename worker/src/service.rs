@@ -31,6 +31,10 @@ const CHUNK: usize = 1 << 20;
 /// the worker's disk with one endless stream.
 const MAX_BLOB_BYTES: u64 = 1 << 30;
 const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+/// How long a `RunJob` call may wait for a slot and its toolchain together before it answers:
+/// under the client's 15 s deadline for the call (`CALL_DEADLINE` in the client), so a client
+/// hears "busy" or "fetching" instead of timing out. A toolchain fetch goes on after that.
+pub const START_BUDGET: Duration = Duration::from_secs(10);
 /// The largest output a job may send back (clients refuse more anyway).
 const MAX_OUTPUT_BYTES: u64 = 4 << 30;
 /// Top-level directories a job's files may never be placed in; under `/usr` only `/usr/local`
@@ -201,19 +205,45 @@ impl Service {
                 grant.job_id, job.id
             ))));
         }
+        // Claimed at the first call: the grant is spent whatever happens next. Should the caller
+        // go away while this waits (a slot, the toolchain), its slot is given back at once.
+        self.shared.claim(grant).map_err(refused)?;
+        let mut unclaimed = Abandoned { shared: Arc::clone(&self.shared), job_id: job.id, armed: true };
+        let started = self.prepare_job(job).await;
+        unclaimed.armed = false;
+        started
+    }
+
+    /// The rest of [`Service::start_job`], once the job is claimed.
+    async fn prepare_job(&self, job: Job) -> Result<BoxStream<v1::JobEvent>, (Status, bool)> {
+        let refused = |s: Status| (s, false);
         let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d)).count();
         if missing > 0 {
             let message = format!("{missing} input blobs are missing; upload them first");
             return Err(refused(Status::failed_precondition(message)));
         }
-        self.shared.claim(grant).map_err(refused)?;
+        // The slot wait and the toolchain fetch share START_BUDGET, inside the client's deadline
+        // for this call, so the client hears why rather than timing out.
+        let started = Instant::now();
         let shared = Arc::clone(&self.shared);
-        let permit = Arc::clone(&self.shared).slots_permit().await.map_err(refused)?;
+        let permit = Arc::clone(&self.shared).slots_permit(START_BUDGET).await.map_err(refused)?;
         let id = job.toolchain;
-        let lease = shared
-            .toolchain(id)
-            .await
-            .map_err(|e| (Status::unavailable(format!("toolchain {id}: {e}")), !e.contains("is not stored here")))?;
+        // The fetch runs on its own task: a caller that gives up does not cancel it, and the
+        // jobs after it find the toolchain unpacked.
+        let fetch = {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move { shared.toolchain(id).await })
+        };
+        let left = START_BUDGET.saturating_sub(started.elapsed());
+        let lease = match tokio::time::timeout(left, fetch).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(e)) => return Err((Status::internal(format!("toolchain {id}: fetch task: {e}")), true)),
+            Err(_) => {
+                let message = format!("toolchain {id} is being fetched; it will be here for the next jobs");
+                return Err(refused(Status::unavailable(message)));
+            }
+        }
+        .map_err(|e| (Status::unavailable(format!("toolchain {id}: {e}")), !e.contains("is not stored here")))?;
         if !shared.running.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id) {
             return Err(refused(Status::already_exists(format!("job {} is already running here", job.id))));
         }
@@ -242,6 +272,31 @@ impl Service {
             shared.job_ended.notify_one();
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+/// A claimed job whose `RunJob` call was dropped before the job started (its client went away
+/// while it waited for a slot or its toolchain): reports it refused when dropped armed, so the
+/// scheduler frees its slot at once instead of after the claim timeout.
+struct Abandoned {
+    shared: Arc<Shared>,
+    job_id: u64,
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.metrics.job("client-gone", None);
+            self.shared.ended.lock().unwrap_or_else(|p| p.into_inner()).push(v1::JobEnded {
+                job_id: self.job_id,
+                ok: true,
+                duration_ms: 0,
+                error: String::new(),
+                refused: true,
+            });
+            self.shared.job_ended.notify_one();
+        }
     }
 }
 
@@ -280,10 +335,12 @@ impl Shared {
         self.toolchains.get(id, move |dest| fetch(id, dest)).await.map(|(lease, _)| lease)
     }
 
-    async fn slots_permit(self: Arc<Self>) -> Result<SlotPermit, Status> {
-        let permit = tokio::time::timeout(Duration::from_secs(60), self.slots.acquire())
+    async fn slots_permit(self: Arc<Self>, within: Duration) -> Result<SlotPermit, Status> {
+        let permit = tokio::time::timeout(within, self.slots.acquire())
             .await
-            .map_err(|_| Status::resource_exhausted("every slot of this worker stayed busy for 60 s"))?
+            .map_err(|_| {
+                Status::resource_exhausted(format!("every slot of this worker stayed busy for {} s", within.as_secs()))
+            })?
             .map_err(|_| Status::unavailable("worker is shutting down"))?;
         permit.forget();
         Ok(SlotPermit(self))
@@ -417,19 +474,30 @@ fn run_blocking(
         stderr.extend_from_slice(bytes);
         send(job_event::Kind::Stderr(bytes.to_vec()))
     };
-    let outcome = sandbox::run(&shared.sandbox, &sandbox_job, &mut |stream, data| match stream {
-        sandbox::Stream::Stdout => {
-            stdout.extend_from_slice(data);
-            streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok();
-        }
-        sandbox::Stream::Stderr => {
-            line.extend_from_slice(data);
-            while let Some(pos) = line.iter().position(|&b| b == b'\n') {
-                let complete: Vec<u8> = line.drain(..=pos).collect();
-                streaming_ok &= forward_stderr(&complete, &mut sent, &mut stderr).is_ok();
+    // A client that went away (cargo's Ctrl-C, its deadline) is noticed at once: its job is
+    // killed, and its slot is free.
+    let client_gone = {
+        let tx = tx.clone();
+        move || tx.is_closed()
+    };
+    let outcome = sandbox::run_until(
+        &shared.sandbox,
+        &sandbox_job,
+        &mut |stream, data| match stream {
+            sandbox::Stream::Stdout => {
+                stdout.extend_from_slice(data);
+                streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok();
             }
-        }
-    });
+            sandbox::Stream::Stderr => {
+                line.extend_from_slice(data);
+                while let Some(pos) = line.iter().position(|&b| b == b'\n') {
+                    let complete: Vec<u8> = line.drain(..=pos).collect();
+                    streaming_ok &= forward_stderr(&complete, &mut sent, &mut stderr).is_ok();
+                }
+            }
+        },
+        &client_gone,
+    );
     if !line.is_empty() {
         streaming_ok &= forward_stderr(&line, &mut sent, &mut stderr).is_ok();
     }
@@ -497,6 +565,7 @@ fn run_blocking(
         "job done"
     );
     let outcome = match (outcome.exit_code, outcome.limit) {
+        (_, Some(sandbox::Limit::Abandoned)) => return Err(JobFailure::ClientGone),
         (_, Some(_)) => "limit",
         (Some(0), None) => "succeeded",
         _ => "failed",

@@ -40,6 +40,13 @@ pub struct Lease {
     slot: Arc<Slot>,
 }
 
+impl Slot {
+    /// Whether its unpack finished (its size is known only then; an empty toolchain is not one).
+    fn unpacked(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).bytes > 0
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut s = self.slot.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -68,10 +75,11 @@ impl ToolchainCache {
         Ok(ToolchainCache { dir, max_bytes, entries: Mutex::new(entries) })
     }
 
-    /// The toolchains unpacked here.
+    /// The toolchains unpacked here (completely: one being unpacked is not listed).
     pub fn present(&self) -> Vec<ToolchainId> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ids: Vec<ToolchainId> = entries.keys().filter(|id| self.path(id).is_dir()).copied().collect();
+        let mut ids: Vec<ToolchainId> =
+            entries.iter().filter(|(id, slot)| slot.unpacked() && self.path(id).is_dir()).map(|(id, _)| *id).collect();
         ids.sort();
         ids
     }
@@ -92,9 +100,16 @@ impl ToolchainCache {
         slot.state.lock().unwrap_or_else(|p| p.into_inner()).in_use += 1;
         let lease = Lease { dir: self.path(&id), slot: Arc::clone(&slot) };
         let _guard = slot.unpack.lock().await;
-        if lease.dir.is_dir() {
+        if slot.unpacked() && lease.dir.is_dir() {
             return Ok((lease, false));
         }
+        if lease.dir.exists() {
+            // Left by an unpack that did not finish: never used, started over.
+            make_writable(&lease.dir);
+            let _ = fs::remove_dir_all(&lease.dir);
+        }
+        let started = Instant::now();
+        tracing::info!(toolchain = %id, "fetching and unpacking a toolchain");
         let (tx, reader) = ferry_proto::ChunkReader::channel(16);
         let dest = lease.dir.clone();
         let unpacker = tokio::task::spawn_blocking(move || -> Result<u64, String> {
@@ -112,6 +127,7 @@ impl ToolchainCache {
         // A failed transfer explains a failed unpack better than the unpack's own message.
         fetched?;
         let bytes = unpacked?;
+        tracing::info!(toolchain = %id, bytes, ms = started.elapsed().as_millis() as u64, "toolchain unpacked");
         slot.state.lock().unwrap_or_else(|p| p.into_inner()).bytes = bytes;
         self.evict();
         Ok((lease, true))

@@ -747,6 +747,10 @@ fn client_id() -> String {
 
 fn reason_for(call: Call, s: &tonic::Status) -> Fallback {
     tracing::warn!(?call, code = ?s.code(), message = %s.message(), "cluster call failed");
+    // The worker is still fetching the toolchain (it goes on; the next jobs find it there).
+    if call == Call::RunJob && s.code() == tonic::Code::Unavailable && s.message().contains("is being fetched") {
+        return Fallback::Local(crate::reason::LocalReason::ToolchainFetching);
+    }
     let how = match s.code() {
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => CallFailure::Refused,
         tonic::Code::Unavailable => CallFailure::Unavailable,

@@ -605,6 +605,89 @@ fn concurrent_jobs_with_the_same_id_do_not_share_files() {
     cluster.assert_clean();
 }
 
+// ---- timeouts that agree -----------------------------------------------------------------------
+
+/// A job's first call starts the toolchain's fetch; the caller giving up (its deadline, cargo's
+/// Ctrl-C) does not cancel it: the worker ends up holding the toolchain, completely unpacked, and
+/// the next job finds it there.
+#[test]
+fn a_toolchain_fetch_outlives_the_call_that_started_it() {
+    let cluster = Cluster::new("");
+    let world = &cluster.world;
+    let id = hex(&cluster.toolchain);
+    let holds = |s: &Value| {
+        s["workers"].as_array().is_some_and(|w| {
+            w.iter().any(|w| w["toolchains"].as_array().is_some_and(|t| t.iter().any(|t| t == id.as_str())))
+        })
+    };
+    assert!(!holds(&status(world)), "the worker already holds the toolchain: nothing to fetch");
+    let job = Job::benign(world);
+    cluster.upload_inputs(&job);
+    let (job_id, grant) = cluster.worker.allocate();
+    let request = granted(v1::RunJobRequest { job_id, ..job.request(cluster.toolchain, &cluster.root) }, &grant);
+    let mut client = cluster.worker.client.clone();
+    let gave_up = cluster.worker.rt.block_on(async move {
+        // The call gives up after 100 ms, long before the fetch and unpacking are done...
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), client.run_job(request)).await.is_err();
+        // ...and this runtime, which drives the connection, sends the cancellation.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        gave_up
+    });
+    assert!(gave_up, "the call answered within 100 ms: the fetch was not exercised");
+    let status = world.wait_for_status(Duration::from_secs(120), holds);
+    assert!(holds(&status), "the fetch died with the call: {status:#}");
+    cluster.assert_still_serves();
+}
+
+/// A job whose client goes away (cargo's Ctrl-C, the client's deadline) is killed at once, its
+/// processes with it, and its slot is free: not left to run to the wall clock.
+#[test]
+fn a_job_whose_client_goes_away_is_killed_at_once() {
+    let cluster = Cluster::new("[sandbox]\nwall_clock_secs = 60\n");
+    let world = &cluster.world;
+    cluster.assert_still_serves(); // the toolchain is unpacked
+    let marker = format!("{}", 7_000_000 + std::process::id());
+    let job = Job::attack(
+        world,
+        "abandoned",
+        &r#"let _ = std::process::Command::new("/usr/bin/sleep").arg("@SLEEP@").status();
+        "pub fn never() {}".parse().unwrap()"#
+            .replace("@SLEEP@", &marker),
+    );
+    cluster.upload_inputs(&job);
+    let (job_id, grant) = cluster.worker.allocate();
+    let request = granted(v1::RunJobRequest { job_id, ..job.request(cluster.toolchain, &cluster.root) }, &grant);
+    let mut client = cluster.worker.client.clone();
+    let running = |needle: &str| {
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+    };
+    // The client reads the stream until the job's macro is running, then goes away.
+    let watched = marker.clone();
+    let left_at = cluster.worker.rt.block_on(async move {
+        let events = client.run_job(request).await.expect("RunJob").into_inner();
+        let started = Instant::now();
+        while !running(&watched) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the job never started its sleep");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(events);
+        let left_at = Instant::now();
+        // This runtime drives the connection: it must run for the cancellation to be sent.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        left_at
+    });
+    assert_no_processes_with(&["/usr/bin/sleep", &marker]);
+    cluster.assert_clean();
+    let gone_after = left_at.elapsed();
+    assert!(gone_after < Duration::from_secs(8), "the abandoned job ran on for {gone_after:?}");
+    // Its slot is free: the worker (2 slots) runs two jobs at once right away.
+    cluster.assert_still_serves();
+}
+
 // ---- bad requests to the worker ----------------------------------------------------------------
 
 #[test]
