@@ -85,3 +85,61 @@ pub fn exit(program: &str, result: Result<(), impl std::fmt::Display>) -> std::p
         }
     }
 }
+
+/// Err names what is wrong with a PEM certificate and key pair.
+pub fn check_tls_identity(cert: &[u8], key: &[u8]) -> Result<(), String> {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    if !text(cert).contains("-----BEGIN CERTIFICATE-----") {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    let key_text = text(key);
+    if !(key_text.contains("-----BEGIN") && key_text.contains("PRIVATE KEY-----")) {
+        return Err("the key file holds no PEM private key".into());
+    }
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    match tonic::transport::Server::builder().tls_config(tonic::transport::ServerTlsConfig::new().identity(identity)) {
+        Ok(_) => Ok(()),
+        // tonic's own message is "transport error"; what went wrong is in its sources.
+        Err(e) => {
+            let mut causes = Vec::new();
+            let mut next = std::error::Error::source(&e);
+            while let Some(source) = next {
+                causes.push(source.to_string());
+                next = source.source();
+            }
+            if causes.is_empty() {
+                causes.push(e.to_string());
+            }
+            Err(format!("the certificate and key are not a usable pair: {}", causes.join(": ")))
+        }
+    }
+}
+
+/// Whether `dir` can be the data directory, leaving nothing behind: when it exists, a probe file
+/// is made in it and removed; when it does not, the first missing directory on the way to it is
+/// made and removed (a real start makes the whole path).
+pub fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    use std::io::ErrorKind;
+    let dir = std::path::absolute(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    let mut missing = None;
+    for ancestor in dir.ancestors() {
+        match std::fs::metadata(ancestor) {
+            Ok(meta) if meta.is_dir() => break,
+            Ok(_) => return Err(format!("{} is not a directory", ancestor.display())),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => missing = Some(ancestor),
+            Err(e) => return Err(format!("cannot reach {}: {e}", ancestor.display())),
+        }
+    }
+    match missing {
+        Some(first) => {
+            std::fs::create_dir(first).map_err(|e| format!("cannot create {}: {e}", first.display()))?;
+            let _ = std::fs::remove_dir(first);
+        }
+        None => {
+            let probe = dir.join(format!(".ferry-check-{}", std::process::id()));
+            std::fs::File::create_new(&probe).map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+            let _ = std::fs::remove_file(&probe);
+        }
+    }
+    Ok(())
+}

@@ -16,18 +16,23 @@
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
 //! | HTTP address for `/metrics` and the status page at `/` | `http` | `FERRY_HTTP` / `--http` | off |
+//!
+//! `ferry-scheduler --check-config` loads exactly this, then runs [`SchedulerConfig::check`] (what
+//! can be checked without serving) and prints [`SchedulerConfig::summary`].
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_proto::{Tokens, check_exposure, tokens_from_config};
+use ferry_proto::{Role, Tokens, check_exposure, tokens_from_config};
 use serde::Deserialize;
 
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
+    /// Where the file settings came from (the `--config` path, or `<defaults>`): messages name it.
+    pub origin: String,
     pub listen: String,
     pub data_dir: PathBuf,
     /// A worker that does not report within this is removed and its jobs fail over.
@@ -97,7 +102,7 @@ impl SchedulerConfig {
             None => default_data_dir().context("cannot find a data directory; pass --data-dir")?,
         };
         let tls = match parsed.tls {
-            Some(t) => Some(read_tls(&t).with_context(|| format!("{origin}: key 'tls'"))?),
+            Some(t) => Some(read_tls(&t, &origin)?),
             None => None,
         };
         let tokens = tokens(parsed.tokens).with_context(|| format!("{origin}: key 'tokens'"))?;
@@ -108,6 +113,7 @@ impl SchedulerConfig {
             None => 20 << 30,
         };
         Ok(SchedulerConfig {
+            origin,
             listen,
             data_dir,
             lease: Duration::from_millis(parsed.lease_ms.unwrap_or(10_000).max(100)),
@@ -130,12 +136,105 @@ impl SchedulerConfig {
         check_exposure(addr, self.tls.is_some(), matches!(self.tokens, Tokens::Required(_)), self.insecure)
             .map_err(anyhow::Error::msg)
     }
+
+    /// What `--check-config` checks beyond [`SchedulerConfig::load`] (which has parsed the file,
+    /// read and validated the TLS files and the tokens): every address `listen` resolves to may be
+    /// served under the exposure rule, and the data directory can be written. Nothing is bound,
+    /// and nothing is left behind.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let listen = &self.listen;
+        let addrs = listen.to_socket_addrs().with_context(|| {
+            format!("{}: key 'listen' (or --listen, FERRY_LISTEN): cannot resolve '{listen}'", self.origin)
+        })?;
+        for addr in addrs {
+            self.check_exposure(addr)
+                .with_context(|| format!("{}: key 'listen' (or --listen, FERRY_LISTEN)", self.origin))?;
+        }
+        if let Some(http) = &self.http {
+            http.to_socket_addrs().with_context(|| {
+                format!("{}: key 'http' (or --http, FERRY_HTTP): cannot resolve '{http}'", self.origin)
+            })?;
+        }
+        ferry_proto::daemon::check_writable_dir(&self.data_dir).map_err(|cause| {
+            anyhow::anyhow!(
+                "{}: key 'data_dir' (or --data-dir, FERRY_DATA_DIR): {cause}; make it writable by the user the \
+                 scheduler runs as (under systemd: StateDirectory= or ReadWritePaths=), or choose another",
+                self.origin
+            )
+        })
+    }
+
+    /// The effective settings, one line each, for `--check-config`. Never a token: only how many
+    /// hold each role.
+    pub fn summary(&self) -> Vec<String> {
+        let from = if self.origin == "<defaults>" { "no file: defaults" } else { &self.origin };
+        let mut lines = vec![
+            format!("ferry-scheduler: configuration ok ({from})"),
+            format!("listen: {}", self.listen),
+            format!("data dir: {}", self.data_dir.display()),
+            format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
+            format!("tokens: {}", token_counts(&self.tokens)),
+            format!(
+                "shared cache: {} in {}, entries up to {}",
+                human_bytes(self.cache_size),
+                self.data_dir.join("cache").display(),
+                human_bytes(self.max_entry_bytes)
+            ),
+            format!("http: {}", self.http.as_deref().unwrap_or("off")),
+        ];
+        if self.insecure {
+            lines.push("insecure: yes (a non-loopback address is served without TLS and tokens)".into());
+        }
+        lines
+    }
 }
 
-pub(crate) fn read_tls(t: &TlsFiles) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-    let cert = std::fs::read(&t.cert).with_context(|| format!("reading certificate {}", t.cert.display()))?;
-    let key = std::fs::read(&t.key).with_context(|| format!("reading key {}", t.key.display()))?;
+/// Reads the TLS certificate and key and checks them as serving would (tonic's own parser, which
+/// also refuses a key that is not the certificate's), so a bad file is named here, not later.
+pub(crate) fn read_tls(t: &TlsFiles, origin: &str) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "{origin}: key '{key}': cannot read {}: {e}; check the path, and that the user the scheduler runs \
+                 as may read it",
+                path.display()
+            )
+        })
+    };
+    let (cert, key) = (read("tls.cert", &t.cert)?, read("tls.key", &t.key)?);
+    ferry_proto::daemon::check_tls_identity(&cert, &key).map_err(|problem| {
+        anyhow::anyhow!(
+            "{origin}: keys 'tls.cert', 'tls.key': {problem} (certificate {}, key {}); give the PEM certificate and \
+             its unencrypted PEM private key",
+            t.cert.display(),
+            t.key.display()
+        )
+    })?;
     Ok((cert, key))
+}
+
+/// `4 (client 2, toolchain-upload 1, worker 2, cache-write 1, admin 0)`, or what no tokens mean.
+fn token_counts(tokens: &Tokens) -> String {
+    let Tokens::Required(map) = tokens else { return "none (every caller has every role)".into() };
+    let roles = [Role::Client, Role::ToolchainUpload, Role::Worker, Role::CacheWrite, Role::Admin];
+    let counts: Vec<String> = roles
+        .iter()
+        .map(|role| format!("{role} {}", map.values().filter(|held| held.contains(role)).count()))
+        .collect();
+    format!("{} ({})", map.len(), counts.join(", "))
+}
+
+/// `20 GiB`, `1.5 MiB`, `512 B`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    format!("{} {}", text.strip_suffix(".0").unwrap_or(&text), UNITS[unit])
 }
 
 pub(crate) fn tokens(entries: Vec<TokenEntry>) -> anyhow::Result<Tokens> {
@@ -172,5 +271,23 @@ mod tests {
         std::fs::write(&file, "lease = 3\n").unwrap();
         let err = format!("{:#}", SchedulerConfig::load(Some(&file), None, Some(dir.path().into())).unwrap_err());
         assert!(err.contains("s.toml") && err.contains("lease"), "{err}");
+    }
+
+    #[test]
+    fn the_data_dir_check_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ferry_proto::daemon::check_writable_dir(&dir.path().join("a/b/c")), Ok(()));
+        assert_eq!(ferry_proto::daemon::check_writable_dir(dir.path()), Ok(()));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        std::fs::write(dir.path().join("f"), "").unwrap();
+        let err = ferry_proto::daemon::check_writable_dir(&dir.path().join("f/x")).unwrap_err();
+        assert_eq!(err, format!("{} is not a directory", dir.path().join("f").display()));
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(20 << 30), "20 GiB");
+        assert_eq!(human_bytes(3 << 19), "1.5 MiB");
+        assert_eq!(human_bytes(512), "512 B");
     }
 }

@@ -7,6 +7,10 @@
 //! (`--disable-userns`); the data directory and every directory above it can be traversed by the
 //! user jobs run as; a trial job (`/bin/sh` writing a file in its tree) runs, which needs user
 //! namespaces. Whether cgroup v2 is usable is reported, not required.
+//!
+//! `--check-config` runs the same checks without lasting effects ([`check_without_effects`]): the
+//! data directory is probed, not created or chmodded, and the trial job runs in a temporary
+//! directory that is removed afterwards.
 
 use std::fmt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -49,11 +53,7 @@ impl std::error::Error for CheckFailed {}
 /// Prepares `data_dir` (created, its job and toolchain directories traversable by the job user)
 /// and runs a trial job in the sandbox. Takes about as long as one bwrap start (milliseconds).
 pub fn self_check(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckReport, CheckFailed> {
-    let bwrap = sandbox::find_bwrap(&sandbox.bwrap).map_err(|_| CheckFailed {
-        cause: format!("bubblewrap ('{}') is not installed or not on PATH", sandbox.bwrap.display()),
-        fix: "install it (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)".into(),
-    })?;
-    let version = bwrap_version(&bwrap)?;
+    let (bwrap, version) = find_bwrap(sandbox)?;
     prepare_data_dir(data_dir).map_err(|e| CheckFailed {
         cause: format!("cannot prepare the data directory {}: {e}", data_dir.display()),
         fix: "pick a writable --data-dir (or data_dir in the config)".into(),
@@ -65,6 +65,37 @@ pub fn self_check(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckRepor
     Ok(CheckReport { bwrap, bwrap_version: version, cgroups: cgroups_usable() })
 }
 
+/// [`self_check`] for `--check-config`, leaving nothing behind: bubblewrap and its version; the
+/// data directory writable (a probe file made and removed) or, when missing, creatable (its first
+/// missing directory made and removed), and the directories above it traversable by the job user
+/// (a start makes the data directory itself traversable); a trial job run in a temporary
+/// directory instead of the data directory; whether cgroup v2 is usable.
+pub(crate) fn check_without_effects(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckReport, CheckFailed> {
+    let (bwrap, version) = find_bwrap(sandbox)?;
+    let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    ferry_proto::daemon::check_writable_dir(&data_dir).map_err(|cause| CheckFailed {
+        cause: format!("cannot use the data directory {}: {cause}", data_dir.display()),
+        fix: "pick a writable --data-dir (or data_dir in the config; under systemd: StateDirectory= or \
+              ReadWritePaths=)"
+            .into(),
+    })?;
+    if let (Some((uid, _)), Some(parent)) =
+        (sandbox.run_as.filter(|_| sandbox.jobs_run_as_another_user()), data_dir.parent())
+    {
+        traversable_by(uid, parent)?;
+    }
+    let scratch = std::env::temp_dir().join(format!("ferry-worker-check-{}", std::process::id()));
+    let trial = prepare_data_dir(&scratch)
+        .map_err(|e| CheckFailed {
+            cause: format!("cannot make a scratch directory {} for a trial job: {e}", scratch.display()),
+            fix: "set TMPDIR to a writable directory".into(),
+        })
+        .and_then(|()| trial_run(sandbox, &scratch));
+    let _ = std::fs::remove_dir_all(&scratch);
+    trial?;
+    Ok(CheckReport { bwrap, bwrap_version: version, cgroups: cgroups_usable() })
+}
+
 /// Creates the data directory and the directories jobs must reach, mode 0711 (traversable,
 /// not listable, by the job user).
 pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
@@ -73,6 +104,16 @@ pub fn prepare_data_dir(data_dir: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
     }
     Ok(())
+}
+
+/// bubblewrap's path and its `--version`, which must be [`MIN_BWRAP`] or later.
+fn find_bwrap(sandbox: &SandboxConfig) -> Result<(PathBuf, String), CheckFailed> {
+    let bwrap = sandbox::find_bwrap(&sandbox.bwrap).map_err(|_| CheckFailed {
+        cause: format!("bubblewrap ('{}') is not installed or not on PATH", sandbox.bwrap.display()),
+        fix: "install it (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)".into(),
+    })?;
+    let version = bwrap_version(&bwrap)?;
+    Ok((bwrap, version))
 }
 
 fn bwrap_version(bwrap: &Path) -> Result<String, CheckFailed> {
@@ -180,7 +221,14 @@ fn trial_run(config: &SandboxConfig, data_dir: &Path) -> Result<(), CheckFailed>
 /// bwrap's own message, turned into a cause and a fix.
 fn setup_failure(message: &str) -> CheckFailed {
     let lower = message.to_ascii_lowercase();
-    let fix = if lower.contains("namespace") || lower.contains("uid map") || lower.contains("operation not permitted") {
+    // The kernel lets a user namespace mount a fresh /proc only when nothing covers part of the
+    // worker's own: systemd's ProtectKernelTunables=, ProtectKernelLogs=, ProtectProc= and
+    // ProcSubset=, and a container's masked /proc paths, all do.
+    let fix = if lower.contains("mount proc") {
+        "leave the worker's /proc uncovered: under systemd remove ProtectKernelTunables=, ProtectKernelLogs=, \
+         ProtectProc= and ProcSubset= from its unit; in a container run it with --privileged (or without masked \
+         /proc paths)"
+    } else if lower.contains("namespace") || lower.contains("uid map") || lower.contains("operation not permitted") {
         "allow unprivileged user namespaces (sysctl -w kernel.unprivileged_userns_clone=1 and \
          user.max_user_namespaces=15000; Ubuntu 24.04+: kernel.apparmor_restrict_unprivileged_userns=0; in a \
          container: run it with --privileged or a seccomp profile that allows clone(CLONE_NEWUSER))"
@@ -218,6 +266,8 @@ mod tests {
             "bwrap: No permissions to creating new namespace, likely because the kernel does not allow non-privileged user namespaces.",
         );
         assert!(ns.fix.contains("user namespaces"), "{ns}");
+        let proc = setup_failure("bwrap: Can't mount proc on /newroot/proc: Operation not permitted");
+        assert!(proc.fix.contains("ProtectKernelTunables="), "{proc}");
         let perm = setup_failure("bwrap: Can't chdir to /x: Permission denied");
         assert!(perm.fix.contains("chmod o+x"), "{perm}");
     }

@@ -18,10 +18,16 @@
 //! | non-loopback without TLS | `insecure` | — | `false` |
 //! | HTTP address for `/metrics` | `http` | `FERRY_HTTP` / `--http` | off |
 //!
+//! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs` | — | 600, 8 GiB, 1 GiB, 4096, 600 |
+//!
 //! Clients present job grants from the scheduler, not tokens: a `[[tokens]]` section (accepted
 //! before grants existed) is refused with that explanation.
-//! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs` | — | 600, 8 GiB, 1 GiB, 4096, 600 |
+//!
+//! `ferry-worker --check-config` loads exactly this, then runs [`WorkerConfig::check`] and
+//! [`WorkerConfig::check_sandbox`] (what can be checked without serving) and prints
+//! [`WorkerConfig::summary`].
 
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,10 +35,13 @@ use anyhow::Context;
 use ferry_proto::SharedTierSpec;
 use serde::Deserialize;
 
+use crate::check::{CheckFailed, CheckReport};
 use crate::sandbox::SandboxConfig;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Where the file settings came from (the `--config` path, or `<defaults>`): messages name it.
+    pub origin: String,
     pub scheduler: String,
     pub listen: String,
     pub advertise: Option<String>,
@@ -127,8 +136,24 @@ impl WorkerConfig {
         };
         let tls = match parsed.tls {
             Some(t) => {
-                let cert = std::fs::read(&t.cert).with_context(|| format!("{origin}: key 'tls.cert'"))?;
-                let key = std::fs::read(&t.key).with_context(|| format!("{origin}: key 'tls.key'"))?;
+                let read = |key: &str, path: &Path| {
+                    std::fs::read(path).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{origin}: key '{key}': cannot read {}: {e}; check the path, and that the user the \
+                             worker runs as may read it",
+                            path.display()
+                        )
+                    })
+                };
+                let (cert, key) = (read("tls.cert", &t.cert)?, read("tls.key", &t.key)?);
+                ferry_proto::daemon::check_tls_identity(&cert, &key).map_err(|problem| {
+                    anyhow::anyhow!(
+                        "{origin}: keys 'tls.cert', 'tls.key': {problem} (certificate {}, key {}); give the PEM \
+                         certificate and its unencrypted PEM private key",
+                        t.cert.display(),
+                        t.key.display()
+                    )
+                })?;
                 Some((cert, key))
             }
             None => None,
@@ -163,6 +188,7 @@ impl WorkerConfig {
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
         Ok(WorkerConfig {
+            origin,
             scheduler,
             listen: flags.listen.or(parsed.listen).unwrap_or_else(|| "127.0.0.1:0".into()),
             advertise: parsed.advertise,
@@ -179,5 +205,132 @@ impl WorkerConfig {
             sandbox,
             http: flags.http.or_else(|| env("FERRY_HTTP")).or(parsed.http),
         })
+    }
+
+    /// What `--check-config` checks of the settings beyond [`WorkerConfig::load`] (which has parsed
+    /// the file and read and validated the TLS files and the shared-tier key): the scheduler URL is
+    /// one the worker can connect to (it is not contacted: a scheduler that is down is waited
+    /// for, not a configuration error), an `https://` scheduler's CA file is a PEM certificate,
+    /// the token can travel in a header, and every address `listen` resolves to may be served
+    /// under the exposure rule. Nothing is bound.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let origin = &self.origin;
+        let url = &self.scheduler;
+        tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "{origin}: key 'scheduler' (or --scheduler, FERRY_SCHEDULER): '{url}' is not a usable URL ({e}); \
+                 give http(s)://HOST:PORT"
+            )
+        })?;
+        if let (true, Some(ca)) = (url.starts_with("https://"), &self.ca) {
+            let pem = std::fs::read(ca).map_err(|e| {
+                anyhow::anyhow!(
+                    "{origin}: key 'ca' (or FERRY_CA): cannot read {}: {e}; check the path, and that the user \
+                     the worker runs as may read it",
+                    ca.display()
+                )
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                anyhow::bail!(
+                    "{origin}: key 'ca' (or FERRY_CA): {} holds no PEM certificate; give the CA certificate \
+                     the scheduler's certificate chains to",
+                    ca.display()
+                );
+            }
+        }
+        ferry_proto::TokenInterceptor::new(self.token.as_deref()).map_err(|e| {
+            anyhow::anyhow!(
+                "{origin}: key 'token' (or FERRY_TOKEN): {e}; give the token exactly as the scheduler has it"
+            )
+        })?;
+        let listen = &self.listen;
+        let addrs = listen
+            .to_socket_addrs()
+            .with_context(|| format!("{origin}: key 'listen' (or --listen): cannot resolve '{listen}'"))?;
+        for addr in addrs {
+            // Every call needs a job grant from the scheduler: that is the worker's authentication.
+            ferry_proto::check_exposure(addr, self.tls.is_some(), true, self.insecure)
+                .map_err(|e| anyhow::anyhow!("{origin}: key 'listen' (or --listen): {e}"))?;
+        }
+        if let Some(http) = &self.http {
+            http.to_socket_addrs()
+                .with_context(|| format!("{origin}: key 'http' (or --http, FERRY_HTTP): cannot resolve '{http}'"))?;
+        }
+        Ok(())
+    }
+
+    /// The start-up check ([`crate::self_check`]) without lasting effects, for `--check-config`.
+    pub fn check_sandbox(&self) -> Result<CheckReport, CheckFailed> {
+        crate::check::check_without_effects(&self.sandbox, &self.data_dir)
+    }
+
+    /// The effective settings, one line each, for `--check-config`. Never the token or a
+    /// password in a URL.
+    pub fn summary(&self, sandbox: &CheckReport) -> Vec<String> {
+        let from = if self.origin == "<defaults>" { "no file: defaults" } else { &self.origin };
+        let scheduler_tls = match (self.scheduler.starts_with("https://"), &self.ca) {
+            (false, _) => "plain".to_owned(),
+            (true, Some(ca)) => format!("tls, ca {}", ca.display()),
+            (true, None) => "tls, system roots".to_owned(),
+        };
+        let token = if self.token.is_some() { "token set" } else { "no token" };
+        let advertise = self.advertise.as_deref().map(|a| format!(" (clients use {a})")).unwrap_or_default();
+        let shared = match &self.shared_cache {
+            SharedTierSpec::Off => "off".to_owned(),
+            SharedTierSpec::Scheduler => "the scheduler's".to_owned(),
+            SharedTierSpec::Redis(url) | SharedTierSpec::Memcached(url) => without_password(url),
+        };
+        let sealed = if self.shared_key.is_some() { "sealed" } else { "not sealed" };
+        let jobs_as = match self.sandbox.run_as.filter(|_| self.sandbox.jobs_run_as_another_user()) {
+            Some((uid, _)) => format!("uid {uid}"),
+            None => "the worker's user".to_owned(),
+        };
+        let mut lines = vec![
+            format!("ferry-worker: configuration ok ({from})"),
+            format!("scheduler: {} ({scheduler_tls}, {token})", self.scheduler),
+            format!("listen: {}{advertise}", self.listen),
+            format!("id: {}", self.id.as_deref().unwrap_or("<hostname>-<port>")),
+            format!("slots: {}", self.slots),
+            format!("data dir: {}", self.data_dir.display()),
+            format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
+            format!("shared cache: {shared}, {sealed}"),
+            format!(
+                "sandbox: {} ({}), jobs run as {jobs_as}, cgroup v2 {}",
+                sandbox.bwrap_version,
+                sandbox.bwrap.display(),
+                if sandbox.cgroups { "usable" } else { "not usable" }
+            ),
+            format!("http: {}", self.http.as_deref().unwrap_or("off")),
+        ];
+        if self.insecure {
+            lines.push("insecure: yes (a non-loopback address is served without TLS)".into());
+        }
+        lines
+    }
+}
+
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, _)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{}", &rest[userinfo.len() + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(without_password("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+        assert_eq!(without_password("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(without_password("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(without_password("memcached://a:1,b:2"), "memcached://a:1,b:2");
     }
 }

@@ -1,10 +1,15 @@
 //! `ferry-worker`: checks that it can run jobs (a trial sandbox run; on failure one line naming the
-//! cause and the fix, and exit code 2), binds, prints `listening on ADDR` as its first stdout line, registers with the
+//! cause and the fix, and exit code 2), binds, prints `listening on ADDR` as its first stdout line,
+//! registers with the scheduler and serves jobs until SIGINT/SIGTERM. With `--check-config` it loads
+//! the configuration as a start would, checks what can be checked without serving (the settings,
+//! then the start-up check without lasting effects), prints the effective settings and exits: 0, or
+//! the one-line error and exit code a start would give.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Parser;
-use ferry_worker::{Overrides, WorkerConfig, serve as run_worker};
+use ferry_worker::{CheckFailed, Overrides, WorkerConfig, serve as run_worker};
 
 #[derive(Parser, Debug)]
 #[command(name = "ferry-worker", version, about = "ferry's worker: runs compile jobs in a sandbox")]
@@ -27,16 +32,22 @@ struct Args {
     /// Serve Prometheus metrics at /metrics on this address (off by default)
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// Check the configuration (file, environment, flags; TLS files, the scheduler URL, the listen
+    /// address, bubblewrap, the data directory, a trial job) without serving, print the effective
+    /// settings and exit
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     ferry_proto::daemon::init_logging();
-    ferry_proto::daemon::exit("ferry-worker", serve(args))
+    let result = if args.check_config { check_config(args) } else { serve(args) };
+    ferry_proto::daemon::exit("ferry-worker", result)
 }
 
-#[tokio::main]
-async fn serve(args: Args) -> anyhow::Result<()> {
+/// The configuration a start with these arguments would use.
+fn load(args: Args) -> anyhow::Result<WorkerConfig> {
     let flags = Overrides {
         scheduler: args.scheduler,
         listen: args.listen,
@@ -44,15 +55,32 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         http: args.http,
     };
-    let config = WorkerConfig::load(args.config.as_deref(), flags)?;
+    WorkerConfig::load(args.config.as_deref(), flags)
+}
+
+/// A worker that cannot run jobs says why in one line and exits with code 2.
+fn cannot_run_jobs(failed: CheckFailed) -> ! {
+    eprintln!("ferry-worker: cannot run jobs: {failed}");
+    std::process::exit(2);
+}
+
+fn check_config(args: Args) -> anyhow::Result<()> {
+    let config = load(args)?;
+    config.check()?;
+    let report = config.check_sandbox().unwrap_or_else(|failed| cannot_run_jobs(failed));
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{}", config.summary(&report).join("\n")).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+#[tokio::main]
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let config = load(args)?;
     // A worker that cannot run jobs must not register: every job sent to it would fail.
-    let report = match ferry_worker::self_check(&config.sandbox, &config.data_dir) {
-        Ok(report) => report,
-        Err(failed) => {
-            eprintln!("ferry-worker: cannot run jobs: {failed}");
-            std::process::exit(2);
-        }
-    };
+    let report =
+        ferry_worker::self_check(&config.sandbox, &config.data_dir).unwrap_or_else(|failed| cannot_run_jobs(failed));
     tracing::info!(bwrap = %report.bwrap.display(), version = %report.bwrap_version, "sandbox check passed");
     if !report.cgroups {
         tracing::warn!("cgroup v2 is not usable here: job limits are per process (rlimits) only");

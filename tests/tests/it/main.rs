@@ -2,6 +2,7 @@
 
 mod cluster;
 mod inputs;
+mod packaging;
 mod security;
 mod toolchain;
 mod wrapper;
