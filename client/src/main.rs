@@ -25,7 +25,16 @@ use clap::{Parser, Subcommand};
 const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "help"];
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "A distributed compilation scheduler and toolchain-exact build cache")]
+#[command(
+    name = "ferry",
+    version,
+    about = "A distributed compilation scheduler and toolchain-exact build cache",
+    after_help = "Wrapper mode: set RUSTC_WRAPPER=ferry (and CARGO_INCREMENTAL=0) and cargo runs \
+                  'ferry /path/to/rustc ARGS...' for every compile; ferry answers from its cache, \
+                  sends misses to the cluster when FERRY_SCHEDULER is set, or compiles here. \
+                  It never writes to the build's output: see 'ferry stats' and the log \
+                  (FERRY_LOG=info, FERRY_LOG_FILE)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

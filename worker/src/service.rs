@@ -508,6 +508,11 @@ fn run_blocking(
             return Err(fail(format!("sandbox: {e}")));
         }
     };
+    if outcome.exit_code != Some(0) && outcome.limit != Some(sandbox::Limit::Abandoned) {
+        // For a `discrepancy` (failed here, fine on the client): what rustc said, in this log.
+        let shown = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(8 << 10)..]).into_owned();
+        tracing::info!(job = job.id, exit_code = ?outcome.exit_code, limit = ?outcome.limit, stderr = ?shown, "a job failed");
+    }
     if outcome.exit_code == Some(0) {
         for out in &job.outputs {
             if sent.contains_key(out) {

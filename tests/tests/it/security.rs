@@ -406,6 +406,11 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
         .replace("@ADDR@", &address),
     );
     cluster.run(&connect).assert_macro_failed(&format!("connect {address}:"));
+    // The worker's log keeps what the failed job said (a `discrepancy` is diagnosed from it).
+    let log = fs::read_to_string(world.path().join("w1.log")).unwrap_or_default();
+    let failed =
+        log.lines().find(|l| l.contains("a job failed")).unwrap_or_else(|| panic!("no failed job logged:\n{log}"));
+    assert!(failed.contains("proc macro panicked") && failed.contains(&format!("connect {address}")), "{failed}");
     listener.set_nonblocking(true).expect("nonblocking");
     assert!(listener.accept().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "the job connected");
     ok(connect.run_on_host());
