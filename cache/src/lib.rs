@@ -12,6 +12,8 @@
 
 mod disk;
 mod entry;
+#[doc(hidden)]
+pub mod fuzzing;
 mod key;
 mod memcached;
 mod output;

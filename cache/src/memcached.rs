@@ -255,7 +255,7 @@ fn chunk_name(key: &CacheKey, digest: &[u8; 32], i: u32) -> String {
 }
 
 /// (entry length, chunk count, digest, inline entry) of a head item.
-fn parse_head(head: &[u8]) -> Option<(u64, u32, [u8; 32], &[u8])> {
+pub(crate) fn parse_head(head: &[u8]) -> Option<(u64, u32, [u8; 32], &[u8])> {
     if head.len() < HEAD_LEN || &head[..8] != MAGIC {
         return None;
     }
@@ -295,6 +295,11 @@ fn read_line(conn: &mut impl BufRead) -> io::Result<String> {
 /// `get NAME`: the value (at most `max` bytes), or None.
 fn get(conn: &mut BufReader<TcpStream>, name: &str, max: usize) -> io::Result<Option<Vec<u8>>> {
     conn.get_mut().write_all(format!("get {name}\r\n").as_bytes())?;
+    read_value(conn, name, max)
+}
+
+/// The answer to `get NAME`: the value (at most `max` bytes), or None.
+pub(crate) fn read_value(conn: &mut impl BufRead, name: &str, max: usize) -> io::Result<Option<Vec<u8>>> {
     let line = read_line(conn)?;
     if line == "END" {
         return Ok(None);

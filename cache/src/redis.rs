@@ -75,7 +75,7 @@ impl RedisUrl {
 
 /// One RESP2 reply.
 #[derive(Debug, PartialEq, Eq)]
-enum Reply {
+pub(crate) enum Reply {
     Status(String),
     Error(String),
     Int(i64),
@@ -232,14 +232,15 @@ fn call(conn: &mut BufReader<TcpStream>, args: &[&[u8]]) -> io::Result<Reply> {
     read_reply(conn, 0)
 }
 
-fn read_reply(conn: &mut impl BufRead, depth: u32) -> io::Result<Reply> {
+pub(crate) fn read_reply(conn: &mut impl BufRead, depth: u32) -> io::Result<Reply> {
     let mut line = Vec::new();
-    conn.read_until(b'\n', &mut line)?;
+    // A reply line is short; a server that never ends one must not make this allocate.
+    io::Read::take(&mut *conn, 64 << 10).read_until(b'\n', &mut line)?;
     if !line.ends_with(b"\r\n") {
         return Err(protocol("connection closed mid-reply".into()));
     }
     line.truncate(line.len() - 2);
-    let text = String::from_utf8_lossy(&line[1..]).into_owned();
+    let text = String::from_utf8_lossy(line.get(1..).unwrap_or_default()).into_owned();
     let number = || text.parse::<i64>().map_err(|_| protocol(format!("bad length {text:?}")));
     match line.first() {
         Some(b'+') => Ok(Reply::Status(text)),
@@ -274,6 +275,16 @@ fn read_reply(conn: &mut impl BufRead, depth: u32) -> io::Result<Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found reading the parser for its fuzz target: an empty reply line indexed past its end.
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        for reply in [&b"\r\n"[..], b"\n", b"$\r\n", b"*\r\n", b"$-\r\n", b"*3\r\n+a\r\n", b"$99999999999\r\n"] {
+            assert!(read_reply(&mut &reply[..], 0).is_err(), "{reply:?}");
+        }
+        let endless = vec![b'+'; 1 << 20];
+        assert!(read_reply(&mut &endless[..], 0).is_err(), "a line without end is refused, not read whole");
+    }
 
     #[test]
     fn urls() {

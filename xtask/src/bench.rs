@@ -285,9 +285,33 @@ pub fn distributed() -> anyhow::Result<()> {
     let tmp = tempfile::Builder::new().prefix("ferry-bench-dist-").tempdir()?;
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let (project, packages) = registry_project(tmp.path())?;
+    // `bench distributed memcached`: a real memcached (started here) is the shared tier of the
+    // worker and the clients instead of the scheduler's.
+    let _memcached;
+    let tier = match std::env::args().nth(3).as_deref() {
+        Some("memcached") => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            _memcached = Kill(
+                Command::new("memcached")
+                    .args(["-l", "127.0.0.1", "-p", &port.to_string(), "-U", "0", "-m", "1024", "-u", "nobody"])
+                    .spawn()
+                    .context("starting memcached (apt-get install memcached)")?,
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let url = format!("memcached://127.0.0.1:{port}");
+            // The worker inherits it.
+            // SAFETY: set before any thread that reads the environment is started.
+            unsafe { std::env::set_var("FERRY_SHARED_CACHE", &url) };
+            url
+        }
+        Some(other) => bail!("unknown shared tier '{other}' (try: memcached)"),
+        None => "scheduler".to_owned(),
+    };
     let cluster = crate::LocalCluster::start(&release, tmp.path())?;
     let url = &cluster.url;
-    println!("== distributed: cargo build -j2 (debug) of {packages} packages, one local worker with 2 slots");
+    println!(
+        "== distributed: cargo build -j2 (debug) of {packages} packages, one local worker with 2 slots, shared tier {tier}"
+    );
     // Each variant builds into its own fresh target dir (keys contain output paths, so a new target
     // dir is a cold build even with the shared tier full), with its own empty local cache.
     // Every build reaches the linker driver through a `cc` of its own on PATH; the warm build is
@@ -302,7 +326,7 @@ pub fn distributed() -> anyhow::Result<()> {
     let build = |name: &str, wrapper: bool, target: &str| -> anyhow::Result<(Duration, serde_json::Value)> {
         let cache = tmp.path().join(format!("cache-{name}"));
         // The blob-cache run must compile everything again: no shared-tier hits.
-        let shared = Path::new(if name == "warm-blobs" { "off" } else { "scheduler" });
+        let shared = Path::new(if name == "warm-blobs" { "off" } else { tier.as_str() });
         let mut env: Vec<(&str, &Path)> = vec![
             ("FERRY_CACHE_DIR", &cache),
             ("FERRY_SCHEDULER", Path::new(url)),
@@ -401,6 +425,16 @@ pub fn distributed() -> anyhow::Result<()> {
         ratio(blobs, plain)
     );
     Ok(())
+}
+
+/// A child process killed when dropped.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn record_and_exec(file: &Path) -> anyhow::Result<()> {

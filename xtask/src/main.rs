@@ -12,6 +12,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_security;
 mod sample;
 
 use std::path::{Path, PathBuf};
@@ -32,8 +33,9 @@ fn main() -> anyhow::Result<()> {
             bench::distributed()?;
             bench_cluster::allocations()
         }
-        ["bench", "distributed"] => bench::distributed(),
+        ["bench", "distributed"] | ["bench", "distributed", "memcached"] => bench::distributed(),
         ["bench", "cluster"] => bench_cluster::allocations(),
+        ["bench", "security"] => bench_security::costs(),
         ["bench", "toolchain"] => bench::toolchain(),
         ["bench", "wrapper"] => bench::wrapper(),
         _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all]"),
