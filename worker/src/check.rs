@@ -6,7 +6,8 @@
 //! What is checked, in order: bubblewrap is on `PATH` (or where configured) and is 0.8.0 or later
 //! (`--disable-userns`); the data directory and every directory above it can be traversed by the
 //! user jobs run as; a trial job (`/bin/sh` writing a file in its tree) runs, which needs user
-//! namespaces. Whether cgroup v2 is usable is reported, not required.
+//! namespaces. Whether a cgroup per job and a tmpfs per job directory are usable is reported (and
+//! set up, see [`crate::limits`]), not required.
 //!
 //! `--check-config` runs the same checks without lasting effects ([`check_without_effects`]): the
 //! data directory is probed, not created or chmodded, and the trial job runs in a temporary
@@ -17,6 +18,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::limits::{JobCgroups, disk_quota_usable};
 use crate::sandbox::{self, SandboxConfig, SandboxError, SandboxJob};
 
 /// The oldest bubblewrap with every flag the sandbox passes (`--disable-userns` came in 0.8.0).
@@ -37,9 +39,25 @@ pub struct CheckReport {
     /// bubblewrap's path and version.
     pub bwrap: PathBuf,
     pub bwrap_version: String,
-    /// Whether the worker could create a cgroup v2 per job (a later release uses it for limits
-    /// that hold for the whole job; without it only per-process rlimits apply).
-    pub cgroups: bool,
+    /// The cgroup version jobs get a group in ("v2", "v1"), or why they get none (then only
+    /// per-process rlimits apply).
+    pub cgroups: Result<&'static str, String>,
+    /// Where job groups are made, after [`self_check`] set them up; `None` from
+    /// `--check-config` and when `cgroups` is an error.
+    pub job_cgroups: Option<JobCgroups>,
+    /// Whether each job directory can be its own tmpfs of `sandbox.disk_bytes`, or why not.
+    pub disk_quota: Result<(), String>,
+}
+
+impl CheckReport {
+    /// `config` with the limits this check found usable turned on.
+    pub fn apply(&self, config: &SandboxConfig) -> SandboxConfig {
+        SandboxConfig {
+            cgroups: self.job_cgroups.clone(),
+            disk_quota: self.disk_quota.is_ok() && config.disk_bytes > 0,
+            ..config.clone()
+        }
+    }
 }
 
 impl fmt::Display for CheckFailed {
@@ -61,8 +79,25 @@ pub fn self_check(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckRepor
     if let Some((uid, _)) = sandbox.run_as.filter(|_| sandbox.jobs_run_as_another_user()) {
         traversable_by(uid, &data_dir.join("jobs"))?;
     }
-    trial_run(sandbox, data_dir)?;
-    Ok(CheckReport { bwrap, bwrap_version: version, cgroups: cgroups_usable() })
+    let job_cgroups = JobCgroups::setup();
+    let mut report = CheckReport {
+        bwrap,
+        bwrap_version: version,
+        cgroups: job_cgroups.as_ref().map(JobCgroups::version).map_err(Clone::clone),
+        job_cgroups: job_cgroups.ok(),
+        disk_quota: disk_quota_usable(&data_dir.join("jobs")),
+    };
+    // The trial job runs in its cgroup, as real jobs will.
+    if let Err(failed) = trial_run(&report.apply(sandbox), data_dir) {
+        if report.job_cgroups.is_none() {
+            return Err(failed);
+        }
+        // Jobs can run, just not in a cgroup here: say so, and run them without.
+        trial_run(sandbox, data_dir)?;
+        report.cgroups = Err(format!("a trial job in a cgroup failed: {failed}"));
+        report.job_cgroups = None;
+    }
+    Ok(report)
 }
 
 /// [`self_check`] for `--check-config`, leaving nothing behind: bubblewrap and its version; the
@@ -93,7 +128,18 @@ pub(crate) fn check_without_effects(sandbox: &SandboxConfig, data_dir: &Path) ->
         .and_then(|()| trial_run(sandbox, &scratch));
     let _ = std::fs::remove_dir_all(&scratch);
     trial?;
-    Ok(CheckReport { bwrap, bwrap_version: version, cgroups: cgroups_usable() })
+    Ok(CheckReport {
+        bwrap,
+        bwrap_version: version,
+        cgroups: JobCgroups::probe(),
+        job_cgroups: None,
+        disk_quota: if is_root() { Ok(()) } else { Err("mounting a tmpfs needs root (CAP_SYS_ADMIN)".into()) },
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Creates the data directory and the directories jobs must reach, mode 0711 (traversable,
@@ -238,17 +284,6 @@ fn setup_failure(message: &str) -> CheckFailed {
         "run the worker with FERRY_LOG=debug to see the bwrap command line"
     };
     CheckFailed { cause: format!("the sandbox cannot start: {message}"), fix: fix.into() }
-}
-
-/// True when cgroup v2 is mounted and this process may create a child group under its own.
-fn cgroups_usable() -> bool {
-    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return false };
-    let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) else { return false };
-    let dir = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
-    let probe = dir.join(format!("ferry-probe-{}", std::process::id()));
-    let ok = std::fs::create_dir(&probe).is_ok();
-    let _ = std::fs::remove_dir(&probe);
-    ok
 }
 
 #[cfg(test)]

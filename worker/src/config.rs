@@ -18,7 +18,11 @@
 //! | non-loopback without TLS | `insecure` | — | `false` |
 //! | HTTP address for `/metrics` | `http` | `FERRY_HTTP` / `--http` | off |
 //!
-//! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs` | — | 600, 8 GiB, 1 GiB, 4096, 600 |
+//! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs`, `sandbox.disk_bytes` | — | 600, 8 GiB, 1 GiB, 4096, 600, 4 GiB |
+//!
+//! `memory_bytes` and `max_processes` hold per job (its cgroup) where the worker can create a
+//! cgroup, and per process (rlimits) always; `disk_bytes` is the size of the tmpfs each job's
+//! directory is mounted on (root workers; 0 turns it off). See [`crate::limits`].
 //!
 //! Clients present job grants from the scheduler, not tokens: a `[[tokens]]` section (accepted
 //! before grants existed) is refused with that explanation.
@@ -99,6 +103,7 @@ struct SandboxSection {
     memory_bytes: Option<u64>,
     file_size_bytes: Option<u64>,
     max_processes: Option<u64>,
+    disk_bytes: Option<u64>,
     wall_clock_secs: Option<u64>,
 }
 
@@ -184,6 +189,7 @@ impl WorkerConfig {
             file_size_bytes: s.file_size_bytes.unwrap_or(defaults.file_size_bytes),
             max_processes: s.max_processes.unwrap_or(defaults.max_processes),
             wall_clock: s.wall_clock_secs.map(Duration::from_secs).unwrap_or(defaults.wall_clock),
+            disk_bytes: s.disk_bytes.unwrap_or(defaults.disk_bytes),
             ..defaults
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -294,12 +300,21 @@ impl WorkerConfig {
             format!("data dir: {}", self.data_dir.display()),
             format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
             format!("shared cache: {shared}, {sealed}"),
-            format!(
-                "sandbox: {} ({}), jobs run as {jobs_as}, cgroup v2 {}",
-                sandbox.bwrap_version,
-                sandbox.bwrap.display(),
-                if sandbox.cgroups { "usable" } else { "not usable" }
-            ),
+            format!("sandbox: {} ({}), jobs run as {jobs_as}", sandbox.bwrap_version, sandbox.bwrap.display(),),
+            match &sandbox.cgroups {
+                Ok(version) => format!(
+                    "job cgroups: {version} (memory {} bytes, {} processes per job)",
+                    self.sandbox.memory_bytes, self.sandbox.max_processes
+                ),
+                Err(why) => format!("job cgroups: none, rlimits per process only ({why})"),
+            },
+            match &sandbox.disk_quota {
+                Ok(()) if self.sandbox.disk_bytes > 0 => {
+                    format!("job disk: a tmpfs of {} bytes per job", self.sandbox.disk_bytes)
+                }
+                Ok(()) => "job disk: no limit (sandbox.disk_bytes = 0)".to_owned(),
+                Err(why) => format!("job disk: no limit ({why})"),
+            },
             format!("http: {}", self.http.as_deref().unwrap_or("off")),
         ];
         if self.insecure {

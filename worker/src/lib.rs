@@ -8,6 +8,7 @@ mod blobs;
 mod check;
 mod config;
 mod http;
+mod limits;
 mod observe;
 mod publish;
 mod sandbox;
@@ -18,6 +19,7 @@ mod toolchain_cache;
 
 pub use check::{CheckFailed, CheckReport, prepare_data_dir, self_check};
 pub use config::{Overrides, WorkerConfig};
+pub use limits::{JOB_CPU_WEIGHT, JobCgroups, disk_quota_usable};
 pub use server::run as serve;
 
 pub use sandbox::{Bind, Limit, SandboxConfig, SandboxError, SandboxJob, SandboxOutcome, Stream, run};

@@ -77,14 +77,25 @@ fn check_config(args: Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let config = load(args)?;
+    let mut config = load(args)?;
     // A worker that cannot run jobs must not register: every job sent to it would fail.
     let report =
         ferry_worker::self_check(&config.sandbox, &config.data_dir).unwrap_or_else(|failed| cannot_run_jobs(failed));
     tracing::info!(bwrap = %report.bwrap.display(), version = %report.bwrap_version, "sandbox check passed");
-    if !report.cgroups {
-        tracing::warn!("cgroup v2 is not usable here: job limits are per process (rlimits) only");
+    match &report.cgroups {
+        Ok(version) => tracing::info!(version, "each job runs in its own cgroup (memory, pids, cpu weight)"),
+        Err(why) => tracing::warn!(
+            "no cgroup per job ({why}): memory and process limits hold per process (rlimits), not per job"
+        ),
     }
+    match &report.disk_quota {
+        Ok(()) if config.sandbox.disk_bytes > 0 => {
+            tracing::info!(bytes = config.sandbox.disk_bytes, "each job's directory is a tmpfs of this size")
+        }
+        Ok(()) => tracing::warn!("sandbox.disk_bytes is 0: job directories have no size limit"),
+        Err(why) => tracing::warn!("job directories have no size limit ({why}): only RLIMIT_FSIZE per file holds"),
+    }
+    config.sandbox = report.apply(&config.sandbox);
     // Every call needs a job grant from the scheduler: that is the worker's authentication.
     let check = |addr| ferry_proto::check_exposure(addr, config.tls.is_some(), true, config.insecure);
     let listener = ferry_proto::daemon::bind_and_announce(&config.listen, check).await.map_err(anyhow::Error::msg)?;

@@ -9,7 +9,9 @@
 //! the toolchain bound read-only where the client had it, and the root remounted read-only. No
 //! `/etc`, `/home`, `/root`, `/var`, `/run`, `/sys`, nor the worker's own data directory. The
 //! environment is exactly the job's list. Resource limits are rlimits set on `bwrap` before it
-//! starts, so everything inside inherits them; the wall clock is enforced here by killing bwrap's
+//! starts, so everything inside inherits them, and where the worker can create one, a cgroup per
+//! job that holds the same memory and process limits for the whole job ([`crate::limits`]); the
+//! wall clock is enforced here by killing bwrap's
 //! process group, and `--die-with-parent` plus the pid namespace take everything inside with it.
 //!
 //! When the worker runs as root it must not compile anything as root (and `RLIMIT_NPROC` does not
@@ -37,6 +39,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use crate::limits::JobCgroups;
+use crate::limits::{GroupLimits, JobGroup};
+
 /// How jobs are confined. One per worker; [`Default`] holds the production values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxConfig {
@@ -63,6 +68,16 @@ pub struct SandboxConfig {
     /// Wall-clock bound on the whole job, sleeping included; on expiry the whole process tree is
     /// killed, so a job blocked forever cannot hold a slot.
     pub wall_clock: Duration,
+    /// Size of the tmpfs each job's directory is mounted on (inputs included), when
+    /// `disk_quota` is on; see [`crate::limits`].
+    pub disk_bytes: u64,
+    /// Whether job directories get their own tmpfs of `disk_bytes`: set at start-up when the
+    /// worker can mount one (root) and `disk_bytes` is not 0. Off by default.
+    pub disk_quota: bool,
+    /// Where each job gets a cgroup holding `memory_bytes` and `max_processes` for the whole job
+    /// (not per process): set at start-up when the worker can create them. `None` by default:
+    /// rlimits only.
+    pub cgroups: Option<JobCgroups>,
 }
 
 /// One job to run: what to execute, inside which view of the filesystem.
@@ -118,12 +133,15 @@ pub enum Stream {
 ///   `Cpu` too, and a multi-threaded job that reaches the hard limit sooner is reported without
 ///   a limit.
 /// - `FileSize`: the job died of SIGXFSZ.
-/// - `Memory`: the job failed and its stderr says `memory allocation of N bytes failed` (Rust's
-///   allocation-failure message, followed by an abort) or `Cannot allocate memory` (ENOMEM).
+/// - `Memory`: the job failed and its cgroup counts an OOM kill (the whole job reached
+///   `memory.max`), or its stderr says `memory allocation of N bytes failed` (Rust's
+///   allocation-failure message, followed by an abort) or `Cannot allocate memory` (ENOMEM):
 ///   `RLIMIT_AS` makes allocations fail rather than killing anything, so there is no signal.
-/// - `Processes`: the job failed and its stderr says `Resource temporarily unavailable` (EAGAIN,
-///   what fork, spawn and thread creation fail with over `RLIMIT_NPROC`). A heuristic: another
-///   EAGAIN that made the job fail is reported the same way.
+/// - `Processes`: the job failed and its cgroup counts a fork refused at `pids.max`, or its stderr
+///   says `Resource temporarily unavailable` (EAGAIN, what fork, spawn and thread creation fail
+///   with over `RLIMIT_NPROC`). A heuristic: another EAGAIN that made the job fail is reported
+///   the same way.
+/// - `Disk`: the job failed and its stderr says `No space left on device` (ENOSPC: its tmpfs).
 /// - `WallClock`: we killed the job because it ran out of wall-clock time.
 ///
 /// The stderr clues are only read when the job failed, and only decide which limit to report,
@@ -135,6 +153,8 @@ pub enum Limit {
     FileSize,
     Processes,
     WallClock,
+    /// The job's directory (a tmpfs of `disk_bytes`) or its `/tmp` is full.
+    Disk,
     /// Not a limit: the job's client went away, and the job was killed at once to free its slot.
     Abandoned,
 }
@@ -190,6 +210,8 @@ pub enum SandboxError {
     Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("lost track of the sandboxed process: {0}")]
     Monitor(#[source] io::Error),
+    #[error("cannot create the job's cgroup: {0}")]
+    Cgroup(#[source] io::Error),
 }
 
 /// Runs `job` in the sandbox and waits for it, passing its stdout and stderr to `on_output` as
@@ -232,11 +254,24 @@ pub fn run_until(
     // Its own process group, so the wall clock can kill bwrap and whatever shares the group.
     command.process_group(0);
     let limits = Rlimits::new(config);
+    // Created before bwrap starts, removed (anything left in it killed) when this returns.
+    let group = match &config.cgroups {
+        Some(groups) => Some(
+            groups
+                .create(GroupLimits { memory_bytes: config.memory_bytes, processes: config.max_processes })
+                .map_err(SandboxError::Cgroup)?,
+        ),
+        None => None,
+    };
+    let group_fds = group.as_ref().map_or([-1; 3], JobGroup::procs_fds);
     // SAFETY: the closure runs between fork and exec; it only makes async-signal-safe system
-    // calls (setrlimit, setgroups, setgid, setuid, prctl) on values prepared before the fork, and
-    // does not allocate.
+    // calls (setrlimit, write, setgroups, setgid, setuid, prctl) on values prepared before the
+    // fork, and does not allocate.
     unsafe {
-        command.pre_exec(move || limits.enter(switch_to));
+        command.pre_exec(move || {
+            JobGroup::enter(&group_fds)?;
+            limits.enter(switch_to)
+        });
     }
     tracing::debug!(bwrap = %bwrap.display(), args = ?args, run_as = ?config.run_as, "starting sandbox");
 
@@ -269,8 +304,14 @@ pub fn run_until(
     } else if watch.killed {
         Some(Limit::WallClock)
     } else {
-        classify(exit_code, signal, duration, config.cpu_secs, &clues)
+        // The group's counters are facts, and come before the heuristics.
+        match &group {
+            Some(g) if exit_code != Some(0) && g.oom_killed() => Some(Limit::Memory),
+            Some(g) if exit_code != Some(0) && g.pids_exhausted() => Some(Limit::Processes),
+            _ => classify(exit_code, signal, duration, config.cpu_secs, &clues),
+        }
     };
+    drop(group);
     tracing::debug!(?exit_code, ?signal, ?limit, ?duration, "sandbox finished");
     Ok(SandboxOutcome { exit_code, signal, limit, duration })
 }
@@ -285,6 +326,9 @@ impl Default for SandboxConfig {
             file_size_bytes: 1 << 30,
             max_processes: 4096,
             wall_clock: Duration::from_secs(600),
+            disk_bytes: 4 << 30,
+            disk_quota: false,
+            cgroups: None,
         }
     }
 }
@@ -297,6 +341,7 @@ impl fmt::Display for Limit {
             Limit::FileSize => "file size",
             Limit::Processes => "processes",
             Limit::WallClock => "wall-clock time",
+            Limit::Disk => "disk space",
             Limit::Abandoned => "client gone",
         })
     }
@@ -892,6 +937,7 @@ impl StderrGate {
 struct Clues {
     memory: bool,
     processes: bool,
+    disk: bool,
     /// The end of the previous chunks, long enough to hold any clue cut in two.
     carry: Vec<u8>,
 }
@@ -904,6 +950,7 @@ impl Clues {
         window.extend_from_slice(chunk);
         self.memory |= allocation_failed(&window) || contains(&window, b"Cannot allocate memory");
         self.processes |= contains(&window, b"Resource temporarily unavailable");
+        self.disk |= contains(&window, b"No space left on device");
         let keep = window.len().min(Self::CARRY);
         window.drain(..window.len() - keep);
         self.carry = window;
@@ -957,6 +1004,8 @@ fn classify(
         Some(Limit::Memory)
     } else if clues.processes {
         Some(Limit::Processes)
+    } else if clues.disk {
+        Some(Limit::Disk)
     } else {
         None
     }
@@ -978,6 +1027,10 @@ mod tests {
     fn clues_are_found_across_chunk_boundaries() {
         let memory = clues(&["error: rustc: memory alloc", "ation of 1073741824 by", "tes failed\n"]);
         assert!(memory.memory && !memory.processes);
+        let disk = clues(&["error: could not write output to /job/out/x.o: No space left ", "on device (os error 28)"]);
+        assert!(disk.disk && !disk.memory);
+        assert_eq!(classify(Some(1), None, Duration::ZERO, 2, &disk), Some(Limit::Disk));
+        assert_eq!(classify(Some(0), None, Duration::ZERO, 2, &disk), None);
         let processes = clues(&["spawn: Resource tempor", "arily unavailable (os error 11)"]);
         assert!(processes.processes && !processes.memory);
         let neither = clues(&["memory allocation of many bytes failed", "Resource temporarily"]);

@@ -32,6 +32,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     let jobs_dir = data.join("jobs");
     // Trees of jobs a previous run left (a killed worker); the directory itself stays.
     for stale in std::fs::read_dir(&jobs_dir)?.flatten() {
+        crate::limits::unmount(&stale.path());
         let _ = std::fs::remove_dir_all(stale.path());
     }
     let token = TokenInterceptor::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;

@@ -382,6 +382,12 @@ fn run_blocking(
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = shared.jobs_dir.join(format!("{}-{}", job.id, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let tree = dir.join("tree");
+    // Removed (its tmpfs unmounted) when this returns, whichever way.
+    let _job_dir =
+        match crate::limits::JobDir::create(&dir, shared.sandbox.disk_quota.then_some(shared.sandbox.disk_bytes)) {
+            Ok(d) => d,
+            Err(e) => return Err(fail(format!("creating the job directory {}: {e}", dir.display()))),
+        };
     let cleanup = || {
         let _ = std::fs::remove_dir_all(&dir);
     };

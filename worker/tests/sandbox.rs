@@ -203,6 +203,37 @@ fn allocating_without_bound_hits_the_memory_limit() {
     assert_benign_still_works(&self::config());
 }
 
+/// Six processes of 200 MB each stay under a per-process `RLIMIT_AS` of 1 GiB, but not under a
+/// job cgroup of 1 GiB: with cgroups the job is stopped by its group (an OOM kill, reported as
+/// `Memory`); with rlimits alone it would succeed. Needs root (cgroups); CI runs as root.
+#[test]
+fn processes_together_hit_the_job_memory_limit() {
+    if !is_root() {
+        eprintln!("skipped: a job cgroup needs root");
+        return;
+    }
+    let job = Job::with_macro(
+        r#"let children: Vec<_> = (0..6)
+            .map(|_| std::process::Command::new("/bin/sh")
+                .args(["-c", "/usr/bin/head -c 200000000 /dev/zero | /usr/bin/tail -c 200000000 > /dev/null"])
+                .spawn().unwrap())
+            .collect();
+        for mut child in children {
+            let status = child.wait().unwrap();
+            assert!(status.success(), "a child failed: {status}");
+        }
+        "pub fn fits() {}".parse().unwrap()"#,
+    );
+    let groups = ferry_worker::JobCgroups::setup().expect("a root worker here can create job cgroups");
+    let unlimited = SandboxConfig { memory_bytes: 1 << 30, ..config() };
+    // Without the group: every process fits its own rlimit, so the compile succeeds.
+    job.run(&unlimited).assert_success();
+    let limited = SandboxConfig { cgroups: Some(groups), ..unlimited };
+    let run = job.run(&limited);
+    run.assert_limit(Limit::Memory);
+    assert_benign_still_works(&limited);
+}
+
 #[test]
 fn a_big_file_hits_the_file_size_limit() {
     let job = Job::with_macro(

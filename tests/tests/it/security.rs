@@ -34,7 +34,7 @@ const WORKER_TOKEN: &str = "worker-token-b83e6d10c4a2";
 
 /// The sandbox limits of the worker the attacks run on.
 const SANDBOX_LIMITS: &str = "[sandbox]\ncpu_secs = 2\nwall_clock_secs = 4\nmax_processes = 128\n\
-                              memory_bytes = 2147483648\nfile_size_bytes = 10485760\n";
+                              memory_bytes = 2147483648\nfile_size_bytes = 10485760\ndisk_bytes = 67108864\n";
 
 // ---- tokens ------------------------------------------------------------------------------------
 
@@ -568,6 +568,42 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
     let run = cluster.run(&allocate);
     run.assert_limit("memory");
     assert!(run.stderr.contains("memory allocation of 67108864 bytes failed"), "{run:#?}");
+    cluster.assert_still_serves();
+
+    // The rest hold per job, not per process, where the worker has them (root here, as in CI):
+    // six processes of 400 MB each fit a per-process limit of 2 GiB, not a job's cgroup of 2 GiB.
+    let processes = Job::attack(
+        world,
+        "processes",
+        r#"let children: Vec<_> = (0..6)
+            .map(|_| std::process::Command::new("/bin/sh")
+                .args(["-c", "/usr/bin/head -c 400000000 /dev/zero | /usr/bin/tail -c 400000000 > /dev/null"])
+                .spawn().unwrap())
+            .collect();
+        for mut child in children {
+            let status = child.wait().unwrap();
+            assert!(status.success(), "a child failed: {status}");
+        }
+        "pub fn fits() {}".parse().unwrap()"#,
+    );
+    let run = cluster.run(&processes);
+    run.assert_limit("memory");
+    ok(processes.run_on_host());
+    cluster.assert_still_serves();
+
+    // Nine files under the per-file limit (10 MiB) fill the job's 64 MiB tmpfs.
+    let fill = Job::attack(
+        world,
+        "fill",
+        r#"for i in 0..9 { std::fs::write(format!("fill-{i}.bin"), vec![1u8; 9 << 20]).unwrap(); }
+        "pub fn fits() {}".parse().unwrap()"#,
+    );
+    let run = cluster.run(&fill);
+    run.assert_limit("disk space");
+    assert!(run.stderr.contains("No space left on device"), "{run:#?}");
+    let log = fs::read_to_string(world.path().join("w1.log")).unwrap_or_default();
+    assert!(log.contains("each job runs in its own cgroup"), "{log}");
+    assert!(log.contains("each job's directory is a tmpfs"), "{log}");
     cluster.assert_still_serves();
 }
 
