@@ -108,8 +108,9 @@ pub const SEAL_LEN: usize = 8 + 32;
 pub fn split_seal(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
     if bytes.len() >= HEADER_LEN {
         let stored_len = u64::from_le_bytes(array(&bytes[88..96]));
+        // Checked: a hostile length near u64::MAX must not overflow (found by the `entry` fuzz target).
         if let Some(entry_len) = stored_len.checked_add(MIN_LEN as u64).and_then(|l| usize::try_from(l).ok())
-            && bytes.len() == entry_len + SEAL_LEN
+            && entry_len.checked_add(SEAL_LEN) == Some(bytes.len())
             && bytes[entry_len..entry_len + 8] == SEAL_MAGIC
         {
             return (&bytes[..entry_len], Some(&bytes[entry_len + 8..]));
@@ -461,6 +462,19 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `entry` fuzz target: a stored length near `u64::MAX` overflowed the seal
+    /// arithmetic (a panic, i.e. a failed build, served by a hostile tier). Now it is an error.
+    #[test]
+    fn a_huge_stored_length_is_an_error_not_a_panic() {
+        let bytes: Vec<u8> = (0..129).map(|i| u8::from_str_radix(&"7700ffffffffffffffffffffffffffff00000000000000000000000000000000000000000000000000000000000000010000000100000001ffffffffff0000020000000000000010ffffffffffffffffffffffffff00000066ffffffffffffffffffffffffff6affffffffffffffffffffffffffffffffffffffffffffffffffff"[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let key = CacheKey(bytes[..32].try_into().unwrap());
+        assert_eq!(split_seal(&bytes).1, None);
+        assert!(Entry::decode(&bytes, &key).is_err());
+        assert!(Entry::check(&bytes, &key).is_err());
+        assert!(check_stream(&bytes[..], bytes.len() as u64, &key).is_err());
+        assert!(unseal(&bytes, &[9; 32]).is_err());
+    }
 
     fn entry(payload: Vec<u8>) -> Entry {
         Entry { kind: EntryKind::Result, key: CacheKey([7; 32]), toolchain: [9; 32], payload }

@@ -214,8 +214,8 @@ fn processes_together_hit_the_job_memory_limit() {
     }
     let job = Job::with_macro(
         r#"let children: Vec<_> = (0..6)
-            .map(|_| std::process::Command::new("/bin/sh")
-                .args(["-c", "/usr/bin/head -c 200000000 /dev/zero | /usr/bin/tail -c 200000000 > /dev/null"])
+            .map(|_| std::process::Command::new("/usr/bin/bash")
+                .args(["-o", "pipefail", "-c", "/usr/bin/head -c 200000000 /dev/zero | /usr/bin/tail -c 200000000 | (/usr/bin/sleep 2; /usr/bin/cat > /dev/null)"])
                 .spawn().unwrap())
             .collect();
         for mut child in children {

@@ -570,14 +570,39 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
     assert!(run.stderr.contains("memory allocation of 67108864 bytes failed"), "{run:#?}");
     cluster.assert_still_serves();
 
+    // A symlink to a host file in place of the early `.rmeta`, announced as rustc would (the
+    // announcement is what makes the worker read it while the job runs): nothing is read through
+    // it, and the job's other outputs still arrive.
+    let mut swap = Job::attack(
+        world,
+        "swap",
+        &r#"let out = "@OUT@";
+        std::fs::create_dir_all(out).unwrap();
+        std::os::unix::fs::symlink("@SECRET@", format!("{out}/libvictim.rmeta")).unwrap();
+        eprintln!("{{\"$message_type\":\"artifact\",\"artifact\":\"{out}/libvictim.rmeta\",\"emit\":\"metadata\"}}");
+        "pub fn swapped() {}".parse().unwrap()"#
+            .replace("@OUT@", &path_string(&world.path().join("job-swap/out")))
+            .replace("@SECRET@", &path_string(&secret)),
+    );
+    swap.more_outputs.push(swap.dir.join("out/libvictim.rmeta"));
+    let run = cluster.run(&swap);
+    assert!(run.stderr.contains(r#""emit":"metadata""#), "the macro did not announce: {run:#?}");
+    let secret_bytes = fs::read(&secret).expect("the secret");
+    for (path, bytes) in &run.outputs {
+        assert!(!contains(bytes, &secret_bytes), "{path} carried the host file: {run:#?}");
+    }
+    assert!(!run.outputs.contains_key(&path_string(&swap.dir.join("out/libvictim.rmeta"))), "{run:#?}");
+    cluster.assert_still_serves();
+
     // The rest hold per job, not per process, where the worker has them (root here, as in CI):
     // six processes of 400 MB each fit a per-process limit of 2 GiB, not a job's cgroup of 2 GiB.
+    // (Each `tail` holds its 400 MB until the reader wakes up after 2 s, so all six overlap.)
     let processes = Job::attack(
         world,
         "processes",
         r#"let children: Vec<_> = (0..6)
-            .map(|_| std::process::Command::new("/bin/sh")
-                .args(["-c", "/usr/bin/head -c 400000000 /dev/zero | /usr/bin/tail -c 400000000 > /dev/null"])
+            .map(|_| std::process::Command::new("/usr/bin/bash")
+                .args(["-o", "pipefail", "-c", "/usr/bin/head -c 400000000 /dev/zero | /usr/bin/tail -c 400000000 | (/usr/bin/sleep 2; /usr/bin/cat > /dev/null)"])
                 .spawn().unwrap())
             .collect();
         for mut child in children {
@@ -943,8 +968,12 @@ fn a_job_with_a_forged_input_never_reaches_an_honest_client() {
 
     // The attack: the forged library goes up with the job; the worker compiles and publishes.
     static_lib(666);
-    let job =
-        Job { dir: dir.clone(), args: args.clone(), inputs: vec![dir.join("lib.rs"), native.join("libanswer.a")] };
+    let job = Job {
+        dir: dir.clone(),
+        args: args.clone(),
+        inputs: vec![dir.join("lib.rs"), native.join("libanswer.a")],
+        more_outputs: Vec::new(),
+    };
     cluster.upload_inputs(&job);
     let request = v1::RunJobRequest {
         outputs: ["libvictim.rlib", "libvictim.rmeta", "victim.d"].map(|f| path_string(&out.join(f))).into(),
@@ -1499,6 +1528,8 @@ struct Job {
     dir: PathBuf,
     args: Vec<String>,
     inputs: Vec<PathBuf>,
+    /// Declared outputs besides `out/libvictim.rlib`.
+    more_outputs: Vec<PathBuf>,
 }
 
 impl Job {
@@ -1544,7 +1575,7 @@ impl Job {
             inputs.push(dir.join("libevil.so"));
         }
         args.extend([path_string(&dir.join("lib.rs")), "--out-dir".into(), path_string(&dir.join("out"))]);
-        Job { dir, args, inputs }
+        Job { dir, args, inputs, more_outputs: Vec::new() }
     }
 
     /// The RunJob request a client would send for this compile.
@@ -1567,7 +1598,11 @@ impl Job {
                     executable: false,
                 })
                 .collect(),
-            outputs: vec![path_string(&self.dir.join("out/libvictim.rlib"))],
+            outputs: [self.dir.join("out/libvictim.rlib")]
+                .iter()
+                .chain(&self.more_outputs)
+                .map(|p| path_string(p))
+                .collect(),
             dirs: vec![path_string(&self.dir.join("out"))],
             basedirs: Vec::new(),
         }
@@ -1937,4 +1972,8 @@ fn path_string(path: &Path) -> String {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
