@@ -526,6 +526,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A size for people, binary units: `20 GiB`, `1.5 MiB`, `512 B`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    format!("{} {}", text.strip_suffix(".0").unwrap_or(&text), UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,6 +550,17 @@ mod tests {
 
     fn entry(payload: &[u8]) -> Entry {
         Entry { kind: EntryKind::Result, key: CacheKey([3; 32]), toolchain: [0; 32], payload: payload.to_vec() }
+    }
+
+    #[test]
+    fn sizes_both_ways() {
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("10X").unwrap_err().contains("unknown unit"));
+        assert_eq!(format_size(20 << 30), "20 GiB");
+        assert_eq!(format_size(3 << 19), "1.5 MiB");
+        assert_eq!(format_size(512), "512 B");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod rustc;
 mod sealed;
 mod store;
 
-pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, parse_size};
+pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, format_size, parse_size};
 pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, check_stream, seal, split_seal, unseal};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use memcached::{CHUNK as MEMCACHED_CHUNK, MemcachedStore, parse_memcached_url};

@@ -156,6 +156,10 @@ fn upload(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
         let mut client = crate::cluster::scheduler(config).await?;
         crate::cluster::upload(&mut client, &packaged).await
     })?;
+    // The toolchain is on the scheduler: should the scheduler evict it later, the next compile
+    // uploads it again at once instead of taking the last attempt's marker for a failure.
+    let marker = crate::files::toolchain_upload_lock(&config.cache_dir, &id).with_extension("started");
+    let _ = std::fs::remove_file(marker);
     if args.json {
         println!("{}", serde_json::json!({ "id": id.to_hex(), "uploaded": sent > 0, "bytes_sent": sent }));
     } else if sent > 0 {

@@ -2,8 +2,14 @@
 //! whose age says whether they are still in force.
 
 use std::fs::{self, File};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The lock a background upload of `toolchain` holds while it runs; beside it, with the
+/// extension `started`, the marker of its last attempt (see `compile::remote`).
+pub fn toolchain_upload_lock(cache_dir: &Path, toolchain: &ferry_toolchains::ToolchainId) -> PathBuf {
+    cache_dir.join("toolchains/locks").join(format!("upload-{toolchain}.lock"))
+}
 
 /// Opens (creating it and its directory) the lock file at `path`, without locking it.
 pub fn lock_file(path: &Path) -> std::io::Result<File> {

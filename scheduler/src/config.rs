@@ -9,6 +9,7 @@
 //! | queue wait before "compile locally" | `queue_timeout_ms` | — | `5000` |
 //! | largest gRPC message | `max_message_bytes` | — | `16777216` |
 //! | largest toolchain archive | `max_toolchain_bytes` | — | `4294967296` |
+//! | toolchain archives kept (least recently used evicted beyond it; a larger archive is refused) | `archive_store_size` | `FERRY_ARCHIVE_STORE_SIZE` | `20G` |
 //! | shared cache tier size (evicts least recently used beyond it) | `cache_size` | `FERRY_SHARED_CACHE_SIZE` | `20G` |
 //! | largest shared cache entry | `max_entry_bytes` | — | `1073741824` |
 //! | shared cache transfers served at once (each holds at most ~7 MiB: the bound on the tier's memory) | `cache_concurrency` | — | `16` |
@@ -25,8 +26,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use ferry_cache::format_size;
 use ferry_proto::{Role, Tokens, check_exposure, tokens_from_config};
 use serde::Deserialize;
+
+/// `archive_store_size` when not set: about a hundred toolchains (an archive of rustc with one
+/// target is about 200 MiB).
+const DEFAULT_ARCHIVE_STORE_SIZE: u64 = 20 << 30;
 
 /// The resolved configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +47,9 @@ pub struct SchedulerConfig {
     pub queue_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_toolchain_bytes: u64,
+    /// The most bytes of toolchain archives kept (`<data_dir>/toolchains`): least recently used
+    /// (uploaded, asked for by a client, fetched by a worker) archives go beyond it.
+    pub archive_store_size: u64,
     /// The shared cache tier's size limit (`<data_dir>/cache`).
     pub cache_size: u64,
     pub max_entry_bytes: u64,
@@ -65,6 +74,7 @@ struct FileConfig {
     queue_timeout_ms: Option<u64>,
     max_message_bytes: Option<usize>,
     max_toolchain_bytes: Option<u64>,
+    archive_store_size: Option<String>,
     cache_size: Option<String>,
     max_entry_bytes: Option<u64>,
     cache_concurrency: Option<usize>,
@@ -112,6 +122,12 @@ impl SchedulerConfig {
                 .with_context(|| format!("{origin}: key 'cache_size' (or FERRY_SHARED_CACHE_SIZE)"))?,
             None => 20 << 30,
         };
+        let archive_store_size = match env("FERRY_ARCHIVE_STORE_SIZE").or(parsed.archive_store_size) {
+            Some(text) => ferry_cache::parse_size(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{origin}: key 'archive_store_size' (or FERRY_ARCHIVE_STORE_SIZE)"))?,
+            None => DEFAULT_ARCHIVE_STORE_SIZE,
+        };
         Ok(SchedulerConfig {
             origin,
             listen,
@@ -120,6 +136,7 @@ impl SchedulerConfig {
             queue_timeout: Duration::from_millis(parsed.queue_timeout_ms.unwrap_or(5_000)),
             max_message_bytes: parsed.max_message_bytes.unwrap_or(16 << 20),
             max_toolchain_bytes: parsed.max_toolchain_bytes.unwrap_or(4 << 30),
+            archive_store_size,
             cache_size,
             max_entry_bytes: parsed.max_entry_bytes.unwrap_or(1 << 30),
             cache_concurrency: parsed.cache_concurrency.unwrap_or(16).max(1),
@@ -175,10 +192,16 @@ impl SchedulerConfig {
             format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
             format!("tokens: {}", token_counts(&self.tokens)),
             format!(
+                "toolchain archives: {} in {}, each up to {} (least recently used evicted)",
+                format_size(self.archive_store_size),
+                self.data_dir.join("toolchains").display(),
+                format_size(self.max_toolchain_bytes.min(self.archive_store_size))
+            ),
+            format!(
                 "shared cache: {} in {}, entries up to {}",
-                human_bytes(self.cache_size),
+                format_size(self.cache_size),
                 self.data_dir.join("cache").display(),
-                human_bytes(self.max_entry_bytes)
+                format_size(self.max_entry_bytes)
             ),
             format!("http: {}", self.http.as_deref().unwrap_or("off")),
         ];
@@ -222,19 +245,6 @@ fn token_counts(tokens: &Tokens) -> String {
         .map(|role| format!("{role} {}", map.values().filter(|held| held.contains(role)).count()))
         .collect();
     format!("{} ({})", map.len(), counts.join(", "))
-}
-
-/// `20 GiB`, `1.5 MiB`, `512 B`.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.1}");
-    format!("{} {}", text.strip_suffix(".0").unwrap_or(&text), UNITS[unit])
 }
 
 pub(crate) fn tokens(entries: Vec<TokenEntry>) -> anyhow::Result<Tokens> {
@@ -282,12 +292,5 @@ mod tests {
         std::fs::write(dir.path().join("f"), "").unwrap();
         let err = ferry_proto::daemon::check_writable_dir(&dir.path().join("f/x")).unwrap_err();
         assert_eq!(err, format!("{} is not a directory", dir.path().join("f").display()));
-    }
-
-    #[test]
-    fn sizes_for_people() {
-        assert_eq!(human_bytes(20 << 30), "20 GiB");
-        assert_eq!(human_bytes(3 << 19), "1.5 MiB");
-        assert_eq!(human_bytes(512), "512 B");
     }
 }

@@ -18,6 +18,8 @@
 //! | `ferry_toolchain_transfers_total` | counter | `direction`: `upload`, `fetch`; `result`: `ok`, `refused` |
 //! | `ferry_toolchain_bytes_total` | counter | `direction` |
 //! | `ferry_toolchains` | gauge | archives stored |
+//! | `ferry_toolchain_store_bytes` | gauge | bytes of archives stored (at most `archive_store_size`) |
+//! | `ferry_toolchains_evicted_total` | counter | archives removed to make room for an upload |
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,6 +55,8 @@ pub struct Metrics {
     toolchain_transfers: Family<Labels, Counter>,
     toolchain_bytes: Family<Labels, Counter>,
     toolchains: Gauge,
+    toolchain_store_bytes: Gauge,
+    toolchains_evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +81,8 @@ impl Default for Metrics {
             toolchain_transfers: Family::default(),
             toolchain_bytes: Family::default(),
             toolchains: Gauge::default(),
+            toolchain_store_bytes: Gauge::default(),
+            toolchains_evicted: Counter::default(),
         }
     }
 }
@@ -120,6 +126,16 @@ impl Metrics {
             self.toolchain_bytes.clone(),
         );
         r.register("ferry_toolchains", "Toolchain archives stored", self.toolchains.clone());
+        r.register(
+            "ferry_toolchain_store_bytes",
+            "Bytes of toolchain archives stored",
+            self.toolchain_store_bytes.clone(),
+        );
+        r.register(
+            "ferry_toolchains_evicted",
+            "Toolchain archives removed to make room for an upload",
+            self.toolchains_evicted.clone(),
+        );
         r
     }
 
@@ -148,6 +164,10 @@ impl Metrics {
         self.toolchain_bytes.get_or_create(&label("direction", direction)).inc_by(bytes);
     }
 
+    pub fn toolchains_evicted(&self, count: u64) {
+        self.toolchains_evicted.inc_by(count);
+    }
+
     /// Sets the gauges (and the job counters) from the scheduler's state.
     fn refresh(&self, service: &Service) {
         let status = service.state_status();
@@ -168,6 +188,7 @@ impl Metrics {
             *seen = (status.jobs_done.max(seen.0), status.jobs_failed.max(seen.1));
         }
         self.toolchains.set(service.toolchain_records().len() as i64);
+        self.toolchain_store_bytes.set(service.toolchain_store_bytes() as i64);
         if let Some(usage) = service.cache_usage() {
             self.cache_size.set(usage.bytes as i64);
             self.cache_entries.set(usage.entries as i64);

@@ -79,7 +79,7 @@ struct Inner {
 
 impl Service {
     pub fn new(config: SchedulerConfig, shutdown: CancellationToken) -> std::io::Result<Service> {
-        let archives = ArchiveStore::open(&config.data_dir)?;
+        let archives = ArchiveStore::open(&config.data_dir, config.archive_store_size)?;
         let cache = DiskStore::open(
             config.data_dir.join("cache"),
             DiskConfig { max_bytes: config.cache_size, grace: CACHE_GRACE },
@@ -185,6 +185,10 @@ impl Service {
 
     pub(crate) fn toolchain_records(&self) -> Vec<Record> {
         self.shared.archives.list()
+    }
+
+    pub(crate) fn toolchain_store_bytes(&self) -> u64 {
+        self.shared.archives.bytes()
     }
 
     /// The workers holding toolchain `id`.
@@ -345,7 +349,12 @@ impl SchedulerApi for Service {
     ) -> Result<Response<v1::HasToolchainResponse>, Status> {
         require(&request, Role::Client, "HasToolchain")?;
         let id = ToolchainId(digest(request.get_ref().id.as_ref(), "id")?);
-        Ok(Response::new(v1::HasToolchainResponse { present: self.shared.archives.has(&id) }))
+        let present = self.shared.archives.has(&id);
+        if present {
+            // A client asks before every remote compile: the toolchains in use are kept.
+            self.shared.archives.touch(&id);
+        }
+        Ok(Response::new(v1::HasToolchainResponse { present }))
     }
 
     async fn upload_toolchain(
@@ -365,6 +374,12 @@ impl SchedulerApi for Service {
             return Err(Status::invalid_argument(format!(
                 "archive of {} bytes is over the limit of {max}",
                 header.size
+            )));
+        }
+        if header.size > self.shared.archives.limit() {
+            return Err(Status::invalid_argument(crate::archives::too_large(
+                header.size,
+                self.shared.archives.limit(),
             )));
         }
         if self.shared.archives.has(&id) {
@@ -415,12 +430,21 @@ impl SchedulerApi for Service {
             .map_err(Status::invalid_argument)
             .inspect_err(|_| self.shared.metrics.toolchain_transfer("upload", false, received))?;
         let shared = Arc::clone(&self.shared);
-        let stored = tokio::task::spawn_blocking(move || shared.archives.publish(incoming, &id, record))
+        let published = tokio::task::spawn_blocking(move || shared.archives.publish(incoming, &id, record))
             .await
             .map_err(|e| Status::internal(format!("verifying the upload: {e}")))?
             .map_err(Status::invalid_argument)?;
-        info!(toolchain = %id, stored, "toolchain uploaded");
+        let stored = published.stored;
+        info!(toolchain = %id, stored, evicted = published.evicted.len(), "toolchain uploaded");
         self.shared.metrics.toolchain_transfer("upload", true, received);
+        if !published.evicted.is_empty() {
+            // Forgotten: nothing waits for their prefetch, and a client asking is told to upload.
+            let mut inner = self.shared.lock();
+            for evicted in &published.evicted {
+                inner.prefetching.remove(evicted);
+            }
+            self.shared.metrics.toolchains_evicted(published.evicted.len() as u64);
+        }
         if stored {
             // Best effort: a worker whose stream is full fetches on its first job instead.
             let prefetch = v1::SchedulerMessage {

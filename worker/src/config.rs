@@ -13,6 +13,7 @@
 //! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
 //! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, `redis://[user:pw@]host[:port][/db]` or `memcached://host:port[,host:port…]` |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
+//! | input blobs kept (least recently used evicted beyond it) | `blob_store_size` | `FERRY_BLOB_STORE_SIZE` | `10G` |
 //! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
 //! | non-loopback without TLS | `insecure` | — | `false` |
@@ -42,6 +43,10 @@ use serde::Deserialize;
 use crate::check::{CheckFailed, CheckReport};
 use crate::sandbox::SandboxConfig;
 
+/// `blob_store_size` when not set: room for the inputs of many builds (a job's are mostly sources
+/// and dependencies' `.rmeta` files, a few MB), small next to a build machine's disk.
+const DEFAULT_BLOB_STORE_SIZE: u64 = 10 << 30;
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Where the file settings came from (the `--config` path, or `<defaults>`): messages name it.
@@ -55,6 +60,9 @@ pub struct WorkerConfig {
     pub token: Option<String>,
     pub ca: Option<PathBuf>,
     pub toolchain_cache_bytes: u64,
+    /// The most bytes of input blobs kept (`<data_dir>/blobs`): clients' uploads are bounded by
+    /// it, least recently used blobs evicted (see `blobs.rs`).
+    pub blob_store_size: u64,
     /// Where the worker publishes the results of the jobs it runs.
     pub shared_cache: SharedTierSpec,
     /// The site's shared-tier key: entries the worker publishes are sealed under it.
@@ -80,6 +88,7 @@ struct FileConfig {
     token: Option<String>,
     ca: Option<PathBuf>,
     toolchain_cache_bytes: Option<u64>,
+    blob_store_size: Option<String>,
     tls: Option<Tls>,
     /// No longer used (see the module docs); present only to refuse it clearly.
     tokens: Option<toml::Value>,
@@ -181,6 +190,11 @@ impl WorkerConfig {
             ),
             None => None,
         };
+        let blob_store_size = match env("FERRY_BLOB_STORE_SIZE").or(parsed.blob_store_size) {
+            Some(text) => ferry_cache::parse_size(&text)
+                .map_err(|e| anyhow::anyhow!("{origin}: key 'blob_store_size' (or FERRY_BLOB_STORE_SIZE): {e}"))?,
+            None => DEFAULT_BLOB_STORE_SIZE,
+        };
         let defaults = SandboxConfig::default();
         let s = parsed.sandbox;
         let sandbox = SandboxConfig {
@@ -204,6 +218,7 @@ impl WorkerConfig {
             token: env("FERRY_TOKEN").or(parsed.token),
             ca: env("FERRY_CA").map(PathBuf::from).or(parsed.ca),
             toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
+            blob_store_size,
             shared_cache,
             shared_key,
             tls,
@@ -298,6 +313,12 @@ impl WorkerConfig {
             format!("id: {}", self.id.as_deref().unwrap_or("<hostname>-<port>")),
             format!("slots: {}", self.slots),
             format!("data dir: {}", self.data_dir.display()),
+            format!(
+                "blob store: {} in {} (least recently used evicted); unpacked toolchains: {}",
+                ferry_cache::format_size(self.blob_store_size),
+                self.data_dir.join("blobs").display(),
+                ferry_cache::format_size(self.toolchain_cache_bytes)
+            ),
             format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
             format!("shared cache: {shared}, {sealed}"),
             format!("sandbox: {} ({}), jobs run as {jobs_as}", sandbox.bwrap_version, sandbox.bwrap.display(),),

@@ -6,6 +6,7 @@
 //! | `ferry_worker_job_seconds` | histogram | a job's time on this worker, placing its files included |
 //! | `ferry_worker_slots` | gauge | `state`: `total`, `busy` |
 //! | `ferry_worker_blob_bytes_total` | counter | input bytes received |
+//! | `ferry_worker_blob_store_bytes` | gauge | bytes the blob store holds (at most `blob_store_size`) |
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub struct Metrics {
     job_seconds: Histogram,
     slots: Family<Labels, Gauge>,
     blob_bytes: Counter,
+    blob_store_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -35,6 +37,7 @@ impl Default for Metrics {
             job_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 17)),
             slots: Family::default(),
             blob_bytes: Counter::default(),
+            blob_store_bytes: Gauge::default(),
         }
     }
 }
@@ -46,6 +49,7 @@ impl Metrics {
         r.register("ferry_worker_job_seconds", "Time of a job on this worker", self.job_seconds.clone());
         r.register("ferry_worker_slots", "Job slots, and how many are busy", self.slots.clone());
         r.register("ferry_worker_blob_bytes", "Input bytes received from clients", self.blob_bytes.clone());
+        r.register("ferry_worker_blob_store_bytes", "Bytes the blob store holds", self.blob_store_bytes.clone());
         r
     }
 
@@ -62,13 +66,14 @@ impl Metrics {
     }
 }
 
-/// The router for `--http`: `/metrics`, its slot gauges read at each scrape.
+/// The router for `--http`: `/metrics`, its slot and blob store gauges read at each scrape.
 pub fn router(shared: Arc<Shared>, slots: u32) -> axum::Router {
     let registry = Arc::new(shared.metrics.registry());
     let refresh: ferry_proto::http::Refresh = Arc::new(move || {
         let busy = shared.running.lock().unwrap_or_else(|p| p.into_inner()).len() as i64;
         shared.metrics.slots.get_or_create(&vec![("state", "total".to_owned())]).set(i64::from(slots));
         shared.metrics.slots.get_or_create(&vec![("state", "busy".to_owned())]).set(busy);
+        shared.metrics.blob_store_bytes.set(shared.blobs.bytes() as i64);
     });
     ferry_proto::http::metrics_router(registry, refresh)
 }

@@ -57,7 +57,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         worker_id: worker_id.clone(),
         grant_keys: Mutex::new(Vec::new()),
         granted: Mutex::new(HashMap::new()),
-        blobs: BlobStore::open(data).context("opening the blob store")?,
+        blobs: BlobStore::open(data, config.blob_store_size).context("opening the blob store")?,
         toolchains: ToolchainCache::open(data, config.toolchain_cache_bytes).context("opening the toolchain cache")?,
         sandbox: config.sandbox.clone(),
         jobs_dir,

@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobStore, Hold, StoreError};
 use crate::observe::{JobObserver, JobView};
 use crate::sandbox::{self, SandboxConfig, SandboxJob};
 use crate::toolchain_cache::ToolchainCache;
@@ -114,12 +114,14 @@ impl WorkerApi for Service {
         &self,
         request: Request<v1::FindMissingRequest>,
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
-        granted(&request)?;
+        let grant = granted(&request)?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
+        // What is here now stays until the job runs, or its grant expires.
+        let hold = Hold::until(grant.job_id, grant.expires_ms);
         // Off the async threads: a blob kept over an unclean stop is hashed on its first lookup.
         let shared = Arc::clone(&self.shared);
         let missing = tokio::task::spawn_blocking(move || {
-            wanted.iter().filter(|d| !shared.blobs.has(d)).map(|d| to_digest(*d)).collect()
+            wanted.iter().filter(|d| !shared.blobs.has(d, hold)).map(|d| to_digest(*d)).collect()
         })
         .await
         .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?;
@@ -130,7 +132,10 @@ impl WorkerApi for Service {
         &self,
         request: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::UploadBlobsResponse>, Status> {
-        granted(&request)?;
+        let grant = granted(&request)?;
+        let hold = Hold::until(grant.job_id, grant.expires_ms);
+        // No blob larger than the whole store is written to disk only to be refused.
+        let max_blob = MAX_BLOB_BYTES.min(self.shared.blobs.limit());
         let mut inbound = request.into_inner();
         let mut current: Option<crate::blobs::IncomingBlob> = None;
         let mut stored = 0;
@@ -151,14 +156,17 @@ impl WorkerApi for Service {
                 None => current
                     .insert(self.shared.blobs.begin(d).map_err(|e| Status::internal(format!("storing blob: {e}")))?),
             };
-            if blob.received + chunk.data.len() as u64 > MAX_BLOB_BYTES {
-                return Err(Status::resource_exhausted(format!("a blob may be at most {MAX_BLOB_BYTES} bytes")));
+            if blob.received + chunk.data.len() as u64 > max_blob {
+                return Err(Status::resource_exhausted(format!(
+                    "a blob may be at most {max_blob} bytes here (the largest blob, or this worker's \
+                     blob_store_size)"
+                )));
             }
             blob.write(&chunk.data).map_err(|e| Status::internal(format!("storing blob: {e}")))?;
             self.shared.metrics.blob_bytes(chunk.data.len() as u64);
             if chunk.last {
                 let blob = current.take().expect("current blob");
-                self.shared.blobs.finish(blob).map_err(Status::invalid_argument)?;
+                self.shared.blobs.finish(blob, hold).map_err(store_status)?;
                 stored += 1;
             }
         }
@@ -217,7 +225,10 @@ impl Service {
     /// The rest of [`Service::start_job`], once the job is claimed.
     async fn prepare_job(&self, job: Job) -> Result<BoxStream<v1::JobEvent>, (Status, bool)> {
         let refused = |s: Status| (s, false);
-        let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d)).count();
+        // The job holds its inputs until it ends: none is evicted before it is placed.
+        let inputs_held = InputsHeld { shared: Arc::clone(&self.shared), job: job.id };
+        let running = Hold::running(job.id);
+        let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d, running)).count();
         if missing > 0 {
             let message = format!("{missing} input blobs are missing; upload them first");
             return Err(refused(Status::failed_precondition(message)));
@@ -259,6 +270,7 @@ impl Service {
                 }
             };
             shared.metrics.job(outcome, Some(started.elapsed().as_secs_f64()));
+            drop(inputs_held);
             drop(lease);
             drop(permit);
             shared.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
@@ -297,6 +309,28 @@ impl Drop for Abandoned {
             });
             self.shared.job_ended.notify_one();
         }
+    }
+}
+
+/// Lets go of the blobs a job holds when dropped: when it ends, or when it does not start.
+struct InputsHeld {
+    shared: Arc<Shared>,
+    job: u64,
+}
+
+impl Drop for InputsHeld {
+    fn drop(&mut self) {
+        self.shared.blobs.release(self.job);
+    }
+}
+
+/// A blob not stored, as the client hears it: a full store is this worker's state, not the
+/// client's mistake (it compiles locally and may try again).
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Mismatch { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::TooLarge { .. } | StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::Io(_) => Status::internal(e.to_string()),
     }
 }
 

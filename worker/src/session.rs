@@ -2,19 +2,50 @@
 //! lease (busy slots, unpacked toolchains, jobs ended and running), and when the scheduler goes
 //! away, reconnect with capped exponential backoff — forever, until shutdown. A `prefetch` from
 //! the scheduler (a toolchain was just uploaded) fetches and unpacks that toolchain in the
-//! background, so the first jobs that need it do not wait for it.
+//! background, so the first jobs that need it do not wait for it: one at a time, a few waiting,
+//! a duplicate or one beyond the queue ignored ([`Prefetcher`]). A job that needs a toolchain
+//! no prefetch brought fetches it itself.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::TokenInterceptor;
 use ferry_proto::to_digest;
 use ferry_proto::v1::scheduler_client::SchedulerClient;
 use ferry_proto::v1::{self, scheduler_message, worker_message};
+use ferry_toolchains::ToolchainId;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::service::Shared;
+
+/// Prefetches run one at a time: unpacking a toolchain takes every core and much of the disk for
+/// seconds, and jobs run beside it. (Jobs fetch what they need themselves, whatever this queue
+/// holds; a slot bounds those.)
+pub const PREFETCHES_AT_ONCE: usize = 1;
+/// Prefetches waiting behind the one running; more are dropped, so a burst of uploads (each
+/// one a prefetch to every worker) costs a worker at most this many unpacks in a row.
+pub const PREFETCH_QUEUE: usize = 4;
+
+/// The worker's prefetch queue: [`PREFETCHES_AT_ONCE`] running, [`PREFETCH_QUEUE`] waiting, a
+/// toolchain already running or waiting not queued twice.
+#[derive(Debug)]
+pub(crate) struct Prefetcher {
+    queue: tokio::sync::mpsc::Sender<ToolchainId>,
+    /// Toolchains waiting or being fetched.
+    pending: Arc<Mutex<HashSet<ToolchainId>>>,
+}
+
+/// What became of a prefetch request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prefetch {
+    Queued,
+    /// Waiting or being fetched already.
+    Duplicate,
+    /// [`PREFETCH_QUEUE`] are waiting: dropped.
+    QueueFull,
+}
 
 /// What the worker tells the scheduler about itself.
 #[derive(Debug, Clone)]
@@ -31,11 +62,15 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
+    let prefetcher = {
+        let shared = Arc::clone(&shared);
+        Prefetcher::start(move |id| prefetch(Arc::clone(&shared), id), shutdown.clone())
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async {
             let channel = connect().await?;
-            session(channel, token.clone(), &identity, &shared, &shutdown, &mut backoff).await
+            session(channel, token.clone(), &identity, &shared, &prefetcher, &shutdown, &mut backoff).await
         };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -57,6 +92,7 @@ async fn session(
     token: TokenInterceptor,
     identity: &Identity,
     shared: &Arc<Shared>,
+    prefetcher: &Prefetcher,
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
@@ -92,8 +128,16 @@ async fn session(
             _ = shutdown.cancelled() => return Ok(()),
             m = inbound.message() => match m? {
                 Some(v1::SchedulerMessage { kind: Some(scheduler_message::Kind::Prefetch(t)) }) => {
-                    match ferry_proto::digest(t.id.as_ref(), "id") {
-                        Ok(id) => prefetch(Arc::clone(shared), ferry_toolchains::ToolchainId(id)),
+                    match ferry_proto::digest(t.id.as_ref(), "id").map(ToolchainId) {
+                        Ok(id) if shared.toolchains.present().contains(&id) => {}
+                        Ok(id) => match prefetcher.request(id) {
+                            Prefetch::Queued | Prefetch::Duplicate => {}
+                            Prefetch::QueueFull => tracing::info!(
+                                toolchain = %id,
+                                waiting = PREFETCH_QUEUE,
+                                "prefetch dropped: the queue is full (the first job that needs it fetches it)"
+                            ),
+                        },
                         Err(e) => tracing::warn!(error = %e, "bad prefetch message"),
                     }
                     continue;
@@ -117,15 +161,107 @@ async fn session(
 }
 
 /// Fetches and unpacks `id` unless it is here already (concurrent jobs share the one fetch).
-fn prefetch(shared: Arc<Shared>, id: ferry_toolchains::ToolchainId) {
-    tokio::spawn(async move {
-        match shared.toolchain(id).await {
-            Ok(_) => {
-                tracing::info!(toolchain = %id, "prefetched a newly uploaded toolchain");
-                // Report at once: the scheduler holds this toolchain's jobs back until a worker has it.
-                shared.job_ended.notify_one();
-            }
-            Err(e) => tracing::warn!(toolchain = %id, error = %e, "prefetching a toolchain failed"),
+async fn prefetch(shared: Arc<Shared>, id: ToolchainId) {
+    match shared.toolchain(id).await {
+        Ok(_) => {
+            tracing::info!(toolchain = %id, "prefetched a newly uploaded toolchain");
+            // Report at once: the scheduler holds this toolchain's jobs back until a worker has it.
+            shared.job_ended.notify_one();
         }
-    });
+        Err(e) => tracing::warn!(toolchain = %id, error = %e, "prefetching a toolchain failed"),
+    }
+}
+
+impl Prefetcher {
+    /// Starts the task that runs prefetches (`fetch`), one after the other, until `shutdown`.
+    pub fn start<F, Fut>(fetch: F, shutdown: CancellationToken) -> Prefetcher
+    where
+        F: Fn(ToolchainId) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        const { assert!(PREFETCHES_AT_ONCE == 1, "one task runs them in turn") };
+        let (queue, mut waiting) = tokio::sync::mpsc::channel(PREFETCH_QUEUE);
+        let pending: Arc<Mutex<HashSet<ToolchainId>>> = Arc::default();
+        let done = Arc::clone(&pending);
+        tokio::spawn(async move {
+            loop {
+                let id = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    id = waiting.recv() => match id { Some(id) => id, None => return },
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = fetch(id) => {}
+                }
+                done.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            }
+        });
+        Prefetcher { queue, pending }
+    }
+
+    /// Queues a prefetch of `id`, unless it is waiting or running already or the queue is full.
+    pub fn request(&self, id: ToolchainId) -> Prefetch {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.insert(id) {
+            return Prefetch::Duplicate;
+        }
+        match self.queue.try_send(id) {
+            Ok(()) => Prefetch::Queued,
+            Err(_) => {
+                pending.remove(&id);
+                Prefetch::QueueFull
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prefetches that wait for the test to let each one finish, counting how many run at once.
+    #[tokio::test]
+    async fn prefetches_run_one_at_a_time_without_duplicates_and_a_full_queue_drops_more() {
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let fetch = {
+            let (gate, running, most) = (Arc::clone(&gate), Arc::clone(&running), Arc::clone(&most));
+            move |id: ToolchainId| {
+                let (gate, running, most, started_tx) =
+                    (Arc::clone(&gate), Arc::clone(&running), Arc::clone(&most), started_tx.clone());
+                async move {
+                    use std::sync::atomic::Ordering::SeqCst;
+                    most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    started_tx.send(id).unwrap();
+                    gate.acquire().await.unwrap().forget();
+                    running.fetch_sub(1, SeqCst);
+                }
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let prefetcher = Prefetcher::start(fetch, shutdown.clone());
+        let id = |n: u8| ToolchainId([n; 32]);
+        assert_eq!(prefetcher.request(id(0)), Prefetch::Queued);
+        assert_eq!(started.recv().await, Some(id(0)), "the first one runs");
+        assert_eq!(prefetcher.request(id(0)), Prefetch::Duplicate, "running");
+        for n in 1..=PREFETCH_QUEUE as u8 {
+            assert_eq!(prefetcher.request(id(n)), Prefetch::Queued);
+        }
+        assert_eq!(prefetcher.request(id(1)), Prefetch::Duplicate, "waiting");
+        assert_eq!(prefetcher.request(id(9)), Prefetch::QueueFull);
+        gate.add_permits(PREFETCH_QUEUE + 1);
+        for n in 1..=PREFETCH_QUEUE as u8 {
+            assert_eq!(started.recv().await, Some(id(n)), "in the order they came");
+        }
+        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), PREFETCHES_AT_ONCE);
+        // Done: the same toolchain may be asked for again (it was evicted, say).
+        while !prefetcher.pending.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(prefetcher.request(id(0)), Prefetch::Queued);
+        assert_eq!(started.recv().await, Some(id(0)));
+        shutdown.cancel();
+    }
 }

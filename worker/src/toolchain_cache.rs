@@ -1,7 +1,9 @@
 //! Toolchains on a worker: fetched from the scheduler by id, verified and unpacked once into
-//! `<data dir>/toolchains/<id>` (read-only), kept in a size-bounded LRU. Concurrent jobs that need
-//! the same toolchain wait for one unpack (a lock per id); different toolchains never wait on
-//! each other. Toolchains in use are never evicted.
+//! `<data dir>/toolchains/<id>` (read-only), kept in a size-bounded LRU (`toolchain_cache_bytes`:
+//! after each unpack, and at start, the least recently used go until the rest fit). Concurrent
+//! jobs that need the same toolchain wait for one unpack (a lock per id); different toolchains
+//! never wait on each other. Toolchains in use are never evicted, so the unpacked bytes exceed the
+//! limit only by what running jobs (one toolchain per slot) and the one unpack at hand hold.
 
 use std::collections::HashMap;
 use std::fs;
@@ -72,7 +74,10 @@ impl ToolchainCache {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
-        Ok(ToolchainCache { dir, max_bytes, entries: Mutex::new(entries) })
+        let cache = ToolchainCache { dir, max_bytes, entries: Mutex::new(entries) };
+        // A smaller limit than the last run's takes effect now.
+        cache.evict();
+        Ok(cache)
     }
 
     /// The toolchains unpacked here (completely: one being unpacked is not listed).
@@ -96,8 +101,14 @@ impl ToolchainCache {
         F: FnOnce(tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>) -> Fut,
         Fut: std::future::Future<Output = Result<(), String>>,
     {
-        let slot = Arc::clone(self.entries.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default());
-        slot.state.lock().unwrap_or_else(|p| p.into_inner()).in_use += 1;
+        // In use from the moment it is looked up, under the lock eviction takes: never evicted
+        // between the two.
+        let slot = {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = Arc::clone(entries.entry(id).or_default());
+            slot.state.lock().unwrap_or_else(|p| p.into_inner()).in_use += 1;
+            slot
+        };
         let lease = Lease { dir: self.path(&id), slot: Arc::clone(&slot) };
         let _guard = slot.unpack.lock().await;
         if slot.unpacked() && lease.dir.is_dir() {
@@ -193,5 +204,74 @@ fn make_writable(dir: &Path) {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             make_writable(&entry.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_toolchains::{BUILD_HOST, Manifest, ToolchainSet, write_archive};
+
+    /// A toolchain of `bytes` bytes (its `rustc` and one library), made and archived for real;
+    /// its id and archive.
+    fn toolchain(dir: &Path, tag: u8, bytes: usize) -> (ToolchainId, Vec<u8>) {
+        let root = dir.join(format!("toolchain-{tag}"));
+        let lib = root.join(format!("lib/rustlib/{BUILD_HOST}/lib"));
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(&lib).unwrap();
+        fs::write(root.join("bin/rustc"), format!("#!/bin/sh\n# {tag}\n")).unwrap();
+        fs::set_permissions(root.join("bin/rustc"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(lib.join("libstd.rlib"), vec![tag; bytes]).unwrap();
+        let set = ToolchainSet::collect(&root, BUILD_HOST, &[]).unwrap();
+        let manifest = Manifest::compute(&set).unwrap();
+        let mut archive = Vec::new();
+        write_archive(&set, &manifest, &mut archive).unwrap();
+        (manifest.id(), archive)
+    }
+
+    /// The toolchain, fetched from `archive` when it is not here.
+    async fn get(cache: &ToolchainCache, (id, archive): &(ToolchainId, Vec<u8>)) -> Lease {
+        let archive = archive.clone();
+        let fetch = |tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>| async move {
+            tx.send(Ok(archive)).await.map_err(|e| e.to_string())
+        };
+        cache.get(*id, fetch).await.unwrap().0
+    }
+
+    #[tokio::test]
+    async fn over_its_limit_the_least_recently_used_toolchain_goes_never_one_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let [a, b, c] = [1, 2, 3].map(|tag| toolchain(dir.path(), tag, 10_000));
+        let data = dir.path().join("data");
+        // Room for two.
+        let cache = ToolchainCache::open(&data, 25_000).unwrap();
+        let ids = |cache: &ToolchainCache| cache.present();
+        let sorted = |mut v: Vec<ToolchainId>| {
+            v.sort();
+            v
+        };
+        drop(get(&cache, &a).await);
+        drop(get(&cache, &b).await);
+        drop(get(&cache, &a).await); // used again: `b` is now the least recently used
+        drop(get(&cache, &c).await);
+        assert_eq!(ids(&cache), sorted(vec![a.0, c.0]));
+        assert!(!cache.path(&b.0).exists());
+
+        // `a` is the least recently used but a job holds it: `c` goes instead.
+        let held = get(&cache, &a).await;
+        drop(get(&cache, &c).await);
+        drop(get(&cache, &b).await);
+        assert_eq!(ids(&cache), sorted(vec![a.0, b.0]));
+        assert!(held.dir.join("bin/rustc").is_file(), "the job's toolchain is intact");
+        drop(held);
+
+        // A restart knows what is unpacked, and a smaller limit takes effect at once.
+        drop(cache);
+        let cache = ToolchainCache::open(&data, 25_000).unwrap();
+        assert_eq!(ids(&cache), sorted(vec![a.0, b.0]));
+        drop(cache);
+        let cache = ToolchainCache::open(&data, 15_000).unwrap();
+        assert_eq!(ids(&cache).len(), 1, "one fits");
+        assert_eq!(fs::read_dir(data.join("toolchains")).unwrap().count(), 1);
     }
 }

@@ -449,7 +449,7 @@ async fn ensure_toolchain(job: &RemoteJob<'_>, scheduler: &mut crate::cluster::S
     if deadline(Call::HasToolchain, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
         return Ok(());
     }
-    let lock_path = job.config.cache_dir.join("toolchains/locks").join(format!("upload-{}.lock", job.toolchain));
+    let lock_path = crate::files::toolchain_upload_lock(&job.config.cache_dir, &job.toolchain);
     let lock = crate::files::lock_file(&lock_path).map_err(|_| Fallback::ToolchainLock)?;
     match lock.try_lock() {
         Ok(()) => {}

@@ -236,6 +236,31 @@ fn toolchain_upload_once_and_list_shows_holders() {
     assert_eq!((n(&s, "/fallbacks/scheduler-unreachable"), n(&s, "/fallbacks/cluster-backoff")), (1, 1), "{s:#}");
 }
 
+/// A scheduler whose archive store (`archive_store_size`) is smaller than a toolchain forgets the
+/// one it held when it starts — nothing lists it, its files are gone — and refuses its upload,
+/// saying why.
+#[test]
+fn a_toolchain_larger_than_the_archive_store_is_forgotten_and_refused() {
+    let c = Cluster::start(Setup {
+        seed_scheduler: true,
+        scheduler_toml: "archive_store_size = \"1M\"\n",
+        ..Setup::default()
+    });
+    assert_eq!(c.world.ferry_json(&["toolchain", "list", "--json"]), serde_json::json!([]));
+    let store = c.world.path().join("scheduler/toolchains");
+    let left: Vec<PathBuf> =
+        crate::wrapper::files_under(&store).into_iter().filter(|p| !p.starts_with(store.join("tmp"))).collect();
+    assert!(left.is_empty(), "{left:?}");
+    let out = c.world.ferry(&["toolchain", "upload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("larger than the scheduler's whole toolchain store") && stderr.contains("archive_store_size"),
+        "{stderr}"
+    );
+    assert_eq!(c.world.ferry_json(&["toolchain", "list", "--json"]), serde_json::json!([]));
+}
+
 #[test]
 fn toolchain_upload_to_first_job_time() {
     let c = Cluster::start(Setup { workers: 1, ..Setup::default() });
@@ -1155,6 +1180,94 @@ fn a_killed_worker_keeps_its_blobs_and_checks_them_on_first_use() {
     assert_eq!((n(&s, "/compiled_remote"), n(&s, "/bytes_sent")), (RLIBS.len() as u64, 0), "{s:#}");
     let left = crate::wrapper::files_under(&blobs.join("unverified")).len();
     assert!(left < set_aside, "no blob was checked and taken back ({left} of {set_aside} left)");
+}
+
+/// A worker whose blob store holds less than a build's inputs evicts the least recently used
+/// blobs and builds correctly anyway, before and after it is killed and started again (its blobs
+/// then wait for their check, counted against the limit): what `FindMissing` called present stays
+/// until the job has run, and an evicted blob is simply sent again.
+#[test]
+fn a_worker_with_a_small_blob_store_evicts_and_still_builds_correctly_across_a_restart() {
+    // Six crates of 64 KiB of source each, two jobs at once (cargo -j2): room for those two.
+    const LIMIT: u64 = 160 << 10;
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        worker_toml: "blob_store_size = \"160K\"\n",
+        ..Setup::default()
+    });
+    c.world.set("FERRY_SHARED_CACHE", "off");
+    let ws = c.world.path().join("wide");
+    wide_workspace(&ws, 6, 64 << 10);
+    ok_build(cargo_build(&c.world, &ws, false));
+    let expected = wide_outputs(&ws);
+    assert_eq!(expected.len(), 6 * 3 + 2, "{expected:#?}");
+    clean(&c.world, &ws);
+    let blobs = c.world.path().join("worker0/blobs");
+    let stored = || -> u64 {
+        let files = crate::wrapper::files_under(&blobs);
+        files.iter().filter(|p| !p.starts_with(blobs.join("tmp"))).map(|p| fs::metadata(p).map_or(0, |m| m.len())).sum()
+    };
+    for round in ["first", "after-the-restart"] {
+        if round == "after-the-restart" {
+            c.workers[0].kill();
+            c.status_until("the killed worker is gone", |s| workers_of(s).is_empty());
+            assert!(blobs.join("open").exists(), "a killed worker leaves its store marked open");
+            let config = c.world.path().join("worker.toml").display().to_string();
+            c.workers[0] = c.world.worker("worker0", &c.scheduler.url(), &["--slots", "2", "--config", &config]);
+            let id = seed_id_if(true);
+            c.status_until("the worker is back", |s| workers_of(s).len() == 1 && has_toolchain(workers_of(s)[0], &id));
+        }
+        let s = build_as(&mut c, round, &ws);
+        assert_same_outputs(&expected, &wide_outputs(&ws));
+        assert_eq!(ok(Command::new(ws.join("target/debug/app")).output().expect("app runs")).trim(), "15");
+        assert_no_fallbacks(&s);
+        assert_eq!(n(&s, "/compiled_remote"), 6, "{s:#}");
+        // More than the store holds went to the worker: it evicted, and what it evicted was sent
+        // again when needed.
+        assert!(n(&s, "/bytes_sent") > LIMIT, "{s:#}");
+        assert!(stored() <= LIMIT, "the store holds {} bytes, over its {LIMIT}", stored());
+    }
+}
+
+/// blake3 of the compiler outputs of a [`wide_workspace`] build by file name: libraries,
+/// metadata, dep-info and the binary.
+fn wide_outputs(ws: &Path) -> BTreeMap<String, blake3::Hash> {
+    let deps = ws.join("target/debug/deps");
+    files_in(&deps)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| ["rlib", "rmeta", "d"].contains(&&*e.to_string_lossy())))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), blake3::hash(&fs::read(&p).unwrap())))
+        .collect()
+}
+
+/// A workspace of `crates` independent libraries `p0`…, each a source of about `bytes` bytes
+/// (mostly a comment: their metadata stays small), and the binary `app` printing the sum of
+/// their numbers.
+fn wide_workspace(root: &Path, crates: usize, bytes: usize) {
+    write(&root.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"crates/*\"]\n");
+    let package = |name: &str, deps: &str| {
+        format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\n{deps}")
+    };
+    let mut deps = String::new();
+    let mut sum = Vec::new();
+    for i in 0..crates {
+        let name = format!("p{i}");
+        let padding = format!("// crate {i}: {}\n", "x".repeat(60)).repeat(bytes / 76);
+        write(&root.join(format!("crates/{name}/Cargo.toml")), &package(&name, ""));
+        write(
+            &root.join(format!("crates/{name}/src/lib.rs")),
+            &format!("{padding}pub fn n() -> u32 {{\n    {i}\n}}\n"),
+        );
+        deps.push_str(&format!("{name} = {{ path = \"../{name}\" }}\n"));
+        sum.push(format!("{name}::n()"));
+    }
+    write(&root.join("crates/app/Cargo.toml"), &package("app", &deps));
+    write(
+        &root.join("crates/app/src/main.rs"),
+        &format!("fn main() {{\n    println!(\"{{}}\", {});\n}}\n", sum.join(" + ")),
+    );
 }
 
 /// Also: a `FERRY_SCHEDULER` without a scheme distributes.
