@@ -18,7 +18,9 @@
 //! | bearer token       | `cluster.token`   | `FERRY_TOKEN`         | unset                      |
 //! | CA file for TLS    | `cluster.ca`      | `FERRY_CA`            | unset: system roots        |
 //! | cluster backoff    | `cluster.backoff_secs` | `FERRY_CLUSTER_BACKOFF` | `10` (seconds)       |
-//! | shared cache tier  | `cache.shared`    | `FERRY_SHARED_CACHE`  | the scheduler's cache when a scheduler is set; `off`, `redis://[user:pw@]host[:port][/db]` or `memcached://host:port[,host:port…]` |
+//! | shared cache tier  | `cache.shared`    | `FERRY_SHARED_CACHE`  | the scheduler's cache when a scheduler is set; `off`, `redis://[user:pw@]host[:port][/db]`, `rediss://…` (TLS) or `memcached://host:port[,host:port…]` |
+//! | CA (PEM) a `rediss://` server's certificate chains to | `cache.redis_ca` | `FERRY_REDIS_CA` | unset: the system's roots |
+//! | client certificate and key (PEM) for a `rediss://` server that asks for one | `cache.redis_cert`, `cache.redis_key` | `FERRY_REDIS_CERT`, `FERRY_REDIS_KEY` | unset: none |
 //! | shared tier bypass after an error or a slow answer | `cache.shared_backoff_secs` | `FERRY_SHARED_BACKOFF` | `30` (seconds) |
 //! | shared tier deadline per call | `cache.shared_timeout_ms` | `FERRY_SHARED_TIMEOUT_MS` | `2000` |
 //! | base directories (paths in keys relative to them) | `cache.basedirs` | `FERRY_BASEDIRS` (`:`-separated) | none |
@@ -28,6 +30,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ferry_cache::RedisTls;
 use ferry_cache::rustc::Bases;
 use ferry_proto::SharedTierSpec;
 
@@ -55,6 +58,10 @@ pub struct Config {
     /// Which shared tier the wrapper reads (and, with `cache-write`, writes); `Scheduler` only
     /// when `scheduler` is set.
     pub shared: SharedTierSpec,
+    /// What a `rediss://` tier trusts (a private CA instead of the system's roots) and presents
+    /// (a client certificate); read and checked once here, so a bad file is a problem, not an
+    /// error on every connection.
+    pub redis_tls: RedisTls,
     /// A shared tier that errored or answered too slowly is skipped this long by every wrapper.
     pub shared_backoff: Duration,
     pub shared_timeout: Duration,
@@ -135,9 +142,10 @@ impl Config {
         let mut shared =
             s.value(Some("FERRY_SHARED_CACHE"), "cache.shared", default_shared, default_text, |raw| match raw.text() {
                 Some(text) => SharedTierSpec::parse(text),
-                None => {
-                    Err(format!("expected 'scheduler', 'off', a redis:// or a memcached:// URL, got {}", raw.shown()))
-                }
+                None => Err(format!(
+                    "expected 'scheduler', 'off', a redis://, rediss:// or memcached:// URL, got {}",
+                    raw.shown()
+                )),
             });
         if shared == SharedTierSpec::Scheduler && scheduler.is_none() {
             s.problems.push("the shared cache is 'scheduler' but no scheduler is set; the shared tier is off".into());
@@ -173,6 +181,7 @@ impl Config {
                 None
             }
         };
+        let redis_tls = redis_tls(&mut s, &mut shared);
         if s.unreadable && shared != SharedTierSpec::Off {
             shared = SharedTierSpec::Off;
             s.problems.push("with the config file unusable the shared tier is off (it may hold a key)".into());
@@ -191,6 +200,7 @@ impl Config {
             ca: ca.map(PathBuf::from),
             cluster_backoff: Duration::from_secs(backoff),
             shared,
+            redis_tls,
             shared_backoff: Duration::from_secs(shared_backoff),
             shared_timeout: Duration::from_millis(shared_timeout),
             basedirs,
@@ -219,6 +229,9 @@ const FILE_KEYS: &[&str] = &[
     "cache.shared_timeout_ms",
     "cache.basedirs",
     "cache.shared_key_file",
+    "cache.redis_ca",
+    "cache.redis_cert",
+    "cache.redis_key",
     "cluster.scheduler",
     "cluster.token",
     "cluster.ca",
@@ -226,6 +239,69 @@ const FILE_KEYS: &[&str] = &[
     "log.level",
     "log.file",
 ];
+
+/// The TLS settings of a `rediss://` shared tier, read and checked. One that cannot be used turns
+/// the tier off: its default (the system's roots, no client certificate) is not what was meant. Set
+/// for a plain `redis://` tier, they are reported (a missing `s` would send everything in clear).
+fn redis_tls(s: &mut Settings, shared: &mut SharedTierSpec) -> RedisTls {
+    let ca = s.text(Some("FERRY_REDIS_CA"), "cache.redis_ca");
+    let cert = s.text(Some("FERRY_REDIS_CERT"), "cache.redis_cert");
+    let key = s.text(Some("FERRY_REDIS_KEY"), "cache.redis_key");
+    let mut tls = RedisTls::default();
+    let url = match &*shared {
+        SharedTierSpec::Redis(url) => url.clone(),
+        _ => return tls,
+    };
+    if !url.starts_with("rediss://") {
+        for (set, var, key) in [
+            (ca.is_some(), "FERRY_REDIS_CA", "cache.redis_ca"),
+            (cert.is_some(), "FERRY_REDIS_CERT", "cache.redis_cert"),
+            (key.is_some(), "FERRY_REDIS_KEY", "cache.redis_key"),
+        ] {
+            if set {
+                let origin = s.origin(Some(var), key);
+                s.problems.push(format!(
+                    "{origin}: set, but the shared tier is a plain redis:// URL (TLS is rediss://); it is ignored"
+                ));
+            }
+        }
+        return tls;
+    }
+    let mut off = |s: &mut Settings, problem: String| {
+        s.problems.push(format!("{problem}; the shared tier is off"));
+        *shared = SharedTierSpec::Off;
+    };
+    match ca {
+        None => {}
+        Some(Ok(path)) => match RedisTls::read_ca(std::path::Path::new(&path)) {
+            Ok(pem) => tls.ca = Some(pem),
+            Err(e) => off(s, format!("{}: {e}", s.origin(Some("FERRY_REDIS_CA"), "cache.redis_ca"))),
+        },
+        Some(Err(problem)) => off(s, problem),
+    }
+    match (cert, key) {
+        (None, None) => {}
+        (Some(Ok(cert)), Some(Ok(key))) => {
+            match RedisTls::read_identity(std::path::Path::new(&cert), std::path::Path::new(&key)) {
+                Ok(identity) => tls.identity = Some(identity),
+                Err(e) => {
+                    let origin = s.origin(Some("FERRY_REDIS_CERT"), "cache.redis_cert");
+                    off(s, format!("{origin} (and its key): {e}"));
+                }
+            }
+        }
+        (Some(Err(problem)), _) | (_, Some(Err(problem))) => off(s, problem),
+        (Some(Ok(_)), None) => {
+            let origin = s.origin(Some("FERRY_REDIS_CERT"), "cache.redis_cert");
+            off(s, format!("{origin}: a client certificate needs its key (FERRY_REDIS_KEY or cache.redis_key)"));
+        }
+        (None, Some(Ok(_))) => {
+            let origin = s.origin(Some("FERRY_REDIS_KEY"), "cache.redis_key");
+            off(s, format!("{origin}: a client key needs its certificate (FERRY_REDIS_CERT or cache.redis_cert)"));
+        }
+    }
+    tls
+}
 
 /// One setting's raw value: a non-empty environment variable wins over the file.
 enum Raw<'a> {
@@ -490,6 +566,50 @@ mod tests {
         let c = load(&[("FERRY_SCHEDULER", "http://s:1"), ("FERRY_SHARED_KEY_FILE", "/nonexistent/key")]).unwrap();
         assert_eq!((c.shared, c.shared_key), (SharedTierSpec::Off, None));
         assert!(c.problems.iter().any(|p| p.starts_with("environment variable FERRY_SHARED_KEY_FILE: ")));
+    }
+
+    #[test]
+    fn an_unusable_redis_tls_setting_turns_the_tier_off_and_names_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("ca.pem");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let garbage = garbage.to_str().unwrap();
+        let tls = ("FERRY_SHARED_CACHE", "rediss://127.0.0.1:6380");
+
+        // No TLS settings: the system's roots, no client certificate.
+        let c = load(&[tls]).unwrap();
+        assert_eq!(
+            (c.shared, c.redis_tls, c.problems.len()),
+            (SharedTierSpec::Redis(tls.1.into()), RedisTls::default(), 0)
+        );
+
+        for (vars, source) in [
+            (vec![("FERRY_REDIS_CA", "/nonexistent/ca.pem")], "environment variable FERRY_REDIS_CA: cannot read"),
+            (vec![("FERRY_REDIS_CA", garbage)], "environment variable FERRY_REDIS_CA: "),
+            (vec![("FERRY_REDIS_CERT", garbage)], "needs its key"),
+            (vec![("FERRY_REDIS_KEY", garbage)], "needs its certificate"),
+            (vec![("FERRY_REDIS_CERT", garbage), ("FERRY_REDIS_KEY", garbage)], "holds no PEM certificate"),
+        ] {
+            let c = load(&[vec![tls], vars.clone()].concat()).unwrap();
+            assert_eq!(c.shared, SharedTierSpec::Off, "{vars:?}");
+            assert!(
+                c.problems.iter().any(|p| p.contains(source) && p.ends_with("the shared tier is off")),
+                "{vars:?}: {:?}",
+                c.problems
+            );
+        }
+
+        // From the file, the file and key are named.
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[cache]\nshared = \"rediss://h\"\nredis_ca = \"/nonexistent/ca.pem\"\n").unwrap();
+        let c = load(&[("FERRY_CONFIG", file.to_str().unwrap())]).unwrap();
+        assert_eq!(c.shared, SharedTierSpec::Off);
+        assert!(c.problems.iter().any(|p| p.contains("c.toml: key 'cache.redis_ca'")), "{:?}", c.problems);
+
+        // Set for a plain redis:// tier: reported, the tier kept as asked.
+        let c = load(&[("FERRY_SHARED_CACHE", "redis://h"), ("FERRY_REDIS_CA", garbage)]).unwrap();
+        assert_eq!(c.shared, SharedTierSpec::Redis("redis://h".into()));
+        assert!(c.problems[0].contains("plain redis:// URL"), "{:?}", c.problems);
     }
 
     #[test]

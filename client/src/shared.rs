@@ -1,5 +1,5 @@
-//! The shared cache tier from the wrapper's side: the scheduler's cache service or Redis, opened
-//! only after a local miss, behind a circuit breaker.
+//! The shared cache tier from the wrapper's side: the scheduler's cache service, Redis or
+//! memcached, opened only after a local miss, behind a circuit breaker.
 //!
 //! - Every call has a deadline (`FERRY_SHARED_TIMEOUT_MS`). A tier that errors or misses the
 //!   deadline trips the breaker: a marker file in the cache dir makes every wrapper skip the tier
@@ -47,7 +47,7 @@ impl SharedTier {
             .to_string();
         let opened = match &config.shared {
             SharedTierSpec::Off => return None,
-            SharedTierSpec::Redis(url) => RedisStore::new(url, config.shared_timeout)
+            SharedTierSpec::Redis(url) => RedisStore::new(url, &config.redis_tls, config.shared_timeout)
                 .map(|s| Box::new(s) as Box<dyn Store>)
                 .map_err(|e| ("misconfigured", e)),
             SharedTierSpec::Memcached(url) => MemcachedStore::new(url, config.shared_timeout)

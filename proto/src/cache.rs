@@ -47,27 +47,28 @@ pub enum SharedTierSpec {
     Off,
     /// The scheduler's cache service.
     Scheduler,
-    /// `redis://[user:password@]host[:port][/db]`
+    /// `redis://[user:password@]host[:port][/db]`, or `rediss://…` for TLS
     Redis(String),
     /// `memcached://host:port[,host:port…]`
     Memcached(String),
 }
 
 impl SharedTierSpec {
-    /// `off`, `scheduler`, or a valid `redis://` or `memcached://` URL; Err is a sentence for the user.
+    /// `off`, `scheduler`, or a valid `redis://`, `rediss://` or `memcached://` URL; Err is a
+    /// sentence for the user.
     pub fn parse(text: &str) -> Result<SharedTierSpec, String> {
         match text {
             "off" => Ok(SharedTierSpec::Off),
             "scheduler" => Ok(SharedTierSpec::Scheduler),
-            url if url.starts_with("redis://") => {
-                ferry_cache::RedisUrl::parse(url)?;
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                ferry_cache::check_redis_url(url)?;
                 Ok(SharedTierSpec::Redis(url.to_owned()))
             }
             url if url.starts_with("memcached://") => {
                 ferry_cache::parse_memcached_url(url)?;
                 Ok(SharedTierSpec::Memcached(url.to_owned()))
             }
-            other => Err(format!("'{other}' is not 'scheduler', 'off', a redis:// or a memcached:// URL")),
+            other => Err(format!("'{other}' is not 'scheduler', 'off', a redis://, rediss:// or memcached:// URL")),
         }
     }
 }

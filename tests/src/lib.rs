@@ -247,47 +247,153 @@ fn now_nanos() -> u128 {
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// Served over TLS only (`rediss://`) with this PKI's server certificate; `redis-cli` uses its
+    /// CA and client certificate.
+    tls: Option<Pki>,
 }
 
 impl Redis {
     /// Starts one in `dir` (bounded retries: the free port is picked just before it binds).
     pub fn start(dir: &Path) -> Redis {
+        Redis::start_with(dir, None, "no")
+    }
+
+    /// Starts one in `dir` that speaks TLS only (`--port 0 --tls-port P`) with `pki`'s server
+    /// certificate; `auth_clients` is redis's `--tls-auth-clients`: `no`, or `yes` (clients must
+    /// present a certificate `pki`'s CA signed).
+    pub fn start_tls(dir: &Path, pki: &Pki, auth_clients: &str) -> Redis {
+        Redis::start_with(dir, Some(pki), auth_clients)
+    }
+
+    fn start_with(dir: &Path, tls: Option<&Pki>, auth_clients: &str) -> Redis {
         for _ in 0..5 {
             let port =
                 std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-            let mut child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            match tls {
+                None => cmd.args(["--port", &port.to_string()]),
+                Some(pki) => cmd
+                    .args(["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", auth_clients])
+                    .arg("--tls-cert-file")
+                    .arg(&pki.cert)
+                    .arg("--tls-key-file")
+                    .arg(&pki.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&pki.ca),
+            };
+            let child = cmd
                 .current_dir(dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server runs (scripts/test installs it)");
+            let mut redis = Redis { child, port, tls: tls.cloned() };
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
+                if let Ok(Some(_)) = redis.child.try_wait() {
                     break;
                 }
-                let pong = Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output();
-                if pong.is_ok_and(|o| o.stdout.starts_with(b"PONG")) {
-                    return Redis { child, port };
+                if redis.cli(&["ping"]).starts_with("PONG") {
+                    return redis;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            // Dropping it kills it; the next try takes another port.
         }
         panic!("redis-server did not start");
     }
 
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for one started with [`Redis::start_tls`].
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// `redis-cli -p PORT args...`, its stdout.
+    /// `redis-cli -p PORT args...` (with `--tls`, the CA and the client certificate for one
+    /// started with [`Redis::start_tls`]), its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if let Some(pki) = &self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(&pki.ca);
+            cmd.arg("--cert").arg(&pki.client_cert).arg("--key").arg(&pki.client_key);
+        }
+        let out = cmd.args(args).stdin(Stdio::null()).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// A CA, a server certificate it signed for IP 127.0.0.1, a client certificate it signed, and
+/// an unrelated second CA; all made by the `openssl` command line with P-256 keys.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("openssl runs (scripts/test installs it)");
+            ok(out);
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for name in ["ca", "other-ca"] {
+            let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=ferry test {name}"));
+            let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem];
+            args.extend(ec);
+            args.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+            args.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+            openssl(&args);
+        }
+        for (name, subject, usage) in [
+            ("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+            ("client", "/CN=ferry test client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let (key, csr, pem, ext) =
+                (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+            let mut args = vec!["req", "-subj", subject, "-keyout", &key, "-out", &csr];
+            args.extend(ec);
+            openssl(&args);
+            let extensions = format!("{usage}basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n");
+            std::fs::write(dir.join(&ext), extensions).expect("write extensions");
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ]);
+        }
+        Pki {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
     }
 }
 

@@ -79,7 +79,10 @@ pub fn self_check(sandbox: &SandboxConfig, data_dir: &Path) -> Result<CheckRepor
     if let Some((uid, _)) = sandbox.run_as.filter(|_| sandbox.jobs_run_as_another_user()) {
         traversable_by(uid, &data_dir.join("jobs"))?;
     }
-    let job_cgroups = JobCgroups::setup();
+    let job_cgroups = match sandbox.want_cgroups {
+        true => JobCgroups::setup(),
+        false => Err("turned off (sandbox.cgroups = false)".to_owned()),
+    };
     let mut report = CheckReport {
         bwrap,
         bwrap_version: version,
@@ -131,7 +134,10 @@ pub(crate) fn check_without_effects(sandbox: &SandboxConfig, data_dir: &Path) ->
     Ok(CheckReport {
         bwrap,
         bwrap_version: version,
-        cgroups: JobCgroups::probe(),
+        cgroups: match sandbox.want_cgroups {
+            true => JobCgroups::probe(),
+            false => Err("turned off (sandbox.cgroups = false)".to_owned()),
+        },
         job_cgroups: None,
         disk_quota: if is_root() { Ok(()) } else { Err("mounting a tmpfs needs root (CAP_SYS_ADMIN)".into()) },
     })

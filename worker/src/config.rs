@@ -11,7 +11,9 @@
 //! | data directory | `data_dir` | `FERRY_DATA_DIR` / `--data-dir` | `~/.local/share/ferry-worker` |
 //! | token for the scheduler | `token` | `FERRY_TOKEN` | none |
 //! | CA for the scheduler's TLS | `ca` | `FERRY_CA` | system roots |
-//! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, `redis://[user:pw@]host[:port][/db]` or `memcached://host:port[,host:port…]` |
+//! | shared cache tier the worker writes | `shared_cache` | `FERRY_SHARED_CACHE` | `scheduler` (its cache service); `off`, `redis://[user:pw@]host[:port][/db]`, `rediss://…` (TLS) or `memcached://host:port[,host:port…]` |
+//! | CA (PEM) a `rediss://` server's certificate chains to | `redis_ca` | `FERRY_REDIS_CA` | the system's roots |
+//! | client certificate and key (PEM) for a `rediss://` server that asks for one | `redis_cert`, `redis_key` | `FERRY_REDIS_CERT`, `FERRY_REDIS_KEY` | none |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
 //! | input blobs kept (least recently used evicted beyond it) | `blob_store_size` | `FERRY_BLOB_STORE_SIZE` | `10G` |
 //! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
@@ -20,6 +22,7 @@
 //! | HTTP address for `/metrics` | `http` | `FERRY_HTTP` / `--http` | off |
 //!
 //! | sandbox limits | `sandbox.cpu_secs`, `sandbox.memory_bytes`, `sandbox.file_size_bytes`, `sandbox.max_processes`, `sandbox.wall_clock_secs`, `sandbox.disk_bytes` | — | 600, 8 GiB, 1 GiB, 4096, 600, 4 GiB |
+//! | a cgroup per job where possible | `sandbox.cgroups` | — | `true` |
 //!
 //! `memory_bytes` and `max_processes` hold per job (its cgroup) where the worker can create a
 //! cgroup, and per process (rlimits) always; `disk_bytes` is the size of the tmpfs each job's
@@ -67,6 +70,8 @@ pub struct WorkerConfig {
     pub shared_cache: SharedTierSpec,
     /// The site's shared-tier key: entries the worker publishes are sealed under it.
     pub shared_key: Option<[u8; 32]>,
+    /// What a `rediss://` tier trusts and presents (read and checked at load).
+    pub redis_tls: ferry_cache::RedisTls,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub insecure: bool,
     pub sandbox: SandboxConfig,
@@ -79,6 +84,9 @@ pub struct WorkerConfig {
 struct FileConfig {
     shared_cache: Option<String>,
     shared_key_file: Option<PathBuf>,
+    redis_ca: Option<PathBuf>,
+    redis_cert: Option<PathBuf>,
+    redis_key: Option<PathBuf>,
     scheduler: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
@@ -113,6 +121,7 @@ struct SandboxSection {
     file_size_bytes: Option<u64>,
     max_processes: Option<u64>,
     disk_bytes: Option<u64>,
+    cgroups: Option<bool>,
     wall_clock_secs: Option<u64>,
 }
 
@@ -190,6 +199,13 @@ impl WorkerConfig {
             ),
             None => None,
         };
+        let redis_tls = redis_tls(
+            &origin,
+            &shared_cache,
+            env("FERRY_REDIS_CA").map(PathBuf::from).or(parsed.redis_ca),
+            env("FERRY_REDIS_CERT").map(PathBuf::from).or(parsed.redis_cert),
+            env("FERRY_REDIS_KEY").map(PathBuf::from).or(parsed.redis_key),
+        )?;
         let blob_store_size = match env("FERRY_BLOB_STORE_SIZE").or(parsed.blob_store_size) {
             Some(text) => ferry_cache::parse_size(&text)
                 .map_err(|e| anyhow::anyhow!("{origin}: key 'blob_store_size' (or FERRY_BLOB_STORE_SIZE): {e}"))?,
@@ -204,6 +220,7 @@ impl WorkerConfig {
             max_processes: s.max_processes.unwrap_or(defaults.max_processes),
             wall_clock: s.wall_clock_secs.map(Duration::from_secs).unwrap_or(defaults.wall_clock),
             disk_bytes: s.disk_bytes.unwrap_or(defaults.disk_bytes),
+            want_cgroups: s.cgroups.unwrap_or(defaults.want_cgroups),
             ..defaults
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -221,6 +238,7 @@ impl WorkerConfig {
             blob_store_size,
             shared_cache,
             shared_key,
+            redis_tls,
             tls,
             insecure: parsed.insecure.unwrap_or(false),
             sandbox,
@@ -299,6 +317,12 @@ impl WorkerConfig {
         let shared = match &self.shared_cache {
             SharedTierSpec::Off => "off".to_owned(),
             SharedTierSpec::Scheduler => "the scheduler's".to_owned(),
+            SharedTierSpec::Redis(url) if url.starts_with("rediss://") => format!(
+                "{} (tls, {}{})",
+                without_password(url),
+                if self.redis_tls.ca.is_some() { "private ca" } else { "system roots" },
+                if self.redis_tls.identity.is_some() { ", client certificate" } else { "" }
+            ),
             SharedTierSpec::Redis(url) | SharedTierSpec::Memcached(url) => without_password(url),
         };
         let sealed = if self.shared_key.is_some() { "sealed" } else { "not sealed" };
@@ -345,6 +369,46 @@ impl WorkerConfig {
     }
 }
 
+/// The TLS settings of a `rediss://` tier, read and checked: a file that cannot be used is a
+/// configuration error naming its key. Set for a plain `redis://` tier they are refused the same
+/// way (a missing `s` would send everything in clear); other tiers do not use them.
+fn redis_tls(
+    origin: &str,
+    shared: &SharedTierSpec,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<ferry_cache::RedisTls> {
+    let mut tls = ferry_cache::RedisTls::default();
+    let SharedTierSpec::Redis(url) = shared else { return Ok(tls) };
+    if !url.starts_with("rediss://") {
+        if ca.is_some() || cert.is_some() || key.is_some() {
+            anyhow::bail!(
+                "{origin}: keys 'redis_ca', 'redis_cert', 'redis_key' (or FERRY_REDIS_CA, FERRY_REDIS_CERT, \
+                 FERRY_REDIS_KEY) are set, but the shared cache is a plain redis:// URL; use rediss:// (TLS) or \
+                 remove them"
+            );
+        }
+        return Ok(tls);
+    }
+    if let Some(ca) = ca {
+        tls.ca = Some(
+            ferry_cache::RedisTls::read_ca(&ca)
+                .map_err(|e| anyhow::anyhow!("{origin}: key 'redis_ca' (or FERRY_REDIS_CA): {e}"))?,
+        );
+    }
+    tls.identity = match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(ferry_cache::RedisTls::read_identity(&cert, &key).map_err(|e| {
+            anyhow::anyhow!("{origin}: keys 'redis_cert', 'redis_key' (or FERRY_REDIS_CERT, FERRY_REDIS_KEY): {e}")
+        })?),
+        _ => anyhow::bail!(
+            "{origin}: keys 'redis_cert', 'redis_key' (or FERRY_REDIS_CERT, FERRY_REDIS_KEY): give both or neither"
+        ),
+    };
+    Ok(tls)
+}
+
 /// `redis://user:secret@host/0` → `redis://user:***@host/0`.
 fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
@@ -361,6 +425,27 @@ fn without_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_tls_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |toml: &str| {
+            let file = dir.path().join("worker.toml");
+            let base = format!("scheduler = \"http://127.0.0.1:1\"\ndata_dir = \"{}\"\n", dir.path().display());
+            std::fs::write(&file, format!("{base}{toml}")).unwrap();
+            WorkerConfig::load(Some(&file), Overrides::default()).map_err(|e| format!("{e:#}"))
+        };
+        let c = load("shared_cache = \"rediss://h\"\n").unwrap();
+        assert_eq!(c.redis_tls, ferry_cache::RedisTls::default());
+        let e = load("shared_cache = \"rediss://h\"\nredis_ca = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert!(e.contains("worker.toml: key 'redis_ca'") && e.contains("/nonexistent/ca.pem"), "{e}");
+        let e = load("shared_cache = \"redis://h\"\nredis_ca = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert!(e.contains("plain redis:// URL"), "{e}");
+        let e = load("shared_cache = \"rediss://h\"\nredis_cert = \"/nonexistent/c.pem\"\n").unwrap_err();
+        assert!(e.contains("give both or neither"), "{e}");
+        // Other tiers do not use them.
+        assert!(load("shared_cache = \"off\"\nredis_ca = \"/nonexistent/ca.pem\"\n").is_ok());
+    }
 
     #[test]
     fn passwords_are_not_shown() {

@@ -74,6 +74,8 @@ pub struct SandboxConfig {
     /// Whether job directories get their own tmpfs of `disk_bytes`: set at start-up when the
     /// worker can mount one (root) and `disk_bytes` is not 0. Off by default.
     pub disk_quota: bool,
+    /// Whether to give each job a cgroup where the worker can (`sandbox.cgroups`, default on).
+    pub want_cgroups: bool,
     /// Where each job gets a cgroup holding `memory_bytes` and `max_processes` for the whole job
     /// (not per process): set at start-up when the worker can create them. `None` by default:
     /// rlimits only.
@@ -328,6 +330,7 @@ impl Default for SandboxConfig {
             wall_clock: Duration::from_secs(600),
             disk_bytes: 4 << 30,
             disk_quota: false,
+            want_cgroups: true,
             cgroups: None,
         }
     }

@@ -150,7 +150,8 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
     match config.shared_cache.clone() {
         SharedTierSpec::Off => None,
         SharedTierSpec::Redis(redis) => {
-            Some(Publisher::start(move || RedisStore::new(&redis, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
+            let tls = config.redis_tls.clone();
+            Some(Publisher::start(move || RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
         }
         SharedTierSpec::Memcached(url) => {
             Some(Publisher::start(move || MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))

@@ -209,12 +209,16 @@ impl LocalCluster {
         )?;
         let url = format!("http://{}", scheduler.addr);
         let worker_log = dir.join("worker.log");
-        let worker = Daemon::start(
-            Command::new(release.join("ferry-worker"))
-                .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
-                .arg(dir.join("worker")),
-            &worker_log,
-        )?;
+        let mut worker = Command::new(release.join("ferry-worker"));
+        worker
+            .args(["--scheduler", &url, "--slots", "2", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("worker"));
+        // For A/B runs of the benchmarks: the worker's settings from a file (e.g. `[sandbox]
+        // cgroups = false` or `disk_bytes = 0`).
+        if let Some(config) = std::env::var_os("XTASK_WORKER_CONFIG") {
+            worker.arg("--config").arg(config);
+        }
+        let worker = Daemon::start(&mut worker, &worker_log)?;
         Ok(LocalCluster { worker, _scheduler: scheduler, url, worker_log })
     }
 }

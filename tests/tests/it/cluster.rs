@@ -16,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use ferry_tests::{Daemon, World, bin, ok};
+use ferry_tests::{Daemon, Pki, World, bin, ok};
 use serde_json::Value;
 
 use crate::wrapper::{
@@ -733,6 +733,165 @@ fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
         redis.cli(&["SETRANGE", key, &(len / 2).to_string(), "\u{7f}"]);
     }
     assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+}
+
+/// Redis over TLS (`rediss://`; a CA made here by `openssl`, given to the worker and the clients
+/// as `FERRY_REDIS_CA`): the worker publishes through it, a second machine hits every unit with
+/// byte-identical outputs, and a byte flipped in every stored value (through `redis-cli --tls`) is
+/// refused, counted and healed.
+#[test]
+fn redis_over_tls_serves_hits_and_drops_corrupt_entries() {
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(&redis_dir.path().join("pki"));
+    let redis = ferry_tests::Redis::start_tls(redis_dir.path(), &pki, "no");
+    assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
+    let mut c = Cluster::start(Setup {
+        workers: 1,
+        seed_scheduler: true,
+        seed_workers: true,
+        env: vec![("FERRY_SHARED_CACHE", redis.url()), ("FERRY_REDIS_CA", pki.ca.display().to_string())],
+        ..Setup::default()
+    });
+    let ws = c.world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&c.world, &ws);
+    assert_eq!(n(&build_as(&mut c, "first", &ws), "/compiled_remote"), RLIBS.len() as u64);
+    assert_eq!(scheduler_entries(&c).len(), 0, "the scheduler's own tier was used");
+    let keys =
+        || -> Vec<String> { redis.cli(&["--scan", "--pattern", "ferry:*"]).lines().map(str::to_owned).collect() };
+    wait_until(Duration::from_secs(30), "every unit's result and manifest in Redis", || {
+        (keys().len() as u64 >= 2 * UNITS).then_some(())
+    });
+
+    let s = build_as(&mut c, "second", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+
+    for key in keys() {
+        let len: usize = redis.cli(&["STRLEN", &key]).trim().parse().expect("length");
+        redis.cli(&["SETRANGE", &key, &(len / 2).to_string(), "\u{7f}"]);
+    }
+    assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+}
+
+/// A client that cannot check the Redis server's certificate never uses the tier and never fails
+/// a build: a CA that did not sign it, or none (the system's roots), is a connection problem,
+/// counted (`shared_errors`) and logged with the reason; a CA file that cannot be read is a
+/// configuration problem (`config_errors`, naming the variable) that turns the tier off. Either
+/// way every unit compiles here, byte-identical, and nothing reaches Redis. With the right CA, as
+/// a control, one machine publishes and the next hits every unit.
+#[test]
+fn redis_over_tls_with_a_wrong_or_absent_ca_is_loud_and_builds_locally() {
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(&redis_dir.path().join("pki"));
+    let redis = ferry_tests::Redis::start_tls(redis_dir.path(), &pki, "no");
+    let mut world = World::new();
+    world.set("FERRY_SHARED_CACHE", redis.url());
+    let ws = world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&world, &ws);
+    // Builds from clean as a fresh machine `name`: its counters and its log.
+    let build = |world: &mut World, name: &str| -> (Value, String) {
+        let cache = world.path().join(format!("cache-{name}"));
+        world.set("FERRY_CACHE_DIR", &cache);
+        world.ferry_ok(&["stats", "--zero"]);
+        clean(world, &ws);
+        ok_build(cargo_build(world, &ws, true));
+        assert_same_outputs(&expected, &outputs(&ws));
+        (world.stats(), fs::read_to_string(cache.join("ferry.log")).unwrap_or_default())
+    };
+
+    for (name, ca) in [("other-ca", Some(&pki.other_ca)), ("system-roots", None)] {
+        world.set("FERRY_REDIS_CA", ca.map(|p| p.display().to_string()).unwrap_or_default());
+        let (s, log) = build(&mut world, name);
+        assert_eq!((n(&s, "/misses"), n(&s, "/hits_remote"), n(&s, "/shared_writes")), (UNITS, 0, 0), "{name}: {s:#}");
+        assert!(n(&s, "/shared_errors/unavailable") >= 1, "{name}: {s:#}");
+        assert!(s["config_errors"].as_object().is_none_or(|e| e.is_empty()), "{name}: {s:#}");
+        assert!(
+            log.contains("invalid peer certificate") && log.contains("FERRY_REDIS_CA"),
+            "{name}: the log does not say why:\n{}",
+            tail(&log, 20)
+        );
+    }
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0", "a client that could not check the server wrote to it");
+
+    let missing = world.path().join("missing-ca.pem");
+    world.set("FERRY_REDIS_CA", &missing);
+    let (s, _) = build(&mut world, "missing-ca");
+    assert_eq!((n(&s, "/misses"), n(&s, "/hits_remote")), (UNITS, 0), "{s:#}");
+    assert!(s["shared_errors"].as_object().is_none_or(|e| e.is_empty()), "the tier was used: {s:#}");
+    let errors = s["config_errors"].as_object().cloned().unwrap_or_default();
+    assert!(
+        errors.keys().any(|p| p.starts_with("environment variable FERRY_REDIS_CA: ")
+            && p.contains(&missing.display().to_string())
+            && p.ends_with("the shared tier is off")),
+        "{s:#}"
+    );
+    let out = world.ferry(&["stats"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ferry: configuration error: environment variable FERRY_REDIS_CA: "), "{stderr}");
+
+    world.set("FERRY_REDIS_CA", &pki.ca);
+    let (s, _) = build(&mut world, "right-ca");
+    assert!(n(&s, "/shared_writes") >= 1 && s["shared_errors"].as_object().is_none_or(|e| e.is_empty()), "{s:#}");
+    let (s, _) = build(&mut world, "right-ca-second");
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
+}
+
+/// `RedisStore` itself against a Redis that requires client certificates
+/// (`--tls-auth-clients yes`): refused without one (and with a CA that did not sign the server's,
+/// saying so); with one, a 5 MB entry goes in once (`SET NX`: a second put finds it), comes back
+/// whole, and once damaged in Redis is refused as corrupt and deleted.
+#[test]
+fn redis_store_over_mutual_tls_publishes_once_and_deletes_what_does_not_verify() {
+    use ferry_cache::{Error, PutOutcome, RedisStore, RedisTls, Store};
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new(&redis_dir.path().join("pki"));
+    let redis = ferry_tests::Redis::start_tls(redis_dir.path(), &pki, "yes");
+    let ca = RedisTls::read_ca(&pki.ca).expect("the CA");
+    let identity = RedisTls::read_identity(&pki.client_cert, &pki.client_key).expect("the client certificate");
+    let mismatched = RedisTls::read_identity(&pki.client_cert, &pki.key);
+    assert!(mismatched.as_ref().is_err_and(|e| e.contains("client.pem")), "another key: {mismatched:?}");
+    let store = |ca: &[u8], identity: Option<(Vec<u8>, Vec<u8>)>| {
+        let tls = RedisTls { ca: Some(ca.to_vec()), identity };
+        RedisStore::new(&redis.url(), &tls, Duration::from_secs(5)).expect("store")
+    };
+
+    let mut content = vec![0u8; 5 << 20];
+    blake3::Hasher::new().update(b"big").finalize_xof().fill(&mut content);
+    let key = ferry_cache::CacheKey(*blake3::hash(b"a big entry over tls").as_bytes());
+    let output = ferry_cache::CompileOutput {
+        files: vec![ferry_cache::OutputFile {
+            path: "/big.rlib".into(),
+            executable: false,
+            bytes: content.clone().into(),
+        }],
+        ..Default::default()
+    };
+    let entry = ferry_cache::Entry::encode_result(key, [1; 32], &output);
+
+    let anonymous = store(&ca, None).put_encoded(&key, &entry);
+    assert!(matches!(anonymous, Err(Error::Io { .. })), "without a client certificate: {anonymous:?}");
+    let other_ca = RedisTls::read_ca(&pki.other_ca).expect("the other CA");
+    match store(&other_ca, Some(identity.clone())).get(&key) {
+        Err(Error::Io { source, .. }) => assert!(source.to_string().contains("invalid peer certificate"), "{source}"),
+        other => panic!("a server the CA did not sign: {other:?}"),
+    }
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
+
+    let store = store(&ca, Some(identity));
+    assert_eq!(store.put_encoded(&key, &entry).expect("put"), PutOutcome::Published { bytes: entry.len() as u64 });
+    assert_eq!(store.put_encoded(&key, &entry).expect("put"), PutOutcome::AlreadyPresent);
+    let back = store.get(&key).expect("get").expect("the big entry");
+    let back = ferry_cache::CompileOutput::decode(&back.payload).expect("a compile result");
+    assert!(back.files[0].bytes[..] == content[..], "the big entry came back changed");
+
+    let name = ferry_cache::redis_key(&key);
+    redis.cli(&["SETRANGE", &name, &(entry.len() / 2).to_string(), "damaged!"]);
+    let damaged = store.get(&key);
+    assert!(matches!(damaged, Err(Error::Corrupt { .. })), "the damaged entry: {damaged:?}");
+    assert_eq!(redis.cli(&["EXISTS", &name]).trim(), "0", "the damaged entry was not deleted");
+    assert_eq!(store.get(&key).expect("get").map(|_| ()), None);
 }
 
 /// With every shared entry damaged: a client with an empty cache reports corruption, promotes
