@@ -25,8 +25,8 @@
 //! | a cgroup per job where possible | `sandbox.cgroups` | — | `true` |
 //!
 //! `memory_bytes` and `max_processes` hold per job (its cgroup) where the worker can create a
-//! cgroup, and per process (rlimits) always; `disk_bytes` is the size of the tmpfs each job's
-//! directory is mounted on (root workers; 0 turns it off). See [`crate::limits`].
+//! cgroup, and per process (rlimits) always; `disk_bytes` is the size of the tmpfs a job's writes
+//! land on, laid over its inputs (root workers; 0 turns it off). See [`crate::limits`].
 //!
 //! Clients present job grants from the scheduler, not tokens: a `[[tokens]]` section (accepted
 //! before grants existed) is refused with that explanation.

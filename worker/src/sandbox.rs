@@ -68,7 +68,7 @@ pub struct SandboxConfig {
     /// Wall-clock bound on the whole job, sleeping included; on expiry the whole process tree is
     /// killed, so a job blocked forever cannot hold a slot.
     pub wall_clock: Duration,
-    /// Size of the tmpfs each job's directory is mounted on (inputs included), when
+    /// Size of the tmpfs each job's writes land on (an overlay over its inputs), when
     /// `disk_quota` is on; see [`crate::limits`].
     pub disk_bytes: u64,
     /// Whether job directories get their own tmpfs of `disk_bytes`: set at start-up when the

@@ -415,35 +415,32 @@ fn run_blocking(
     // Unique per call, whatever id the client claims: no two jobs ever share a tree.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = shared.jobs_dir.join(format!("{}-{}", job.id, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
-    let tree = dir.join("tree");
-    // Removed (its tmpfs unmounted) when this returns, whichever way.
-    let _job_dir =
+    // Removed (its mounts undone) when this returns, whichever way.
+    let mut job_dir =
         match crate::limits::JobDir::create(&dir, shared.sandbox.disk_quota.then_some(shared.sandbox.disk_bytes)) {
             Ok(d) => d,
             Err(e) => return Err(fail(format!("creating the job directory {}: {e}", dir.display()))),
         };
-    let cleanup = || {
-        let _ = std::fs::remove_dir_all(&dir);
-    };
+    let (placed_in, tree) = (job_dir.inputs(), job_dir.tree());
     let clock = Instant::now();
     let link = shared.sandbox.jobs_run_as_another_user();
     for (path, d, executable) in &job.inputs {
-        if let Err(e) = shared.blobs.materialize(d, &tree.join(&path[1..]), *executable, link) {
-            cleanup();
+        if let Err(e) = shared.blobs.materialize(d, &placed_in.join(&path[1..]), *executable, link) {
             return Err(fail(format!("placing input {path}: {e}")));
         }
     }
     for d in job.dirs.iter().chain([&job.cwd]) {
-        if let Err(e) = std::fs::create_dir_all(tree.join(&d[1..])) {
-            cleanup();
+        if let Err(e) = std::fs::create_dir_all(placed_in.join(&d[1..])) {
             return Err(fail(format!("creating {d}: {e}")));
         }
     }
+    if let Err(e) = job_dir.seal() {
+        return Err(fail(format!("mounting the job's size-limited tree: {e}")));
+    }
     let run_as = shared.sandbox.run_as.filter(|_| shared.sandbox.jobs_run_as_another_user());
-    let observer = match JobObserver::new(&shared.observe_dir, &dir, run_as) {
+    let observer = match JobObserver::new(&shared.observe_dir, &job_dir.scratch(), run_as) {
         Ok(o) => o,
         Err(e) => {
-            cleanup();
             return Err(fail(format!("preparing the observer: {e}")));
         }
     };
@@ -544,7 +541,6 @@ fn run_blocking(
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            cleanup();
             return Err(fail(format!("sandbox: {e}")));
         }
     };
@@ -599,7 +595,7 @@ fn run_blocking(
     // The client has everything: end its stream before the tree is removed.
     drop(tx);
     let ran = clock.elapsed();
-    cleanup();
+    drop(job_dir);
     tracing::debug!(
         job = job.id,
         inputs = job.inputs.len(),
