@@ -29,9 +29,37 @@ pub fn installed_sysroot() -> PathBuf {
 /// An isolated world for one test: a temp dir holding a cache dir, a HOME and work space.
 #[derive(Debug)]
 pub struct World {
+    /// Declared first, so it runs before the directory is removed.
+    pub unmounter: Unmounter,
     pub dir: tempfile::TempDir,
     /// Extra environment for every command run through [`World::command`].
     pub env: Vec<(String, String)>,
+}
+
+/// A worker killed by a test cannot unmount its jobs' size-limited trees (tmpfs and overlay,
+/// when the tests run as root): unmount whatever is left under the world before it is removed, so
+/// no test leaves mounts on the machine.
+#[derive(Debug)]
+pub struct Unmounter(std::path::PathBuf);
+
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        let root = self.0.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|point| point.starts_with(&format!("{root}/")))
+            .collect();
+        // Innermost first: an overlay on a directory under a tmpfs goes before the tmpfs.
+        under.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in under {
+            if let Ok(path) = std::ffi::CString::new(point) {
+                // SAFETY: plain system call on a NUL-terminated path.
+                unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
 }
 
 impl Default for World {
@@ -57,7 +85,7 @@ impl World {
             ("FERRY_LOG".to_owned(), "debug".to_owned()),
         ];
         std::fs::write(dir.path().join("ferry.toml"), "").expect("write config");
-        World { dir, env }
+        World { unmounter: Unmounter(dir.path().to_owned()), dir, env }
     }
 
     pub fn path(&self) -> &Path {
