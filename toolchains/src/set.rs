@@ -118,8 +118,13 @@ fn add_file(root: &Path, rel: &str, files: &mut Vec<SetFile>) -> Result<(), Erro
             symlink = Some(t.to_owned());
         }
     }
-    // A symlink that leaves the root is followed: its content is what the compiler sees.
-    let meta = if symlink.is_some() { link_meta } else { fs::metadata(&abs).map_err(Error::io(&abs))? };
+    // A symlink that leaves the root is followed: its content is what the compiler sees. Anything
+    // else is described by the one `lstat` already made (half the stats of a hit's toolchain check).
+    let meta = if symlink.is_none() && link_meta.file_type().is_symlink() {
+        fs::metadata(&abs).map_err(Error::io(&abs))?
+    } else {
+        link_meta
+    };
     if symlink.is_none() && !meta.is_file() {
         return Err(Error::NotRustc { path: abs, reason: "expected a regular file here".into() });
     }
