@@ -7,8 +7,8 @@
 //!
 //! **cgroups.** cgroup v2 is preferred: the worker needs the `memory` and `pids` controllers in
 //! its own group (under systemd, `Delegate=yes`). v2's rule that a group with processes has no
-//! controlled children is met by moving the worker's own processes into a leaf `ferry-worker`
-//! first. Hosts that still mount the v1 controllers (hybrid hierarchies: older distributions,
+//! controlled children is met by moving the worker into a leaf `ferry-worker` first (only the
+//! worker: a group shared with other processes is not the worker's to rearrange). Hosts that still mount the v1 controllers (hybrid hierarchies: older distributions,
 //! some container hosts; this is where the `memory` controller lives when v2 has none) get the same
 //! limits through v1's per-controller directories. Job groups are named
 //! `ferry-job-<worker pid>-<n>`; groups of a worker that died are removed at the next start.
@@ -426,12 +426,16 @@ fn setup_v2(dir: &Path) -> Result<Kind, String> {
             }
             _ => {}
         }
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for pid in procs.split_whitespace() {
-            // A process that exited meanwhile is fine.
-            let _ = fs::write(leaf.join("cgroup.procs"), pid);
-        }
-        fs::write(&control, enable).map_err(|e| format!("enabling {enable} in {}: {e}", control.display()))?;
+        // Only this process moves: other processes in the group (a shell it was started from)
+        // are not ours to move, and then the group is not the worker's own.
+        fs::write(leaf.join("cgroup.procs"), "0").map_err(|e| format!("moving into {}: {e}", leaf.display()))?;
+        fs::write(&control, enable).map_err(|e| {
+            format!(
+                "enabling {enable} in {}: {e} (other processes share the worker's cgroup: run it in its own, \
+                 e.g. as a systemd service with Delegate=yes)",
+                control.display()
+            )
+        })?;
     }
     remove_stale(dir);
     let kind = Kind::V2 { parent: dir.to_owned(), cpu };
