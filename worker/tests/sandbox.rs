@@ -203,7 +203,8 @@ fn allocating_without_bound_hits_the_memory_limit() {
     assert_benign_still_works(&self::config());
 }
 
-/// Six processes of 200 MB each stay under a per-process `RLIMIT_AS` of 1 GiB, but not under a
+/// Six processes of 200 MiB each (held until all six have filled theirs, so they overlap whatever
+/// the load) stay under a per-process `RLIMIT_AS` of 1 GiB, but not under a
 /// job cgroup of 1 GiB: with cgroups the job is stopped by its group (an OOM kill, reported as
 /// `Memory`); with rlimits alone it would succeed. Needs root (cgroups); CI runs as root.
 #[test]
@@ -213,15 +214,18 @@ fn processes_together_hit_the_job_memory_limit() {
         return;
     }
     let job = Job::with_macro(
-        r#"let children: Vec<_> = (0..6)
-            .map(|_| std::process::Command::new("/usr/bin/bash")
-                .args(["-o", "pipefail", "-c", "/usr/bin/head -c 200000000 /dev/zero | /usr/bin/tail -c 200000000 | (/usr/bin/sleep 2; /usr/bin/cat > /dev/null)"])
+        r#"let dir = format!("/tmp/ferry-barrier-{}", std::process::id());
+        std::fs::create_dir_all(&dir).unwrap();
+        let children: Vec<_> = (0..6)
+            .map(|i| std::process::Command::new("/usr/bin/bash")
+                .args(["-o", "pipefail", "-c", "n=$1; /usr/bin/dd if=/dev/zero bs=200M count=1 status=none | { /usr/bin/head -c 1 > /dev/null; : > $2/filled.$n; for t in $(/usr/bin/seq 50); do f=($2/filled.*); [ ${#f[@]} -ge 6 ] && break; /usr/bin/sleep 0.1; done; /usr/bin/cat > /dev/null; }", "_", &i.to_string(), &dir])
                 .spawn().unwrap())
             .collect();
         for mut child in children {
             let status = child.wait().unwrap();
             assert!(status.success(), "a child failed: {status}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
         "pub fn fits() {}".parse().unwrap()"#,
     );
     let groups = ferry_worker::JobCgroups::setup().expect("a root worker here can create job cgroups");

@@ -596,19 +596,23 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
 
     // The rest hold per job, not per process, where the worker has them (root here, as in CI):
     // six processes of 400 MB each fit a per-process limit of 2 GiB, not a job's cgroup of 2 GiB.
-    // (Each `dd` holds its 400 MB buffer until the reader wakes up after 2 s, so all six overlap.)
+    // (Each `dd` holds its 400 MiB block until all six have filled theirs — the reader waits for
+    // the others' first byte, at most 5 s — so they overlap whatever the machine's load.)
     let processes = Job::attack(
         world,
         "processes",
-        r#"let children: Vec<_> = (0..6)
-            .map(|_| std::process::Command::new("/usr/bin/bash")
-                .args(["-o", "pipefail", "-c", "/usr/bin/dd if=/dev/zero bs=400M count=1 status=none | (/usr/bin/sleep 2; /usr/bin/cat > /dev/null)"])
+        r#"let dir = format!("/tmp/ferry-barrier-{}", std::process::id());
+        std::fs::create_dir_all(&dir).unwrap();
+        let children: Vec<_> = (0..6)
+            .map(|i| std::process::Command::new("/usr/bin/bash")
+                .args(["-o", "pipefail", "-c", "n=$1; /usr/bin/dd if=/dev/zero bs=400M count=1 status=none | { /usr/bin/head -c 1 > /dev/null; : > $2/filled.$n; for t in $(/usr/bin/seq 50); do f=($2/filled.*); [ ${#f[@]} -ge 6 ] && break; /usr/bin/sleep 0.1; done; /usr/bin/cat > /dev/null; }", "_", &i.to_string(), &dir])
                 .spawn().unwrap())
             .collect();
         for mut child in children {
             let status = child.wait().unwrap();
             assert!(status.success(), "a child failed: {status}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
         "pub fn fits() {}".parse().unwrap()"#,
     );
     let run = cluster.run(&processes);
