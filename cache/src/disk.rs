@@ -172,13 +172,7 @@ impl DiskStore {
     /// does not check out is removed and reported.
     pub fn open_checked(&self, key: &CacheKey) -> Result<Option<(File, u64)>, Error> {
         use std::io::{BufReader, Seek};
-        let path = self.entry_path(key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
-        let len = file.metadata().map_err(io_at(&path))?.len();
+        let Some((path, mut file, len)) = self.open_entry(key)? else { return Ok(None) };
         match crate::entry::check_stream(BufReader::new(&file), len, key) {
             Ok(()) => {
                 let _ = file.set_modified(SystemTime::now());
@@ -245,18 +239,24 @@ impl DiskStore {
     /// Reads the entry file of `key` and verifies it with `verify`. A file that does not verify
     /// is removed and reported; one that does has its last-used time (the mtime eviction sorts
     /// by) refreshed.
-    fn read_verified<T>(
-        &self,
-        key: &CacheKey,
-        verify: impl FnOnce(Vec<u8>) -> Result<T, crate::EntryError>,
-    ) -> Result<Option<T>, Error> {
+    /// The entry file of `key` and its length, or `None` when there is none.
+    fn open_entry(&self, key: &CacheKey) -> Result<Option<(PathBuf, File, u64)>, Error> {
         let path = self.entry_path(key);
-        let mut file = match File::open(&path) {
+        let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_at(&path)(e)),
         };
         let len = file.metadata().map_err(io_at(&path))?.len();
+        Ok(Some((path, file, len)))
+    }
+
+    fn read_verified<T>(
+        &self,
+        key: &CacheKey,
+        verify: impl FnOnce(Vec<u8>) -> Result<T, crate::EntryError>,
+    ) -> Result<Option<T>, Error> {
+        let Some((path, mut file, len)) = self.open_entry(key)? else { return Ok(None) };
         let mut bytes = Vec::with_capacity(len as usize);
         file.read_to_end(&mut bytes).map_err(io_at(&path))?;
         match verify(bytes) {

@@ -27,6 +27,6 @@ pub use entry::{Entry, EntryError, EntryKind, SEAL_LEN, check_stream, seal, spli
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use memcached::{CHUNK as MEMCACHED_CHUNK, MemcachedStore, parse_memcached_url};
 pub use output::{CompileOutput, OutputFile};
-pub use redis::{RedisStore, RedisTls, check_redis_url, redis_key};
+pub use redis::{RedisStore, RedisTls, check_redis_url, redis_key, without_password};
 pub use sealed::{Sealed, read_key_file};
 pub use store::{Error, PutOutcome, Store};

@@ -248,8 +248,9 @@ fn connection_info(url: &str) -> Result<redis::ConnectionInfo, String> {
     Ok(info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)).set_redis_settings(redis))
 }
 
-/// `redis://user:secret@host/0` → `redis://user:***@host/0`.
-fn without_password(url: &str) -> String {
+/// `redis://user:secret@host/0` → `redis://user:***@host/0`: a shared-tier URL fit for logs and
+/// `--check-config`.
+pub fn without_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     match rest[..authority_end].rsplit_once('@') {

@@ -139,13 +139,8 @@ pub(crate) fn check_without_effects(sandbox: &SandboxConfig, data_dir: &Path) ->
             false => Err("turned off (sandbox.cgroups = false)".to_owned()),
         },
         job_cgroups: None,
-        disk_quota: if is_root() { Ok(()) } else { Err("mounting a tmpfs needs root (CAP_SYS_ADMIN)".into()) },
+        disk_quota: if sandbox::is_root() { Ok(()) } else { Err("mounting a tmpfs needs root (CAP_SYS_ADMIN)".into()) },
     })
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Creates the data directory and the directories jobs must reach, mode 0711 (traversable,

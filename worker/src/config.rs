@@ -40,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use ferry_cache::without_password;
 use ferry_proto::SharedTierSpec;
 use serde::Deserialize;
 
@@ -407,19 +408,6 @@ fn redis_tls(
         ),
     };
     Ok(tls)
-}
-
-/// `redis://user:secret@host/0` → `redis://user:***@host/0`.
-fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, _)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{}", &rest[userinfo.len() + 1..])
-        }
-        None => url.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -729,8 +729,7 @@ fn redis_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
     let keys: Vec<String> = redis.cli(&["--scan", "--pattern", "ferry:*"]).lines().map(str::to_owned).collect();
     assert!(keys.len() as u64 >= 2 * UNITS, "{keys:?}");
     for key in &keys {
-        let len: usize = redis.cli(&["STRLEN", key]).trim().parse().expect("length");
-        redis.cli(&["SETRANGE", key, &(len / 2).to_string(), "\u{7f}"]);
+        flip_middle_byte_of_value(&redis, key);
     }
     assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
 }
@@ -768,8 +767,7 @@ fn redis_over_tls_serves_hits_and_drops_corrupt_entries() {
     assert_same_outputs(&expected, &outputs(&ws));
 
     for key in keys() {
-        let len: usize = redis.cli(&["STRLEN", &key]).trim().parse().expect("length");
-        redis.cli(&["SETRANGE", &key, &(len / 2).to_string(), "\u{7f}"]);
+        flip_middle_byte_of_value(&redis, &key);
     }
     assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
 }
@@ -1008,6 +1006,12 @@ fn build_as(c: &mut Cluster, name: &str, ws: &Path) -> Value {
 fn client(c: &mut Cluster, name: &str) {
     c.world.set("FERRY_CACHE_DIR", c.world.path().join(format!("cache-{name}")));
     c.world.ferry_ok(&["stats", "--zero"]);
+}
+
+/// Damages a Redis value in place, keeping its length.
+fn flip_middle_byte_of_value(redis: &ferry_tests::Redis, key: &str) {
+    let len: usize = redis.cli(&["STRLEN", key]).trim().parse().expect("length");
+    redis.cli(&["SETRANGE", key, &(len / 2).to_string(), "\u{7f}"]);
 }
 
 fn flip_middle_byte(path: &Path) {
