@@ -1320,6 +1320,11 @@ fn chromium(args: &[&str]) -> Output {
 fn a_killed_worker_keeps_its_blobs_and_checks_them_on_first_use() {
     let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
     c.world.set("FERRY_SHARED_CACHE", "off");
+    // One unit at a time: a job carries the dependency files present when it starts, so with
+    // cargo's parallelism the two builds could ship different sets (a dependency's rlib finished
+    // in one build and not yet in the other) and the second would rightly send a file the first
+    // never did.
+    c.world.set("CARGO_BUILD_JOBS", "1");
     let ws = c.world.path().join("ws");
     workspace(&ws);
     let s = build_as(&mut c, "first", &ws);
@@ -2018,7 +2023,7 @@ fn app(ws: &Path) -> String {
 /// `cargo build -j2 --offline` in `dir` as [`cargo_build`] runs it, to be spawned.
 fn cargo_command(world: &World, dir: &Path) -> Command {
     let mut cmd = crate::wrapper::cargo(world, dir);
-    cmd.args(["build", "-j2", "--offline"]);
+    cmd.args(["build", &crate::wrapper::jobs(world), "--offline"]);
     cmd
 }
 

@@ -785,13 +785,19 @@ fn big_source(attempt: usize) -> String {
 /// own cargo/rustc configuration leaking in (only the world's environment).
 pub(crate) fn cargo_build(world: &World, dir: &Path, wrapper: bool) -> Output {
     let mut cmd = cargo(world, dir);
-    cmd.args(["build", "-j2", "--offline"]);
+    cmd.args(["build", &jobs(world), "--offline"]);
     if wrapper {
         cmd.env("RUSTC_WRAPPER", bin("ferry"));
     } else {
         cmd.env_remove("RUSTC_WRAPPER");
     }
     cmd.output().expect("cargo runs")
+}
+
+/// `-j2`, or `-jN` when the world sets `CARGO_BUILD_JOBS=N` (a test that needs one unit at a time).
+pub(crate) fn jobs(world: &World) -> String {
+    let jobs = world.env.iter().find(|(k, _)| k == "CARGO_BUILD_JOBS").map_or("2", |(_, v)| v.as_str());
+    format!("-j{jobs}")
 }
 
 pub(crate) fn clean(world: &World, dir: &Path) {
