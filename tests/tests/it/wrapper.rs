@@ -592,6 +592,9 @@ fn check_damaged_entries(damage: Damage) {
     let ws = workspace_in(&world, "ws");
     ok_build(cargo_build(&world, &ws, true));
     let expected = outputs(&ws);
+    // Entries are written by detached copies of the wrapper after cargo has its answer; `ferry
+    // stats` waits for them, so every entry exists before it is damaged.
+    world.ferry_ok(&["stats"]);
     let damaged = damage_entries(&world, damage);
     assert!(damaged >= UNITS.len(), "only {damaged} entries after a full build");
 
