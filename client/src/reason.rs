@@ -103,8 +103,11 @@ pub enum NotStored {
     UnexpectedExitCode,
     /// The observation of the compile is incomplete (the reason says what it could not see).
     Unobserved(String),
-    /// An input changed while the compile ran.
+    /// An input changed while the compile ran (or the compile changed it).
     InputsChangedDuringCompile,
+    /// The compile left a file or directory outside its declared outputs, which a replay would not
+    /// write (a proc-macro's side effect).
+    WroteOutsideOutputs,
     /// A listed input cannot be read back.
     InputUnreadable,
     /// A declared output is missing.
@@ -213,6 +216,7 @@ impl NotStored {
             NotStored::UnexpectedExitCode => "unexpected-exit-code".into(),
             NotStored::Unobserved(reason) => format!("unobserved: {reason}"),
             NotStored::InputsChangedDuringCompile => "inputs-changed-during-compile".into(),
+            NotStored::WroteOutsideOutputs => "wrote-outside-outputs".into(),
             NotStored::InputUnreadable => "input-unreadable".into(),
             NotStored::MissingOutput => "missing-output".into(),
             NotStored::CacheWriteFailed => "cache-write-failed".into(),
@@ -252,10 +256,24 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         ("fallback", "project-in-system-dir") => {
             "the project is under /etc, /usr (other than /usr/local) or another system directory a worker has its own of"
         }
+        ("fallback", "reads-whole-environment") => {
+            "a proc-macro of this crate runs programs, which may read any variable: it compiles where the whole \
+             environment is"
+        }
         ("fallback", "workers-quarantined") => "every worker is quarantined after failing jobs: see ferry status",
         ("fallback", "worker-error") => "a worker could not run the job: see ferry status for its error",
         ("not stored", "compile-error") => {
             "rustc reported errors (build scripts' probes fail on purpose); FERRY_CACHE_FAILURES=1 caches them"
+        }
+        ("not stored", "inputs-changed-during-compile") => {
+            "a file the compile read changed while it ran (or the compile rewrote it): its result may mix both"
+        }
+        ("not stored", "wrote-outside-outputs") => {
+            "the compile (a proc-macro) wrote a file besides its outputs; a replay would not write it"
+        }
+        ("not stored", "unobserved: exec-limit") => {
+            "the command line and environment are so near the system's limit that the observer's variables \
+             would not fit: the compile ran exactly as cargo asked"
         }
         ("not stored", r) if r.starts_with("unobserved") => {
             "part of the compile could not be observed (a static program, a dropped LD_PRELOAD): never cached"

@@ -25,7 +25,7 @@
 #![allow(clippy::missing_safety_doc, non_camel_case_types)]
 
 use core::ffi::{c_char, c_int, c_uint, c_void};
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
@@ -50,13 +50,40 @@ unsafe extern "C" {
     fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char;
     fn getppid() -> pid_t;
     fn fcntl(fd: c_int, cmd: c_int, arg: c_int) -> c_int;
+    fn dl_iterate_phdr(
+        callback: unsafe extern "C" fn(*mut DlPhdrInfo, size_t, *mut c_void) -> c_int,
+        data: *mut c_void,
+    ) -> c_int;
     static environ: *const *const c_char;
+}
+
+/// `struct dl_phdr_info` (64-bit ELF), as far as it is read here.
+#[repr(C)]
+struct DlPhdrInfo {
+    addr: usize,
+    name: *const c_char,
+    phdr: *const Phdr,
+    phnum: u16,
+}
+
+/// `Elf64_Phdr`.
+#[repr(C)]
+struct Phdr {
+    kind: u32,
+    flags: u32,
+    offset: u64,
+    vaddr: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+    align: u64,
 }
 
 const RTLD_NEXT: *mut c_void = -1isize as *mut c_void;
 const AT_FDCWD: c_int = -100;
 const O_ACCMODE: c_int = 3;
 const O_WRONLY: c_int = 1;
+const O_RDWR: c_int = 2;
 const O_CREAT: c_int = 0o100;
 const O_TRUNC: c_int = 0o1000;
 const O_APPEND: c_int = 0o2000;
@@ -139,14 +166,140 @@ extern "C" fn init() {
     if let Some(exe) = exe {
         emit(b'X', &[exe]);
     }
-    // The files the loader mapped (shared libraries), for every process but the compiler itself,
-    // whose libraries come with its toolchain.
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { getppid() };
     let root = env_value(b"FERRY_OBSERVE_PARENT").and_then(parse_int) == Some(i64::from(parent));
+    ROOT.store(root, Ordering::Relaxed);
+    remember_own_preload();
+    remember_initial_objects();
+    // The files the loader mapped (shared libraries), for every process but the compiler itself,
+    // whose libraries come with its toolchain.
     if !root {
         record_maps(exe.unwrap_or(b""));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whose code made a call
+// ---------------------------------------------------------------------------------------------
+
+/// Is this process the compile's first one (the compiler cargo named)?
+static ROOT: AtomicBool = AtomicBool::new(false);
+
+/// The executable segments of the objects loaded at process start: the program and its shared
+/// libraries. Code outside them was loaded later (`dlopen`): a proc-macro, a plugin.
+const MAX_SEGMENTS: usize = 512;
+static mut INITIAL: [(usize, usize); MAX_SEGMENTS] = [(0, 0); MAX_SEGMENTS];
+static INITIAL_LEN: AtomicUsize = AtomicUsize::new(0);
+/// The load addresses of those objects (for telling which objects a `dlopen` added).
+const MAX_OBJECTS: usize = 256;
+static mut INITIAL_BASES: [usize; MAX_OBJECTS] = [0; MAX_OBJECTS];
+static INITIAL_BASES_LEN: AtomicUsize = AtomicUsize::new(0);
+
+fn remember_initial_objects() {
+    unsafe extern "C" fn each(info: *mut DlPhdrInfo, _: size_t, _: *mut c_void) -> c_int {
+        // SAFETY: the loader passes a valid record for the duration of the call; `init` runs
+        // before any other thread of this process exists, so the tables have one writer.
+        unsafe {
+            let info = &*info;
+            let bases = INITIAL_BASES_LEN.load(Ordering::Relaxed);
+            if bases < MAX_OBJECTS {
+                core::ptr::addr_of_mut!(INITIAL_BASES).cast::<usize>().add(bases).write(info.addr);
+                INITIAL_BASES_LEN.store(bases + 1, Ordering::Relaxed);
+            }
+            for i in 0..usize::from(info.phnum) {
+                let ph = &*info.phdr.add(i);
+                const PT_LOAD: u32 = 1;
+                const PF_X: u32 = 1;
+                let n = INITIAL_LEN.load(Ordering::Relaxed);
+                if ph.kind == PT_LOAD && ph.flags & PF_X != 0 && n < MAX_SEGMENTS {
+                    let start = info.addr.wrapping_add(ph.vaddr as usize);
+                    let slot = core::ptr::addr_of_mut!(INITIAL).cast::<(usize, usize)>().add(n);
+                    slot.write((start, start.wrapping_add(ph.memsz as usize)));
+                    INITIAL_LEN.store(n + 1, Ordering::Release);
+                }
+            }
+        }
+        0
+    }
+    // SAFETY: a plain libc call with a callback that only reads what it is given.
+    unsafe { dl_iterate_phdr(each, core::ptr::null_mut()) };
+}
+
+/// Who looked something up, by the address the call returns to: `c` the compiler's own code (the
+/// first process, code loaded at its start), `p` code loaded later (a proc-macro, a plugin; also
+/// when the caller is unknown), `s` another process of the compile (the linker driver, a program
+/// a proc-macro ran).
+fn origin(caller: usize) -> u8 {
+    let n = INITIAL_LEN.load(Ordering::Acquire);
+    // SAFETY: the first `n` segments were written before `n` was published.
+    let initial = caller != 0
+        && (0..n).any(|i| {
+            let (start, end) = unsafe { core::ptr::addr_of!(INITIAL).cast::<(usize, usize)>().add(i).read() };
+            caller >= start && caller < end
+        });
+    if !initial {
+        b'p'
+    } else if ROOT.load(Ordering::Relaxed) {
+        b'c'
+    } else {
+        b's'
+    }
+}
+
+/// After a `dlopen`: records the objects loaded since the process started (what the call loaded,
+/// with its dependencies) as mapped files, which the loader opened without going through `open`.
+fn record_loaded_objects() {
+    unsafe extern "C" fn each(info: *mut DlPhdrInfo, _: size_t, _: *mut c_void) -> c_int {
+        // SAFETY: a valid record for the duration of the call; the base table is only read.
+        unsafe {
+            let info = &*info;
+            let n = INITIAL_BASES_LEN.load(Ordering::Relaxed);
+            let initial = (0..n).any(|i| core::ptr::addr_of!(INITIAL_BASES).cast::<usize>().add(i).read() == info.addr);
+            // A name without a slash is the vDSO or the main program; a relative one was given to
+            // dlopen relative to the cwd.
+            if let Some(name) = c_bytes(info.name)
+                && !initial
+                && name.contains(&b'/')
+                && !contains(name, b"libferry_observe")
+            {
+                let mut buf = [0u8; 2 * PATH_MAX];
+                if let Some(abs) = absolute(AT_FDCWD, name, &mut buf) {
+                    emit(b'm', &[abs]);
+                }
+            }
+        }
+        0
+    }
+    let saved = errno();
+    // SAFETY: as in `remember_initial_objects`.
+    unsafe { dl_iterate_phdr(each, core::ptr::null_mut()) };
+    set_errno(saved);
+}
+
+/// Defines `$name` so that it calls `$inner` with the caller's return address as one more
+/// argument (in the register after the last one), on the architectures where that can be had.
+macro_rules! with_caller {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty => $inner:ident, $x86:literal, $arm:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(concat!("mov ", $x86, ", [rsp]"), "jmp {inner}", inner = sym $inner)
+        }
+        #[cfg(target_arch = "aarch64")]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(concat!("mov ", $arm, ", x30"), "b {inner}", inner = sym $inner)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            // SAFETY: forwarding the caller's arguments; the caller is unknown here.
+            unsafe { $inner($($arg,)* 0) }
+        }
+    };
 }
 
 fn open_log() -> c_int {
@@ -202,27 +355,89 @@ fn emit(op: u8, fields: &[&[u8]]) {
     }
 }
 
-/// Records already written by this process, as 64-bit hashes (0: empty slot).
+/// Records already written by this process: a table of (32-bit hash tag, offset) pairs whose
+/// offsets point at a copy of the record in [`ARENA`]. A tag that matches is confirmed by comparing
+/// the bytes, so a hash collision never drops a record; when the arena or a probe run is full,
+/// the record is written again (a duplicate costs a few bytes, a dropped record a wrong key).
 static SEEN: [AtomicU64; 1 << 15] = [const { AtomicU64::new(0) }; 1 << 15];
 
-/// True the first time a record is seen (a full table only costs duplicate records).
+/// Bytes kept for de-duplication (`.bss`: only the pages used cost memory).
+const ARENA_BYTES: usize = 1 << 20;
+
+struct Arena(core::cell::UnsafeCell<[u8; ARENA_BYTES]>);
+
+// SAFETY: each byte range is written once, by the thread that reserved it with `ARENA_USED`,
+// before a Release store publishes its offset; readers load the offset with Acquire.
+unsafe impl Sync for Arena {}
+
+static ARENA: Arena = Arena(core::cell::UnsafeCell::new([0; ARENA_BYTES]));
+static ARENA_USED: AtomicUsize = AtomicUsize::new(0);
+
+/// True the first time a record is seen by this process.
 fn first_time(record: &[u8]) -> bool {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in record {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let h = h | 1;
+    let tag = (h >> 32) | 1;
     let mask = SEEN.len() - 1;
     let mut i = (h as usize) & mask;
+    let mut copy: Option<u64> = None;
     for _ in 0..64 {
-        match SEEN[i].compare_exchange(0, h, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return true,
-            Err(existing) if existing == h => return false,
-            Err(_) => i = (i + 1) & mask,
+        let slot = SEEN[i].load(Ordering::Acquire);
+        if slot == 0 {
+            let offset = match copy {
+                Some(o) => o,
+                None => match arena_store(record) {
+                    Some(o) => *copy.insert(o),
+                    None => return true,
+                },
+            };
+            match SEEN[i].compare_exchange(0, (tag << 32) | offset, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(taken) if same(taken, tag, record) => return false,
+                Err(_) => {}
+            }
+        } else if same(slot, tag, record) {
+            return false;
         }
+        i = (i + 1) & mask;
     }
     true
+}
+
+/// Copies a record into the arena (a 2-byte length, then the bytes); its offset.
+fn arena_store(record: &[u8]) -> Option<u64> {
+    let need = record.len() + 2;
+    let start = ARENA_USED.fetch_add(need, Ordering::Relaxed);
+    if start.checked_add(need)? > ARENA_BYTES || record.len() > usize::from(u16::MAX) {
+        return None;
+    }
+    // SAFETY: [start, start + need) was reserved for this thread alone and lies in the arena.
+    unsafe {
+        let base = ARENA.0.get().cast::<u8>().add(start);
+        let len = (record.len() as u16).to_le_bytes();
+        core::ptr::copy_nonoverlapping(len.as_ptr(), base, 2);
+        core::ptr::copy_nonoverlapping(record.as_ptr(), base.add(2), record.len());
+    }
+    Some(start as u64)
+}
+
+/// Does a table slot hold exactly this record?
+fn same(slot: u64, tag: u64, record: &[u8]) -> bool {
+    if slot >> 32 != tag {
+        return false;
+    }
+    let start = (slot & 0xffff_ffff) as usize;
+    // SAFETY: a published offset names a complete copy (written before the Release store).
+    unsafe {
+        let base = ARENA.0.get().cast::<u8>().add(start);
+        let mut len = [0u8; 2];
+        core::ptr::copy_nonoverlapping(base, len.as_mut_ptr(), 2);
+        let len = usize::from(u16::from_le_bytes(len));
+        len == record.len() && core::slice::from_raw_parts(base.add(2), len) == record
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -368,16 +583,49 @@ fn record_lookup(ok: bool, found: u8, dirfd: c_int, path: *const c_char) {
     }
 }
 
-fn record_open(dirfd: c_int, path: *const c_char, flags: c_int, ok: bool) {
+fn record_open(dirfd: c_int, path: *const c_char, flags: c_int, ok: bool, existed: bool) {
     let writes = flags & O_ACCMODE != 0 || flags & (O_CREAT | O_TRUNC | O_APPEND) != 0;
     if writes {
         if ok {
-            record(b'w', dirfd, path);
+            // Opened for reading and writing without truncating what was there: its content
+            // may have been read (an SQLite database a proc-macro queries), so it is an input.
+            record(if existed { b'u' } else { b'w' }, dirfd, path);
         } else if flags & O_CREAT == 0 {
             record_lookup(false, b'w', dirfd, path);
         }
     } else {
         record_lookup(ok, b'r', dirfd, path);
+    }
+}
+
+/// Whether an open with these flags can read a file's old content while writing it.
+fn updates(flags: c_int) -> bool {
+    flags & O_ACCMODE == O_RDWR && flags & O_TRUNC == 0
+}
+
+/// Whether `path` (relative to `dirfd`) exists, asked before an open that [`updates`] it: only
+/// then is the file's old content an input. Not recorded (the open that follows is).
+fn existed_before(dirfd: c_int, path: *const c_char, flags: c_int) -> bool {
+    if !updates(flags) {
+        return false;
+    }
+    let Some(f) = real!(faccessat: fn(c_int, *const c_char, c_int, c_int) -> c_int) else { return true };
+    let saved = errno();
+    // SAFETY: the caller's NUL-terminated path.
+    let there = unsafe { f(dirfd, path, 0, 0) } == 0;
+    set_errno(saved);
+    there
+}
+
+/// The open(2) flags an `fopen` mode stands for, as far as recording needs them.
+fn fopen_flags(mode: &[u8]) -> c_int {
+    let plus = mode.contains(&b'+');
+    match mode.first() {
+        Some(b'r') if !plus => 0,
+        Some(b'r') => O_RDWR,
+        Some(b'a') if plus => O_RDWR | O_CREAT | O_APPEND,
+        Some(b'w') if plus => O_RDWR | O_CREAT | O_TRUNC,
+        _ => O_WRONLY | O_CREAT,
     }
 }
 
@@ -415,13 +663,43 @@ unsafe fn carries_observer(envp: *const *const c_char) -> bool {
         let mut p = envp;
         while !(*p).is_null() {
             if let Some(entry) = c_bytes(*p) {
-                preload |= entry.starts_with(b"LD_PRELOAD=") && contains(entry, b"libferry_observe");
+                preload |= entry.starts_with(b"LD_PRELOAD=") && contains(entry, own_preload());
                 log |= entry.starts_with(b"FERRY_OBSERVE_LOG=");
             }
             p = p.add(1);
         }
     }
     preload && log
+}
+
+/// This library's path as the environment preloaded it (the first `LD_PRELOAD` entry at start:
+/// ferry puts it first), which a child's environment must still name.
+static mut OWN_PRELOAD: [u8; PATH_MAX] = [0; PATH_MAX];
+static OWN_PRELOAD_LEN: AtomicUsize = AtomicUsize::new(0);
+
+fn remember_own_preload() {
+    let value = env_value(b"LD_PRELOAD").unwrap_or(b"");
+    let first = &value[..value.iter().position(|&b| b == b':' || b == b' ').unwrap_or(value.len())];
+    if first.len() < PATH_MAX {
+        // SAFETY: called once from `init`, before any other thread exists.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                first.as_ptr(),
+                core::ptr::addr_of_mut!(OWN_PRELOAD).cast::<u8>(),
+                first.len(),
+            )
+        };
+        OWN_PRELOAD_LEN.store(first.len(), Ordering::Release);
+    }
+}
+
+fn own_preload() -> &'static [u8] {
+    let n = OWN_PRELOAD_LEN.load(Ordering::Acquire);
+    if n == 0 {
+        return b"libferry_observe";
+    }
+    // SAFETY: written once in `init` before the length was published.
+    unsafe { core::slice::from_raw_parts(core::ptr::addr_of!(OWN_PRELOAD).cast::<u8>(), n) }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -434,8 +712,19 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// Records a program about to run: `x name resolved`, or `a` when it does not exist, and `!`
 /// when the observer will not see inside it.
-unsafe fn record_exec(name: *const c_char, search: bool, envp: *const *const c_char) {
+unsafe fn record_exec(name: *const c_char, search: bool, envp: *const *const c_char, caller: usize) {
     let saved = errno();
+    if origin(caller) == b'p' {
+        // A program started by a proc-macro may read its whole environment (a shell expanding
+        // `$X` reads `environ`, never `getenv`): every variable it is given counts as looked up,
+        // and so does which variables are set at all (`E`: one added later must miss).
+        // SAFETY: the caller's environment array.
+        unsafe { record_environment(envp) };
+        // SAFETY: a NUL-terminated name from the caller (or null).
+        if let Some(raw) = unsafe { c_bytes(name) } {
+            emit(b'E', &[raw]);
+        }
+    }
     // SAFETY: a NUL-terminated program name from the caller.
     let Some(raw) = (unsafe { c_bytes(name) }) else { return };
     let mut resolved = [0u8; 2 * PATH_MAX];
@@ -456,6 +745,27 @@ unsafe fn record_exec(name: *const c_char, search: bool, envp: *const *const c_c
         None => emit(b'a', &[raw]),
     }
     set_errno(saved);
+}
+
+/// Records every variable of an environment array as looked up by plugin code, except the
+/// observer's own.
+unsafe fn record_environment(envp: *const *const c_char) {
+    if envp.is_null() {
+        return;
+    }
+    // SAFETY: the caller passes a NULL-terminated array of C strings.
+    unsafe {
+        let mut p = envp;
+        while !(*p).is_null() {
+            if let Some(entry) = c_bytes(*p) {
+                let name = &entry[..entry.iter().position(|&b| b == b'=').unwrap_or(entry.len())];
+                if name != b"LD_PRELOAD" && !name.starts_with(b"FERRY_OBSERVE_") && !name.is_empty() {
+                    emit(b'v', &[name, b"p"]);
+                }
+            }
+            p = p.add(1);
+        }
+    }
 }
 
 /// `name` searched in `PATH` as execvp does; the length of the hit written into `out`.
@@ -593,9 +903,10 @@ macro_rules! open_like {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
             let Some(f) = real!($name: fn(*const c_char, c_int, mode_t) -> c_int) else { return -1 };
+            let existed = existed_before(AT_FDCWD, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let fd = unsafe { f(path, flags, mode) };
-            record_open(AT_FDCWD, path, flags, fd >= 0);
+            record_open(AT_FDCWD, path, flags, fd >= 0, existed);
             fd
         }
     )*};
@@ -607,9 +918,10 @@ macro_rules! openat_like {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
             let Some(f) = real!($name: fn(c_int, *const c_char, c_int, mode_t) -> c_int) else { return -1 };
+            let existed = existed_before(dirfd, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let fd = unsafe { f(dirfd, path, flags, mode) };
-            record_open(dirfd, path, flags, fd >= 0);
+            record_open(dirfd, path, flags, fd >= 0, existed);
             fd
         }
     )*};
@@ -621,9 +933,10 @@ macro_rules! open2_like {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
             let Some(f) = real!($name: fn(*const c_char, c_int) -> c_int) else { return -1 };
+            let existed = existed_before(AT_FDCWD, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let fd = unsafe { f(path, flags) };
-            record_open(AT_FDCWD, path, flags, fd >= 0);
+            record_open(AT_FDCWD, path, flags, fd >= 0, existed);
             fd
         }
     )*};
@@ -635,9 +948,10 @@ macro_rules! openat2_like {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
             let Some(f) = real!($name: fn(c_int, *const c_char, c_int) -> c_int) else { return -1 };
+            let existed = existed_before(dirfd, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let fd = unsafe { f(dirfd, path, flags) };
-            record_open(dirfd, path, flags, fd >= 0);
+            record_open(dirfd, path, flags, fd >= 0, existed);
             fd
         }
     )*};
@@ -667,12 +981,12 @@ macro_rules! fopen_like {
             let Some(f) = real!($name: fn(*const c_char, *const c_char) -> *mut c_void) else {
                 return core::ptr::null_mut();
             };
+            // SAFETY: fopen's mode is a NUL-terminated string.
+            let flags = fopen_flags(unsafe { c_bytes(mode) }.unwrap_or(b"r"));
+            let existed = existed_before(AT_FDCWD, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let file = unsafe { f(path, mode) };
-            // SAFETY: fopen's mode is a NUL-terminated string.
-            let mode = unsafe { c_bytes(mode) }.unwrap_or(b"r");
-            let flags = if mode.first() == Some(&b'r') && !mode.contains(&b'+') { 0 } else { O_WRONLY | O_CREAT };
-            record_open(AT_FDCWD, path, flags, !file.is_null());
+            record_open(AT_FDCWD, path, flags, !file.is_null(), existed);
             file
         }
     )*};
@@ -686,12 +1000,12 @@ macro_rules! freopen_like {
             let Some(f) = real!($name: fn(*const c_char, *const c_char, *mut c_void) -> *mut c_void) else {
                 return core::ptr::null_mut();
             };
+            // SAFETY: as in fopen.
+            let flags = fopen_flags(unsafe { c_bytes(mode) }.unwrap_or(b"r"));
+            let existed = existed_before(AT_FDCWD, path, flags);
             // SAFETY: forwarding the caller's arguments.
             let file = unsafe { f(path, mode, stream) };
-            // SAFETY: as in fopen.
-            let mode = unsafe { c_bytes(mode) }.unwrap_or(b"r");
-            let flags = if mode.first() == Some(&b'r') && !mode.contains(&b'+') { 0 } else { O_WRONLY | O_CREAT };
-            record_open(AT_FDCWD, path, flags, !file.is_null());
+            record_open(AT_FDCWD, path, flags, !file.is_null(), existed);
             file
         }
     )*};
@@ -1006,97 +1320,272 @@ pub unsafe extern "C" fn symlink(target: *const c_char, path: *const c_char) -> 
     r
 }
 
+with_caller!(getenv(name: *const c_char) -> *mut c_char => getenv_from, "rsi", "x1");
+with_caller!(secure_getenv(name: *const c_char) -> *mut c_char => secure_getenv_from, "rsi", "x1");
+
 macro_rules! getenv_like {
-    ($($name:ident),*) => {$(
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(name: *const c_char) -> *mut c_char {
+    ($($inner:ident => $name:ident),*) => {$(
+        /// The lookup, recorded with who made it (see [`origin`]).
+        unsafe extern "C" fn $inner(name: *const c_char, caller: usize) -> *mut c_char {
             let Some(f) = real!($name: fn(*const c_char) -> *mut c_char) else { return core::ptr::null_mut() };
             // SAFETY: forwarding the caller's arguments.
             let value = unsafe { f(name) };
             let saved = errno();
             // SAFETY: a NUL-terminated name from the caller.
             if let Some(n) = unsafe { c_bytes(name) } {
-                emit(b'v', &[n]);
+                emit(b'v', &[n, &[origin(caller)]]);
             }
             set_errno(saved);
             value
         }
     )*};
 }
-getenv_like!(getenv, secure_getenv);
+getenv_like!(getenv_from => getenv, secure_getenv_from => secure_getenv);
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+type Argv = *const *const c_char;
+
+with_caller!(execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int => execve_from, "rcx", "x3");
+unsafe extern "C" fn execve_from(path: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { record_exec(path, false, envp) };
-    let Some(f) = real!(execve: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int) else {
-        return -1;
-    };
+    unsafe { record_exec(path, false, envp, caller) };
+    let Some(f) = real!(execve: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(path, argv, envp) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+with_caller!(execv(path: *const c_char, argv: Argv) -> c_int => execv_from, "rdx", "x2");
+unsafe extern "C" fn execv_from(path: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments; the new image inherits this environment.
-    unsafe { record_exec(path, false, environ) };
-    let Some(f) = real!(execv: fn(*const c_char, *const *const c_char) -> c_int) else { return -1 };
+    unsafe { record_exec(path, false, environ, caller) };
+    let Some(f) = real!(execv: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(path, argv) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+with_caller!(execvp(file: *const c_char, argv: Argv) -> c_int => execvp_from, "rdx", "x2");
+unsafe extern "C" fn execvp_from(file: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: as in execv.
-    unsafe { record_exec(file, true, environ) };
-    let Some(f) = real!(execvp: fn(*const c_char, *const *const c_char) -> c_int) else { return -1 };
+    unsafe { record_exec(file, true, environ, caller) };
+    let Some(f) = real!(execvp: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(file, argv) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+with_caller!(execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int => execvpe_from, "rcx", "x3");
+unsafe extern "C" fn execvpe_from(file: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: as in execve.
-    unsafe { record_exec(file, true, envp) };
-    let Some(f) = real!(execvpe: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int) else {
-        return -1;
-    };
+    unsafe { record_exec(file, true, envp, caller) };
+    let Some(f) = real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(file, argv, envp) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+with_caller!(fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int => fexecve_from, "rcx", "x3");
+unsafe extern "C" fn fexecve_from(fd: c_int, argv: Argv, envp: Argv, caller: usize) -> c_int {
     let mut buf = [0u8; PATH_MAX + 1];
     if let Some(n) = fd_path(fd, &mut buf[..PATH_MAX]) {
         buf[n] = 0;
         // SAFETY: a NUL-terminated path we built; the caller's environment.
-        unsafe { record_exec(buf.as_ptr().cast(), false, envp) };
+        unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller) };
     }
-    let Some(f) = real!(fexecve: fn(c_int, *const *const c_char, *const *const c_char) -> c_int) else { return -1 };
+    let Some(f) = real!(fexecve: fn(c_int, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(fd, argv, envp) }
 }
 
+with_caller!(execveat(dirfd: c_int, path: *const c_char, argv: Argv, envp: Argv, flags: c_int) -> c_int
+    => execveat_from, "r9", "x5");
+unsafe extern "C" fn execveat_from(
+    dirfd: c_int,
+    path: *const c_char,
+    argv: Argv,
+    envp: Argv,
+    flags: c_int,
+    caller: usize,
+) -> c_int {
+    let mut buf = [0u8; 2 * PATH_MAX + 1];
+    // SAFETY: a NUL-terminated path from the caller (or null).
+    let raw = unsafe { c_bytes(path) }.unwrap_or(b"");
+    let found = if raw.is_empty() && flags & AT_EMPTY_PATH != 0 {
+        fd_path(dirfd, &mut buf[..PATH_MAX])
+    } else {
+        let mut abs = [0u8; 2 * PATH_MAX];
+        absolute(dirfd, raw, &mut abs).map(|p| {
+            buf[..p.len()].copy_from_slice(p);
+            p.len()
+        })
+    };
+    if let Some(n) = found {
+        buf[n] = 0;
+        // SAFETY: a NUL-terminated path we built; the caller's environment.
+        unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller) };
+    }
+    let Some(f) = real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int) else { return -1 };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { f(dirfd, path, argv, envp, flags) }
+}
+
+/// `posix_spawn` and `posix_spawnp` take six arguments, so the caller travels on the stack as the
+/// seventh (x86_64) or in the seventh register (aarch64).
 macro_rules! spawn_like {
-    ($($name:ident, $search:expr);*) => {$(
+    ($($name:ident, $inner:ident, $search:expr);*) => {$(
+        #[cfg(target_arch = "x86_64")]
+        #[unsafe(naked)]
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(
+            pid: *mut pid_t, path: *const c_char, actions: *const c_void, attrs: *const c_void, argv: Argv, envp: Argv,
+        ) -> c_int {
+            core::arch::naked_asm!(
+                "mov rax, [rsp]",
+                "push rax",
+                "call {inner}",
+                "add rsp, 8",
+                "ret",
+                inner = sym $inner,
+            )
+        }
+        #[cfg(target_arch = "aarch64")]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            pid: *mut pid_t, path: *const c_char, actions: *const c_void, attrs: *const c_void, argv: Argv, envp: Argv,
+        ) -> c_int {
+            core::arch::naked_asm!("mov x6, x30", "b {inner}", inner = sym $inner)
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            pid: *mut pid_t, path: *const c_char, actions: *const c_void, attrs: *const c_void, argv: Argv, envp: Argv,
+        ) -> c_int {
+            // SAFETY: forwarding the caller's arguments; the caller is unknown here.
+            unsafe { $inner(pid, path, actions, attrs, argv, envp, 0) }
+        }
+
+        unsafe extern "C" fn $inner(
             pid: *mut pid_t,
             path: *const c_char,
             actions: *const c_void,
             attrs: *const c_void,
-            argv: *const *const c_char,
-            envp: *const *const c_char,
+            argv: Argv,
+            envp: Argv,
+            caller: usize,
         ) -> c_int {
             // SAFETY: the caller's arguments.
-            unsafe { record_exec(path, $search, envp) };
-            let Some(f) = real!($name: fn(
-                *mut pid_t, *const c_char, *const c_void, *const c_void, *const *const c_char, *const *const c_char
-            ) -> c_int) else { return ENOENT };
+            unsafe { record_exec(path, $search, envp, caller) };
+            let Some(f) = real!($name: fn(*mut pid_t, *const c_char, *const c_void, *const c_void, Argv, Argv) -> c_int)
+            else {
+                return ENOENT;
+            };
             // SAFETY: forwarding the caller's arguments.
             unsafe { f(pid, path, actions, attrs, argv, envp) }
         }
     )*};
 }
-spawn_like!(posix_spawn, false; posix_spawnp, true);
+spawn_like!(posix_spawn, posix_spawn_from, false; posix_spawnp, posix_spawnp_from, true);
+
+// ---------------------------------------------------------------------------------------------
+// Code loaded at run time, and the network
+// ---------------------------------------------------------------------------------------------
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlopen(file: *const c_char, mode: c_int) -> *mut c_void {
+    let Some(f) = real!(dlopen: fn(*const c_char, c_int) -> *mut c_void) else { return core::ptr::null_mut() };
+    // SAFETY: forwarding the caller's arguments.
+    let handle = unsafe { f(file, mode) };
+    if !handle.is_null() {
+        record_loaded_objects();
+    }
+    handle
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlmopen(namespace: isize, file: *const c_char, mode: c_int) -> *mut c_void {
+    let Some(f) = real!(dlmopen: fn(isize, *const c_char, c_int) -> *mut c_void) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let handle = unsafe { f(namespace, file, mode) };
+    if !handle.is_null() {
+        record_loaded_objects();
+    }
+    handle
+}
+
+/// A socket address's family (the first two bytes of every `sockaddr`).
+unsafe fn family(addr: *const c_void) -> u16 {
+    if addr.is_null() {
+        return 0;
+    }
+    let mut family = [0u8; 2];
+    // SAFETY: every sockaddr starts with a 2-byte family.
+    unsafe { core::ptr::copy_nonoverlapping(addr.cast::<u8>(), family.as_mut_ptr(), 2) };
+    u16::from_ne_bytes(family)
+}
+
+/// Data from a socket can reach the output and cannot be keyed: the observation is incomplete.
+/// Netlink (the kernel's own answers, e.g. `getifaddrs`) is not a peer.
+fn record_network(what: &[u8], family: u16) {
+    const AF_NETLINK: u16 = 16;
+    if family == AF_NETLINK {
+        return;
+    }
+    let saved = errno();
+    let mut text = [0u8; 8];
+    let n = write_int(i64::from(family), &mut text);
+    emit(b'!', &[what, &text[..n]]);
+    set_errno(saved);
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const c_void, len: u32) -> c_int {
+    // SAFETY: the caller's address.
+    record_network(b"network-connect", unsafe { family(addr) });
+    let Some(f) = real!(connect: fn(c_int, *const c_void, u32) -> c_int) else { return -1 };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { f(fd, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const c_void, len: u32) -> c_int {
+    // SAFETY: the caller's address.
+    record_network(b"network-bind", unsafe { family(addr) });
+    let Some(f) = real!(bind: fn(c_int, *const c_void, u32) -> c_int) else { return -1 };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { f(fd, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const c_void,
+    len: u32,
+) -> ssize_t {
+    if !addr.is_null() {
+        // SAFETY: the caller's address.
+        record_network(b"network-send", unsafe { family(addr) });
+    }
+    let Some(f) = real!(sendto: fn(c_int, *const c_void, size_t, c_int, *const c_void, u32) -> ssize_t) else {
+        return -1;
+    };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { f(fd, buf, n, flags, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const c_void, flags: c_int) -> ssize_t {
+    if !msg.is_null() {
+        // `struct msghdr` starts with `void *msg_name`.
+        // SAFETY: the caller's message header.
+        let name = unsafe { *msg.cast::<*const c_void>() };
+        if !name.is_null() {
+            // SAFETY: a sockaddr the caller named.
+            record_network(b"network-send", unsafe { family(name) });
+        }
+    }
+    let Some(f) = real!(sendmsg: fn(c_int, *const c_void, c_int) -> ssize_t) else { return -1 };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { f(fd, msg, flags) }
+}

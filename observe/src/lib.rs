@@ -16,8 +16,8 @@
 //! observation is incomplete is never stored.
 //!
 //! The log format: records one after another; each is one op byte followed by its fields, every
-//! field ended by a NUL byte. Ops with two fields: `x` (name, resolved path) and `!` (reason,
-//! detail); every other op has one.
+//! field ended by a NUL byte. Ops with two fields: `x` (name, resolved path), `v` (name, origin:
+//! see [`Origin`]) and `!` (reason, detail); every other op has one.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -55,8 +55,14 @@ pub enum Record {
     Listed(PathBuf),
     /// `c`: a directory the compile created.
     MadeDir(PathBuf),
-    /// `v`: an environment variable looked up (set or not).
-    Env(OsString),
+    /// `v`: an environment variable looked up (set or not), and whose code looked it up.
+    Env { name: OsString, by: Origin },
+    /// `E`: a program started by plugin code (as named) may read its whole environment: which
+    /// variables are set at all is an input (their values are `v` records of their own).
+    WholeEnvironment(OsString),
+    /// `u`: an existing file opened for reading and writing (not truncated): its old content may
+    /// have been read, so it is an input even though the compile may also have written it.
+    Updated(PathBuf),
     /// `x`: a program started, as it was named, and the file that name found.
     Exec { name: OsString, resolved: PathBuf },
     /// `X`: the executable of a process of the compile (written as each process starts).
@@ -69,6 +75,19 @@ pub enum Record {
     /// `!`: something the interposer could not observe (a statically linked program started, a
     /// child whose environment dropped the interposer, a path too long).
     Incomplete { reason: String, detail: OsString },
+}
+
+/// Whose code made a lookup, told by the address it returns to (on x86_64 and aarch64; elsewhere
+/// every lookup reads [`Origin::Plugin`], the most careful answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    /// `c`: the compiler itself (the compile's first process, code loaded when it started).
+    Compiler,
+    /// `p`: code loaded later into any process of the compile (a proc-macro, a plugin), or a
+    /// program such code started, for every variable of the environment it was given.
+    Plugin,
+    /// `s`: another process of the compile, its own code (the linker driver and the linker).
+    Subprocess,
 }
 
 /// A log that does not parse (cut short, or written by something else).
@@ -110,7 +129,18 @@ pub fn parse(log: &[u8]) -> Result<Vec<Record>, BadLog> {
             b'l' => Record::Link(path(field()?)),
             b'd' => Record::Listed(path(field()?)),
             b'c' => Record::MadeDir(path(field()?)),
-            b'v' => Record::Env(OsString::from_vec(field()?.to_vec())),
+            b'v' => {
+                let name = OsString::from_vec(field()?.to_vec());
+                let by = match field()? {
+                    b"c" => Origin::Compiler,
+                    b"p" => Origin::Plugin,
+                    b"s" => Origin::Subprocess,
+                    _ => return Err(bad()),
+                };
+                Record::Env { name, by }
+            }
+            b'u' => Record::Updated(path(field()?)),
+            b'E' => Record::WholeEnvironment(OsString::from_vec(field()?.to_vec())),
             b'x' => {
                 let name = OsString::from_vec(field()?.to_vec());
                 Record::Exec { name, resolved: path(field()?) }
@@ -147,6 +177,65 @@ pub fn install(dir: &Path) -> io::Result<PathBuf> {
         let _ = fs::remove_file(&tmp);
     }
     written.map(|()| path)
+}
+
+/// The interposer, ready to be preloaded: the file [`install`] wrote, or a memory file (`memfd`,
+/// opened as `/proc/<pid>/fd/<n>` while this process lives) when the directory is on a
+/// filesystem mounted `noexec` (the loader cannot map code from it, and would print an error
+/// into the build's output) or cannot be written.
+#[derive(Debug)]
+pub struct Interposer {
+    pub path: PathBuf,
+    /// Keeps the memory file open.
+    _memory: Option<fs::File>,
+}
+
+impl Interposer {
+    /// The installed copy under `dir` when code can be mapped from there, else a memory file.
+    /// Err only when neither can be had (no `memfd_create`, and `dir` unusable).
+    pub fn load(dir: &Path) -> io::Result<Interposer> {
+        let installed = if mounted_noexec(dir) { None } else { install(dir).ok() };
+        match installed {
+            Some(path) => Ok(Interposer { path, _memory: None }),
+            None => Interposer::in_memory(),
+        }
+    }
+
+    /// The interposer in a memory file.
+    pub fn in_memory() -> io::Result<Interposer> {
+        use std::io::Write;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // MFD_EXEC (Linux 6.3) states that code will be mapped from it, for systems whose
+        // `vm.memfd_noexec` would otherwise seal it; older kernels refuse the flag.
+        const MFD_EXEC: libc::c_uint = 0x10;
+        let name = c"libferry_observe";
+        // SAFETY: memfd_create reads a NUL-terminated name; the fd it returns is ours.
+        let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | MFD_EXEC) };
+        if fd < 0 {
+            // SAFETY: as above.
+            fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        }
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let mut file = unsafe { fs::File::from_raw_fd(fd) };
+        file.write_all(INTERPOSER)?;
+        let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
+        Ok(Interposer { path, _memory: Some(file) })
+    }
+}
+
+/// Whether the filesystem holding `dir` (or its nearest existing ancestor) is mounted `noexec`.
+fn mounted_noexec(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st) == 0 && st.f_flag & libc::ST_NOEXEC != 0
+    }
 }
 
 /// Where an observed compile's records go: a memory file (`memfd`), opened by the observed
@@ -216,20 +305,22 @@ mod tests {
 
     #[test]
     fn records_parse_and_damage_is_refused() {
-        let log = b"r/a\0x cc\0/usr/bin/cc\0vHOME\0!static-executable\0/bin/x\0a/b c\0";
+        let log = b"r/a\0x cc\0/usr/bin/cc\0vHOME\0p\0!static-executable\0/bin/x\0a/b c\0u/db\0";
         let records = parse(log).unwrap();
         assert_eq!(
             records,
             [
                 Record::Read("/a".into()),
                 Record::Exec { name: " cc".into(), resolved: "/usr/bin/cc".into() },
-                Record::Env("HOME".into()),
+                Record::Env { name: "HOME".into(), by: Origin::Plugin },
                 Record::Incomplete { reason: "static-executable".into(), detail: "/bin/x".into() },
                 Record::Absent("/b c".into()),
+                Record::Updated("/db".into()),
             ]
         );
         assert_eq!(parse(b"r/a\0r/b"), Err(BadLog { offset: 4 }));
         assert_eq!(parse(b"q/a\0"), Err(BadLog { offset: 0 }));
+        assert_eq!(parse(b"vHOME\0z\0"), Err(BadLog { offset: 0 }));
         assert_eq!(parse(b""), Ok(Vec::new()));
     }
 }

@@ -2,6 +2,8 @@
 //! environments (their own cache dir, HOME and config), run `ferry` and read what it says.
 //! Everything runs for real: the installed rustc, cargo, processes on loopback.
 
+pub mod oracle;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use ferry_cache::CacheKey;
 use ferry_cache::rustc::recipe::{self, PreKeyParts, absolute};
-use ferry_cache::rustc::{Bases, Classified, Found, InputList, Inputs, Scope, classify, input_list};
+use ferry_cache::rustc::{
+    Bases, Classified, Found, InputList, Inputs, Observation, Scope, ToolchainFiles, classify, input_list,
+};
 use ferry_toolchains::ToolchainId;
 
 use crate::sandbox::Bind;
@@ -50,6 +52,8 @@ pub struct Derived {
 pub struct JobView<'a> {
     pub toolchain: ToolchainId,
     pub toolchain_root: &'a str,
+    /// The toolchain's host triple ([`toolchain_host`]).
+    pub toolchain_host: &'a str,
     pub cwd: &'a str,
     pub args: &'a [String],
     pub env: &'a [(String, String)],
@@ -107,13 +111,35 @@ impl JobObserver {
             return Err("the job's command line is not cacheable".into());
         };
         let cwd = Path::new(job.cwd);
+        let targets: Vec<String> = rustc.target.iter().filter(|t| *t != job.toolchain_host).cloned().collect();
+        let tracked_env = rustc.dep_info_path().and_then(|d| {
+            let path = absolute(cwd, d);
+            let bytes = crate::beneath::read_beneath(job.tree, path.to_str()?, 64 << 20).ok()?;
+            let names = ferry_cache::rustc::depinfo::env_values(&String::from_utf8_lossy(&bytes));
+            Some(names.into_iter().map(|(name, _)| name).collect())
+        });
         let scope = Scope {
-            toolchain_root: Path::new(job.toolchain_root),
+            toolchain: ToolchainFiles {
+                root: Path::new(job.toolchain_root),
+                host: job.toolchain_host,
+                targets: &targets,
+            },
             outputs: job.outputs.iter().map(PathBuf::from).collect(),
             search_dirs: rustc.search_dirs().map(|d| absolute(cwd, d)).collect(),
             own_files: vec![INTERPOSER_INSIDE.into(), LOG_INSIDE.into()],
+            tracked_env,
         };
-        let mut list = input_list(&records, &scope).map_err(|e| e.to_string())?;
+        let Observation { mut list, wrote } = input_list(&records, &scope).map_err(|e| e.to_string())?;
+        if !partial {
+            // What the job left outside its outputs would not reach the client: it compiles locally.
+            let inputs = TreeInputs::new(job);
+            if let Some(left) = wrote.iter().find(|w| {
+                let there = w.to_str().and_then(|p| inputs.host(p)).is_some_and(|h| fs::symlink_metadata(h).is_ok());
+                there && !job.outputs.iter().any(|o| Path::new(o).starts_with(w))
+            }) {
+                return Err(format!("wrote-outside-outputs: {}", left.display()));
+            }
+        }
         let bases = Bases::new(job.basedirs.iter().cloned()).map_err(|b| format!("bad base directory '{b}'"))?;
         if !bases.is_empty() {
             let outputs: Vec<Vec<u8>> =
@@ -139,14 +165,31 @@ impl JobObserver {
         let pre = recipe::pre_key(parts, &bases).finish();
         let scope = recipe::manifest_scope(&pre, digest(&rustc.input));
         let mut inputs = TreeInputs::new(job);
-        let key =
-            recipe::result_key(&pre, &list, &bases, &mut inputs).ok_or("an observed input cannot be read back")?;
+        let key = recipe::result_key_or_why(&pre, &list, &bases, &mut inputs)
+            .map_err(|why| format!("an observed input cannot be read back: {why}"))?;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let parts: Vec<String> = key.parts().iter().map(|p| format!("{} = {}", p.name, p.value)).collect();
             tracing::debug!(partial, parts = %parts.join("; "), "the job's key parts");
         }
         Ok(Derived { scope, list, key: key.finish() })
     }
+}
+
+fn executable(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+/// The host triple of an unpacked toolchain: the one target whose `lib/rustlib/<host>/bin` (or
+/// `codegen-backends`) the archive holds, as only the host's are packed. Empty when none is
+/// found: then fewer paths count as the toolchain's, more are keyed, and a client's key differs.
+pub fn toolchain_host(unpacked: &Path) -> String {
+    let Ok(dir) = fs::read_dir(unpacked.join("lib/rustlib")) else { return String::new() };
+    dir.flatten()
+        .map(|e| e.path())
+        .find(|t| t.join("bin").is_dir() || t.join("codegen-backends").is_dir())
+        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
 }
 
 /// A job's inputs as the sandbox showed them: its tree, the mirrored system directories, and its
@@ -193,7 +236,7 @@ impl Inputs for TreeInputs<'_> {
         let Some(host) = abs.to_str().and_then(|p| self.host(p)) else { return Found::Absent };
         match fs::metadata(&host) {
             Ok(m) if m.is_file() => match abs.to_str().and_then(|p| self.job.inputs.get(p)) {
-                Some(d) => Found::File(*d),
+                Some(d) => Found::File { digest: *d, executable: executable(&m) },
                 // Read without following links when it lies in the job's tree (a process left in
                 // the sandbox could have planted one); the mirrored system directories are read-only.
                 None => {
@@ -201,7 +244,10 @@ impl Inputs for TreeInputs<'_> {
                         Ok(rel) => crate::beneath::read_beneath(self.job.tree, &rel.to_string_lossy(), 4 << 30),
                         Err(_) => fs::read(&host),
                     };
-                    bytes.map_or(Found::Unreadable, |b| Found::File(*blake3::hash(&b).as_bytes()))
+                    bytes.map_or(Found::Unreadable, |b| Found::File {
+                        digest: *blake3::hash(&b).as_bytes(),
+                        executable: executable(&m),
+                    })
                 }
             },
             Ok(m) if m.is_dir() => Found::Dir,
@@ -229,15 +275,19 @@ impl Inputs for TreeInputs<'_> {
             name.to_owned()
         } else {
             let search = self.job.env.iter().find(|(n, _)| n == "PATH").map(|(_, v)| v.as_str()).unwrap_or_default();
-            search.split(':').map(|d| format!("{d}/{name}")).find(|p| matches!(self.probe(p), Found::File(_)))?
+            search.split(':').map(|d| format!("{d}/{name}")).find(|p| matches!(self.probe(p), Found::File { .. }))?
         };
         match self.probe(&path) {
-            Found::File(d) => Some(d),
+            Found::File { digest, .. } => Some(digest),
             _ => None,
         }
     }
 
     fn env(&self, name: &str) -> Option<Vec<u8>> {
         self.job.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone().into_bytes())
+    }
+
+    fn env_names(&self) -> Vec<String> {
+        self.job.env.iter().map(|(n, _)| n.clone()).collect()
     }
 }

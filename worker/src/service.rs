@@ -457,9 +457,11 @@ fn run_blocking(
         binds: &binds,
     };
     let inputs: HashMap<String, [u8; 32]> = job.inputs.iter().map(|(p, d, _)| (p.clone(), *d)).collect();
+    let host = crate::observe::toolchain_host(toolchain);
     let view = JobView {
         toolchain: job.toolchain,
         toolchain_root: &job.toolchain_root,
+        toolchain_host: &host,
         cwd: &job.cwd,
         args: &job.args,
         env: &job.env,

@@ -5,6 +5,8 @@
 //!   prints `ferry stats`.
 //! - `cargo xtask bench [toolchain|wrapper|all]`: figures as ratios against a baseline measured in
 //!   the same run (plain `tar -czf`, plain `cargo build`).
+//! - `cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink]`: the differential
+//!   oracle (`ferry_tests::oracle`) for as long as asked; each finding is printed as a script.
 //!
 //! When `XTASK_RECORD` is set this binary is a recording `RUSTC_WRAPPER`: it appends the call
 //! (cwd, args, environment) as one JSON line to that file and execs ferry, so single hits can be
@@ -38,8 +40,87 @@ fn main() -> anyhow::Result<()> {
         ["bench", "security"] => bench_security::costs(),
         ["bench", "toolchain"] => bench::toolchain(),
         ["bench", "wrapper"] => bench::wrapper(),
-        _ => bail!("usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all]"),
+        ["difftest", ..] => difftest(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all] \
+             | cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink] [--ferry PATH]"
+        ),
     }
+}
+
+/// `cargo xtask difftest`: the differential oracle with a seed and budget of the caller's choosing
+/// (defaults: a seed from the clock, 20 sequences of 10 builds), against a release build (or the
+/// `ferry` given with `--ferry PATH`). Each
+/// finding is printed (and written to `target/difftest/finding-<seed>-<sequence>.sh`); the exit
+/// code is 1 when there was one.
+fn difftest(args: &[String]) -> anyhow::Result<()> {
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let (mut sequences, mut steps, mut shrink) = (20, 10, true);
+    let mut ferry = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| -> anyhow::Result<u64> {
+            it.next().and_then(|v| v.parse().ok()).with_context(|| format!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--seed" => seed = value("--seed")?,
+            "--sequences" => sequences = value("--sequences")? as usize,
+            "--steps" => steps = value("--steps")? as usize,
+            "--no-shrink" => shrink = false,
+            "--ferry" => {
+                let given = PathBuf::from(it.next().context("--ferry needs a path")?);
+                ferry = Some(given.canonicalize().with_context(|| format!("no ferry at {}", given.display()))?);
+            }
+            other => bail!("unknown difftest argument '{other}'"),
+        }
+    }
+    let ferry = match ferry {
+        Some(f) => f,
+        None => build_ferry()?,
+    };
+    let out = workspace_root().join("target/difftest");
+    std::fs::create_dir_all(&out)?;
+    let work = tempfile::Builder::new().prefix("ferry-difftest-").tempdir()?;
+    println!("== difftest: seed {seed}, {sequences} sequences of {steps} builds");
+    let opts = ferry_tests::oracle::Options {
+        seed,
+        sequences,
+        steps,
+        ferry,
+        work: work.path().to_owned(),
+        shrink,
+        shrink_runs: 60,
+    };
+    let report = ferry_tests::oracle::run(&opts, &mut |line| println!("  {line}"));
+    println!(
+        "== {} sequences, {} steps, {} compared builds, {} hits, {} misses, {:.0} s; {} finding(s)",
+        report.sequences,
+        report.steps,
+        report.builds,
+        report.hits,
+        report.misses,
+        report.elapsed.as_secs_f64(),
+        report.findings.len()
+    );
+    for f in &report.findings {
+        let file = out.join(format!("finding-{}-{}.sh", f.seed, f.sequence));
+        std::fs::write(&file, &f.script)?;
+        println!(
+            "
+-- sequence {}: {}
+   script ({} steps): {}
+",
+            f.sequence,
+            f.message,
+            f.steps,
+            file.display()
+        );
+        println!("{}", f.script);
+    }
+    if !report.findings.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Builds the release binaries (cargo's progress shown) and returns the path of `ferry`.

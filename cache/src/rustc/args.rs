@@ -310,7 +310,9 @@ impl RustcArgs {
             }
             if kind == "link" {
                 for t in &self.crate_types {
-                    out.push((self.default_path(kind, t), t == "bin"));
+                    // The linker makes programs and shared objects executable (rustc's own mode).
+                    let executable = matches!(t.as_str(), "bin" | "dylib" | "cdylib" | "proc-macro");
+                    out.push((self.default_path(kind, t), executable));
                 }
             } else {
                 out.push((self.default_path(kind, ""), false));
@@ -402,7 +404,7 @@ mod tests {
             "--crate-name m m.rs --crate-type proc-macro --extern proc_macro -o out/libm.so",
             expect![[r#"
                 cacheable m ["proc-macro"] links=true externs=[] libs=[]
-                outputs: out/libm.so
+                outputs: out/libm.so (x)
                 key: --crate-name=m m.rs --crate-type=proc-macro --extern=proc_macro -o=out/libm.so"#]],
         );
     }

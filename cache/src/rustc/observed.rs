@@ -2,92 +2,163 @@
 //! which observations are inputs of the cache key, and how each is keyed. The wrapper and the
 //! workers both use this, so a worker publishes under exactly the key a client looks up.
 //!
-//! The rules (each one comes from DESIGN.md's "Observed inputs"):
-//! - Inputs under the toolchain root are covered by the ToolchainId; `/proc`, `/dev` and `/sys`
-//!   are not inputs; nor is anything the compile wrote itself (its outputs, files it created,
-//!   renamed to or linked, directories it created and everything under them), nor the observer's
-//!   own files.
-//! - A crate-search directory (`-L`) lists whatever cargo has built so far: its listing is not
-//!   keyed, only the files the compile opened or looked for in it. Any other directory listing is
-//!   keyed by its entry names (a proc-macro that embeds a directory).
-//! - A program the compile started is keyed by content: by the name it was started under (a bare
-//!   name is resolved in `PATH` again at lookup), not where it happened to live. An executable
-//!   no exec record explains (a script's interpreter) is keyed by its path and content.
-//! - Environment variables are keyed by value (or unset), except those that cannot reach an
-//!   output ([`IGNORED_ENV`], [`IGNORED_ENV_PREFIXES`]).
-//! - Anything the observer could not see (an `!` record), an input it could not read (`e`), or
-//!   no record from the compile at all makes the observation incomplete: nothing is stored.
+//! Every rule that leaves an observation out of the key is here, with why it cannot reach an
+//! output (ARCHITECTURE.md lists them too, and each has a test that fails if it loses an input):
+//! - **The toolchain's own files**: exactly those the ToolchainId covers ([`ToolchainFiles`]) —
+//!   not everything under its directory. One exception, rust-src (see [`ToolchainFiles::covers`]).
+//! - **`/proc`, `/dev`, `/sys`**: the kernel's views of processes and devices, not files.
+//! - **What the compile itself made**, from the moment it made it: a file it created or
+//!   overwrote (its old content was never read), a directory it created and everything in it, and
+//!   its declared outputs. A file it read (or opened for update) *before* writing it is an input —
+//!   and, changed by the compile, makes the result unstorable (checked after the compile by the
+//!   caller, by ctime).
+//! - **The observer's own files** and variables (`LD_PRELOAD`, `FERRY_OBSERVE_*`).
+//! - **A crate-search directory's listing** (`-L`): it lists whatever cargo built so far; only
+//!   the files the compile opened or looked for in it count.
+//! - **Variables**, by who looked them up ([`Origin`]): every variable rustc reports reading
+//!   (dep-info `# env-dep:` lines: `env!`, `option_env!`, tracked proc-macro lookups) and every one
+//!   a proc-macro or a program it started looks up is keyed whatever its name; only rustc's own
+//!   lookups ([`COMPILER_OWN`]) and the linker driver's own ([`SUBPROCESS_OWN`]) of a few named
+//!   variables are not, each because that program's use of it is shown not to reach an output;
+//!   the jobserver's variables ([`JOBSERVER`]) are never keyed.
+//!
+//! A program the compile started is keyed by content, by the name it was started under (a bare
+//! name is resolved in `PATH` again at lookup). An executable no exec record explains (a script's
+//! interpreter) is keyed by its path and content. Anything the observer could not see (an `!`
+//! record), an input it could not read (`e`), or no record at all makes the observation
+//! incomplete: nothing is stored.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-use ferry_observe::Record;
+use ferry_observe::{Origin, Record};
 
 use crate::rustc::recipe::InputList;
 
-/// Variables that are looked up but cannot change an output, so they are not keyed: the
-/// observer's own, `PATH` (programs are keyed by what their name resolves to), temp and home
-/// directories, terminal settings, cargo's own settings and jobserver, and rustc's and gcc's
-/// logging and debugging switches.
-pub const IGNORED_ENV: &[&str] = &[
-    "LD_PRELOAD",
+/// Variables rustc itself looks up whose value cannot reach what it writes, so its own lookups of
+/// them are not keyed (a proc-macro's lookup of the same name is):
+/// - `PATH`: rustc searches it for the linker; the program found is keyed by content.
+/// - `TMPDIR`, `TMP`, `TEMP`: where rustc puts temporary files, removed before it exits.
+/// - `TERM`: terminal colours, used only when stderr is a terminal; a wrapped rustc writes to a pipe.
+/// - `CI`: rustc reads it to decide where an internal compiler error's report goes; an ICE
+///   (exit 101) is never stored.
+/// - `RUST_BACKTRACE`, `RUST_LIB_BACKTRACE`, `RUSTC_ICE`, `RUSTC_CTFE_BACKTRACE`,
+///   `RUSTC_GRAPHVIZ_FONT`, `RUSTC_LOG*`: debugging output of rustc itself (backtraces of a
+///   crash, logs, graphs written on request), never part of a successful compile's output.
+/// - `RUST_MIN_STACK`: the stack size of rustc's threads.
+pub const COMPILER_OWN: &[&str] = &[
     "PATH",
-    "HOME",
     "TMPDIR",
     "TMP",
     "TEMP",
     "TERM",
-    "COLUMNS",
-    "LINES",
-    "NO_COLOR",
-    "CLICOLOR",
-    "CLICOLOR_FORCE",
     "CI",
     "RUST_BACKTRACE",
     "RUST_LIB_BACKTRACE",
-    "RUST_MIN_STACK",
     "RUSTC_ICE",
-    "RUSTC_GRAPHVIZ_FONT",
     "RUSTC_CTFE_BACKTRACE",
-    "CARGO",
-    "CARGO_HOME",
-    "CARGO_MAKEFLAGS",
-    "CARGO_BUILD_JOBS",
-    "MAKEFLAGS",
-    "MFLAGS",
-    "MAKELEVEL",
-    "COLLECT_GCC",
-    "COLLECT_GCC_OPTIONS",
-    "COLLECT_LTO_WRAPPER",
-    "GCC_EXTRA_DIAGNOSTIC_OUTPUT",
+    "RUSTC_GRAPHVIZ_FONT",
+    "RUST_MIN_STACK",
 ];
 
-/// Prefixes of variables that are never keyed (see [`IGNORED_ENV`]): the observer's own, rustc's
-/// logging, and cargo's terminal, network and registry settings (which hold secrets).
-pub const IGNORED_ENV_PREFIXES: &[&str] = &[
-    "FERRY_OBSERVE_",
-    "RUSTC_LOG",
-    "CARGO_TERM_",
-    "CARGO_HTTP_",
-    "CARGO_NET_",
-    "CARGO_REGISTRY_",
-    "CARGO_REGISTRIES_",
-];
+/// Prefixes of [`COMPILER_OWN`] names: rustc's logging switches.
+pub const COMPILER_OWN_PREFIXES: &[&str] = &["RUSTC_LOG"];
+
+/// Variables the compile's other processes (the linker driver, collect2, the linker) look up with
+/// their own code whose value cannot reach an output:
+/// - `PATH`: the programs found through it are keyed by content.
+/// - `TMPDIR`, `TMP`, `TEMP`: temporary files, removed before they exit.
+/// - `TERM`: colours, only for a terminal.
+/// - `COLLECT_GCC`, `COLLECT_GCC_OPTIONS`, `COLLECT_LTO_WRAPPER`: set by the gcc driver for its
+///   own children from its command line (which rustc built from the keyed arguments and names of
+///   temporary files).
+pub const SUBPROCESS_OWN: &[&str] =
+    &["PATH", "TMPDIR", "TMP", "TEMP", "TERM", "COLLECT_GCC", "COLLECT_GCC_OPTIONS", "COLLECT_LTO_WRAPPER"];
+
+/// cargo's jobserver: descriptors (or a FIFO) through which a process asks for job tokens. They
+/// change how many threads run, never what they produce, and they differ from build to build.
+pub const JOBSERVER: &[&str] = &["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"];
 
 /// Directories whose contents are never inputs.
 const NOT_INPUTS: &[&str] = &["/proc", "/dev", "/sys"];
 
+/// The files a ToolchainId covers, as paths under the toolchain's root: `bin/rustc`, the shared
+/// libraries at the top of `lib/`, `lib/rustlib/<target>/lib` for the host and each requested
+/// target, and the host's `lib/rustlib/<host>/bin` and `codegen-backends` (the set
+/// `ferry_toolchains::ToolchainSet` hashes).
+#[derive(Debug, Clone, Copy)]
+pub struct ToolchainFiles<'a> {
+    pub root: &'a Path,
+    pub host: &'a str,
+    /// Requested targets besides the host.
+    pub targets: &'a [String],
+}
+
+impl ToolchainFiles<'_> {
+    /// Whether the ToolchainId covers `path` (as a process named it). A path with `..` is never
+    /// covered: the kernel resolves a symbolic link before `..`, so where it lands cannot be told
+    /// from its text. rust-src (`lib/rustlib/src`, `lib/rustlib/rustc-src`) is treated as covered
+    /// although the ToolchainId leaves it out: rustc looks for it only to quote the standard
+    /// library's source in a diagnostic (text on stderr, never compiled bytes), and developers
+    /// install it (rust-analyzer needs it) where CI machines and workers do not, so keying it
+    /// would split every team's entries and make every remote job differ from its client.
+    pub fn covers(&self, path: &Path) -> bool {
+        self.covers_as(path, false)
+    }
+
+    /// [`ToolchainFiles::covers`] for a directory's listing: only a directory whose every entry
+    /// is in the set (`lib/rustlib/<target>/lib` and below, the host's `bin`...) is covered; the
+    /// set's ancestors (`lib`, `lib/rustlib`) may hold other things.
+    pub fn covers_listing(&self, path: &Path) -> bool {
+        self.covers_as(path, true)
+    }
+
+    fn covers_as(&self, path: &Path, listing: bool) -> bool {
+        let Ok(rel) = path.strip_prefix(self.root) else { return false };
+        if rel.components().any(|c| matches!(c, Component::ParentDir)) {
+            return false;
+        }
+        let Some(rel) = rel.to_str() else { return false };
+        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let ours = |target: &str| target == self.host || self.targets.iter().any(|t| t == target);
+        match parts.as_slice() {
+            // Directories that hold the set: there whenever the set is.
+            [] | ["bin"] | ["lib"] | ["lib", "rustlib"] => !listing,
+            ["lib", "rustlib", target] => !listing && ours(target),
+            ["bin", "rustc"] => true,
+            ["lib", name] => name.contains(".so"),
+            ["lib", "rustlib", "src" | "rustc-src", ..] => true,
+            ["lib", "rustlib", target, "lib", ..] => ours(target),
+            ["lib", "rustlib", host, "bin" | "codegen-backends", ..] => *host == self.host,
+            _ => false,
+        }
+    }
+}
+
 /// What a compile's records are judged against.
 #[derive(Debug, Clone)]
 pub struct Scope<'a> {
-    /// The toolchain root (as the compile saw it): covered by the ToolchainId.
-    pub toolchain_root: &'a Path,
+    pub toolchain: ToolchainFiles<'a>,
     /// The compile's declared outputs, absolute.
     pub outputs: Vec<PathBuf>,
     /// Crate-search directories (`-L`), absolute: not keyed as listings.
     pub search_dirs: Vec<PathBuf>,
     /// The observer's own files (its log, the interposer).
     pub own_files: Vec<PathBuf>,
+    /// The variables rustc reported reading (its dep-info's `# env-dep:` lines), keyed whatever
+    /// their name; None when the compile wrote no dep-info (a failed compile): then every lookup
+    /// rustc itself made is keyed.
+    pub tracked_env: Option<Vec<String>>,
+}
+
+/// A compile's manifest, and what it wrote outside its declared outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub list: InputList,
+    /// Paths the compile created or wrote that are not declared outputs (nor under `/dev`,
+    /// `/proc`, `/sys`), in the order first written. One still there after the compile is a side
+    /// effect a replay would not repeat: the caller does not store such a result.
+    pub wrote: Vec<PathBuf>,
 }
 
 /// Why an observation cannot describe the compile: nothing is stored.
@@ -105,9 +176,22 @@ impl std::fmt::Display for Incomplete {
     }
 }
 
-/// Is this variable keyed when a compile looks it up?
-pub fn keyed_env(name: &str) -> bool {
-    !IGNORED_ENV.contains(&name) && !IGNORED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+/// Is a lookup of this variable by this origin keyed? (Names rustc reports reading are keyed
+/// whatever this says.)
+pub fn keyed_lookup(name: &str, by: Origin) -> bool {
+    if never_keyed(name) {
+        return false;
+    }
+    match by {
+        Origin::Compiler => !COMPILER_OWN.contains(&name) && !COMPILER_OWN_PREFIXES.iter().any(|p| name.starts_with(p)),
+        Origin::Subprocess => !SUBPROCESS_OWN.contains(&name),
+        Origin::Plugin => true,
+    }
+}
+
+/// Variables no lookup keys: the observer's own, and the jobserver's.
+pub fn never_keyed(name: &str) -> bool {
+    name == "LD_PRELOAD" || name.starts_with("FERRY_OBSERVE_") || JOBSERVER.contains(&name)
 }
 
 /// Does this variable (by its name) or its value hold a secret? Secrets are keyed only as a
@@ -127,66 +211,100 @@ pub fn is_secret(name: &str, value: &[u8]) -> bool {
     named || in_url
 }
 
-/// The manifest of one compile from its records. Err when the observation is incomplete.
-pub fn input_list(records: &[Record], scope: &Scope) -> Result<InputList, Incomplete> {
+/// The manifest of one compile from its records (in the order they were written). Err when the
+/// observation is incomplete.
+pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Incomplete> {
     let incomplete = |reason: &str, detail: &Path| {
         Err(Incomplete { reason: reason.to_owned(), detail: detail.display().to_string() })
     };
     if !records.iter().any(|r| matches!(r, Record::Exe(_))) {
         return incomplete("observer-not-loaded", Path::new("no process of the compile wrote to the log"));
     }
-    let mut written: BTreeSet<&Path> = scope.outputs.iter().map(PathBuf::as_path).collect();
-    let mut made: Vec<&Path> = Vec::new();
-    let mut started: BTreeSet<&Path> = BTreeSet::new();
+    let started: BTreeSet<&Path> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Exec { resolved, .. } => Some(resolved.as_path()),
+            _ => None,
+        })
+        .collect();
+    let mut own = Own { scope, created: BTreeSet::new(), made: Vec::new() };
+    let mut sets = Sets::default();
+    let mut wrote: Vec<PathBuf> = Vec::new();
+    let note_write = |p: &Path, wrote: &mut Vec<PathBuf>| {
+        let declared = scope.outputs.iter().any(|o| o == p);
+        if !declared && !NOT_INPUTS.iter().any(|d| p.starts_with(d)) && !wrote.iter().any(|w| w == p) {
+            wrote.push(p.to_owned());
+        }
+    };
     for r in records {
         match r {
             Record::Wrote(p) => {
-                written.insert(p);
+                if !own.is(p) {
+                    note_write(p, &mut wrote);
+                }
+                own.created.insert(p);
             }
-            Record::MadeDir(p) => made.push(p),
-            Record::Exec { resolved, .. } => {
-                started.insert(resolved);
+            Record::MadeDir(p) => {
+                if !own.is(p) {
+                    note_write(p, &mut wrote);
+                }
+                own.made.push(p);
             }
+            Record::Updated(p) if !own.is(p) => {
+                note_write(p, &mut wrote);
+                sets.files.insert(text(p)?);
+            }
+            Record::Read(p) | Record::Mapped(p) if !own.is(p) => {
+                sets.files.insert(text(p)?);
+            }
+            Record::Exe(p) if !own.is(p) && !started.contains(p.as_path()) => {
+                sets.files.insert(text(p)?);
+            }
+            Record::Present(p) if !own.is(p) => {
+                sets.present.insert(text(p)?);
+            }
+            Record::Absent(p) if !own.is(p) => {
+                sets.absent.insert(text(p)?);
+            }
+            Record::Link(p) if !own.is(p) => {
+                sets.links.insert(text(p)?);
+            }
+            Record::Listed(p) if !own.is_listing(p) && !scope.search_dirs.iter().any(|d| d == p) => {
+                sets.listings.insert(text(p)?);
+            }
+            Record::Exec { name, resolved } if !own.is(resolved) => {
+                let name = name.to_str().ok_or_else(|| non_utf8(resolved))?;
+                let as_named = if name.contains('/') { text(resolved)? } else { name.to_owned() };
+                sets.programs.insert(as_named);
+            }
+            Record::Env { name, by } => {
+                let Some(name) = name.to_str() else {
+                    return incomplete("non-utf8-variable-name", Path::new(name));
+                };
+                let tracked = match &scope.tracked_env {
+                    Some(names) => names.iter().any(|n| n == name),
+                    // No dep-info: rustc's own lookups cannot be told from `env!`'s.
+                    None => *by == Origin::Compiler && !never_keyed(name),
+                };
+                if tracked || keyed_lookup(name, *by) {
+                    sets.env.insert(name.to_owned());
+                }
+            }
+            Record::WholeEnvironment(_) => sets.whole_environment = true,
+            Record::Failed(p) if !own.is(p) => return incomplete("unreadable-input", p),
+            Record::Incomplete { reason, detail } => return incomplete(reason, Path::new(detail)),
             _ => {}
         }
     }
-    let outside = |p: &Path| {
-        p.starts_with(scope.toolchain_root)
-            || NOT_INPUTS.iter().any(|d| p.starts_with(d))
-            || scope.own_files.iter().any(|f| f == p)
-            || written.contains(p)
-            || made.iter().any(|d| p.starts_with(d))
-    };
-    let mut sets = Sets::default();
-    for r in records {
-        match r {
-            Record::Read(p) | Record::Mapped(p) if !outside(p) => sets.files.insert(text(p)?),
-            Record::Exe(p) if !outside(p) && !started.contains(p.as_path()) => sets.files.insert(text(p)?),
-            Record::Present(p) if !outside(p) => sets.present.insert(text(p)?),
-            Record::Absent(p) if !outside(p) => sets.absent.insert(text(p)?),
-            Record::Link(p) if !outside(p) => sets.links.insert(text(p)?),
-            Record::Listed(p) if !outside(p) && !scope.search_dirs.iter().any(|d| d == p) => {
-                sets.listings.insert(text(p)?)
-            }
-            Record::Exec { name, resolved } if !outside(resolved) => {
-                let name = name.to_str().ok_or_else(|| non_utf8(resolved))?;
-                let as_named = if name.contains('/') { text(resolved)? } else { name.to_owned() };
-                sets.programs.insert(as_named)
-            }
-            Record::Env(name) => match name.to_str() {
-                Some(name) if keyed_env(name) => sets.env.insert(name.to_owned()),
-                Some(_) => false,
-                None => return incomplete("non-utf8-variable-name", Path::new(name)),
-            },
-            Record::Failed(p) if !outside(p) => return incomplete("unreadable-input", p),
-            Record::Incomplete { reason, detail } => return incomplete(reason, Path::new(detail)),
-            _ => false,
-        };
+    for name in scope.tracked_env.iter().flatten() {
+        if !never_keyed(name) {
+            sets.env.insert(name.clone());
+        }
     }
     // A path read for its content needs no separate existence check.
-    let Sets { files, mut present, absent, links, listings, programs, env } = sets;
+    let Sets { files, mut present, absent, links, listings, programs, env, whole_environment } = sets;
     present.retain(|p| !files.contains(p) && !links.contains(p));
-    Ok(InputList {
+    let list = InputList {
         files: files.into_iter().collect(),
         present: present.into_iter().collect(),
         absent: absent.into_iter().collect(),
@@ -195,7 +313,36 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<InputList, Incomp
         programs: programs.into_iter().collect(),
         env: env.into_iter().collect(),
         env_verbatim: Vec::new(),
-    })
+        whole_environment,
+    };
+    Ok(Observation { list, wrote })
+}
+
+/// What belongs to the compile itself at this point of its records.
+struct Own<'a, 's> {
+    scope: &'a Scope<'s>,
+    /// Files it created or overwrote so far.
+    created: BTreeSet<&'a Path>,
+    /// Directories it created so far.
+    made: Vec<&'a Path>,
+}
+
+impl Own<'_, '_> {
+    fn is(&self, p: &Path) -> bool {
+        self.scope.toolchain.covers(p) || self.not_toolchain(p)
+    }
+
+    fn is_listing(&self, p: &Path) -> bool {
+        self.scope.toolchain.covers_listing(p) || self.not_toolchain(p)
+    }
+
+    fn not_toolchain(&self, p: &Path) -> bool {
+        NOT_INPUTS.iter().any(|d| p.starts_with(d))
+            || self.scope.own_files.iter().any(|f| f == p)
+            || self.scope.outputs.iter().any(|o| o == p)
+            || self.created.contains(p)
+            || self.made.iter().any(|d| p.starts_with(d))
+    }
 }
 
 #[derive(Default)]
@@ -207,6 +354,7 @@ struct Sets {
     listings: BTreeSet<String>,
     programs: BTreeSet<String>,
     env: BTreeSet<String>,
+    whole_environment: bool,
 }
 
 fn text(p: &Path) -> Result<String, Incomplete> {
@@ -223,22 +371,42 @@ mod tests {
 
     use super::*;
 
-    fn check(log: &[Record], expect: Expect) {
-        let scope = Scope {
-            toolchain_root: Path::new("/tc"),
-            outputs: vec!["/p/out/liba.rlib".into()],
+    const TARGETS: &[String] = &[];
+
+    fn scope(tracked: Option<&[&str]>) -> Scope<'static> {
+        Scope {
+            toolchain: ToolchainFiles { root: Path::new("/tc"), host: "x86_64-unknown-linux-gnu", targets: TARGETS },
+            outputs: vec!["/p/out/liba.rlib".into(), "/p/out/a.d".into()],
             search_dirs: vec!["/p/out".into()],
             own_files: vec!["/cache/observe/log".into()],
-        };
-        let actual = match input_list(log, &scope) {
-            Ok(list) => serde_json::to_string_pretty(&list).unwrap(),
+            tracked_env: tracked.map(|t| t.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    fn check_with(log: &[Record], scope: &Scope, expect: Expect) {
+        let actual = match input_list(log, scope) {
+            Ok(o) => {
+                let mut text = serde_json::to_string_pretty(&o.list).unwrap();
+                if !o.wrote.is_empty() {
+                    text.push_str(&format!("\nwrote: {:?}", o.wrote));
+                }
+                text
+            }
             Err(e) => format!("incomplete: {e}"),
         };
         expect.assert_eq(&actual);
     }
 
+    fn check(log: &[Record], expect: Expect) {
+        check_with(log, &scope(Some(&[])), expect)
+    }
+
     fn r(path: &str) -> Record {
         Record::Read(path.into())
+    }
+
+    fn env(name: &str, by: Origin) -> Record {
+        Record::Env { name: name.into(), by }
     }
 
     #[test]
@@ -261,15 +429,12 @@ mod tests {
                 Wrote("/p/out/a.d".into()),
                 Absent("/p/out/a.d".into()),
                 Absent("/p/out/liba.rlib".into()),
-                Env("CARGO_PKG_NAME".into()),
-                Env("CARGO_TERM_COLOR".into()),
-                Env("RUST_MIN_STACK".into()),
-                Env("CARGO_REGISTRY_TOKEN".into()),
+                env("CARGO_PKG_NAME", Origin::Compiler),
                 Exec { name: "cc".into(), resolved: "/usr/bin/cc".into() },
                 Exe("/usr/bin/x86_64-linux-gnu-gcc-12".into()),
                 Exec {
-                    name: "/tc/lib/rustlib/x/bin/rust-lld".into(),
-                    resolved: "/tc/lib/rustlib/x/bin/rust-lld".into(),
+                    name: "/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld".into(),
+                    resolved: "/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld".into(),
                 },
                 Mapped("/usr/lib/libc.so.6".into()),
                 r("/usr/lib/gcc/x86_64-linux-gnu/12/crtbeginS.o"),
@@ -298,6 +463,160 @@ mod tests {
                   ],
                   "env": [
                     "CARGO_PKG_NAME"
+                  ]
+                }
+                wrote: ["/p/out/rustcXYZ"]"#]],
+        );
+    }
+
+    #[test]
+    fn only_what_the_toolchain_id_covers_is_left_out_as_toolchain() {
+        use Record::*;
+        check(
+            &[
+                Exe("/tc/bin/rustc".into()),
+                r("/tc/bin/rustc"),
+                r("/tc/lib/librustc_driver-1.so"),
+                r("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/libstd-1.rlib"),
+                Absent("/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld/cc".into()),
+                Absent("/tc/lib/rustlib/src/rust/library/std/src/lib.rs".into()),
+                // Not in the ToolchainId: another target's libraries, docs, cargo, files a
+                // proc-macro reads there, a path through `..`.
+                r("/tc/lib/rustlib/wasm32-unknown-unknown/lib/libcore-1.rlib"),
+                r("/tc/share/doc/rust/README.md"),
+                Present("/tc/bin/cargo".into()),
+                Present("/tc/lib/rustlib/x86_64-unknown-linux-gnu".into()),
+                Listed("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib".into()),
+                Listed("/tc/lib/rustlib".into()),
+                r("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/../../etc/data.txt"),
+                r("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/self-contained/../../../../../home/secret"),
+            ],
+            expect![[r#"
+                {
+                  "files": [
+                    "/tc/lib/rustlib/wasm32-unknown-unknown/lib/libcore-1.rlib",
+                    "/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/../../etc/data.txt",
+                    "/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/self-contained/../../../../../home/secret",
+                    "/tc/share/doc/rust/README.md"
+                  ],
+                  "present": [
+                    "/tc/bin/cargo"
+                  ],
+                  "absent": [],
+                  "links": [],
+                  "listings": [
+                    "/tc/lib/rustlib"
+                  ],
+                  "programs": [],
+                  "env": []
+                }"#]],
+        );
+    }
+
+    #[test]
+    fn a_file_read_before_the_compile_writes_it_is_an_input_and_what_it_created_is_not() {
+        use Record::*;
+        check(
+            &[
+                Exe("/tc/bin/rustc".into()),
+                // Read, then rewritten: an input (and, changed, unstorable: the caller checks).
+                r("/p/config.json"),
+                Wrote("/p/config.json".into()),
+                // Opened for update: an input, and written.
+                Updated("/p/db.sqlite".into()),
+                // Created, then read back: the compile's own.
+                Absent("/p/gen/out.txt".into()),
+                MadeDir("/p/gen".into()),
+                Wrote("/p/gen/out.txt".into()),
+                r("/p/gen/out.txt"),
+                Wrote("/tmp/cc1.o".into()),
+                r("/tmp/cc1.o"),
+                Wrote("/dev/null".into()),
+                Wrote("/p/out/liba.rlib".into()),
+            ],
+            expect![[r#"
+                {
+                  "files": [
+                    "/p/config.json",
+                    "/p/db.sqlite"
+                  ],
+                  "present": [],
+                  "absent": [
+                    "/p/gen/out.txt"
+                  ],
+                  "links": [],
+                  "listings": [],
+                  "programs": [],
+                  "env": []
+                }
+                wrote: ["/p/config.json", "/p/db.sqlite", "/p/gen", "/tmp/cc1.o"]"#]],
+        );
+    }
+
+    #[test]
+    fn variables_are_keyed_by_who_looked_them_up() {
+        use Origin::*;
+        let log = [
+            Record::Exe("/tc/bin/rustc".into()),
+            // rustc's own lookups of names shown not to reach outputs: not keyed...
+            env("CI", Compiler),
+            env("TMPDIR", Compiler),
+            env("RUSTC_LOG_COLOR", Compiler),
+            // ...unless rustc reports reading them for the crate (option_env!("HOME") here).
+            env("HOME", Compiler),
+            env("RUSTC_BOOTSTRAP", Compiler),
+            // A proc-macro's lookups: keyed whatever the name.
+            env("TERM", Plugin),
+            env("PATH", Plugin),
+            env("CARGO_HTTP_TIMEOUT", Plugin),
+            // The linker driver's own.
+            env("COLLECT_GCC_OPTIONS", Subprocess),
+            env("GCC_EXEC_PREFIX", Subprocess),
+            env("TMPDIR", Subprocess),
+            // Never: the observer's, the jobserver's.
+            env("LD_PRELOAD", Plugin),
+            env("CARGO_MAKEFLAGS", Plugin),
+        ];
+        check_with(
+            &log,
+            &scope(Some(&["HOME", "CI_LIKE_UNSEEN"])),
+            expect![[r#"
+                {
+                  "files": [],
+                  "present": [],
+                  "absent": [],
+                  "links": [],
+                  "listings": [],
+                  "programs": [],
+                  "env": [
+                    "CARGO_HTTP_TIMEOUT",
+                    "CI_LIKE_UNSEEN",
+                    "GCC_EXEC_PREFIX",
+                    "HOME",
+                    "PATH",
+                    "RUSTC_BOOTSTRAP",
+                    "TERM"
+                  ]
+                }"#]],
+        );
+        // Without dep-info (a failed compile) every lookup rustc made is keyed.
+        check_with(
+            &log[..6],
+            &scope(None),
+            expect![[r#"
+                {
+                  "files": [],
+                  "present": [],
+                  "absent": [],
+                  "links": [],
+                  "listings": [],
+                  "programs": [],
+                  "env": [
+                    "CI",
+                    "HOME",
+                    "RUSTC_BOOTSTRAP",
+                    "RUSTC_LOG_COLOR",
+                    "TMPDIR"
                   ]
                 }"#]],
         );
@@ -338,7 +657,7 @@ mod tests {
         assert!(is_secret("MIRROR", b"https://me:hunter2@example.com/x"));
         assert!(!is_secret("MIRROR", b"https://example.com/a@b"));
         assert!(!is_secret("CARGO_PKG_NAME", b"serde"));
-        assert!(!keyed_env("CARGO_HTTP_TIMEOUT") && !keyed_env("CARGO_TERM_COLOR") && !keyed_env("PATH"));
-        assert!(keyed_env("CARGO_PKG_NAME") && keyed_env("SOURCE_DATE_EPOCH") && keyed_env("RUSTC_BOOTSTRAP"));
+        assert!(!keyed_lookup("CARGO_MAKEFLAGS", Origin::Plugin) && !keyed_lookup("PATH", Origin::Compiler));
+        assert!(keyed_lookup("PATH", Origin::Plugin) && keyed_lookup("SOURCE_DATE_EPOCH", Origin::Compiler));
     }
 }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::key::{CacheKey, KeyBuilder, hex};
 use crate::output::CompileOutput;
 use crate::rustc::RustcArgs;
-use crate::rustc::observed::is_secret;
+use crate::rustc::observed::{is_secret, never_keyed};
 use crate::store::{PutOutcome, Store};
 use crate::{Entry, EntryKind, Error};
 
@@ -55,6 +55,11 @@ pub struct InputList {
     /// base and reaches the compiled outputs (see [`mark_verbatim`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_verbatim: Vec<String>,
+    /// A program the compile's plugin code started may have read its whole environment: the
+    /// set of variable names is keyed too (a variable set later, unseen by the first compile,
+    /// must miss).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole_environment: bool,
 }
 
 /// Marks the variables whose values must not be rebased: with base directories, a value that
@@ -109,8 +114,11 @@ pub struct PreKeyParts<'a> {
 /// What is at a path now, as the result key sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found {
-    /// A regular file and the blake3 of its content.
-    File([u8; 32]),
+    /// A regular file: the blake3 of its content, and whether it is executable (by anyone).
+    File {
+        digest: [u8; 32],
+        executable: bool,
+    },
     Dir,
     /// A device, FIFO or socket.
     Other,
@@ -122,7 +130,7 @@ pub enum Found {
 /// Where the current state of a compile's inputs is read from: the client's own machine, or a
 /// worker's job tree and the job's environment.
 pub trait Inputs {
-    /// The path now (not following a final symlink only for [`Inputs::link`]).
+    /// The path now, resolved as the kernel resolves it (a symbolic link before `..`).
     fn probe(&mut self, path: &str) -> Found;
     /// A symbolic link's target, or None when the path is not a link.
     fn link(&mut self, path: &str) -> Option<String>;
@@ -132,6 +140,8 @@ pub trait Inputs {
     fn program(&mut self, name: &str) -> Option<[u8; 32]>;
     /// A variable's value, or None when unset.
     fn env(&self, name: &str) -> Option<Vec<u8>>;
+    /// The names of every variable set (for [`InputList::whole_environment`]).
+    fn env_names(&self) -> Vec<String>;
 }
 
 /// The pre-key, with its readable parts (for `ferry explain`).
@@ -184,41 +194,55 @@ pub fn manifest_key(scope: &CacheKey, generation: u32) -> CacheKey {
 /// gone, a path found is absent, a path absent is there): that manifest cannot describe this
 /// compile.
 pub fn result_key(pre: &CacheKey, list: &InputList, bases: &Bases, now: &mut dyn Inputs) -> Option<KeyBuilder> {
+    result_key_or_why(pre, list, bases, now).ok()
+}
+
+/// [`result_key`], or what no longer holds (`present:/p/x is absent now`).
+pub fn result_key_or_why(
+    pre: &CacheKey,
+    list: &InputList,
+    bases: &Bases,
+    now: &mut dyn Inputs,
+) -> Result<KeyBuilder, String> {
     let mut k = KeyBuilder::new("rustc-result");
     k.field("pre", pre.to_string());
     for file in &list.files {
         let value = match now.probe(file) {
-            Found::File(d) => hex(&d),
+            Found::File { digest, executable } => file_value(&digest, executable),
             Found::Dir => "directory".into(),
-            Found::Other | Found::Absent | Found::Unreadable => return None,
+            other => return Err(format!("file:{file} is {other:?} now")),
         };
         k.field(&format!("file:{}", bases.rebase(file)), value);
     }
+    // A file looked at without being read is keyed by content too: a process deciding from what
+    // `stat` said (git's dirty check compares sizes and times, then content) reaches the same
+    // conclusion whenever the content is the same, whatever the times.
     for path in &list.present {
         let kind = match now.probe(path) {
-            Found::File(_) => "file",
-            Found::Dir => "directory",
-            Found::Other => "other",
-            Found::Absent | Found::Unreadable => return None,
+            Found::File { digest, executable } => format!("file {}", file_value(&digest, executable)),
+            Found::Dir => "directory".into(),
+            Found::Other => "other".into(),
+            other => return Err(format!("present:{path} is {other:?} now")),
         };
         k.field(&format!("present:{}", bases.rebase(path)), kind);
     }
     for path in &list.absent {
-        if now.probe(path) != Found::Absent {
-            return None;
+        let found = now.probe(path);
+        if found != Found::Absent {
+            return Err(format!("absent:{path} is {found:?} now"));
         }
         k.field(&format!("absent:{}", bases.rebase(path)), "absent");
     }
     for path in &list.links {
-        let target = now.link(path)?;
+        let target = now.link(path).ok_or_else(|| format!("link:{path} is not a link now"))?;
         k.field(&format!("link:{}", bases.rebase(path)), bases.rebase(&target));
     }
     for path in &list.listings {
-        let names = now.listing(path)?;
+        let names = now.listing(path).ok_or_else(|| format!("listing:{path} cannot be listed now"))?;
         k.field(&format!("listing:{}", bases.rebase(path)), names.join("\n"));
     }
     for name in &list.programs {
-        let digest = now.program(name)?;
+        let digest = now.program(name).ok_or_else(|| format!("program:{name} is not found now"))?;
         k.field(&format!("program:{}", bases.rebase(name)), hex(&digest));
     }
     for name in &list.env {
@@ -231,7 +255,17 @@ pub fn result_key(pre: &CacheKey, list: &InputList, bases: &Bases, now: &mut dyn
             None => k.field(&format!("env:{name}"), "unset"),
         };
     }
-    Some(k)
+    if list.whole_environment {
+        let mut names: Vec<String> = now.env_names().into_iter().filter(|n| !never_keyed(n)).collect();
+        names.sort();
+        k.field("environment", names.join(" "));
+    }
+    Ok(k)
+}
+
+/// How a regular file enters a key: its content digest, marked when it is executable.
+fn file_value(digest: &[u8; 32], executable: bool) -> String {
+    if executable { format!("{} executable", hex(digest)) } else { hex(digest) }
 }
 
 /// Adds `list` to the manifests of `scope` in a shared tier, where other writers may be adding
@@ -273,7 +307,9 @@ pub fn publish_manifest(
 }
 
 /// `path` (as rustc names it: relative to `cwd`, or absolute) as an absolute path with `.` and
-/// `..` resolved lexically, which is how a tree without symlinks (a worker's) resolves it.
+/// `..` resolved lexically, which is how a tree without symlinks (a worker's) resolves it. Not for
+/// reading what a compile observed on the client: the kernel resolves a symbolic link before
+/// `..` (`#[path = "../common.rs"]` inside a linked directory lands beside the link's target).
 pub fn absolute(cwd: &Path, path: impl AsRef<Path>) -> PathBuf {
     let mut out = PathBuf::new();
     for c in cwd.join(path).components() {

@@ -30,6 +30,10 @@ use crate::reason::Fallback;
 pub struct Identity {
     pub compiler: Compiler,
     pub id: ToolchainId,
+    /// The toolchain's host triple and the other targets its ToolchainId covers (what
+    /// [`ferry_cache::rustc::ToolchainFiles`] leaves out of keys).
+    pub host: String,
+    pub targets: Vec<String>,
     /// `rustc`, or `<file name> blake3:<digest>` of the driver.
     pub driver: String,
     /// The program a miss runs, and the arguments before rustc's own.
@@ -67,8 +71,12 @@ impl Job {
                 Fallback::ToolchainStore
             })?;
         let targets: Vec<String> = self.rustc.target.iter().cloned().collect();
-        let id = match toolchains.identify(&compiler, &targets) {
-            Ok(identified) => identified.id,
+        let (id, host, targets) = match toolchains.identify(&compiler, &targets) {
+            Ok(identified) => {
+                let host = identified.probe.host;
+                let others = identified.targets.into_iter().filter(|t| *t != host).collect();
+                (identified.id, host, others)
+            }
             Err(ToolchainError::UnknownTarget { .. }) => return Err(Fallback::TargetNotInstalled),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot identify the toolchain");
@@ -95,7 +103,7 @@ impl Job {
         } else {
             None
         };
-        Ok(Identity { compiler, id, driver, program, prefix, native_cpu })
+        Ok(Identity { compiler, id, host, targets, driver, program, prefix, native_cpu })
     }
 
     /// The binary cargo's program stands for: itself, or for a rustup proxy the toolchain's binary

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use ferry_cache::rustc::recipe::{self, PreKeyParts, absolute};
+use ferry_cache::rustc::recipe::{self, PreKeyParts};
 use ferry_cache::rustc::{Found, InputList, Inputs};
 use ferry_cache::{CacheKey, KeyBuilder};
 
@@ -56,21 +56,46 @@ impl Job {
 
     /// The result key of a compile that observed `list`, from this machine's state now.
     pub(super) fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<KeyBuilder> {
-        recipe::result_key(pre, list, &self.config.basedirs, &mut LocalInputs { cwd: &self.cwd })
+        let mut inputs = LocalInputs { cwd: &self.cwd, seen: Some(&mut self.seen) };
+        recipe::result_key(pre, list, &self.config.basedirs, &mut inputs)
     }
 }
 
+/// What a file looked like: (size, mtime ns, ctime ns, inode, device). A write changes the ctime
+/// even when the mtime is put back; a file replaced by another changes the inode.
+pub type Stamp = (u64, i128, i128, u64, u64);
+
+/// Stamps of the files a lookup probed, by path.
+pub type Seen = std::collections::HashMap<std::path::PathBuf, Stamp>;
+
+pub fn stamp(m: &fs::Metadata) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    (m.len(), ns(m.mtime(), m.mtime_nsec()), ns(m.ctime(), m.ctime_nsec()), m.ino(), m.dev())
+}
+
 /// This machine's files and environment, as a result key reads them. Digests come through the
-/// stat-fingerprint memo (`crate::digests`).
+/// stat-fingerprint memo (`crate::digests`); each regular file's stamp is noted in `seen`.
 pub struct LocalInputs<'a> {
     pub cwd: &'a Path,
+    pub seen: Option<&'a mut Seen>,
 }
 
 impl Inputs for LocalInputs<'_> {
     fn probe(&mut self, path: &str) -> Found {
-        let path = absolute(self.cwd, path);
+        use std::os::unix::fs::PermissionsExt;
+        // Joined, not cleaned: the kernel resolves `..` after the symbolic link before it.
+        let path = self.cwd.join(path);
         match fs::metadata(&path) {
-            Ok(m) if m.is_file() => crate::digests::digest(&path, &m).map_or(Found::Unreadable, Found::File),
+            Ok(m) if m.is_file() => {
+                if let Some(seen) = self.seen.as_deref_mut() {
+                    seen.insert(path.clone(), stamp(&m));
+                }
+                crate::digests::digest(&path, &m).map_or(Found::Unreadable, |digest| Found::File {
+                    digest,
+                    executable: m.permissions().mode() & 0o111 != 0,
+                })
+            }
             Ok(m) if m.is_dir() => Found::Dir,
             Ok(_) => Found::Other,
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Found::Absent,
@@ -79,11 +104,11 @@ impl Inputs for LocalInputs<'_> {
     }
 
     fn link(&mut self, path: &str) -> Option<String> {
-        fs::read_link(absolute(self.cwd, path)).ok().and_then(|t| t.to_str().map(str::to_owned))
+        fs::read_link(self.cwd.join(path)).ok().and_then(|t| t.to_str().map(str::to_owned))
     }
 
     fn listing(&mut self, path: &str) -> Option<Vec<String>> {
-        let mut names: Vec<String> = fs::read_dir(absolute(self.cwd, path))
+        let mut names: Vec<String> = fs::read_dir(self.cwd.join(path))
             .ok()?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<Result<_, _>>()
@@ -94,7 +119,7 @@ impl Inputs for LocalInputs<'_> {
 
     fn program(&mut self, name: &str) -> Option<[u8; 32]> {
         let found = if name.contains('/') {
-            absolute(self.cwd, name)
+            self.cwd.join(name)
         } else {
             let path = std::env::var_os("PATH")?;
             std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())?
@@ -104,6 +129,10 @@ impl Inputs for LocalInputs<'_> {
 
     fn env(&self, name: &str) -> Option<Vec<u8>> {
         std::env::var_os(name).map(|v| v.into_encoded_bytes())
+    }
+
+    fn env_names(&self) -> Vec<String> {
+        std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()).collect()
     }
 }
 

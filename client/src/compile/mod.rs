@@ -117,7 +117,7 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
     }
     stats.requests = 1;
     let clock = Phases::start();
-    let mut job = Job { config, invocation, rustc, cwd, stats, clock };
+    let mut job = Job { config, invocation, rustc, cwd, stats, clock, seen: Default::default() };
     let code = job.run();
     let (hashed, memoized) = crate::digests::counts();
     tracing::debug!(krate = %job.rustc.crate_name, phases = %job.clock, hashed, memoized, "wrapper call");
@@ -149,6 +149,9 @@ struct Job {
     cwd: PathBuf,
     stats: Stats,
     clock: Phases,
+    /// What each input looked like when a lookup read it before the compile: a compile that
+    /// changes one, or runs while one changes, is told by comparing (see `store`).
+    seen: keys::Seen,
 }
 
 impl Job {
@@ -224,7 +227,15 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
         Classified::Passthrough(reason) => bail!("this compile is not cached: it passes through ({reason})"),
     };
     let cwd = std::env::current_dir().context("reading the current directory")?;
-    let mut job = Job { config, invocation, rustc, cwd, stats: Stats::default(), clock: Phases::start() };
+    let mut job = Job {
+        config,
+        invocation,
+        rustc,
+        cwd,
+        stats: Stats::default(),
+        clock: Phases::start(),
+        seen: Default::default(),
+    };
     let ident = job.identify().map_err(|f| anyhow::anyhow!("cannot identify the compiler: {f}"))?;
     let pre_parts = job.pre_key(&ident).map_err(|f| anyhow::anyhow!("cannot make the pre-key: {f}"))?;
     let pre = pre_parts.finish();

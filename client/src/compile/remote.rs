@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use ferry_cache::rustc::recipe::{self, absolute};
-use ferry_cache::rustc::{InputList, RustcArgs, is_secret, keyed_env};
+use ferry_cache::rustc::{InputList, Observation, RustcArgs, is_secret, never_keyed};
 use ferry_cache::{CacheKey, DiskStore};
 use ferry_proto::to_digest;
 use ferry_proto::v1::worker_client::WorkerClient;
@@ -170,7 +170,10 @@ impl Job {
         tracing::info!(worker = %remote.worker, krate = %self.rustc.crate_name, "compiled remotely");
         let status = remote.run.status;
         let compile_ms = clock.elapsed().as_millis() as u64;
-        let ran = Ran { run: remote.run, observed: Ok(remote.observed), started, compile_ms };
+        // What the job wrote outside its outputs stayed on the worker, which reports such a job as
+        // incomplete; none is left to check here.
+        let observed = Ok(Observation { list: remote.observed, wrote: Vec::new() });
+        let ran = Ran { run: remote.run, observed, started, compile_ms };
         let prepared = self.prepare_result(keys, known, ran, remote.outputs);
         // As for a local compile: the entry is written once cargo has its answer.
         self.after_answer(|job, _| {
@@ -191,6 +194,11 @@ pub fn run(job: &RemoteJob) -> Result<Remote, Failed> {
     }
     if !shippable_place(job.cwd) {
         return Err(Fallback::Inputs("project-in-system-dir").into());
+    }
+    // A proc-macro of this crate runs programs that may read the whole environment: a job is
+    // given only the variables earlier compiles looked up, so the worker's would differ.
+    if job.known.iter().any(|l| l.whole_environment) {
+        return Err(Fallback::Inputs("reads-whole-environment").into());
     }
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|_| Fallback::RuntimeUnavailable)?;
@@ -422,7 +430,7 @@ fn verify_observation(job: &RemoteJob, o: &v1::Observed) -> Result<InputList, Fa
     let list: InputList = serde_json::from_slice(&o.list).map_err(|_| Fallback::WorkerBadAnswer)?;
     let theirs = ferry_proto::digest(o.key.as_ref(), "key").map_err(|_| Fallback::WorkerBadAnswer)?;
     let list = job.config.basedirs.restore_list(list);
-    let ours = recipe::result_key(&job.pre, &list, &job.config.basedirs, &mut LocalInputs { cwd: job.cwd });
+    let ours = recipe::result_key(&job.pre, &list, &job.config.basedirs, &mut LocalInputs { cwd: job.cwd, seen: None });
     if ours.as_ref().map(|k| k.finish().0) != Some(theirs) {
         tracing::info!(krate = %job.rustc.crate_name, "the worker observed other inputs than this machine has");
         if let Some(ours) = &ours {
@@ -713,7 +721,7 @@ fn environment(job: &RemoteJob) -> Vec<v1::EnvVar> {
         let wanted = CRATE_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
             || CRATE_ENV.contains(&name)
             || learned.iter().any(|l| *l == name);
-        if wanted && keyed_env(name) && !is_secret(name, value.as_bytes()) && !name.starts_with("LD_") {
+        if wanted && !never_keyed(name) && !is_secret(name, value.as_bytes()) && !name.starts_with("LD_") {
             env.insert(name.to_owned(), value.to_owned());
         }
     }

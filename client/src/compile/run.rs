@@ -8,13 +8,12 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use ferry_cache::DiskStore;
 use ferry_cache::rustc::recipe::absolute;
-use ferry_cache::rustc::{InputList, Scope, input_list};
+use ferry_cache::rustc::{InputList, Observation, Scope, ToolchainFiles, input_list};
 
 use super::identity::Identity;
 use super::keys::Keys;
@@ -26,17 +25,23 @@ use crate::shared::SharedTier;
 /// A compile that ran here.
 pub struct Ran {
     pub run: RunOutput,
-    /// Its manifest, or why it cannot have one.
-    pub observed: Result<InputList, NotStored>,
+    /// Its manifest and what it wrote, or why it cannot have one.
+    pub observed: Result<Observation, NotStored>,
     pub started: SystemTime,
     pub compile_ms: u64,
 }
 
 /// The interposer and this compile's log.
 struct Observer {
-    interposer: PathBuf,
+    interposer: ferry_observe::Interposer,
     log: ferry_observe::Log,
 }
+
+/// Room left below the system's limit on a command line and environment before a compile runs
+/// unobserved: the observer's three variables, and the larger lines rustc builds for the programs
+/// it starts (it moves a linker's arguments into a file when they do not fit, the environment it
+/// cannot move).
+const EXEC_HEADROOM: usize = 16 << 10;
 
 impl Job {
     pub(super) fn compile_and_store(
@@ -109,14 +114,17 @@ impl Job {
     }
 
     /// Runs the compile here with its stdout/stderr teed to cargo (minus `drop_lines`, which a
-    /// failed remote job already passed on), observed.
+    /// failed remote job already passed on), observed — unless the observer's variables could push
+    /// the command line and environment over the system's limit, or the start fails on it: then
+    /// exactly as cargo asked, unobserved (never worse than plain: `exec-limit`, not stored).
     fn run_observed(&mut self, ident: &Identity, drop_lines: &[Vec<u8>]) -> std::io::Result<Ran> {
-        let observer = self.observer();
         let mut args: Vec<OsString> = ident.prefix.clone();
         args.extend(self.invocation.rest.iter().cloned());
+        let near_limit = exec_size(&ident.program, &args) + EXEC_HEADROOM > arg_max();
+        let observer = if near_limit { None } else { self.observer() };
         let env = match &observer {
             Some(o) => ferry_observe::environment(
-                &o.interposer,
+                &o.interposer.path,
                 &o.log.path,
                 std::env::var_os("LD_PRELOAD").as_deref(),
                 std::process::id(),
@@ -125,11 +133,17 @@ impl Job {
         };
         let started = SystemTime::now();
         let clock = Instant::now();
-        let run = process::run_teed(&ident.program, &args, &env, drop_lines);
+        let mut run = process::run_teed(&ident.program, &args, &env, drop_lines);
+        let too_long = matches!(&run, Err(e) if e.raw_os_error() == Some(libc::E2BIG));
+        if too_long && observer.is_some() {
+            tracing::info!(krate = %self.rustc.crate_name, "the observer's variables do not fit: running unobserved");
+            run = process::run_teed(&ident.program, &args, &[], drop_lines);
+        }
         let compile_ms = clock.elapsed().as_millis() as u64;
         self.clock.lap("rustc");
         let observed = match &observer {
-            Some(o) => self.read_observation(o, ident),
+            _ if near_limit || too_long => Err(NotStored::Unobserved("exec-limit".into())),
+            Some(o) => self.read_observation(o, ident, started),
             None => Err(NotStored::Unobserved("observer-unavailable".into())),
         };
         if let Some(o) = &observer
@@ -140,12 +154,13 @@ impl Job {
         Ok(Ran { run: run?, observed, started, compile_ms })
     }
 
-    /// The interposer installed under the cache dir and a fresh log; None (the compile then runs
-    /// unobserved and is not stored) when either cannot be made.
+    /// The interposer (installed under the cache dir, or in memory where that cannot be mapped)
+    /// and a fresh log; None (the compile then runs unobserved and is not stored) when either
+    /// cannot be made.
     fn observer(&self) -> Option<Observer> {
         let dir = self.config.cache_dir.join("observe");
-        let interposer = ferry_observe::install(&dir)
-            .map_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot install the observer"))
+        let interposer = ferry_observe::Interposer::load(&dir)
+            .map_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot load the observer"))
             .ok()?;
         let log = ferry_observe::Log::in_memory().or_else(|_| {
             let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
@@ -156,18 +171,47 @@ impl Job {
         Some(Observer { interposer, log })
     }
 
-    fn read_observation(&self, observer: &Observer, ident: &Identity) -> Result<InputList, NotStored> {
+    fn read_observation(
+        &self,
+        observer: &Observer,
+        ident: &Identity,
+        started: SystemTime,
+    ) -> Result<Observation, NotStored> {
         let bytes = observer.log.read_all().map_err(|_| NotStored::Unobserved("log-unreadable".into()))?;
         let records = ferry_observe::parse(&bytes).map_err(|_| NotStored::Unobserved("log-malformed".into()))?;
+        // The variables rustc reports reading, from the dep-info this compile wrote (an older
+        // file left by an earlier build says nothing about this one).
+        let tracked_env = self.rustc.dep_info_path().and_then(|d| {
+            let path = self.cwd.join(d);
+            let fresh = fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|m| m >= started);
+            let text = fs::read_to_string(&path).ok().filter(|_| fresh)?;
+            Some(ferry_cache::rustc::depinfo::env_values(&text).into_iter().map(|(name, _)| name).collect())
+        });
         let scope = Scope {
-            toolchain_root: &ident.compiler.root,
+            toolchain: ToolchainFiles { root: &ident.compiler.root, host: &ident.host, targets: &ident.targets },
             outputs: self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect(),
             search_dirs: self.rustc.search_dirs().map(|d| absolute(&self.cwd, d)).collect(),
-            own_files: vec![observer.log.path.clone(), observer.interposer.clone()],
+            own_files: vec![observer.log.path.clone(), observer.interposer.path.clone()],
+            tracked_env,
         };
         input_list(&records, &scope).map_err(|incomplete| {
             tracing::info!(krate = %self.rustc.crate_name, %incomplete, "the compile was not fully observed");
             NotStored::Unobserved(incomplete.reason)
         })
     }
+}
+
+/// The bytes `execve` counts for a program, its arguments and this process's environment: each
+/// string with its NUL, and a pointer for each.
+fn exec_size(program: &std::path::Path, args: &[OsString]) -> usize {
+    let strings = program.as_os_str().len() + 1 + args.iter().map(|a| a.len() + 1).sum::<usize>();
+    let env: usize = std::env::vars_os().map(|(k, v)| k.len() + v.len() + 2 + 8).sum();
+    strings + 8 * (args.len() + 2) + env
+}
+
+/// The system's limit on a command line and environment together (`ARG_MAX`).
+fn arg_max() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+    if n > 0 { n as usize } else { 128 << 10 }
 }

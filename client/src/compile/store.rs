@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use ferry_cache::rustc::InputList;
@@ -60,13 +60,22 @@ impl Job {
             (Some(101), _) => return Err(NotStored::InternalCompilerError),
             _ => return Err(NotStored::UnexpectedExitCode),
         };
-        let mut list = ran.observed?;
+        let ferry_cache::rustc::Observation { mut list, wrote } = ran.observed?;
         self.clock.lap("observed");
-        for file in &list.files {
-            let changed = fs::metadata(absolute(&self.cwd, file)).map(|m| modified(&m) > ran.started).unwrap_or(true);
-            if changed {
+        for file in list.files.iter().chain(&list.present) {
+            if self.changed_since(file, ran.started) {
                 return Err(NotStored::InputsChangedDuringCompile);
             }
+        }
+        // A file the compile left outside its declared outputs (a proc-macro's side effect) would
+        // not be written by a replay.
+        let outputs: Vec<PathBuf> = self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
+        if let Some(left) = wrote
+            .iter()
+            .find(|w| fs::symlink_metadata(w).is_ok() && !outputs.iter().any(|o| o.starts_with(w.as_path())))
+        {
+            tracing::info!(krate = %self.rustc.crate_name, path = %left.display(), "the compile wrote outside its outputs");
+            return Err(NotStored::WroteOutsideOutputs);
         }
         // Digests taken before the compile may describe older content.
         crate::digests::forget_seen();
@@ -182,9 +191,27 @@ impl Job {
     }
 }
 
-fn modified(meta: &fs::Metadata) -> SystemTime {
-    use std::os::unix::fs::MetadataExt;
-    meta.modified().unwrap_or_else(|_| SystemTime::UNIX_EPOCH + Duration::from_secs(meta.mtime() as u64))
+impl Job {
+    /// Whether an input may have changed since the compile started: its stamp differs from the
+    /// one a lookup saw just before the compile, or (for a file no lookup saw) it was modified or
+    /// its inode changed (ctime: a write whose mtime was put back, a rename over it) after the
+    /// start. A file gone or unreadable counts as changed.
+    fn changed_since(&self, file: &str, started: SystemTime) -> bool {
+        let path = self.cwd.join(file);
+        let Ok(meta) = fs::metadata(&path) else { return true };
+        if !meta.is_file() {
+            return false;
+        }
+        match self.seen.get(&path) {
+            Some(before) => super::keys::stamp(&meta) != *before,
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let ctime =
+                    SystemTime::UNIX_EPOCH + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec() as u32);
+                meta.modified().map_or(true, |m| m > started) || ctime > started
+            }
+        }
+    }
 }
 
 /// The lock detached publishers hold (shared) while they run; see [`wait_for_publishers`].

@@ -422,20 +422,20 @@ fn a_second_machine_with_a_copied_linker_hits_every_unit() {
 // ---------------------------------------------------------------------------------------------
 
 /// A generated cargo project in its own world, built through ferry.
-struct Project {
-    world: World,
-    root: PathBuf,
+pub(crate) struct Project {
+    pub(crate) world: World,
+    pub(crate) root: PathBuf,
 }
 
 /// One cargo build: did it succeed, its stderr, and ferry's counters for it alone.
-struct Built {
-    success: bool,
-    log: String,
-    stats: Value,
+pub(crate) struct Built {
+    pub(crate) success: bool,
+    pub(crate) log: String,
+    pub(crate) stats: Value,
 }
 
 impl Project {
-    fn new(files: &[(&str, &str)]) -> Project {
+    pub(crate) fn new(files: &[(&str, &str)]) -> Project {
         let world = World::new();
         let root = world.path().join("p");
         write_all(&root, files);
@@ -443,7 +443,7 @@ impl Project {
     }
 
     /// Another project in a fresh world that shares `world`'s cache dir.
-    fn in_world(world: &World, name: &str, files: &[(&str, &str)]) -> Project {
+    pub(crate) fn in_world(world: &World, name: &str, files: &[(&str, &str)]) -> Project {
         let mut other = World::new();
         other.set("FERRY_CACHE_DIR", world.cache_dir());
         let root = other.path().join(name);
@@ -451,33 +451,33 @@ impl Project {
         Project { world: other, root }
     }
 
-    fn set_env(&mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) {
+    pub(crate) fn set_env(&mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) {
         self.world.set(key, value);
     }
 
-    fn write(&self, rel: &str, text: &str) {
+    pub(crate) fn write(&self, rel: &str, text: &str) {
         let path = self.root.join(rel);
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         fs::write(path, text).expect("write");
     }
 
-    fn edit(&self, rel: &str, from: &str, to: &str) {
+    pub(crate) fn edit(&self, rel: &str, from: &str, to: &str) {
         crate::wrapper::edit(&self.root.join(rel), from, to);
     }
 
     /// Moves a file's mtime forward, so cargo compiles its crate again.
-    fn touch(&self, rel: &str) {
+    pub(crate) fn touch(&self, rel: &str) {
         let file = fs::File::options().append(true).open(self.root.join(rel)).expect("open");
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
         file.set_modified(later).expect("set mtime");
     }
 
-    fn build(&self) -> Built {
+    pub(crate) fn build(&self) -> Built {
         self.build_with(&[])
     }
 
     /// `cargo build --offline` through ferry with `env` added, the counters zeroed first.
-    fn build_with(&self, env: &[(&str, &str)]) -> Built {
+    pub(crate) fn build_with(&self, env: &[(&str, &str)]) -> Built {
         self.world.ferry_ok(&["stats", "--zero"]);
         let mut cmd = cargo(&self.world, &self.root);
         cmd.args(["build", "-j2", "--offline"]).env("RUSTC_WRAPPER", bin("ferry"));
@@ -492,27 +492,27 @@ impl Project {
         }
     }
 
-    fn clean(&self) {
+    pub(crate) fn clean(&self) {
         crate::wrapper::clean(&self.world, &self.root);
     }
 
     /// Runs `target/debug/<name>`; its output, trimmed.
-    fn run(&self, name: &str) -> String {
+    pub(crate) fn run(&self, name: &str) -> String {
         ok(Command::new(self.root.join("target/debug").join(name)).output().expect("binary runs")).trim().to_owned()
     }
 }
 
 impl Built {
-    fn ok(self) -> Built {
+    pub(crate) fn ok(self) -> Built {
         assert!(self.success, "the build failed:\n{}", self.log);
         self
     }
 
-    fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         n(&self.stats, "/hits_local") + n(&self.stats, "/hits_remote")
     }
 
-    fn misses(&self) -> u64 {
+    pub(crate) fn misses(&self) -> u64 {
         n(&self.stats, "/misses")
     }
 }
@@ -526,7 +526,7 @@ fn write_all(root: &Path, files: &[(&str, &str)]) {
 }
 
 /// A package manifest with `extra` lines and path dependencies on sibling packages.
-fn package(name: &str, extra: &str, deps: &[&str]) -> String {
+pub(crate) fn package(name: &str, extra: &str, deps: &[&str]) -> String {
     let mut text =
         format!("[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n{extra}\n\n[dependencies]\n");
     for d in deps {
