@@ -164,6 +164,17 @@ impl Store for DiskStore {
         }
         Ok(PutOutcome::AlreadyPresent)
     }
+
+    /// Unlinks the entry (a reader that opened it keeps reading it whole); the usage counter
+    /// catches up at the next eviction pass.
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        let path = self.entry_path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(Error::Io { path, source }),
+        }
+    }
 }
 
 impl DiskStore {

@@ -243,6 +243,12 @@ impl Store for MemcachedStore {
         }
         Ok(PutOutcome::AlreadyPresent)
     }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        // The head names the chunks: without it they are unreachable, and memcached evicts them.
+        let name = head_name(key);
+        self.call(self.server(&name), |conn| delete(conn, &name)).map(|()| true)
+    }
 }
 
 fn head_name(key: &CacheKey) -> String {

@@ -205,6 +205,14 @@ impl Store for RedisStore {
         }
         Ok(PutOutcome::AlreadyPresent)
     }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        match self.command(redis::cmd("DEL").arg(redis_key(key)))? {
+            Value::Int(n) => Ok(n > 0),
+            Value::ServerError(e) => Err(self.io_error(refused(&e))),
+            other => Err(self.io_error(protocol(format!("DEL answered {}", shown(&other))))),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisStore {

@@ -40,6 +40,10 @@ impl Store for Sealed {
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
         self.inner.put_encoded(key, &seal(bytes, &self.key))
     }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        self.inner.remove(key)
+    }
 }
 
 fn corrupt(key: &CacheKey, reason: crate::EntryError) -> Error {

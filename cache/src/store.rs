@@ -25,6 +25,13 @@ pub trait Store: Send + Sync {
     /// [`Store::put`] for an entry already encoded under `key` (by [`Entry::encode`] or
     /// [`Entry::encode_result`]), so a large result is not encoded again for every tier.
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error>;
+
+    /// Removes the entry under `key`: verification (`FERRY_VERIFY`) found it wrong. Ok(false)
+    /// when there was none, or this tier does not let its callers remove.
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        let _ = key;
+        Ok(false)
+    }
 }
 
 /// What [`Store::put`] did.

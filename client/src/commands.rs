@@ -66,6 +66,10 @@ pub struct ExplainArgs {
     /// <cache dir>/explain/) or a cache dir (its newest record, of --crate if given)
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     diff: Option<Vec<PathBuf>>,
+    /// The hits verification found wrong (FERRY_VERIFY): what differed, and the parts of the
+    /// entry's key that differ from the fresh compile's
+    #[arg(long)]
+    mismatches: bool,
     /// A compiler command to explain now, without compiling (after --)
     #[arg(last = true, value_name = "RUSTC ARGS")]
     command: Vec<std::ffi::OsString>,
@@ -353,6 +357,43 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load_reporting()?;
+    if args.mismatches {
+        let found = crate::compile::mismatches(&config.cache_dir);
+        let found: Vec<_> = found.iter().filter(|(_, m)| args.krate.as_deref().is_none_or(|k| m.krate == k)).collect();
+        if found.is_empty() {
+            println!(
+                "no verified hit has differed (records are kept in {})",
+                config.cache_dir.join("verify").display()
+            );
+        }
+        for (path, m) in found.iter().take(if args.list { usize::MAX } else { args.last.max(1) }) {
+            println!(
+                "{}
+crate {} ({} tier, {}): {} differed",
+                path.display(),
+                m.krate,
+                m.tier,
+                date(m.time),
+                m.differ.join(", ")
+            );
+            match &m.removed_from[..] {
+                [] => println!("the entry could not be removed here"),
+                tiers => println!("the entry was removed from the {} tier", tiers.join(" and ")),
+            }
+            if m.fresh_exit != Some(0) || !m.fresh_stderr.is_empty() {
+                println!("the fresh compile exited {:?}; its stderr:\n{}", m.fresh_exit, m.fresh_stderr);
+            }
+            if m.differ.iter().any(|d| d == "stderr") {
+                println!("the replayed stderr:\n{}", m.replayed_stderr);
+            }
+            if m.hit.result_key == m.fresh.result_key {
+                println!("both keys are the same: the compile is not deterministic, or the entry was made wrong");
+            }
+            println!("A: the entry's key  B: the fresh compile's key (its own observation)");
+            print!("{}", explain::diff(&m.hit, &m.fresh));
+        }
+        return Ok(());
+    }
     let records = explain::records(&config.cache_dir, args.krate.as_deref());
     if records.is_empty() {
         anyhow::bail!(

@@ -11,6 +11,7 @@
 //! | cache directory    | `cache.dir`       | `FERRY_CACHE_DIR`     | `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry` |
 //! | cache size limit   | `cache.size`      | `FERRY_CACHE_SIZE`    | `10G`                      |
 //! | cache failures     | `cache.failures`  | `FERRY_CACHE_FAILURES`| `false`                    |
+//! | verify this fraction of hits by compiling them too (0 to 1) | `cache.verify` | `FERRY_VERIFY` | `0` |
 //! | eviction grace     | `cache.grace_secs`| `FERRY_CACHE_GRACE`   | `600` (seconds)            |
 //! | log filter         | `log.level`       | `FERRY_LOG`           | unset: no logging          |
 //! | log file           | `log.file`        | `FERRY_LOG_FILE`      | `<cache dir>/ferry.log`    |
@@ -42,6 +43,9 @@ pub struct Config {
     /// Cache clean compiler-error exits (rustc exit 1) too; off by default because a cached
     /// failure hides a flaky environment problem from the person who could fix it.
     pub cache_failures: bool,
+    /// The fraction of hits (0 to 1) that are also compiled, after cargo has its answer, and
+    /// compared with what was replayed: a wrong entry is removed and reported.
+    pub verify: f64,
     /// Entries younger than this are never evicted, so a running build keeps what it just wrote.
     pub cache_grace: Duration,
     /// A tracing filter (`info`, `ferry=debug`, ...); `None` means no logging at all.
@@ -112,6 +116,7 @@ impl Config {
                 (None, _) => Err(format!("expected a size like \"10G\", got {}", raw.shown())),
             });
         let cache_failures = s.value(Some("FERRY_CACHE_FAILURES"), "cache.failures", false, "false", boolean);
+        let verify = s.value(Some("FERRY_VERIFY"), "cache.verify", 0.0, "0", fraction);
         let grace = s.value(Some("FERRY_CACHE_GRACE"), "cache.grace_secs", 600, "600", whole);
         let log = s.text(Some("FERRY_LOG"), "log.level").and_then(|r| r.map_err(|p| s.problems.push(p)).ok());
         let log_file = match s.text(Some("FERRY_LOG_FILE"), "log.file") {
@@ -192,6 +197,7 @@ impl Config {
             cache_dir,
             cache_size,
             cache_failures,
+            verify,
             cache_grace: Duration::from_secs(grace),
             log,
             log_file,
@@ -223,6 +229,7 @@ const FILE_KEYS: &[&str] = &[
     "cache.dir",
     "cache.size",
     "cache.failures",
+    "cache.verify",
     "cache.grace_secs",
     "cache.shared",
     "cache.shared_backoff_secs",
@@ -454,6 +461,24 @@ fn boolean(raw: &Raw) -> Result<bool, String> {
         (None, Raw::File(toml::Value::Boolean(b))) => Ok(*b),
         (None, _) => Err(format!("expected true or false, got {}", raw.shown())),
     }
+}
+
+/// A fraction from 0 to 1 (`0.01`, `1`; `1%` too).
+fn fraction(raw: &Raw) -> Result<f64, String> {
+    let value = match (raw.text(), raw) {
+        (Some(text), _) => {
+            let text = text.trim();
+            let (number, scale) = match text.strip_suffix('%') {
+                Some(n) => (n, 100.0),
+                None => (text, 1.0),
+            };
+            number.parse::<f64>().map(|v| v / scale).map_err(|_| format!("'{text}' is not a fraction like 0.01"))?
+        }
+        (None, Raw::File(toml::Value::Float(f))) => *f,
+        (None, Raw::File(toml::Value::Integer(n))) => *n as f64,
+        (None, _) => return Err(format!("expected a fraction like 0.01, got {}", raw.shown())),
+    };
+    if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("{value} is not between 0 and 1")) }
 }
 
 fn whole(raw: &Raw) -> Result<u64, String> {

@@ -36,8 +36,8 @@ pub fn run_inherited(program: &Path, args: &[OsString]) -> std::io::Result<ExitS
 
 /// Runs `program args`, copying its stdout/stderr to ours as they arrive (cargo's pipelining reads
 /// artifact notifications from stderr while rustc still runs) and keeping a copy of each.
-/// `drop_stderr_lines` (without their newline) are not passed on: lines the wrapper itself caused
-/// (an injected dep-info notification) or already passed on (a failed remote job's artifacts).
+/// `drop_stderr_lines` (without their newline) are not passed on: lines cargo already has (a failed
+/// remote job's artifact notifications); they are still kept in the copy, which a replay prints.
 /// `env` is added to this process's environment.
 pub fn run_teed(
     program: &Path,
@@ -61,6 +61,14 @@ pub fn run_teed(
     });
     let status = child.wait()?;
     Ok(RunOutput { status, stdout: stdout?, stderr: stderr? })
+}
+
+/// Runs `program args` with `env` added and its output collected, nothing passed on (stdin
+/// closed): a compile whose answer cargo already has.
+pub fn run_captured(program: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> std::io::Result<RunOutput> {
+    trace(program, args);
+    let out = Command::new(program).args(args).envs(env.iter().cloned()).stdin(Stdio::null()).output()?;
+    Ok(RunOutput { status: out.status, stdout: out.stdout, stderr: out.stderr })
 }
 
 fn tee(from: &mut impl Read, to: &mut impl Write, drop_lines: &[Vec<u8>]) -> std::io::Result<Vec<u8>> {
@@ -90,8 +98,9 @@ fn tee(from: &mut impl Read, to: &mut impl Write, drop_lines: &[Vec<u8>]) -> std
             let bare = line.strip_suffix(b"\n").unwrap_or(&line);
             if !drop_lines.iter().any(|d| d.as_slice() == bare) {
                 let _ = to.write_all(&line).and_then(|()| to.flush());
-                kept.extend_from_slice(&line);
             }
+            // Kept whole: a replay prints everything the compiler printed.
+            kept.extend_from_slice(&line);
         }
     }
 }

@@ -109,6 +109,18 @@ impl SharedTier {
         }
     }
 
+    /// Removes an entry verification found wrong. False: not there, or refused or failed
+    /// (counted).
+    pub fn remove(&mut self, key: &CacheKey, stats: &mut Stats) -> bool {
+        match self.store.remove(key) {
+            Ok(removed) => removed,
+            Err(e) => {
+                self.failed(&e, stats);
+                false
+            }
+        }
+    }
+
     /// The store itself, for [`ferry_cache::rustc::recipe::publish_manifest`].
     pub fn store(&self) -> &dyn Store {
         self.store.as_ref()

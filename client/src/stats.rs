@@ -40,6 +40,11 @@ pub struct Stats {
     pub bytes_written: u64,
     /// Input bytes uploaded to workers (blobs they did not have yet).
     pub bytes_sent: u64,
+    /// Sampled hits compiled again (`FERRY_VERIFY`) whose outputs were the same.
+    pub verified: u64,
+    /// Sampled hits compiled again whose outputs differed: the entry was removed
+    /// (`ferry explain --mismatches` shows why).
+    pub verify_mismatches: u64,
     /// Compile time the hits did not spend (as measured when the entries were made), milliseconds.
     pub time_saved_ms: u64,
 }
@@ -93,6 +98,8 @@ impl Stats {
         self.bytes_sent += d.bytes_sent;
         self.time_saved_ms += d.time_saved_ms;
         self.shared_writes += d.shared_writes;
+        self.verified += d.verified;
+        self.verify_mismatches += d.verify_mismatches;
         for (mine, theirs) in [
             (&mut self.shared_errors, &d.shared_errors),
             (&mut self.passthrough, &d.passthrough),
@@ -123,6 +130,10 @@ impl Stats {
             ("shared tier writes".into(), self.shared_writes.to_string()),
             ("time saved".into(), format!("{:.1} s", self.time_saved_ms as f64 / 1000.0)),
         ];
+        if self.verified + self.verify_mismatches > 0 {
+            rows.push(("hits verified (same bytes)".into(), self.verified.to_string()));
+            rows.push(("verify mismatches (removed)".into(), self.verify_mismatches.to_string()));
+        }
         for (title, map) in [
             ("pass-through", &self.passthrough),
             ("fallback", &self.fallbacks),

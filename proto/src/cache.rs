@@ -127,6 +127,12 @@ impl RemoteCache {
         Ok(response.into_inner().published)
     }
 
+    async fn delete(&self, key: &CacheKey) -> Result<bool, tonic::Status> {
+        let mut client = self.client.clone();
+        let response = client.cache_remove(v1::CacheKeyRef { key: Some(to_digest(key.0)) }).await?;
+        Ok(response.into_inner().removed)
+    }
+
     fn block<T>(&self, what: &str, call: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, Error> {
         let result = self.runtime.block_on(async { tokio::time::timeout(self.deadline, call).await });
         let err =
@@ -165,5 +171,9 @@ impl Store for RemoteCache {
         let len = bytes.len() as u64;
         let published = self.block("shared cache put", self.store(key, bytes))?;
         Ok(if published { PutOutcome::Published { bytes: len } } else { PutOutcome::AlreadyPresent })
+    }
+
+    fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
+        self.block("shared cache remove", self.delete(key))
     }
 }

@@ -650,6 +650,24 @@ impl SchedulerApi for Service {
         Ok(Response::new(v1::CachePutResponse { published }))
     }
 
+    async fn cache_remove(
+        &self,
+        request: Request<v1::CacheKeyRef>,
+    ) -> Result<Response<v1::CacheRemoveResponse>, Status> {
+        require_any(&request, &[Role::Worker, Role::CacheWrite], "CacheRemove")?;
+        let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
+        let shared = self.shared.clone();
+        let removed = tokio::task::spawn_blocking(move || ferry_cache::Store::remove(&shared.cache, &key))
+            .await
+            .map_err(|e| Status::internal(format!("cache remove: {e}")))?
+            .map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
+        if removed {
+            info!(%key, "removed a shared cache entry a verifier found wrong");
+            self.shared.metrics.cache_put("removed");
+        }
+        Ok(Response::new(v1::CacheRemoveResponse { removed }))
+    }
+
     async fn status(&self, request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
         require(&request, Role::Client, "Status")?;
         let status = self.shared.lock().state.status(Instant::now());

@@ -142,8 +142,12 @@ impl JobObserver {
         }
         let bases = Bases::new(job.basedirs.iter().cloned()).map_err(|b| format!("bad base directory '{b}'"))?;
         if !bases.is_empty() {
-            let outputs: Vec<Vec<u8>> =
-                job.outputs.iter().filter_map(|o| crate::beneath::read_beneath(job.tree, o, 4 << 30).ok()).collect();
+            let outputs: Vec<Vec<u8>> = job
+                .outputs
+                .iter()
+                .filter(|o| !o.ends_with(".d"))
+                .filter_map(|o| crate::beneath::read_beneath(job.tree, o, 4 << 30).ok())
+                .collect();
             let outputs: Vec<&[u8]> = outputs.iter().map(Vec::as_slice).collect();
             let env = |n: &str| job.env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone().into_bytes());
             recipe::mark_verbatim(&mut list, &bases, env, &outputs);

@@ -5,7 +5,7 @@
 //!   prints `ferry stats`.
 //! - `cargo xtask bench [toolchain|wrapper|all]`: figures as ratios against a baseline measured in
 //!   the same run (plain `tar -czf`, plain `cargo build`).
-//! - `cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink]`: the differential
+//! - `cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink] [--no-cluster]`: the differential
 //!   oracle (`ferry_tests::oracle`) for as long as asked; each finding is printed as a script.
 //!
 //! When `XTASK_RECORD` is set this binary is a recording `RUSTC_WRAPPER`: it appends the call
@@ -43,12 +43,13 @@ fn main() -> anyhow::Result<()> {
         ["difftest", ..] => difftest(&args[1..]),
         _ => bail!(
             "usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all] \
-             | cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink] [--ferry PATH]"
+             | cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink] [--no-cluster] [--ferry PATH]"
         ),
     }
 }
 
 /// `cargo xtask difftest`: the differential oracle with a seed and budget of the caller's choosing
+/// (some sequences through a scheduler and a worker on loopback, unless `--no-cluster`)
 /// (defaults: a seed from the clock, 20 sequences of 10 builds), against a release build (or the
 /// `ferry` given with `--ferry PATH`). Each
 /// finding is printed (and written to `target/difftest/finding-<seed>-<sequence>.sh`); the exit
@@ -57,6 +58,8 @@ fn difftest(args: &[String]) -> anyhow::Result<()> {
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
     let (mut sequences, mut steps, mut shrink) = (20, 10, true);
     let mut ferry = None;
+    let mut cluster = true;
+    let mut only = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<u64> {
@@ -67,6 +70,8 @@ fn difftest(args: &[String]) -> anyhow::Result<()> {
             "--sequences" => sequences = value("--sequences")? as usize,
             "--steps" => steps = value("--steps")? as usize,
             "--no-shrink" => shrink = false,
+            "--no-cluster" => cluster = false,
+            "--only" => only = Some(value("--only")? as usize),
             "--ferry" => {
                 let given = PathBuf::from(it.next().context("--ferry needs a path")?);
                 ferry = Some(given.canonicalize().with_context(|| format!("no ferry at {}", given.display()))?);
@@ -90,6 +95,8 @@ fn difftest(args: &[String]) -> anyhow::Result<()> {
         work: work.path().to_owned(),
         shrink,
         shrink_runs: 60,
+        cluster,
+        only,
     };
     let report = ferry_tests::oracle::run(&opts, &mut |line| println!("  {line}"));
     println!(

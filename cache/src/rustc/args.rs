@@ -285,6 +285,55 @@ impl RustcArgs {
         self.search_paths.iter().map(|(_, dir)| dir.as_str())
     }
 
+    /// The arguments with every output moved into `dir` under its own file name (`--out-dir`,
+    /// `-o` and `--emit` paths rewritten), for a second compile beside the first one (ferry's
+    /// verification of a hit); [`RustcArgs::outputs`] of the result are `dir/<file name>`.
+    pub fn with_outputs_in(&self, dir: &str) -> Vec<String> {
+        let moved = |p: &str| {
+            let name = std::path::Path::new(p).file_name().map(|n| n.to_string_lossy().into_owned());
+            format!("{dir}/{}", name.unwrap_or_default())
+        };
+        let emit = |v: &str| {
+            v.split(',')
+                .map(|k| match k.split_once('=') {
+                    Some((kind, path)) => format!("{kind}={}", moved(path)),
+                    None => k.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut out = Vec::with_capacity(self.args.len());
+        let mut it = self.args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--out-dir" => {
+                    out.push(a.clone());
+                    if it.next().is_some() {
+                        out.push(dir.to_owned());
+                    }
+                }
+                "-o" => {
+                    out.push(a.clone());
+                    if let Some(v) = it.next() {
+                        out.push(moved(v));
+                    }
+                }
+                "--emit" => {
+                    out.push(a.clone());
+                    if let Some(v) = it.next() {
+                        out.push(emit(v));
+                    }
+                }
+                _ if a.starts_with("--out-dir=") => out.push(format!("--out-dir={dir}")),
+                _ if a.starts_with("--emit=") => out.push(format!("--emit={}", emit(&a["--emit=".len()..]))),
+                _ if a.starts_with("-o=") => out.push(format!("-o={}", moved(&a[3..]))),
+                _ if a.starts_with("-o") && a.len() > 2 => out.push(format!("-o{}", moved(&a[2..]))),
+                _ => out.push(a.clone()),
+            }
+        }
+        out
+    }
+
     /// True when producing this crate runs the linker (so the linker is part of the key).
     pub fn links(&self) -> bool {
         self.emit.iter().any(|(k, _)| k == "link")
@@ -345,6 +394,32 @@ impl RustcArgs {
             Some(dir) => format!("{}/{name}", dir.trim_end_matches('/')),
             None => name,
         }
+    }
+}
+
+#[cfg(test)]
+mod moved_outputs {
+    use super::*;
+
+    #[test]
+    fn every_output_moves_into_the_directory_under_its_own_name() {
+        let parse = |line: &str| match classify(&line.split_whitespace().map(OsString::from).collect::<Vec<_>>()) {
+            Classified::Cacheable(r) => r,
+            Classified::Passthrough(why) => panic!("{why}"),
+        };
+        let r = parse(
+            "--crate-name a --crate-type lib --emit=dep-info,metadata,link -C extra-filename=-1 --out-dir /t/deps src/lib.rs",
+        );
+        let moved = parse(&r.with_outputs_in("/v").join(" "));
+        let names = |r: &RustcArgs| r.outputs().into_iter().map(|(p, _)| p).collect::<Vec<_>>();
+        assert_eq!(names(&moved), ["/v/a-1.d", "/v/liba-1.rlib", "/v/liba-1.rmeta"]);
+        assert_eq!(names(&r), ["/t/deps/a-1.d", "/t/deps/liba-1.rlib", "/t/deps/liba-1.rmeta"]);
+        let r = parse("--crate-name b --crate-type bin --emit link=out/b,dep-info=out/b.d src/main.rs");
+        let expected =
+            ["--crate-name", "b", "--crate-type", "bin", "--emit", "link=/v/b,dep-info=/v/b.d", "src/main.rs"];
+        assert_eq!(r.with_outputs_in("/v"), expected);
+        let r = parse("--crate-name c --crate-type bin -o out/c src/main.rs");
+        assert_eq!(r.with_outputs_in("/v"), ["--crate-name", "c", "--crate-type", "bin", "-o", "/v/c", "src/main.rs"]);
     }
 }
 

@@ -7,6 +7,8 @@
 //! - **The toolchain's own files**: exactly those the ToolchainId covers ([`ToolchainFiles`]) —
 //!   not everything under its directory. One exception, rust-src (see [`ToolchainFiles::covers`]).
 //! - **`/proc`, `/dev`, `/sys`**: the kernel's views of processes and devices, not files.
+//! - **The directories that hold the declared outputs**, looked at (`stat`): a compile that
+//!   writes its outputs there finds them there; the key does not depend on where they are.
 //! - **What the compile itself made**, from the moment it made it: a file it created or
 //!   overwrote (its old content was never read), a directory it created and everything in it, and
 //!   its declared outputs. A file it read (or opened for update) *before* writing it is an input —
@@ -260,7 +262,8 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
             Record::Exe(p) if !own.is(p) && !started.contains(p.as_path()) => {
                 sets.files.insert(text(p)?);
             }
-            Record::Present(p) if !own.is(p) => {
+            // The directories that hold the outputs are there whenever the compile succeeds.
+            Record::Present(p) if !own.is(p) && !scope.outputs.iter().any(|o| o != p && o.starts_with(p)) => {
                 sets.present.insert(text(p)?);
             }
             Record::Absent(p) if !own.is(p) => {
@@ -314,6 +317,7 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
         env: env.into_iter().collect(),
         env_verbatim: Vec::new(),
         whole_environment,
+        verbatim_bases: Vec::new(),
     };
     Ok(Observation { list, wrote })
 }

@@ -60,6 +60,12 @@ pub struct InputList {
     /// must miss).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub whole_environment: bool,
+    /// Under [`Bases`], the bases (by position) whose path an output holds as bytes (debug info's
+    /// compilation directory, source paths in metadata, a path compiled in): those bases are keyed
+    /// verbatim, so another checkout compiles again instead of replaying this one's paths (see
+    /// [`mark_verbatim`]; `--remap-path-prefix` removes such paths, and the entry is shared).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verbatim_bases: Vec<usize>,
 }
 
 /// Marks the variables whose values must not be rebased: with base directories, a value that
@@ -68,11 +74,17 @@ pub struct InputList {
 /// and all, in another checkout. Such a compile then misses elsewhere instead. A value that does
 /// not reach the outputs (a proc-macro that only reads files under `CARGO_MANIFEST_DIR`) stays
 /// rebased, and shared.
+///
+/// More generally, each base whose path an output file holds at all (debug info names the
+/// compilation directory; metadata names source files) goes into [`InputList::verbatim_bases`]. `outputs` are the compiled files, not dep-info files (their
+/// paths are rewritten on replay).
 pub fn mark_verbatim(list: &mut InputList, bases: &Bases, env: impl Fn(&str) -> Option<Vec<u8>>, outputs: &[&[u8]]) {
     list.env_verbatim.clear();
+    list.verbatim_bases.clear();
     if bases.is_empty() {
         return;
     }
+    list.verbatim_bases = (0..bases.dirs().len()).filter(|&i| outputs.iter().any(|o| bases.occurs_in(i, o))).collect();
     for name in &list.env {
         let Some(value) = env(name) else { continue };
         if value.len() >= 2 && bases.rebase_bytes(&value) != value && outputs.iter().any(|o| contains(o, &value)) {
@@ -255,6 +267,10 @@ pub fn result_key_or_why(
             None => k.field(&format!("env:{name}"), "unset"),
         };
     }
+    for &i in &list.verbatim_bases {
+        let dir = bases.dirs().get(i).map_or("(no such base here)", String::as_str);
+        k.field(&format!("base {i} in the outputs"), dir);
+    }
     if list.whole_environment {
         let mut names: Vec<String> = now.env_names().into_iter().filter(|n| !never_keyed(n)).collect();
         names.sort();
@@ -398,6 +414,21 @@ impl Bases {
             }
         }
         out
+    }
+
+    /// Whether `text` holds base `i`'s path (followed by `/`, or by a byte that ends a path).
+    pub fn occurs_in(&self, i: usize, text: &[u8]) -> bool {
+        let Some(dir) = self.dirs.get(i) else { return false };
+        let dir = dir.as_bytes();
+        let mut at = 0;
+        while let Some(found) = text[at..].windows(dir.len()).position(|w| w == dir) {
+            let end = at + found + dir.len();
+            if text.get(end).is_none_or(|&c| c == b'/' || !is_path_byte(c)) {
+                return true;
+            }
+            at += found + 1;
+        }
+        false
     }
 
     /// Placeholders back to this machine's bases.

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use ferry_cache::rustc::InputList;
 use ferry_cache::rustc::recipe::{MAX_MANIFESTS, manifest_key};
-use ferry_cache::{CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, Error as CacheError, PutOutcome, Store};
+use ferry_cache::{
+    CacheKey, CompileOutput, DiskConfig, DiskStore, Entry, Error as CacheError, KeyBuilder, PutOutcome, Store,
+};
 
 use super::Job;
 use super::keys::Keys;
@@ -45,6 +47,7 @@ impl Job {
             let Some(entry) = self.get(store, &key) else { continue };
             let payload_len = entry.payload.len() as u64;
             if let Some(output) = self.usable_output(&key, entry.payload.into()) {
+                self.sample_for_verification(&key, parts, &list, &output, Tier::Local);
                 return self.replay(&output, payload_len, Tier::Local).map(Found::Hit);
             }
         }
@@ -85,9 +88,25 @@ impl Job {
                 self.put(store, &promoted);
             }
             self.clock.lap("promote");
+            self.sample_for_verification(&key, parts, &list, &output, Tier::Shared);
             return Some(self.replay(&output, payload_len, Tier::Shared));
         }
         None
+    }
+
+    /// Keeps a hit for verification when `FERRY_VERIFY` samples it.
+    fn sample_for_verification(
+        &mut self,
+        key: &CacheKey,
+        parts: KeyBuilder,
+        list: &InputList,
+        output: &CompileOutput,
+        tier: Tier,
+    ) {
+        if super::verify::sampled(self.config.verify) {
+            let pending = super::verify::Pending { key: *key, parts, list: list.clone(), output: output.clone(), tier };
+            self.verify = Some(Box::new(pending));
+        }
     }
 
     pub(super) fn get(&mut self, store: &DiskStore, key: &CacheKey) -> Option<Entry> {

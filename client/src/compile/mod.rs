@@ -25,12 +25,14 @@ pub mod remote;
 mod replay;
 mod run;
 mod store;
+mod verify;
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use ferry_cache::DiskStore;
 use ferry_cache::rustc::{Classified, RustcArgs, classify};
 
 use crate::config::Config;
@@ -41,6 +43,7 @@ use crate::stats::Stats;
 
 pub use keys::Keys;
 pub use store::wait_for_publishers;
+pub use verify::mismatches;
 
 /// What cargo asked the wrapper to run.
 #[derive(Debug, Clone)]
@@ -117,7 +120,7 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
     }
     stats.requests = 1;
     let clock = Phases::start();
-    let mut job = Job { config, invocation, rustc, cwd, stats, clock, seen: Default::default() };
+    let mut job = Job { config, invocation, rustc, cwd, stats, clock, seen: Default::default(), verify: None };
     let code = job.run();
     let (hashed, memoized) = crate::digests::counts();
     tracing::debug!(krate = %job.rustc.crate_name, phases = %job.clock, hashed, memoized, "wrapper call");
@@ -152,6 +155,8 @@ struct Job {
     /// What each input looked like when a lookup read it before the compile: a compile that
     /// changes one, or runs while one changes, is told by comparing (see `store`).
     seen: keys::Seen,
+    /// A hit sampled for verification (`FERRY_VERIFY`), checked after cargo has its answer.
+    verify: Option<Box<verify::Pending>>,
 }
 
 impl Job {
@@ -179,7 +184,7 @@ impl Job {
         let keys = Keys::new(pre_parts, self.manifest_scope(&pre));
         self.clock.lap("pre-key");
         let known = match self.lookup_local(&store, &keys)? {
-            lookup::Found::Hit(code) => return Ok(code),
+            lookup::Found::Hit(code) => return Ok(self.verify_later(&store, &ident, &keys, code)),
             lookup::Found::Miss(known) => known,
         };
         self.clock.lap("local");
@@ -188,11 +193,21 @@ impl Job {
         if let Some(tier) = &mut shared
             && let Some(code) = self.lookup_shared(tier, &store, &keys, &known)
         {
-            return code;
+            drop(shared);
+            return code.map(|code| self.verify_later(&store, &ident, &keys, code));
         }
         self.clock.lap("shared");
         self.stats.misses += 1;
         Ok(self.compile_and_store(&store, shared.as_mut(), &ident, &keys, &known))
+    }
+
+    /// After a hit: when it was sampled for verification, compiles it again once cargo has its
+    /// answer (see `verify`).
+    fn verify_later(&mut self, store: &DiskStore, ident: &identity::Identity, keys: &Keys, code: ExitCode) -> ExitCode {
+        if let Some(pending) = self.verify.take() {
+            self.after_answer(|job, _| job.verify(store, ident, keys, *pending));
+        }
+        code
     }
 
     fn count_fallback(&mut self, fallback: &Fallback) {
@@ -235,6 +250,7 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
         stats: Stats::default(),
         clock: Phases::start(),
         seen: Default::default(),
+        verify: None,
     };
     let ident = job.identify().map_err(|f| anyhow::anyhow!("cannot identify the compiler: {f}"))?;
     let pre_parts = job.pre_key(&ident).map_err(|f| anyhow::anyhow!("cannot make the pre-key: {f}"))?;

@@ -32,9 +32,9 @@ pub struct Ran {
 }
 
 /// The interposer and this compile's log.
-struct Observer {
-    interposer: ferry_observe::Interposer,
-    log: ferry_observe::Log,
+pub(super) struct Observer {
+    pub(super) interposer: ferry_observe::Interposer,
+    pub(super) log: ferry_observe::Log,
 }
 
 /// Room left below the system's limit on a command line and environment before a compile runs
@@ -157,7 +157,7 @@ impl Job {
     /// The interposer (installed under the cache dir, or in memory where that cannot be mapped)
     /// and a fresh log; None (the compile then runs unobserved and is not stored) when either
     /// cannot be made.
-    fn observer(&self) -> Option<Observer> {
+    pub(super) fn observer(&self) -> Option<Observer> {
         let dir = self.config.cache_dir.join("observe");
         let interposer = ferry_observe::Interposer::load(&dir)
             .map_err(|e| tracing::warn!(error = %e, dir = %dir.display(), "cannot load the observer"))

@@ -95,7 +95,8 @@ impl Job {
             crate::digests::remember_output(&absolute(&self.cwd, &f.path), &f.bytes);
         }
         self.clock.lap("outputs");
-        let outputs: Vec<&[u8]> = files.iter().map(|f| &f.bytes[..]).collect();
+        // Dep-info files name paths too, but are rewritten on replay.
+        let outputs: Vec<&[u8]> = files.iter().filter(|f| !f.path.ends_with(".d")).map(|f| &f.bytes[..]).collect();
         recipe::mark_verbatim(
             &mut list,
             &self.config.basedirs,
@@ -196,7 +197,7 @@ impl Job {
     /// one a lookup saw just before the compile, or (for a file no lookup saw) it was modified or
     /// its inode changed (ctime: a write whose mtime was put back, a rename over it) after the
     /// start. A file gone or unreadable counts as changed.
-    fn changed_since(&self, file: &str, started: SystemTime) -> bool {
+    pub(super) fn changed_since(&self, file: &str, started: SystemTime) -> bool {
         let path = self.cwd.join(file);
         let Ok(meta) = fs::metadata(&path) else { return true };
         if !meta.is_file() {

@@ -211,6 +211,12 @@ pub struct Sequence {
     pub features: Vec<Feature>,
     /// Sequence-wide settings: `FERRY_CACHE_FAILURES` for ferry's builds.
     pub cache_failures: bool,
+    /// `FERRY_VERIFY=1` for ferry's builds: every hit is compiled again and compared; a mismatch
+    /// it reports is a finding too (a wrong entry, or a verification that is wrong).
+    pub verify: bool,
+    /// ferry's builds use a scheduler and a worker (libraries compile remotely, results go to
+    /// the shared tier).
+    pub cluster: bool,
     pub setup: Vec<Step>,
     pub steps: Vec<Step>,
 }
@@ -226,6 +232,8 @@ pub struct Abilities {
     pub sysroot: String,
     /// Unique per run: names the files placed under the sysroot.
     pub tag: String,
+    /// A scheduler and worker run for the oracle.
+    pub cluster: bool,
 }
 
 /// The files of the workspace as the generator tracks them (content, executable bit, or a link
@@ -294,7 +302,7 @@ pub fn sequence(rng: &mut Rng, rounds: usize, can: &Abilities) -> Sequence {
     for round in 0..rounds {
         let mut round_steps = Vec::new();
         // Odd corners, now and then.
-        if round > 0 && rng.chance(8) {
+        if round > 0 && rng.chance(15) {
             round_steps.push(Step::Clean);
         }
         if round > 0 && rng.chance(5) {
@@ -323,11 +331,11 @@ pub fn sequence(rng: &mut Rng, rounds: usize, can: &Abilities) -> Sequence {
             let i = rng.below(features.len());
             round_steps.extend(mutation(rng, i, &features[i], &model, can));
         }
-        if rng.chance(30) {
+        if rng.chance(40) {
             let i = rng.below(features.len());
             round_steps.push(Step::Touch { path: format!("f{i}/src/lib.rs") });
         }
-        if rng.chance(15)
+        if rng.chance(25)
             && let Some(revert) = revert(rng, &model)
         {
             round_steps.push(revert);
@@ -344,7 +352,8 @@ pub fn sequence(rng: &mut Rng, rounds: usize, can: &Abilities) -> Sequence {
         }
         steps.extend(round_steps);
     }
-    Sequence { features, cache_failures: rng.chance(30), setup, steps }
+    let cluster = can.cluster && rng.chance(40);
+    Sequence { features, cache_failures: rng.chance(30), verify: rng.chance(30), cluster, setup, steps }
 }
 
 fn feature(rng: &mut Rng) -> Feature {

@@ -34,6 +34,11 @@ pub struct Options {
     pub shrink: bool,
     /// At most this many runs while shrinking.
     pub shrink_runs: usize,
+    /// Only this sequence (by index), when set.
+    pub only: Option<usize>,
+    /// Runs a scheduler and a worker (`ferry-scheduler` and `ferry-worker` beside `ferry`) for
+    /// some sequences' ferry builds.
+    pub cluster: bool,
 }
 
 /// What a run did.
@@ -68,7 +73,9 @@ pub fn sequence_seed(seed: u64, i: usize) -> u64 {
 /// Runs the oracle; `progress` hears one line per sequence.
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
     let start = Instant::now();
-    let can = abilities();
+    let cluster = if opts.cluster { Cluster::start(&opts.ferry, progress) } else { None };
+    let mut can = abilities();
+    can.cluster = cluster.is_some();
     let place = |i: usize| Place {
         work: opts.work.join(format!("seq-{i}")),
         ferry: opts.ferry.clone(),
@@ -79,9 +86,13 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         rustup_home: std::env::var("RUSTUP_HOME")
             .unwrap_or_else(|_| format!("{}/.rustup", std::env::var("HOME").unwrap_or_default())),
         root: can.root,
+        scheduler: cluster.as_ref().map(|c| c.url.clone()),
     };
     let mut report = Report::default();
     for i in 0..opts.sequences {
+        if opts.only.is_some_and(|only| only != i) {
+            continue;
+        }
         let mut rng = generate::Rng::new(sequence_seed(opts.seed, i));
         let seq = generate::sequence(&mut rng, opts.steps, &can);
         let here = place(i);
@@ -93,10 +104,11 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Report {
         report.misses += outcome.misses;
         let features: Vec<String> = seq.features.iter().map(|f| format!("{f:?}")).collect();
         progress(&format!(
-            "sequence {i}: {} builds, {} hits, {} misses{} [{}]",
+            "sequence {i}: {} builds, {} hits, {} misses{}{} [{}]",
             outcome.builds,
             outcome.hits,
             outcome.misses,
+            if seq.cluster { ", cluster" } else { "" },
             if outcome.finding.is_some() { ", DIFFERENCE" } else { "" },
             features.join(", ")
         ));
@@ -179,10 +191,56 @@ fn abilities() -> generate::Abilities {
         .map(|_| "nightly".to_owned());
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let tag = format!("{}-{nanos}", std::process::id());
-    generate::Abilities { root, other_toolchain: nightly, sysroot, tag }
+    generate::Abilities { root, other_toolchain: nightly, sysroot, tag, cluster: false }
 }
 
 /// Removes what the oracle placed under the sysroot.
 fn cleanup(can: &generate::Abilities) {
     let _ = std::fs::remove_dir_all(format!("{}/share/ferry-oracle-{}", can.sysroot, can.tag));
+}
+
+/// A scheduler and one worker (2 slots) on loopback for the run, with the installed toolchain
+/// uploaded and unpacked; stopped when dropped.
+struct Cluster {
+    _world: crate::World,
+    url: String,
+    _daemons: Vec<crate::Daemon>,
+}
+
+impl Cluster {
+    fn start(ferry: &std::path::Path, progress: &mut dyn FnMut(&str)) -> Option<Cluster> {
+        let dir = ferry.parent()?;
+        let (scheduler, worker) = (dir.join("ferry-scheduler"), dir.join("ferry-worker"));
+        if !scheduler.is_file() || !worker.is_file() {
+            progress("no ferry-scheduler and ferry-worker beside ferry: every sequence runs without a cluster");
+            return None;
+        }
+        let mut world = crate::World::new();
+        let mut cmd = world.command(&scheduler);
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(world.path().join("scheduler"));
+        let sched = crate::Daemon::start(cmd, world.path().join("scheduler.log"));
+        let url = sched.url();
+        let mut cmd = world.command(&worker);
+        cmd.args(["--scheduler", &url, "--listen", "127.0.0.1:0", "--slots", "2", "--data-dir"])
+            .arg(world.path().join("worker"));
+        let work = crate::Daemon::start(cmd, world.path().join("worker.log"));
+        world.set("FERRY_SCHEDULER", &url);
+        let upload = world.command(ferry).args(["toolchain", "upload", "--json"]).output().ok()?;
+        let id: serde_json::Value = serde_json::from_slice(&upload.stdout).ok()?;
+        let id = id["id"].as_str()?.to_owned();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            let status = world.command(ferry).args(["status", "--json"]).output().ok();
+            let status: serde_json::Value =
+                status.and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default();
+            let holds =
+                |w: &serde_json::Value| w["toolchains"].as_array().is_some_and(|t| t.iter().any(|t| t == id.as_str()));
+            if status["workers"].as_array().is_some_and(|w| w.iter().any(holds)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        progress(&format!("cluster: scheduler {url}, one worker with toolchain {}", &id[..12.min(id.len())]));
+        Some(Cluster { _world: world, url, _daemons: vec![work, sched] })
+    }
 }

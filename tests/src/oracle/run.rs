@@ -27,6 +27,8 @@ pub struct Place {
     pub cargo_home: String,
     pub rustup_home: String,
     pub root: bool,
+    /// The scheduler's URL, when the run has a cluster.
+    pub scheduler: Option<String>,
 }
 
 /// How far a sequence got.
@@ -89,8 +91,19 @@ struct Runner<'a> {
 pub fn run(place: &Place, seq: &Sequence, limit: usize) -> Outcome {
     let _ = fs::remove_dir_all(&place.work);
     fs::create_dir_all(&place.work).expect("work dir");
-    for d in ["home-a", "home-b", "tmp-a", "tmp-b", "bin-a", "cargo-home-b", "targets/plain", "targets/ferry", "cache"]
-    {
+    for d in [
+        "home-a",
+        "home-b",
+        "tmp-a",
+        "tmp-b",
+        "bin-a",
+        "cargo-home-b",
+        "targets/plain",
+        "targets/ferry",
+        "sides/plain",
+        "sides/ferry",
+        "cache",
+    ] {
         fs::create_dir_all(place.work.join(d)).expect("work dirs");
     }
     fs::write(place.work.join("ferry.toml"), "").expect("config");
@@ -122,6 +135,17 @@ pub fn run(place: &Place, seq: &Sequence, limit: usize) -> Outcome {
     let stats = r.ferry_stats();
     outcome.hits = stats.0;
     outcome.misses = stats.1;
+    if stats.2 > 0 && outcome.finding.is_none() {
+        let explained = Command::new(&place.ferry)
+            .args(["explain", "--mismatches", "--list"])
+            .env("FERRY_CACHE_DIR", &r.cache)
+            .env("FERRY_CONFIG", place.work.join("ferry.toml"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let what = format!("verification reported {} mismatch(es):\n{explained}", stats.2);
+        outcome.finding = Some((all.len().saturating_sub(1), what));
+    }
     r.finish();
     outcome
 }
@@ -255,6 +279,10 @@ impl Runner<'_> {
         if let Some(t) = target {
             cmd.env("CARGO_TARGET_DIR", t);
         }
+        if self.basedirs {
+            // What sharing across checkouts needs: paths in outputs remapped (both builds).
+            cmd.env("RUSTFLAGS", format!("--remap-path-prefix={}=/checkout", project.display()));
+        }
         for (name, value) in &self.env {
             match value {
                 Some(v) => cmd.env(name, self.fill(v)),
@@ -277,22 +305,37 @@ impl Runner<'_> {
             if self.seq.cache_failures {
                 cmd.env("FERRY_CACHE_FAILURES", "1");
             }
+            if self.seq.verify {
+                cmd.env("FERRY_VERIFY", "1");
+            }
+            if let Some(url) = self.place.scheduler.as_ref().filter(|_| self.seq.cluster) {
+                cmd.env("FERRY_SCHEDULER", url);
+            }
         }
         cmd
     }
 
-    /// One build of the checkout, in this side's target directory (moved into place for it).
+    /// One build of the checkout, in this side's target directory and side-file directory
+    /// (moved into place for it: what the side's earlier builds left there).
     fn build(&self, side: Side, concurrent: Option<&dyn Fn()>) -> Built {
         let stash = self.place.work.join("targets").join(side.name());
         let target = self.project.join("target");
         let _ = fs::remove_dir_all(&target);
         fs::rename(&stash, &target).expect("target dir into place");
+        let side_stash = self.place.work.join("sides").join(side.name());
         let _ = fs::remove_dir_all(self.project.join("side"));
+        let _ = fs::rename(&side_stash, self.project.join("side"));
         let child = self.command(side, &self.project, None).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         if let Some(other) = concurrent {
             other();
         }
-        let built = match child.and_then(|c| c.wait_with_output()) {
+        let waited = child.and_then(|c| c.wait_with_output());
+        if side == Side::Ferry {
+            // ferry's detached work (stores, verification) reads the build's files: let it end
+            // before the target directory moves away.
+            self.wait_for_ferry();
+        }
+        let built = match waited {
             Ok(out) => {
                 let mut diagnostics: Vec<String> = String::from_utf8_lossy(&out.stdout)
                     .lines()
@@ -308,7 +351,9 @@ impl Runner<'_> {
             }
             Err(e) => Built { log: format!("cargo did not run: {e}"), ..Built::default() },
         };
-        let _ = fs::remove_dir_all(self.project.join("side"));
+        if fs::rename(self.project.join("side"), &side_stash).is_err() {
+            let _ = fs::create_dir_all(&side_stash);
+        }
         fs::rename(&target, &stash).expect("target dir back");
         built
     }
@@ -404,8 +449,19 @@ impl Runner<'_> {
         }
     }
 
-    /// (hits, misses) as `ferry stats` counts them.
-    fn ferry_stats(&self) -> (u64, u64) {
+    /// Waits for ferry's detached work (`ferry stats` takes the publishing lock).
+    fn wait_for_ferry(&self) {
+        let _ = Command::new(&self.place.ferry)
+            .args(["stats", "--json"])
+            .env("FERRY_CACHE_DIR", &self.cache)
+            .env("FERRY_CONFIG", self.place.work.join("ferry.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// (hits, misses, verify mismatches) as `ferry stats` counts them.
+    fn ferry_stats(&self) -> (u64, u64, u64) {
         if self.mounted {
             self.remount(Mount::Normal);
         }
@@ -417,7 +473,7 @@ impl Runner<'_> {
         let v: serde_json::Value =
             out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(serde_json::Value::Null);
         let n = |k: &str| v[k].as_u64().unwrap_or(0);
-        (n("hits_local") + n("hits_remote"), n("misses"))
+        (n("hits_local") + n("hits_remote"), n("misses"), n("verify_mismatches"))
     }
 
     fn finish(&self) {

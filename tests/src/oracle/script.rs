@@ -8,16 +8,26 @@ use super::generate::{Mount, Sequence, Step};
 
 const PRELUDE: &str = r#"set -u
 FERRY=${FERRY:?set FERRY to the ferry binary to check}
-W=${1:-$(mktemp -d)}; rm -rf "$W"; mkdir -p "$W"
+W=${1:-$(mktemp -d)}; umount -l "$W/cache" 2>/dev/null; rm -rf "$W"; mkdir -p "$W"; chmod 755 "$W"
 P=$W/a/ws; O=$W/b/elsewhere/checkout
 BASE_PATH=$PATH; BASE_HOME=$HOME
 BASE_CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}; BASE_RUSTUP_HOME=${RUSTUP_HOME:-$HOME/.rustup}
-mkdir -p "$W"/home-a "$W"/home-b "$W"/tmp-a "$W"/tmp-b "$W"/bin-a "$W"/cargo-home-b "$W"/targets/plain "$W"/targets/ferry "$W"/cache "$P"
+mkdir -p "$W"/home-a "$W"/home-b "$W"/tmp-a "$W"/tmp-b "$W"/bin-a "$W"/cargo-home-b "$W"/targets/plain "$W"/targets/ferry "$W"/sides/plain "$W"/sides/ferry "$W"/cache "$P"
 : > "$W/ferry.toml"
 [ "$(id -u)" = 0 ] && mount -t tmpfs -o size=2g ferry-oracle "$W/cache" && MOUNTED=1 || MOUNTED=0
-declare -A V=(); BASEDIRS=0; TOOLCHAIN=; ROOM=; CACHE_FAILURES=__CACHE_FAILURES__
-vars() {
+declare -A V=(); BASEDIRS=0; TOOLCHAIN=; ROOM=; CACHE_FAILURES=__CACHE_FAILURES__; VERIFY=__VERIFY__; CLUSTER=__CLUSTER__
+if [ "$CLUSTER" = 1 ]; then
+  BIN=$(dirname "$FERRY"); mkdir -p "$W/daemons"
+  "$BIN/ferry-scheduler" --listen 127.0.0.1:0 --data-dir "$W/daemons/scheduler" > "$W/daemons/s.out" 2> "$W/daemons/s.log" & SPID=$!
+  for _ in $(seq 100); do grep -q "listening on" "$W/daemons/s.out" 2>/dev/null && break; sleep 0.1; done
+  SCHEDULER=http://$(sed -n 's/^listening on //p' "$W/daemons/s.out")
+  "$BIN/ferry-worker" --scheduler "$SCHEDULER" --listen 127.0.0.1:0 --slots 2 --data-dir "$W/daemons/worker" > /dev/null 2> "$W/daemons/w.log" & WPID=$!
+  trap 'kill $SPID $WPID 2>/dev/null' EXIT
+  FERRY_SCHEDULER=$SCHEDULER FERRY_CACHE_DIR="$W/cache" "$FERRY" toolchain upload > /dev/null; sleep 5
+fi
+vars() { # checkout
   ARGS=(PATH="$BASE_PATH" HOME="$BASE_HOME" CARGO_HOME="$BASE_CARGO_HOME" RUSTUP_HOME="$BASE_RUSTUP_HOME" CARGO_INCREMENTAL=0)
+  [ "$BASEDIRS" = 1 ] && ARGS+=(RUSTFLAGS="--remap-path-prefix=$1=/checkout")
   [ -n "$TOOLCHAIN" ] && ARGS+=(RUSTUP_TOOLCHAIN="$TOOLCHAIN")
   for k in "${!V[@]}"; do ARGS+=("$k=${V[$k]}"); done
   if [ -n "$ROOM" ]; then
@@ -29,18 +39,21 @@ ferry_vars() { # checkout
   ARGS+=(RUSTC_WRAPPER="$FERRY" FERRY_CACHE_DIR="$W/cache" FERRY_CONFIG="$W/ferry.toml" FERRY_LOG=info)
   [ "$BASEDIRS" = 1 ] && ARGS+=(FERRY_BASEDIRS="$1")
   [ "$CACHE_FAILURES" = 1 ] && ARGS+=(FERRY_CACHE_FAILURES=1)
+  [ "$VERIFY" = 1 ] && ARGS+=(FERRY_VERIFY=1)
+  [ "$CLUSTER" = 1 ] && ARGS+=(FERRY_SCHEDULER="$SCHEDULER")
 }
 build() { # plain|ferry
-  local side=$1; rm -rf "$P/target"; mv "$W/targets/$side" "$P/target"; rm -rf "$P/side" "$W/side.$side"
-  vars; [ "$side" = ferry ] && ferry_vars "$P"
+  local side=$1; rm -rf "$P/target" "$P/side"; mv "$W/targets/$side" "$P/target"; mv "$W/sides/$side" "$P/side"
+  vars "$P"; [ "$side" = ferry ] && ferry_vars "$P"
   (cd "$P" && env -i "${ARGS[@]}" cargo build --offline --message-format=json) > "$W/$side.out" 2> "$W/$side.err"
   echo $? > "$W/$side.status"
-  [ -d "$P/side" ] && mv "$P/side" "$W/side.$side"
+  [ "$side" = ferry ] && FERRY_CACHE_DIR="$W/cache" "$FERRY" stats > /dev/null 2>&1
+  mv "$P/side" "$W/sides/$side" 2>/dev/null || mkdir -p "$W/sides/$side"
   mv "$P/target" "$W/targets/$side"
 }
 twin() {
   rm -rf "$W/twin"; cp -a "$P" "$W/twin"; rm -rf "$W/twin/target"
-  vars; ferry_vars "$W/twin"
+  vars "$W/twin"; ferry_vars "$W/twin"
   (cd "$W/twin" && env -i "${ARGS[@]}" CARGO_TARGET_DIR="$W/twin/target" cargo build --offline) > /dev/null 2>&1
 }
 diagnostics() {
@@ -56,7 +69,7 @@ compare() { # step number
   local x=( -r --exclude=.fingerprint --exclude=incremental --exclude=.cargo-lock --exclude=invoked.timestamp )
   [ "$(cat "$W/plain.status")" = "$(cat "$W/ferry.status")" ] || { echo "FAIL: step $1: the plain build exited $(cat "$W/plain.status"), the ferry build $(cat "$W/ferry.status")"; exit 1; }
   [ "$(diagnostics "$W/plain.out")" = "$(diagnostics "$W/ferry.out")" ] || { echo "FAIL: step $1: the diagnostics differ"; exit 1; }
-  diff -r "$W/side.plain" "$W/side.ferry" > /dev/null 2>&1 || { [ ! -e "$W/side.plain" ] && [ ! -e "$W/side.ferry" ]; } || { echo "FAIL: step $1: the files written beside the workspace differ"; exit 1; }
+  diff -r "$W/sides/plain" "$W/sides/ferry" > /dev/null 2>&1 || { echo "FAIL: step $1: the files written beside the workspace differ"; exit 1; }
   diff "${x[@]}" -q "$W/targets/plain/debug" "$W/targets/ferry/debug" > "$W/diff" || { echo "FAIL: step $1: $(head -1 "$W/diff")"; exit 1; }
   if [ "$(cat "$W/plain.status")" = 0 ]; then
     [ "$(env -i "$W/targets/plain/debug/app")" = "$(env -i "$W/targets/ferry/debug/app")" ] || { echo "FAIL: step $1: the program prints other things"; exit 1; }
@@ -70,12 +83,21 @@ pub fn render(seq: &Sequence, steps: &[Step], header: &str) -> String {
     for line in header.lines() {
         let _ = writeln!(s, "# {line}");
     }
-    s.push_str(&PRELUDE.replace("__CACHE_FAILURES__", if seq.cache_failures { "1" } else { "0" }));
+    let flag = |b: bool| if b { "1" } else { "0" };
+    let prelude = PRELUDE
+        .replace("__CACHE_FAILURES__", flag(seq.cache_failures))
+        .replace("__VERIFY__", flag(seq.verify))
+        .replace("__CLUSTER__", flag(seq.cluster));
+    s.push_str(&prelude);
     let mut builds = 0;
     for step in seq.setup.iter().chain(steps) {
         s.push_str(&line(step, &mut builds));
     }
-    s.push_str("[ \"$MOUNTED\" = 1 ] && umount -l \"$W/cache\"\necho OK\n");
+    s.push_str("[ \"$MOUNTED\" = 1 ] && mount -o remount,rw,exec \"$W/cache\"\n");
+    s.push_str("m=$(FERRY_CACHE_DIR=\"$W/cache\" \"$FERRY\" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin).get(\"verify_mismatches\", 0))')\n");
+    s.push_str("mkdir -p \"$W/kept\"; cp -a \"$W/cache/verify\" \"$W/kept/\" 2>/dev/null\n");
+    s.push_str("[ \"$MOUNTED\" = 1 ] && umount -l \"$W/cache\"\n");
+    s.push_str("[ \"$m\" = 0 ] || { echo \"FAIL: verification reported $m mismatch(es); see: FERRY_CACHE_DIR=$W/kept $FERRY explain --mismatches\"; exit 1; }\necho OK\n");
     s
 }
 

@@ -319,3 +319,51 @@ fn a_command_line_near_the_exec_limit_compiles_as_plainly() {
     let s = world.stats();
     assert_eq!(n(&s, "/not_stored/unobserved: exec-limit"), 1, "{s:#}");
 }
+
+#[test]
+fn verification_finds_removes_counts_and_explains_an_entry_made_wrong() {
+    use ferry_cache::{CacheKey, DiskConfig, DiskStore, Entry, Store};
+    let p = Project::new(&[
+        ("Cargo.toml", "[workspace]\nresolver = \"2\"\nmembers = [\"val\", \"app\"]\n"),
+        ("val/Cargo.toml", &package("val", "", &[])),
+        ("val/src/lib.rs", "pub fn v() -> u32 { 1 }\n"),
+        ("app/Cargo.toml", &package("app", "", &["val"])),
+        ("app/src/main.rs", "fn main() { println!(\"{}\", val::v()); }\n"),
+    ]);
+    p.build().ok();
+    p.edit("val/src/lib.rs", "{ 1 }", "{ 2 }");
+    p.build().ok();
+    assert_eq!(p.run("app"), "2");
+    // The key each compile of `val` was stored under, oldest first.
+    let mut records: Vec<std::path::PathBuf> =
+        crate::wrapper::files_under(&p.world.cache_dir().join("explain")).into_iter().collect();
+    records.sort();
+    let keys: Vec<CacheKey> = records
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&fs::read(r).ok()?).ok())
+        .filter(|r| r["crate"] == "val")
+        .filter_map(|r| r["result_key"].as_str()?.parse().ok())
+        .collect();
+    assert_eq!(keys.len(), 2, "{records:?}");
+    // Make the entry of `v() -> 1` wrong: the payload of `v() -> 2`, its checksum valid again.
+    let store = DiskStore::open(p.world.cache_dir().join("cache"), DiskConfig::default()).expect("store");
+    let right = store.get(&keys[1]).expect("read").expect("entry");
+    assert!(store.remove(&keys[0]).expect("remove"), "the first entry is there");
+    store.put(&Entry { key: keys[0], ..right }).expect("put the wrong entry");
+    // A hit on it, verified: the build replays the wrong bytes (cargo has its answer at once),
+    // and the detached verification finds, removes, counts and keeps them.
+    p.edit("val/src/lib.rs", "{ 2 }", "{ 1 }");
+    let b = p.build_with(&[("FERRY_VERIFY", "1")]).ok();
+    assert_eq!(p.run("app"), "2", "the wrong entry was served (the premise of this test)");
+    assert_eq!(n(&b.stats, "/verify_mismatches"), 1, "{:#}", b.stats);
+    assert!(n(&b.stats, "/verified") >= 1, "the right hit (app) verifies: {:#}", b.stats);
+    assert!(store.get(&keys[0]).expect("read").is_none(), "the wrong entry is removed");
+    let explained = p.world.ferry_ok(&["explain", "--mismatches"]);
+    assert!(explained.contains("crate val") && explained.contains("libval"), "{explained}");
+    assert!(explained.contains("removed from the local tier"), "{explained}");
+    // The next build compiles it again, right.
+    p.touch("val/src/lib.rs");
+    let b = p.build().ok();
+    assert_eq!(p.run("app"), "1");
+    assert!(b.misses() >= 1, "{:#}", b.stats);
+}

@@ -19,6 +19,8 @@ fn plain_and_ferry_builds_never_differ() {
         work: world.path().join("oracle"),
         shrink: false,
         shrink_runs: 0,
+        cluster: true,
+        only: None,
     };
     let mut lines = Vec::new();
     let report = oracle::run(&opts, &mut |l| {
