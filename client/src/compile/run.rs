@@ -63,7 +63,7 @@ impl Job {
                 match remote {
                     Ok(code) => return code,
                     Err(failed) => {
-                        tracing::info!(reason = %failed.reason, krate = %self.rustc.crate_name, "remote compile failed; compiling locally");
+                        tracing::info!(reason = %failed.reason, krate = %self.rustc.crate_name, forwarded = failed.forwarded.len(), "remote compile failed; compiling locally");
                         remote::note_failure(&self.config.cache_dir, &failed.reason);
                         self.count_fallback(&failed.reason);
                         remote_failure = Some(failed);

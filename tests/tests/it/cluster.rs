@@ -2079,3 +2079,50 @@ impl Drop for Background {
         let _ = self.child.wait();
     }
 }
+
+#[test]
+fn a_job_abandoned_for_an_input_the_worker_lacks_stores_everything_rustc_printed() {
+    // Found by the oracle (with FERRY_VERIFY): the proc-macro reads a file outside the package, so
+    // the first job's key differs from this machine's and the crate compiles here; the artifact
+    // notifications the job had already passed to cargo are not passed again, but the entry
+    // keeps them, so a hit prints everything rustc printed (verification compares it).
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
+    let outside = c.world.path().join("outside.txt");
+    write(&outside, "outside");
+    let ws = c.world.path().join("ws");
+    let mac = format!(
+        "use proc_macro::TokenStream;\n#[proc_macro]\npub fn read(_: TokenStream) -> TokenStream {{\n    \
+         format!(\"{{:?}}\", std::fs::read_to_string({:?}).unwrap_or_default()).parse().unwrap()\n}}\n",
+        outside.display().to_string()
+    );
+    // `app` depends on `user`, so cargo asks for artifact notifications (pipelining).
+    write(&ws.join("Cargo.toml"), "[workspace]\nresolver = \"2\"\nmembers = [\"mac\", \"user\", \"app\"]\n");
+    write(
+        &ws.join("app/Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[dependencies]\nuser = { path = \"../user\" }\n",
+    );
+    write(&ws.join("app/src/main.rs"), "fn main() { println!(\"{}\", user::TEXT); }\n");
+    write(
+        &ws.join("mac/Cargo.toml"),
+        "[package]\nname = \"mac\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[lib]\nproc-macro = true\n",
+    );
+    write(&ws.join("mac/src/lib.rs"), &mac);
+    write(
+        &ws.join("user/Cargo.toml"),
+        "[package]\nname = \"user\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[dependencies]\nmac = { path = \"../mac\" }\n",
+    );
+    write(&ws.join("user/src/lib.rs"), "pub const TEXT: &str = mac::read!();\n");
+    client(&mut c, "first");
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!(n(&s, "/fallbacks/remote-inputs-differ"), 1, "{s:#}");
+    // The same machine, after a clean: hits, each compiled again and compared.
+    clean(&c.world, &ws);
+    c.world.set("FERRY_VERIFY", "1");
+    c.world.set("FERRY_SCHEDULER", "");
+    c.world.ferry_ok(&["stats", "--zero"]);
+    ok_build(cargo_build(&c.world, &ws, true));
+    let s = c.world.stats();
+    assert_eq!(n(&s, "/hits_local"), 3, "{s:#}");
+    assert_eq!((n(&s, "/verified"), n(&s, "/verify_mismatches")), (3, 0), "{s:#}");
+}
