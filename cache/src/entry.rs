@@ -19,18 +19,18 @@
 //! A reader trusts nothing before the checksum matches, and nothing after it that the header
 //! does not agree with: the key must be the one asked for and every length must add up.
 //!
-//! An entry in a shared tier may carry a **seal** after it: the magic `FERRYMAC` and a keyed
-//! blake3 MAC of the entry under the site's shared-tier key (`FERRY_SHARED_KEY_FILE`). The
-//! checksum catches damage; the seal proves a trusted writer (a worker, a `cache-write` client)
-//! made the entry, so a compromised cache node or a man in the middle cannot serve one that
-//! verifies. The entry's own length (from its header) says where a seal starts, so readers
-//! without the key, and stores that only pass entries on, ignore it; readers with the key accept
-//! only sealed entries whose MAC matches ([`unseal`]).
+//! An entry in a shared tier carries a **signature block** after it (the magic `FERRYSIG`, the
+//! writer's Ed25519 public key, the signature: see [`crate::signature`]). The checksum catches
+//! damage; the signature proves which writer made the entry, so neither a compromised cache node,
+//! a man in the middle nor a machine that may only read can serve one a client accepts. The
+//! entry's own length (from its header) says where the block starts, so stores that only pass
+//! entries on ignore it.
 
 use std::fmt;
 
 use crate::key::{CacheKey, hex};
 use crate::output::CompileOutput;
+use crate::signature::SIGNATURE_LEN;
 
 /// What an entry holds: the kind byte of the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -91,27 +91,32 @@ pub enum EntryError {
     /// A remote tier found its copy corrupt (and removed it) instead of sending it.
     #[error("the tier holding it found it corrupt and removed it")]
     CorruptAtSource,
-    /// The entry carries no seal, but this reader accepts only sealed entries.
-    #[error("the entry is not sealed by a trusted writer")]
-    Unsealed,
-    /// The seal does not match the entry under this reader's key.
-    #[error("the entry's seal does not verify: not written by a holder of the shared-tier key")]
-    BadSeal,
+    /// The entry carries no signature, but this reader accepts only signed entries.
+    #[error("the entry is not signed by a writer")]
+    Unsigned,
+    /// The signature does not match the entry and the key it names.
+    #[error("the entry's signature does not verify")]
+    BadSignature,
+    /// Signed by a writer this reader does not trust (a laptop's own key, a stranger's).
+    #[error("signed by a writer this reader does not trust: {key}")]
+    UntrustedWriter { key: String },
+    /// Signed by a writer whose key was revoked.
+    #[error("signed by a revoked writer key: {key}")]
+    RevokedWriter { key: String },
 }
 
-const SEAL_MAGIC: [u8; 8] = *b"FERRYMAC";
-/// The bytes a seal adds after an entry.
-pub const SEAL_LEN: usize = 8 + 32;
+pub(crate) const SIGNATURE_MAGIC: [u8; 8] = *b"FERRYSIG";
 
-/// The entry part of `bytes` and the seal after it, if there is one. The entry's length comes
-/// from its own header; bytes that do not add up are returned whole, for the checks to refuse.
-pub fn split_seal(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
+/// The entry part of `bytes` and the signature block after it (public key and signature), if
+/// there is one. The entry's length comes from its own header; bytes that do not add up are
+/// returned whole, for the checks to refuse.
+pub fn split_signature(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
     if bytes.len() >= HEADER_LEN {
         let stored_len = u64::from_le_bytes(array(&bytes[88..96]));
         // Checked: a hostile length near u64::MAX must not overflow (found by the `entry` fuzz target).
         if let Some(entry_len) = stored_len.checked_add(MIN_LEN as u64).and_then(|l| usize::try_from(l).ok())
-            && entry_len.checked_add(SEAL_LEN) == Some(bytes.len())
-            && bytes[entry_len..entry_len + 8] == SEAL_MAGIC
+            && entry_len.checked_add(SIGNATURE_LEN) == Some(bytes.len())
+            && bytes[entry_len..entry_len + 8] == SIGNATURE_MAGIC
         {
             return (&bytes[..entry_len], Some(&bytes[entry_len + 8..]));
         }
@@ -121,7 +126,7 @@ pub fn split_seal(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
 
 /// Checks an encoded entry of `len` bytes read from `reader` (a file) without holding it in
 /// memory: the header fields and lengths, then the checksum over the entry part, hashing 1 MiB at
-/// a time. A seal after the entry is allowed (and not checked). The payload's compressed framing
+/// a time. A signature block after the entry is allowed (and not checked: see [`crate::verify`]). The payload's compressed framing
 /// is not decoded: a receiver that decodes verifies it.
 pub fn check_stream(mut reader: impl std::io::Read, len: u64, expected_key: &CacheKey) -> Result<(), EntryError> {
     let truncated = |offset| EntryError::Truncated { what: "entry", offset };
@@ -151,7 +156,7 @@ pub fn check_stream(mut reader: impl std::io::Read, len: u64, expected_key: &Cac
         expected: stored_len,
         actual: len,
     })?;
-    if entry_len != len && entry_len + SEAL_LEN as u64 != len {
+    if entry_len != len && entry_len + SIGNATURE_LEN as u64 != len {
         return Err(EntryError::LengthMismatch {
             what: "stored payload",
             expected: stored_len,
@@ -175,24 +180,6 @@ pub fn check_stream(mut reader: impl std::io::Read, len: u64, expected_key: &Cac
         return Err(EntryError::ChecksumMismatch { stored: stored_sum, computed: *computed.as_bytes() });
     }
     Ok(())
-}
-
-/// An encoded entry with its seal under `key` (an entry already sealed is sealed afresh).
-pub fn seal(bytes: &[u8], key: &[u8; 32]) -> Vec<u8> {
-    let (entry, _) = split_seal(bytes);
-    let mut out = Vec::with_capacity(entry.len() + SEAL_LEN);
-    out.extend_from_slice(entry);
-    out.extend_from_slice(&SEAL_MAGIC);
-    out.extend_from_slice(blake3::keyed_hash(key, entry).as_bytes());
-    out
-}
-
-/// Checks the seal of `bytes` under `key`; Ok means a holder of the key wrote it.
-pub fn unseal(bytes: &[u8], key: &[u8; 32]) -> Result<(), EntryError> {
-    let (entry, seal) = split_seal(bytes);
-    let mac: [u8; 32] = seal.ok_or(EntryError::Unsealed)?.try_into().map_err(|_| EntryError::Unsealed)?;
-    // blake3::Hash compares in constant time.
-    if blake3::keyed_hash(key, entry) == blake3::Hash::from_bytes(mac) { Ok(()) } else { Err(EntryError::BadSeal) }
 }
 
 const MAGIC: [u8; 8] = *b"FERRYCE\0";
@@ -287,7 +274,7 @@ impl Entry {
         let header = Header::verify(&bytes, expected_key)?;
         let payload = match header.compression {
             STORED_RAW => {
-                let entry_len = split_seal(&bytes).0.len();
+                let entry_len = split_signature(&bytes).0.len();
                 bytes.truncate(entry_len - CHECKSUM_LEN);
                 bytes.drain(..HEADER_LEN);
                 bytes
@@ -379,7 +366,7 @@ impl Header {
     /// Checks everything that can be checked without touching the payload, in the documented
     /// order; for a raw payload that includes its length.
     fn verify(bytes: &[u8], expected_key: &CacheKey) -> Result<Header, EntryError> {
-        let (bytes, _) = split_seal(bytes);
+        let (bytes, _) = split_signature(bytes);
         if bytes.len() < MIN_LEN {
             return Err(EntryError::TooShort { len: bytes.len() });
         }
@@ -431,7 +418,7 @@ impl Header {
 
 /// The stored payload of bytes that passed [`Header::verify`].
 fn stored(bytes: &[u8]) -> &[u8] {
-    let (bytes, _) = split_seal(bytes);
+    let (bytes, _) = split_signature(bytes);
     &bytes[HEADER_LEN..bytes.len() - CHECKSUM_LEN]
 }
 
@@ -463,17 +450,17 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
 mod tests {
     use super::*;
 
-    /// Found by the `entry` fuzz target: a stored length near `u64::MAX` overflowed the seal
+    /// Found by the `entry` fuzz target: a stored length near `u64::MAX` overflowed the trailer
     /// arithmetic (a panic, i.e. a failed build, served by a hostile tier). Now it is an error.
     #[test]
     fn a_huge_stored_length_is_an_error_not_a_panic() {
         let bytes: Vec<u8> = (0..129).map(|i| u8::from_str_radix(&"7700ffffffffffffffffffffffffffff00000000000000000000000000000000000000000000000000000000000000010000000100000001ffffffffff0000020000000000000010ffffffffffffffffffffffffff00000066ffffffffffffffffffffffffff6affffffffffffffffffffffffffffffffffffffffffffffffffff"[2 * i..2 * i + 2], 16).unwrap()).collect();
         let key = CacheKey(bytes[..32].try_into().unwrap());
-        assert_eq!(split_seal(&bytes).1, None);
+        assert_eq!(split_signature(&bytes).1, None);
         assert!(Entry::decode(&bytes, &key).is_err());
         assert!(Entry::check(&bytes, &key).is_err());
         assert!(check_stream(&bytes[..], bytes.len() as u64, &key).is_err());
-        assert!(unseal(&bytes, &[9; 32]).is_err());
+        assert!(crate::verify(&bytes, &crate::Trust::default()).is_err());
     }
 
     fn entry(payload: Vec<u8>) -> Entry {

@@ -52,6 +52,14 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct WriterKeyArgs {
+    /// Make the key (in `FERRY_WRITER_KEY_FILE`, by default `<cache dir>/writer.key`) when there
+    /// is none yet, instead of failing
+    #[arg(long)]
+    create: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct ExplainArgs {
     /// Only compiles of this crate (its --crate-name)
     #[arg(long = "crate", value_name = "NAME")]
@@ -339,6 +347,26 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
         print!("{}", stats.table());
     }
     Ok(())
+}
+
+/// Prints this machine's writer key (the public half): the line a trust file lists for a CI
+/// writer that publishes to a Redis or memcached tier.
+pub fn writer_key(args: WriterKeyArgs) -> anyhow::Result<()> {
+    let config = Config::load_reporting()?;
+    let path = &config.writer_key_file;
+    let signer = match ferry_cache::Signer::read(path) {
+        Ok(signer) => signer,
+        Err(_) if args.create && !path.exists() => ferry_cache::Signer::create(path).map_err(anyhow::Error::msg)?,
+        Err(e) if path.exists() => anyhow::bail!("{e}"),
+        Err(e) => anyhow::bail!("{e} ('ferry writer-key --create' makes one)"),
+    };
+    println!("{} {}", signer.public(), hostname());
+    Ok(())
+}
+
+/// This machine's name, as `/etc/hostname` has it (empty when it cannot be read).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {

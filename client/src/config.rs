@@ -25,14 +25,15 @@
 //! | shared tier bypass after an error or a slow answer | `cache.shared_backoff_secs` | `FERRY_SHARED_BACKOFF` | `30` (seconds) |
 //! | shared tier deadline per call | `cache.shared_timeout_ms` | `FERRY_SHARED_TIMEOUT_MS` | `2000` |
 //! | base directories (paths in keys relative to them) | `cache.basedirs` | `FERRY_BASEDIRS` (`:`-separated) | none |
-//! | shared-tier key: seal what this client writes, accept only sealed entries | `cache.shared_key_file` | `FERRY_SHARED_KEY_FILE` | none: entries are not sealed |
+//! | this machine's writer key (signs what it publishes; a CI writer's) | `cache.writer_key_file` | `FERRY_WRITER_KEY_FILE` | `<cache dir>/writer.key`, made when this client first publishes |
+//! | writers whose entries to accept besides those the scheduler lists | `cache.trust_file` | `FERRY_TRUST_FILE` | none |
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ferry_cache::RedisTls;
 use ferry_cache::rustc::Bases;
+use ferry_cache::{RedisTls, Trust};
 use ferry_proto::SharedTierSpec;
 
 /// The resolved configuration every part of the client reads.
@@ -70,9 +71,10 @@ pub struct Config {
     pub shared_backoff: Duration,
     pub shared_timeout: Duration,
     pub basedirs: Bases,
-    /// The site's shared-tier key (from a file of 64 hex digits): with it, entries this client
-    /// writes are sealed and only entries sealed under it are read from the shared tier.
-    pub shared_key: Option<[u8; 32]>,
+    /// This machine's writer key file: it signs what this client publishes (with `cache-write`).
+    pub writer_key_file: PathBuf,
+    /// Writers accepted besides those the scheduler lists (a tier without a scheduler needs it).
+    pub trust_file: Option<Trust>,
     /// Settings that could not be used, each naming its source (variable, or file and key) and
     /// what was used instead: logged and counted by the wrapper, shown by the commands.
     pub problems: Vec<String>,
@@ -167,19 +169,37 @@ impl Config {
             };
             Bases::new(dirs).map_err(|bad| format!("base directory '{bad}' must be an absolute path"))
         });
-        // Without its key a client would read unsealed entries where sealed ones were meant:
-        // an unusable key turns the shared tier off instead.
-        let shared_key = match s.text(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file") {
-            None => None,
-            Some(Ok(path)) => match ferry_cache::read_key_file(std::path::Path::new(&path)) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    let origin = s.origin(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file");
-                    s.problems.push(format!("{origin}: {e}; the shared tier is off"));
-                    shared = SharedTierSpec::Off;
-                    None
+        // The symmetric site key is gone: writers sign with keys of their own.
+        if let Some(Ok(_)) = s.text(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file") {
+            let origin = s.origin(Some("FERRY_SHARED_KEY_FILE"), "cache.shared_key_file");
+            s.problems.push(format!(
+                "{origin}: no longer used: each writer signs with a key of its own (FERRY_WRITER_KEY_FILE) and readers \
+                 accept the writers the scheduler lists (or FERRY_TRUST_FILE); remove the setting"
+            ));
+        }
+        let writer_key_file = match s.text(Some("FERRY_WRITER_KEY_FILE"), "cache.writer_key_file") {
+            Some(Ok(path)) => PathBuf::from(path),
+            bad => {
+                if let Some(Err(problem)) = bad {
+                    s.problems.push(problem);
                 }
-            },
+                cache_dir.join("writer.key")
+            }
+        };
+        // A trust file that cannot be read is not "trust nobody extra": the tier goes off.
+        let trust_file = match s.text(Some("FERRY_TRUST_FILE"), "cache.trust_file") {
+            None => None,
+            Some(Ok(path)) => {
+                match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| Trust::parse(&t)) {
+                    Ok(trust) => Some(trust),
+                    Err(e) => {
+                        let origin = s.origin(Some("FERRY_TRUST_FILE"), "cache.trust_file");
+                        s.problems.push(format!("{origin}: {path}: {e}; the shared tier is off"));
+                        shared = SharedTierSpec::Off;
+                        None
+                    }
+                }
+            }
             Some(Err(problem)) => {
                 s.problems.push(format!("{problem}; the shared tier is off"));
                 shared = SharedTierSpec::Off;
@@ -189,11 +209,13 @@ impl Config {
         let redis_tls = redis_tls(&mut s, &mut shared);
         if s.unreadable && shared != SharedTierSpec::Off {
             shared = SharedTierSpec::Off;
-            s.problems.push("with the config file unusable the shared tier is off (it may hold a key)".into());
+            s.problems
+                .push("with the config file unusable the shared tier is off (it may name the writers to trust)".into());
         }
         s.unknown_keys();
         Ok(Config {
-            shared_key,
+            writer_key_file,
+            trust_file,
             cache_dir,
             cache_size,
             cache_failures,
@@ -236,6 +258,8 @@ const FILE_KEYS: &[&str] = &[
     "cache.shared_timeout_ms",
     "cache.basedirs",
     "cache.shared_key_file",
+    "cache.writer_key_file",
+    "cache.trust_file",
     "cache.redis_ca",
     "cache.redis_cert",
     "cache.redis_key",
@@ -575,7 +599,7 @@ mod tests {
         assert!(c.problems.iter().any(|p| p.contains("unknown key 'cach.x'")), "{:?}", c.problems);
 
         // A file that does not parse (or cannot be read) is ignored whole, and the shared tier
-        // is off: the file may have held the key that entries must be sealed under.
+        // is off: the file may have held the trust file readers must check entries against.
         std::fs::write(&file, "[cache\nsize = 3\n").unwrap();
         let c = load(&[("FERRY_CONFIG", f), ("FERRY_SCHEDULER", "http://s:1")]).unwrap();
         assert_eq!(c.shared, SharedTierSpec::Off);
@@ -587,10 +611,13 @@ mod tests {
         let c = load(&[("FERRY_CONFIG", "/nonexistent/ferry.toml")]).unwrap();
         assert!(c.problems.iter().any(|p| p.contains("/nonexistent/ferry.toml")), "{:?}", c.problems);
 
-        // An unreadable key file: no shared tier rather than an unsealed one.
-        let c = load(&[("FERRY_SCHEDULER", "http://s:1"), ("FERRY_SHARED_KEY_FILE", "/nonexistent/key")]).unwrap();
-        assert_eq!((c.shared, c.shared_key), (SharedTierSpec::Off, None));
-        assert!(c.problems.iter().any(|p| p.starts_with("environment variable FERRY_SHARED_KEY_FILE: ")));
+        // An unreadable trust file: no shared tier rather than one trusting less than meant.
+        let c = load(&[("FERRY_SCHEDULER", "http://s:1"), ("FERRY_TRUST_FILE", "/nonexistent/trust")]).unwrap();
+        assert_eq!((c.shared, c.trust_file), (SharedTierSpec::Off, None));
+        assert!(c.problems.iter().any(|p| p.starts_with("environment variable FERRY_TRUST_FILE: ")));
+        // The old symmetric key is reported as gone, naming what replaced it.
+        let c = load(&[("FERRY_SHARED_KEY_FILE", "/etc/ferry/site.key")]).unwrap();
+        assert!(c.problems.iter().any(|p| p.contains("FERRY_SHARED_KEY_FILE") && p.contains("no longer used")));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Subcommand names; anything else as the first argument means wrapper mode.
-const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "help"];
+const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "writer-key", "help"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,6 +51,8 @@ enum Command {
     Status(commands::StatusArgs),
     /// Show every part of a compile's cache key, or what differs between two compiles
     Explain(commands::ExplainArgs),
+    /// Print this machine's writer key (public half) for a trust file
+    WriterKey(commands::WriterKeyArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Command::Stats(args) => commands::stats(args),
         Command::Status(args) => commands::status(args),
         Command::Explain(args) => commands::explain(args),
+        Command::WriterKey(args) => commands::writer_key(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,11 @@
 //!   build one timeout, not one per compile.
 //! - Writes need the `cache-write` role (or Redis ACLs that allow `SET`). A refused write leaves a
 //!   marker (per token, for ten minutes) so later compiles do not ask again.
+//! - Entries are signed by their writer's Ed25519 key and read only when a writer this client
+//!   trusts signed them ([`ferry_cache::Signed`]): the writers the scheduler lists (fetched over
+//!   its connection, kept in `<cache dir>/trusted-writers.json` for [`TRUST_FOR`]) and those of
+//!   `FERRY_TRUST_FILE`. A client that publishes signs with `FERRY_WRITER_KEY_FILE` (made in the
+//!   cache dir when it first publishes) and registers that key with the scheduler first.
 
 use std::fs;
 use std::path::PathBuf;
@@ -20,6 +25,10 @@ use crate::files::fresh;
 use crate::stats::Stats;
 
 const BREAKER_FILE: &str = "shared-down";
+const TRUST_FILE: &str = "trusted-writers.json";
+/// How long the scheduler's list of trusted writers is used before it is asked again.
+pub const TRUST_FOR: Duration = Duration::from_secs(300);
+const REGISTERED_FILE: &str = "writer-registered";
 const DENIED_FILE: &str = "shared-write-denied";
 /// How long a refused write keeps this token from trying again.
 const DENIED_FOR: Duration = Duration::from_secs(600);
@@ -42,23 +51,37 @@ impl SharedTier {
             count(stats, "bypassed");
             return None;
         }
-        let writer = blake3::hash(format!("{:?} {:?} {:?}", config.shared, config.scheduler, config.token).as_bytes())
-            .to_hex()
-            .to_string();
-        let opened = match &config.shared {
+        let writer = writer_id(config);
+        let signer = ferry_cache::Signer::read(&config.writer_key_file).ok();
+        // The store, and the scheduler's list of writers when the store is the scheduler's.
+        type Opened = (Box<dyn Store>, Option<ferry_cache::Trust>);
+        let opened: Result<Opened, (&'static str, String)> = match &config.shared {
             SharedTierSpec::Off => return None,
             SharedTierSpec::Redis(url) => RedisStore::new(url, &config.redis_tls, config.shared_timeout)
-                .map(|s| Box::new(s) as Box<dyn Store>)
+                .map(|s| (Box::new(s) as Box<dyn Store>, None))
                 .map_err(|e| ("misconfigured", e)),
             SharedTierSpec::Memcached(url) => MemcachedStore::new(url, config.shared_timeout)
-                .map(|s| Box::new(s) as Box<dyn Store>)
+                .map(|s| (Box::new(s) as Box<dyn Store>, None))
                 .map_err(|e| ("misconfigured", e)),
-            SharedTierSpec::Scheduler => connect(config),
+            SharedTierSpec::Scheduler => connect(config).map(|remote| {
+                let trust = scheduler_trust(config, Some(&remote), stats);
+                (Box::new(remote) as Box<dyn Store>, Some(trust))
+            }),
         };
-        // With the site key, what is written is sealed and only sealed entries are read.
-        let opened = opened.map(|store| match config.shared_key {
-            Some(key) => Box::new(ferry_cache::Sealed::new(store, key)) as Box<dyn Store>,
-            None => store,
+        // Readers accept what a trusted writer signed; this client signs what it writes.
+        let opened = opened.map(|(store, from_scheduler)| {
+            let mut trust = match from_scheduler {
+                Some(trust) => trust,
+                None if config.scheduler.is_some() => scheduler_trust(config, None, stats),
+                None => ferry_cache::Trust::default(),
+            };
+            if let Some(file) = &config.trust_file {
+                trust.merge(file);
+            }
+            if let Some(own) = &signer {
+                trust.trusted.insert(own.public());
+            }
+            Box::new(ferry_cache::Signed::new(store, signer, trust)) as Box<dyn Store>
         });
         match opened {
             Ok(store) => Some(SharedTier { store, cache_dir: config.cache_dir.clone(), writer }),
@@ -150,8 +173,106 @@ impl SharedTier {
     }
 }
 
+/// The writers the scheduler trusts: the list kept in the cache dir while fresh, else asked of
+/// the scheduler (over `remote`, or a connection of its own) and kept. When it cannot be had, the
+/// last list kept (however old), or none (every shared entry is then a miss, counted).
+fn scheduler_trust(config: &Config, remote: Option<&RemoteCache>, stats: &mut Stats) -> ferry_cache::Trust {
+    let file = config.cache_dir.join(TRUST_FILE);
+    let kept: Option<ferry_cache::Trust> = fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(trust) = &kept
+        && fresh(&file, TRUST_FOR)
+    {
+        return trust.clone();
+    }
+    let own;
+    let remote = match remote {
+        Some(r) => Some(r),
+        None => {
+            own = connect(config).ok();
+            own.as_ref()
+        }
+    };
+    match remote.map(RemoteCache::trusted_writers) {
+        Some(Ok(trust)) => {
+            let tmp = file.with_extension(format!("json.{}.tmp", std::process::id()));
+            if fs::write(&tmp, serde_json::to_vec(&trust).unwrap_or_default())
+                .and_then(|()| fs::rename(&tmp, &file))
+                .is_err()
+            {
+                let _ = fs::remove_file(&tmp);
+            }
+            trust
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "cannot learn which writers the scheduler trusts");
+            count(stats, "trust-unavailable");
+            kept.unwrap_or_default()
+        }
+        None => {
+            count(stats, "trust-unavailable");
+            kept.unwrap_or_default()
+        }
+    }
+}
+
+/// Before this client first publishes: its writer key (made in the cache dir when it has none),
+/// registered with the scheduler when there is one (at most once a day per key). False when it
+/// may not publish: no key can be made, or the scheduler refused it (no `cache-write`: the
+/// denied marker then stops further tries).
+pub fn prepare_writer(config: &Config, stats: &mut Stats) -> bool {
+    let signer = match ferry_cache::Signer::read(&config.writer_key_file) {
+        Ok(signer) => signer,
+        Err(_) => match ferry_cache::Signer::read_or_create(&config.writer_key_file) {
+            Ok(signer) => signer,
+            Err(e) => {
+                tracing::warn!(error = %e, "no writer key: this client does not publish");
+                count(stats, "no-writer-key");
+                return false;
+            }
+        },
+    };
+    if config.scheduler.is_none() {
+        return true;
+    }
+    let marker = config.cache_dir.join(REGISTERED_FILE);
+    let public = signer.public().to_string();
+    if fresh(&marker, Duration::from_secs(86_400)) && fs::read_to_string(&marker).is_ok_and(|k| k == public) {
+        return true;
+    }
+    let Ok(remote) = connect(config) else {
+        count(stats, "unavailable");
+        return false;
+    };
+    let name = crate::commands::hostname();
+    match remote.register_writer(signer.public(), &name) {
+        Ok(true) => {
+            let _ = fs::write(&marker, &public);
+            // The list of trusted writers now includes this key: ask again next time.
+            let _ = fs::remove_file(config.cache_dir.join(TRUST_FILE));
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(key = %public, "the scheduler says this writer key is revoked: this client does not publish");
+            count(stats, "writer-revoked");
+            false
+        }
+        Err(e) => {
+            let mut tier =
+                SharedTier { store: Box::new(remote), cache_dir: config.cache_dir.clone(), writer: writer_id(config) };
+            tier.failed(&e, stats);
+            false
+        }
+    }
+}
+
+fn writer_id(config: &Config) -> String {
+    blake3::hash(format!("{:?} {:?} {:?}", config.shared, config.scheduler, config.token).as_bytes())
+        .to_hex()
+        .to_string()
+}
+
 /// Connects to the scheduler's cache service within the deadline.
-fn connect(config: &Config) -> Result<Box<dyn Store>, (&'static str, String)> {
+fn connect(config: &Config) -> Result<RemoteCache, (&'static str, String)> {
     // Config guarantees a scheduler for this tier.
     let url = config.scheduler.as_deref().ok_or(("misconfigured", "no scheduler is set".to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -167,7 +288,7 @@ fn connect(config: &Config) -> Result<Box<dyn Store>, (&'static str, String)> {
     };
     let token = TokenInterceptor::new(config.token.as_deref()).map_err(|e| ("misconfigured", e))?;
     let client = ferry_proto::v1::scheduler_client::SchedulerClient::with_interceptor(channel, token);
-    Ok(Box::new(RemoteCache::new(std::sync::Arc::new(runtime), client, config.shared_timeout)))
+    Ok(RemoteCache::new(std::sync::Arc::new(runtime), client, config.shared_timeout))
 }
 
 fn count(stats: &mut Stats, reason: &str) {

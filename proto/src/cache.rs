@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_cache::{CacheKey, Entry, EntryError, Error, PutOutcome, Store};
+use ferry_cache::{CacheKey, Entry, EntryError, Error, PutOutcome, Store, Trust, WriterKey};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -125,6 +125,27 @@ impl RemoteCache {
             .extend(bytes.chunks(CHUNK).map(|c| v1::CacheUpload { kind: Some(cache_upload::Kind::Data(c.to_vec())) }));
         let response = client.cache_put(tokio_stream::iter(messages)).await?;
         Ok(response.into_inner().published)
+    }
+
+    /// Registers this writer's public key with the scheduler (`RegisterWriter`): Ok(false) when
+    /// the key is revoked; a PermissionDenied I/O error without the `worker` or `cache-write` role.
+    pub fn register_writer(&self, key: WriterKey, name: &str) -> Result<bool, Error> {
+        let mut client = self.client.clone();
+        let request = v1::RegisterWriterRequest { public_key: key.0.to_vec(), name: name.to_owned() };
+        self.block("register writer", async move { Ok(client.register_writer(request).await?.into_inner().trusted) })
+    }
+
+    /// The writers the scheduler trusts, and the revoked keys (`TrustedWriters`).
+    pub fn trusted_writers(&self) -> Result<Trust, Error> {
+        let mut client = self.client.clone();
+        let answer = self.block("trusted writers", async move {
+            Ok(client.trusted_writers(v1::TrustedWritersRequest {}).await?.into_inner())
+        })?;
+        let key = |bytes: &[u8]| bytes.try_into().ok().map(WriterKey);
+        Ok(Trust {
+            trusted: answer.trusted.iter().filter_map(|w| key(&w.public_key)).collect(),
+            revoked: answer.revoked.iter().filter_map(|k| key(k)).collect(),
+        })
     }
 
     async fn delete(&self, key: &CacheKey) -> Result<bool, tonic::Status> {

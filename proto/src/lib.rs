@@ -72,6 +72,10 @@ pub fn absolute_path(path: &str, field: &'static str) -> Result<(), Invalid> {
     if path[1..].split('/').any(|c| matches!(c, "" | "." | "..")) && path != "/" {
         return Err(bad("has an empty, '.' or '..' component"));
     }
+    // NAME_MAX on Linux's file systems.
+    if path.split('/').any(|c| c.len() > 255) {
+        return Err(bad("has a component longer than 255 bytes"));
+    }
     Ok(())
 }
 

@@ -17,6 +17,8 @@
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
 //! | HTTP address for `/metrics` and the status page at `/` | `http` | `FERRY_HTTP` / `--http` | off |
+//! | writers trusted besides those that register (CI machines' keys) | `[[writers]] key, name` | — | none |
+//! | writer keys never trusted (rotated away, lost) | `revoked_writers` | — | none |
 //!
 //! `ferry-scheduler --check-config` loads exactly this, then runs [`SchedulerConfig::check`] (what
 //! can be checked without serving) and prints [`SchedulerConfig::summary`].
@@ -63,6 +65,10 @@ pub struct SchedulerConfig {
     pub insecure: bool,
     /// Where to serve `/metrics` and the status page (`--http`); None: not at all.
     pub http: Option<String>,
+    /// Writer keys trusted without registering (a CI machine's, given by the operator), by name.
+    pub writers: std::collections::BTreeMap<ferry_cache::WriterKey, String>,
+    /// Writer keys whose entries are never accepted, whoever registers them.
+    pub revoked_writers: std::collections::BTreeSet<ferry_cache::WriterKey>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +89,17 @@ struct FileConfig {
     tokens: Vec<TokenEntry>,
     insecure: Option<bool>,
     http: Option<String>,
+    #[serde(default)]
+    writers: Vec<WriterEntry>,
+    #[serde(default)]
+    revoked_writers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WriterEntry {
+    key: String,
+    name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,7 +145,23 @@ impl SchedulerConfig {
                 .with_context(|| format!("{origin}: key 'archive_store_size' (or FERRY_ARCHIVE_STORE_SIZE)"))?,
             None => DEFAULT_ARCHIVE_STORE_SIZE,
         };
+        let mut writers = std::collections::BTreeMap::new();
+        for (i, w) in parsed.writers.iter().enumerate() {
+            let key =
+                w.key.parse().map_err(anyhow::Error::msg).with_context(|| format!("{origin}: writers[{i}].key"))?;
+            writers.insert(key, w.name.clone());
+        }
+        let revoked_writers = parsed
+            .revoked_writers
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                k.parse().map_err(anyhow::Error::msg).with_context(|| format!("{origin}: revoked_writers[{i}]"))
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(SchedulerConfig {
+            writers,
+            revoked_writers,
             origin,
             listen,
             data_dir,
@@ -204,6 +237,12 @@ impl SchedulerConfig {
                 format_size(self.max_entry_bytes)
             ),
             format!("http: {}", self.http.as_deref().unwrap_or("off")),
+            format!(
+                "writers: {} configured, {} revoked (workers and cache-write clients register their own keys in {})",
+                self.writers.len(),
+                self.revoked_writers.len(),
+                self.data_dir.join("writers.json").display()
+            ),
         ];
         if self.insecure {
             lines.push("insecure: yes (a non-loopback address is served without TLS and tokens)".into());

@@ -60,6 +60,10 @@ pub(crate) struct Shared {
     metrics: crate::http::Metrics,
     /// The shared tier's usage when last scanned.
     usage: Mutex<Option<(Instant, ferry_cache::Usage)>>,
+    /// The writers whose signed entries the shared tier takes.
+    writers: crate::writers::Writers,
+    /// Entries refused or replaced because no trusted writer signed them, since start.
+    untrusted_entries: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -96,6 +100,8 @@ impl Service {
             prefetching: HashMap::new(),
         };
         let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
+        let writers =
+            crate::writers::Writers::open(&config.data_dir, config.writers.clone(), config.revoked_writers.clone())?;
         let cache_permits = Arc::new(tokio::sync::Semaphore::new(config.cache_concurrency));
         let metrics = crate::http::Metrics::default();
         let shared = Shared {
@@ -108,6 +114,8 @@ impl Service {
             shutdown,
             metrics,
             usage: Mutex::new(None),
+            writers,
+            untrusted_entries: std::sync::atomic::AtomicU64::new(0),
         };
         Ok(Service { shared: Arc::new(shared) })
     }
@@ -636,6 +644,24 @@ impl SchedulerApi for Service {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")));
             }
+            // Only what a trusted writer signed is stored; what is there already and is not
+            // (unsigned, a stranger's, a revoked key's) is replaced rather than kept.
+            let trust = shared.writers.trust();
+            if let Err(e) = signed_by(&mut file, header.size, &trust) {
+                drop(file);
+                let _ = std::fs::remove_file(&tmp);
+                shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Status::permission_denied(format!(
+                    "entry {key} is not signed by a writer this scheduler trusts: {e}"
+                )));
+            }
+            if let Ok(Some((mut there, len))) = shared.cache.open_checked(&key)
+                && let Err(e) = signed_by(&mut there, len, &trust)
+            {
+                tracing::info!(%key, reason = %e, "replacing a shared entry no trusted writer signed");
+                shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = ferry_cache::Store::remove(&shared.cache, &key);
+            }
             shared.cache.publish_temp(&key, file, &tmp).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
@@ -648,6 +674,50 @@ impl SchedulerApi for Service {
         }
         tracing::debug!(%key, published, "shared cache entry");
         Ok(Response::new(v1::CachePutResponse { published }))
+    }
+
+    async fn register_writer(
+        &self,
+        request: Request<v1::RegisterWriterRequest>,
+    ) -> Result<Response<v1::RegisterWriterResponse>, Status> {
+        require_any(&request, &[Role::Worker, Role::CacheWrite], "RegisterWriter")?;
+        // The development default's callers hold every role; a worker token says "worker".
+        let role = if ferry_proto::require(&request, Role::Worker, "").is_ok() { "worker" } else { "cache-write" };
+        let r = request.into_inner();
+        let key: [u8; 32] = r
+            .public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::invalid_argument("'public_key' must be 32 bytes (Ed25519)"))?;
+        let key = ferry_cache::WriterKey(key);
+        let name: String = r.name.chars().filter(|c| !c.is_control()).take(128).collect();
+        match self.shared.writers.register(key, &name, role) {
+            Ok(()) => {
+                info!(writer = %key, name, role, "writer registered");
+                Ok(Response::new(v1::RegisterWriterResponse { trusted: true }))
+            }
+            Err(why) if why.contains("revoked") => {
+                warn!(writer = %key, name, "a revoked writer key tried to register");
+                Ok(Response::new(v1::RegisterWriterResponse { trusted: false }))
+            }
+            Err(why) => Err(Status::unavailable(why)),
+        }
+    }
+
+    async fn trusted_writers(
+        &self,
+        request: Request<v1::TrustedWritersRequest>,
+    ) -> Result<Response<v1::TrustedWritersResponse>, Status> {
+        require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "TrustedWriters")?;
+        let trusted = self
+            .shared
+            .writers
+            .list()
+            .into_iter()
+            .map(|(key, name, _)| v1::Writer { public_key: key.0.to_vec(), name })
+            .collect();
+        let revoked = self.shared.writers.revoked().iter().map(|k| k.0.to_vec()).collect();
+        Ok(Response::new(v1::TrustedWritersResponse { trusted, revoked }))
     }
 
     async fn cache_remove(
@@ -699,6 +769,17 @@ impl SchedulerApi for Service {
 
 /// Checks a received entry in its temp file: header and checksum streamed; an entry small enough
 /// to be lz4-compressed is decoded whole (its compressed framing must hold too).
+/// Who signed the entry in `file` (`len` bytes), when a writer in `trust` did.
+fn signed_by(
+    file: &mut std::fs::File,
+    len: u64,
+    trust: &ferry_cache::Trust,
+) -> Result<ferry_cache::WriterKey, ferry_cache::EntryError> {
+    use std::io::{BufReader, Seek};
+    file.rewind().map_err(|_| ferry_cache::EntryError::Truncated { what: "entry", offset: 0 })?;
+    ferry_cache::verify_stream(BufReader::new(&mut *file), len, trust)
+}
+
 fn verify_received(file: &mut std::fs::File, key: &CacheKey, len: u64) -> Result<(), ferry_cache::EntryError> {
     use std::io::{BufReader, Read, Seek};
     let io = |_| ferry_cache::EntryError::Truncated { what: "received entry", offset: 0 };

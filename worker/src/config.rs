@@ -16,7 +16,8 @@
 //! | client certificate and key (PEM) for a `rediss://` server that asks for one | `redis_cert`, `redis_key` | `FERRY_REDIS_CERT`, `FERRY_REDIS_KEY` | none |
 //! | unpacked toolchains kept | `toolchain_cache_bytes` | — | `21474836480` (20 GiB) |
 //! | input blobs kept (least recently used evicted beyond it) | `blob_store_size` | `FERRY_BLOB_STORE_SIZE` | `10G` |
-//! | shared-tier key (seals what the worker publishes) | `shared_key_file` | `FERRY_SHARED_KEY_FILE` | none |
+//! | this worker's writer key (signs what it publishes; registered with the scheduler) | `writer_key_file` | `FERRY_WRITER_KEY_FILE` | `<data_dir>/writer.key`, made at the first start |
+//! | writers whose entries to accept besides those the scheduler lists (a Redis or memcached tier's other writers) | `trust_file` | `FERRY_TRUST_FILE` | none |
 //! | own TLS certificate/key | `tls.cert`, `tls.key` | — | none |
 //! | non-loopback without TLS | `insecure` | — | `false` |
 //! | HTTP address for `/metrics` | `http` | `FERRY_HTTP` / `--http` | off |
@@ -69,8 +70,10 @@ pub struct WorkerConfig {
     pub blob_store_size: u64,
     /// Where the worker publishes the results of the jobs it runs.
     pub shared_cache: SharedTierSpec,
-    /// The site's shared-tier key: entries the worker publishes are sealed under it.
-    pub shared_key: Option<[u8; 32]>,
+    /// The worker's own writer key: what it publishes is signed with it.
+    pub writer_key_file: PathBuf,
+    /// Writers accepted besides those the scheduler lists.
+    pub trust: ferry_cache::Trust,
     /// What a `rediss://` tier trusts and presents (read and checked at load).
     pub redis_tls: ferry_cache::RedisTls,
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
@@ -85,6 +88,8 @@ pub struct WorkerConfig {
 struct FileConfig {
     shared_cache: Option<String>,
     shared_key_file: Option<PathBuf>,
+    writer_key_file: Option<PathBuf>,
+    trust_file: Option<PathBuf>,
     redis_ca: Option<PathBuf>,
     redis_cert: Option<PathBuf>,
     redis_key: Option<PathBuf>,
@@ -193,12 +198,25 @@ impl WorkerConfig {
                 .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_cache' (or FERRY_SHARED_CACHE): {e}"))?,
             None => SharedTierSpec::Scheduler,
         };
-        let shared_key = match env("FERRY_SHARED_KEY_FILE").map(PathBuf::from).or(parsed.shared_key_file) {
-            Some(path) => Some(
-                ferry_cache::read_key_file(&path)
-                    .map_err(|e| anyhow::anyhow!("{origin}: key 'shared_key_file' (or FERRY_SHARED_KEY_FILE): {e}"))?,
-            ),
-            None => None,
+        if env("FERRY_SHARED_KEY_FILE").is_some() || parsed.shared_key_file.is_some() {
+            anyhow::bail!(
+                "{origin}: key 'shared_key_file' (or FERRY_SHARED_KEY_FILE) is no longer used: each worker signs with a \
+                 key of its own (writer_key_file, made in the data directory at the first start) and registers it \
+                 with the scheduler; remove it"
+            );
+        }
+        let writer_key_file = env("FERRY_WRITER_KEY_FILE")
+            .map(PathBuf::from)
+            .or(parsed.writer_key_file)
+            .unwrap_or_else(|| data_dir.join("writer.key"));
+        let trust = match env("FERRY_TRUST_FILE").map(PathBuf::from).or(parsed.trust_file) {
+            Some(path) => std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| ferry_cache::Trust::parse(&t))
+                .map_err(|e| {
+                    anyhow::anyhow!("{origin}: key 'trust_file' (or FERRY_TRUST_FILE): {}: {e}", path.display())
+                })?,
+            None => ferry_cache::Trust::default(),
         };
         let redis_tls = redis_tls(
             &origin,
@@ -238,7 +256,8 @@ impl WorkerConfig {
             toolchain_cache_bytes: parsed.toolchain_cache_bytes.unwrap_or(20 << 30),
             blob_store_size,
             shared_cache,
-            shared_key,
+            writer_key_file,
+            trust,
             redis_tls,
             tls,
             insecure: parsed.insecure.unwrap_or(false),
@@ -326,7 +345,10 @@ impl WorkerConfig {
             ),
             SharedTierSpec::Redis(url) | SharedTierSpec::Memcached(url) => without_password(url),
         };
-        let sealed = if self.shared_key.is_some() { "sealed" } else { "not sealed" };
+        let signed = match ferry_cache::Signer::read(&self.writer_key_file) {
+            Ok(signer) => format!("signed by {} ({})", signer.public(), self.writer_key_file.display()),
+            Err(_) => format!("signed by a key made at the first start in {}", self.writer_key_file.display()),
+        };
         let jobs_as = match self.sandbox.run_as.filter(|_| self.sandbox.jobs_run_as_another_user()) {
             Some((uid, _)) => format!("uid {uid}"),
             None => "the worker's user".to_owned(),
@@ -345,7 +367,7 @@ impl WorkerConfig {
                 ferry_cache::format_size(self.toolchain_cache_bytes)
             ),
             format!("tls: {}", if self.tls.is_some() { "on" } else { "off" }),
-            format!("shared cache: {shared}, {sealed}"),
+            format!("shared cache: {shared}, {signed}"),
             format!("sandbox: {} ({}), jobs run as {jobs_as}", sandbox.bwrap_version, sandbox.bwrap.display(),),
             match &sandbox.cgroups {
                 Ok(version) => format!(

@@ -36,6 +36,11 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         let _ = std::fs::remove_dir_all(stale.path());
     }
     let token = TokenInterceptor::new(config.token.as_deref()).map_err(anyhow::Error::msg)?;
+    // What the worker publishes is signed with its own key, made at the first start.
+    let writer = ferry_cache::Signer::read_or_create(&config.writer_key_file)
+        .map_err(|e| anyhow::anyhow!("the writer key (writer_key_file): {e}"))?
+        .public();
+    tracing::info!(%writer, file = %config.writer_key_file.display(), "writer key");
     let connect = {
         let (url, ca) = (config.scheduler.clone(), config.ca.clone());
         move || {
@@ -74,6 +79,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         id: worker_id,
         address: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
         slots: config.slots,
+        writer,
     };
     // `http on ADDR` right after `listening on ADDR`, for whoever waits for both.
     let http = match &config.http {
@@ -138,24 +144,33 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
     Ok(endpoint)
 }
 
-/// The shared tier the worker publishes to, opened on the publisher's own thread (and sealed
-/// under the site key when one is configured).
+/// The shared tier the worker publishes to, opened on the publisher's own thread: what it writes
+/// is signed with the worker's key (registered with the scheduler when its session starts), what
+/// it reads back (manifests) must be signed by a writer the scheduler lists, the trust file names,
+/// or the worker itself.
 fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher> {
     let (url, ca) = (config.scheduler.clone(), config.ca.clone());
-    let key = config.shared_key;
-    let sealed = move |store: Box<dyn Store>| match key {
-        Some(key) => Box::new(ferry_cache::Sealed::new(store, key)) as Box<dyn Store>,
-        None => store,
+    let (key_file, file_trust) = (config.writer_key_file.clone(), config.trust.clone());
+    let sealed = move |store: Box<dyn Store>, from_scheduler: ferry_cache::Trust| {
+        let signer = ferry_cache::Signer::read(&key_file).ok();
+        let mut trust = from_scheduler;
+        trust.merge(&file_trust);
+        if let Some(own) = &signer {
+            trust.trusted.insert(own.public());
+        }
+        Box::new(ferry_cache::Signed::new(store, signer, trust)) as Box<dyn Store>
     };
     match config.shared_cache.clone() {
         SharedTierSpec::Off => None,
         SharedTierSpec::Redis(redis) => {
             let tls = config.redis_tls.clone();
-            Some(Publisher::start(move || RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
+            Some(Publisher::start(move || {
+                RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
+            }))
         }
-        SharedTierSpec::Memcached(url) => {
-            Some(Publisher::start(move || MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s)))))
-        }
+        SharedTierSpec::Memcached(url) => Some(Publisher::start(move || {
+            MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
+        })),
         SharedTierSpec::Scheduler => Some(Publisher::start(move || {
             let runtime = std::sync::Arc::new(
                 tokio::runtime::Builder::new_current_thread()
@@ -169,7 +184,10 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
                 endpoint(&url, ca.as_deref()).map_err(|e| format!("{e:#}"))?.connect_lazy()
             };
             let client = SchedulerClient::with_interceptor(channel, token);
-            Ok(sealed(Box::new(RemoteCache::new(runtime, client, STORE_DEADLINE))))
+            let remote = RemoteCache::new(runtime, client, STORE_DEADLINE);
+            // The scheduler may not answer yet: the worker's own key is enough to publish.
+            let trust = remote.trusted_writers().unwrap_or_default();
+            Ok(sealed(Box::new(remote), trust))
         })),
     }
 }

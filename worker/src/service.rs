@@ -663,6 +663,91 @@ fn early_artifact(line: &[u8], cwd: &str) -> Option<(String, String)> {
     Some((path, emit.to_owned()))
 }
 
+/// Checks that the job's tree can be built: no input file, and no output, is where another entry
+/// needs a directory (`/a/b` a file and `/a/b/c` anything), and no input or output is one of the
+/// directories. Such a tree is the client's fault (InvalidArgument), refused before the job is
+/// accepted, so it never counts against this worker (quarantine counts only failures a client
+/// cannot cause).
+fn tree_shape(
+    inputs: &[(String, [u8; 32], bool)],
+    dirs: &[String],
+    cwd: &str,
+    outputs: &[String],
+) -> Result<(), Status> {
+    use std::collections::BTreeMap;
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Input,
+        Output,
+        Dir,
+    }
+    let name = |k: Kind| match k {
+        Kind::Input => "an input file",
+        Kind::Output => "an output",
+        Kind::Dir => "a directory",
+    };
+    let mut entries: BTreeMap<&str, Kind> = BTreeMap::new();
+    let all = inputs
+        .iter()
+        .map(|(p, _, _)| (p.as_str(), Kind::Input))
+        .chain(outputs.iter().map(|p| (p.as_str(), Kind::Output)))
+        .chain(dirs.iter().map(String::as_str).chain([cwd]).map(|p| (p, Kind::Dir)));
+    for (path, kind) in all {
+        match entries.insert(path, kind) {
+            Some(before) if before != kind || kind != Kind::Dir => {
+                return Err(Status::invalid_argument(format!(
+                    "{path} is both {} and {} of the job",
+                    name(before),
+                    name(kind)
+                )));
+            }
+            _ => {}
+        }
+    }
+    for &path in entries.keys() {
+        let mut ancestor = Path::new(path).parent();
+        while let Some(dir) = ancestor.and_then(Path::to_str).filter(|d| *d != "/") {
+            if let Some(&kind) = entries.get(dir).filter(|&&k| k != Kind::Dir) {
+                return Err(Status::invalid_argument(format!(
+                    "{dir} is {} of the job, but {path} is beneath it",
+                    name(kind)
+                )));
+            }
+            ancestor = Path::new(dir).parent();
+        }
+    }
+    Ok(())
+}
+
+/// The job's outputs as the worker derives them from its arguments (the predictor the client
+/// uses, [`ferry_cache::rustc::RustcArgs::outputs`], made absolute against `cwd`): the worker
+/// sends and publishes these and nothing else, so a client cannot make an input (or any other
+/// file) an "output" that drops out of the manifest. Err, as the client's fault, when the
+/// arguments are not a compile ferry caches or `declared` is not exactly that set.
+fn derived_outputs(args: &[String], cwd: &str, declared: &[String]) -> Result<Vec<String>, Status> {
+    use ferry_cache::rustc::{Classified, classify, recipe::absolute};
+    let os: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    let rustc = match classify(&os) {
+        Classified::Cacheable(rustc) => rustc,
+        Classified::Passthrough(why) => {
+            return Err(Status::invalid_argument(format!("the arguments are not a compile a worker runs ({why})")));
+        }
+    };
+    let mut derived: Vec<String> =
+        rustc.outputs().into_iter().map(|(p, _)| absolute(Path::new(cwd), &p).display().to_string()).collect();
+    derived.sort();
+    derived.dedup();
+    let mut claimed = declared.to_vec();
+    claimed.sort();
+    claimed.dedup();
+    if claimed != derived {
+        return Err(Status::invalid_argument(format!(
+            "'outputs' {claimed:?} are not what the arguments produce: {derived:?}"
+        )));
+    }
+    Ok(derived)
+}
+
 /// Variables a client may never set in a job: the dynamic loader's and libc's (they would run
 /// code or read files the key does not cover), and the observer's own.
 fn refused_env(name: &str) -> bool {
@@ -729,6 +814,8 @@ fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
     for o in &r.outputs {
         place(o, "outputs")?;
     }
+    let outputs = derived_outputs(&r.args, &r.cwd, &r.outputs)?;
+    tree_shape(&inputs, &r.dirs, &r.cwd, &outputs)?;
     for d in &r.dirs {
         place(d, "dirs")?;
     }
@@ -754,7 +841,7 @@ fn validate(r: v1::RunJobRequest) -> Result<Job, Status> {
         cwd: r.cwd,
         env,
         inputs,
-        outputs: r.outputs,
+        outputs,
         dirs: r.dirs,
         basedirs: r.basedirs,
     })

@@ -53,6 +53,8 @@ pub struct Identity {
     pub id: String,
     pub address: String,
     pub slots: u32,
+    /// The public key the worker signs shared-tier entries with.
+    pub writer: ferry_cache::WriterKey,
 }
 
 pub(crate) async fn run(
@@ -120,6 +122,19 @@ async fn session(
         _ => anyhow::bail!("the scheduler did not confirm the registration"),
     };
     tracing::info!(worker = %identity.id, lease_ms, "registered with the scheduler");
+    // The key it signs with, vouched for by this session's credential.
+    let writer = v1::RegisterWriterRequest { public_key: identity.writer.0.to_vec(), name: identity.id.clone() };
+    match client.register_writer(writer).await {
+        Ok(r) if r.get_ref().trusted => tracing::info!(writer = %identity.writer, "writer key registered"),
+        Ok(_) => tracing::error!(
+            writer = %identity.writer,
+            "the scheduler has this worker's writer key revoked: nothing it publishes will be accepted; \
+             remove the key file (writer_key_file) to make a new one"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e.message(), "the writer key could not be registered: what this worker publishes may be refused")
+        }
+    }
     *backoff = Duration::from_millis(100);
     let every = Duration::from_millis(u64::from(lease_ms.max(300)) / 3);
     loop {

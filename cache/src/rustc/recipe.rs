@@ -298,7 +298,13 @@ pub fn publish_manifest(
     let mut raced = false;
     while generation < MAX_MANIFESTS {
         let key = manifest_key(scope, generation);
-        match store.get(&key)? {
+        // A generation that does not verify (torn, or signed by a writer this one does not
+        // trust) is free: the put replaces it where the store can tell (`Signed`).
+        let there = match store.get(&key) {
+            Err(Error::Corrupt { .. }) => None,
+            other => other?,
+        };
+        match there {
             Some(found) if serde_json::from_slice::<InputList>(&found.payload).ok().as_ref() == Some(list) => {
                 return Ok(true);
             }

@@ -91,15 +91,17 @@ impl Job {
         let prepared = self.prepare_result(keys, known, ran, HashMap::new());
         // cargo has its answer (outputs, streams, exit code); writing the entry (and its fsync)
         // can wait for the next job slot rather than hold this one.
-        self.after_answer(|job, forked| match prepared.and_then(|p| job.commit_result(store, ident, keys, p)) {
+        self.after_answer(|job, _forked| match prepared.and_then(|p| job.commit_result(store, ident, keys, p)) {
             Ok(stored) => {
-                let mut own =
-                    if forked && shared.is_some() { SharedTier::open(&job.config, &mut job.stats) } else { None };
-                let tier = if forked { own.as_mut() } else { shared };
-                if let Some(tier) = tier
-                    && tier.may_write()
+                // Publishing needs this client's writer key (made and registered the first
+                // time), and a tier opened with it: the one the lookup opened may predate it, and
+                // a forked copy must not use the parent's connection anyway.
+                let may_write = shared.as_ref().is_some_and(|t| t.may_write());
+                if may_write
+                    && crate::shared::prepare_writer(&job.config, &mut job.stats)
+                    && let Some(mut tier) = SharedTier::open(&job.config, &mut job.stats)
                 {
-                    job.publish_shared(tier, &stored, &keys.scope);
+                    job.publish_shared(&mut tier, &stored, &keys.scope);
                 }
             }
             Err(reason) => job.count_not_stored(&reason),

@@ -665,43 +665,103 @@ fn a_corrupt_shared_entry_is_reported_and_never_promoted() {
 }
 
 #[test]
-fn with_a_site_key_only_sealed_entries_are_served() {
-    let keys = tempfile::tempdir().expect("temp dir");
-    let key = keys.path().join("site.key");
-    write(&key, &format!("{}\n", "ab".repeat(32)));
-    let worker_toml = format!("shared_key_file = \"{}\"\n", key.display());
-    let worker_toml: &'static str = Box::leak(worker_toml.into_boxed_str());
-    let mut c =
-        Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, worker_toml, ..Setup::default() });
-    c.world.set("FERRY_SHARED_KEY_FILE", &key);
+fn only_entries_signed_by_trusted_writers_are_served_and_a_revoked_key_is_replaced() {
+    let mut c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
     let ws = c.world.path().join("ws");
     workspace(&ws);
     let expected = plain_outputs(&c.world, &ws);
+    // The first machine: its rlibs compile on the worker, the rest here; both publish (the
+    // loopback default grants this client `cache-write`), each signing with its own key.
     build_as(&mut c, "first", &ws);
     wait_until(Duration::from_secs(30), "every unit's result and manifest in the shared tier", || {
         (scheduler_entries(&c).len() >= 2 * UNITS as usize).then_some(())
     });
-    // Every entry in the tier carries a seal, and a second keyed client hits every unit.
+    let trusted = trusted_writers(&c);
+    let worker_key: ferry_cache::WriterKey =
+        fs::read_to_string(c.world.path().join("worker0/writer.key")).map(|_| ()).map_or_else(
+            |e| panic!("the worker made no writer key: {e}"),
+            |()| ferry_cache::Signer::read(&c.world.path().join("worker0/writer.key")).unwrap().public(),
+        );
+    assert!(trusted.trusted.contains(&worker_key), "the worker's key is listed: {trusted:?}");
     for entry in scheduler_entries(&c) {
         let bytes = fs::read(&entry).expect("entry");
-        assert!(ferry_cache::split_seal(&bytes).1.is_some(), "{} is not sealed", entry.display());
+        let signer = ferry_cache::signer_of(&bytes).unwrap_or_else(|| panic!("{} is not signed", entry.display()));
+        assert!(ferry_cache::verify(&bytes, &trusted).is_ok(), "{} signed by {signer}, not trusted", entry.display());
     }
     let s = build_as(&mut c, "second", &ws);
     assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{s:#}");
     assert_same_outputs(&expected, &outputs(&ws));
 
-    // A writer without the key (it may write: the loopback default grants every role) builds an
-    // edit: its rlib compiles on the worker (which seals it), its binary here, published unsealed.
-    // A keyed client takes the worker's entry and refuses the binary's.
-    edit(&ws.join("crates/base/src/lib.rs"), "\"base\"", "\"base2\"");
-    c.world.set("FERRY_SHARED_KEY_FILE", "");
-    let rogue = build_as(&mut c, "rogue", &ws);
-    assert!(n(&rogue, "/shared_writes") >= 1, "the keyless client published: {rogue:#}");
-    c.world.set("FERRY_SHARED_KEY_FILE", &key);
-    let s = build_as(&mut c, "keyed-after-rogue", &ws);
-    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS - 1, 1), "{s:#}");
-    assert_eq!(n(&s, "/shared_errors/corrupt-entry"), 1, "the unsealed binary was refused: {s:#}");
-    assert!(app(&ws).contains("base2"), "{}", app(&ws));
+    // A key nobody registered (a laptop's own) cannot store an entry, even with every role.
+    let (laptop, _) = ferry_cache::Signer::generate().unwrap();
+    let some = scheduler_entries(&c)[0].clone();
+    let key: ferry_cache::CacheKey = some.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    let forged = ferry_cache::sign(&fs::read(&some).unwrap(), &laptop);
+    let refused = cache_put(&c, key, &forged).expect_err("an entry signed by an unknown key is stored");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // One changed on the cache node itself (re-signed by that key) is refused by every reader and
+    // replaced by the next trusted writer's put.
+    for entry in scheduler_entries(&c) {
+        let bytes = fs::read(&entry).unwrap();
+        fs::write(&entry, ferry_cache::sign(&bytes, &laptop)).unwrap();
+    }
+    let s = build_as(&mut c, "after-forgery", &ws);
+    assert_eq!(n(&s, "/hits_remote"), 0, "a forged entry was served: {s:#}");
+    assert!(n(&s, "/shared_errors/corrupt-entry") >= 1, "{s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+    let s = build_as(&mut c, "after-healing", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "the tier healed: {s:#}");
+
+    // The worker's key revoked (a restart with `revoked_writers`): its entries are misses, and
+    // after a rotation (a new key, made at the worker's next start) its new entries hit.
+    let addr = c.scheduler.addr.clone();
+    c.scheduler.kill();
+    let config = c.world.path().join("scheduler-revoking.toml");
+    write(&config, &format!("revoked_writers = [\"{worker_key}\"]\n"));
+    c.scheduler = c.world.scheduler_at(&addr, &["--config", &config.display().to_string()]);
+    c.workers[0].kill();
+    fs::remove_file(c.world.path().join("worker0/writer.key")).unwrap();
+    let scheduler_url = c.scheduler.url();
+    c.workers[0] = c.world.worker("worker0", &scheduler_url, &["--slots", "2"]);
+    let id = seed().id.clone();
+    c.status_until_within(Duration::from_secs(20), "the worker re-registers", |s| {
+        workers_of(s).len() == 1 && workers_of(s).iter().all(|w| has_toolchain(w, &id))
+    });
+    let rotated = ferry_cache::Signer::read(&c.world.path().join("worker0/writer.key")).unwrap().public();
+    assert_ne!(rotated, worker_key);
+    let s = build_as(&mut c, "after-revocation", &ws);
+    assert_eq!(n(&s, "/hits_remote"), UNITS - RLIBS.len() as u64, "the revoked key's rlibs missed: {s:#}");
+    assert_eq!(n(&s, "/compiled_remote"), RLIBS.len() as u64, "{s:#}");
+    let s = build_as(&mut c, "after-rotation", &ws);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "the rotated key's entries hit: {s:#}");
+    assert_same_outputs(&expected, &outputs(&ws));
+}
+
+/// The scheduler's list of trusted writers, asked as a reader asks it.
+fn trusted_writers(c: &Cluster) -> ferry_cache::Trust {
+    let runtime = std::sync::Arc::new(tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap());
+    let channel =
+        runtime.block_on(tonic::transport::Endpoint::from_shared(c.scheduler.url()).unwrap().connect()).unwrap();
+    let client = ferry_proto::v1::scheduler_client::SchedulerClient::with_interceptor(
+        channel,
+        ferry_proto::TokenInterceptor::new(None).unwrap(),
+    );
+    ferry_proto::RemoteCache::new(runtime, client, Duration::from_secs(10)).trusted_writers().unwrap()
+}
+
+/// A raw `CachePut` of `bytes` under `key`, as any caller with a token could send it.
+fn cache_put(c: &Cluster, key: ferry_cache::CacheKey, bytes: &[u8]) -> Result<bool, tonic::Status> {
+    use ferry_proto::v1::{self, cache_upload};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = ferry_proto::v1::scheduler_client::SchedulerClient::connect(c.scheduler.url()).await.unwrap();
+        let header = v1::CacheHeader { key: Some(ferry_proto::to_digest(key.0)), size: bytes.len() as u64 };
+        let mut messages = vec![v1::CacheUpload { kind: Some(cache_upload::Kind::Header(header)) }];
+        messages.extend(
+            bytes.chunks(1 << 20).map(|c| v1::CacheUpload { kind: Some(cache_upload::Kind::Data(c.to_vec())) }),
+        );
+        client.cache_put(tokio_stream::iter(messages)).await.map(|r| r.into_inner().published)
+    })
 }
 
 #[test]
@@ -785,6 +845,9 @@ fn redis_over_tls_with_a_wrong_or_absent_ca_is_loud_and_builds_locally() {
     let redis = ferry_tests::Redis::start_tls(redis_dir.path(), &pki, "no");
     let mut world = World::new();
     world.set("FERRY_SHARED_CACHE", redis.url());
+    // Every machine here publishes as the CI writer (the tier has no scheduler to list writers).
+    let ci = ci_writer(&mut world);
+    world.set("FERRY_WRITER_KEY_FILE", &ci);
     let ws = world.path().join("ws");
     workspace(&ws);
     let expected = plain_outputs(&world, &ws);
@@ -958,6 +1021,123 @@ fn memcached_as_the_shared_tier_serves_hits_and_drops_corrupt_entries() {
     let damaged = store.get(&key);
     assert!(matches!(damaged, Err(ferry_cache::Error::Corrupt { .. })), "the damaged big entry: {damaged:?}");
     assert_corrupt_tier_is_harmless(&mut c, &ws, &expected);
+}
+
+/// A tier any machine on the network may write (memcached takes every `set`, Redis every `SET`
+/// its ACL allows), with no scheduler to list writers: clients trust the CI writer's key from a
+/// trust file. A laptop holding every file a developer has (the trust file, its own writer key)
+/// replaces every entry with a checksum-valid one whose outputs it changed, signed by its own key:
+/// the next teammate accepts none of them (misses, counted as corrupt, byte-identical outputs),
+/// and after the CI writer's next build, which replaces them, every unit hits again.
+fn a_laptop_cannot_make_an_entry_a_teammate_accepts(tier: &str) {
+    use ferry_cache::Store;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The tier's URL, the store itself (as anyone who reaches it), and its item names.
+    type Tier = (String, Box<dyn Store>, Box<dyn Fn() -> Vec<String>>);
+    let (url, raw, names): Tier = match tier {
+        "redis" => {
+            let redis = ferry_tests::Redis::start(dir.path());
+            let url = redis.url();
+            let store = ferry_cache::RedisStore::new(&url, &Default::default(), Duration::from_secs(5)).expect("store");
+            (
+                url,
+                Box::new(store),
+                Box::new(move || redis.cli(&["--scan", "--pattern", "ferry:*"]).lines().map(str::to_owned).collect()),
+            )
+        }
+        _ => {
+            let memcached = ferry_tests::Memcached::start();
+            let store = ferry_cache::MemcachedStore::new(&memcached.url(), Duration::from_secs(5)).expect("store");
+            (memcached.url(), Box::new(store), Box::new(move || memcached.keys()))
+        }
+    };
+    let mut world = World::new();
+    world.set("FERRY_SHARED_CACHE", &url);
+    let ci = ci_writer(&mut world);
+    let ws = world.path().join("ws");
+    workspace(&ws);
+    let expected = plain_outputs(&world, &ws);
+    // A fresh machine `name` that signs with `key` (by default its own, made in its cache dir).
+    let build = |world: &mut World, name: &str, key: Option<&Path>| -> Value {
+        let cache = world.path().join(format!("cache-{name}"));
+        world.set("FERRY_CACHE_DIR", &cache);
+        world.set("FERRY_WRITER_KEY_FILE", key.map_or_else(|| cache.join("writer.key"), Path::to_path_buf));
+        world.ferry_ok(&["stats", "--zero"]);
+        clean(world, &ws);
+        ok_build(cargo_build(world, &ws, true));
+        assert_same_outputs(&expected, &outputs(&ws));
+        world.stats()
+    };
+    let s = build(&mut world, "ci", Some(&ci));
+    assert_eq!(n(&s, "/shared_writes"), UNITS, "{tier}: {s:#}");
+    let s = build(&mut world, "teammate", None);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{tier}: {s:#}");
+
+    // The laptop's key, as `ferry writer-key --create` makes it.
+    let laptop_cache = world.path().join("cache-laptop");
+    world.set("FERRY_CACHE_DIR", &laptop_cache).set("FERRY_WRITER_KEY_FILE", laptop_cache.join("writer.key"));
+    let shown = world.ferry_ok(&["writer-key", "--create"]);
+    let laptop = ferry_cache::Signer::read(&laptop_cache.join("writer.key")).expect("the laptop's key");
+    assert!(shown.starts_with(&laptop.public().to_string()), "{shown}");
+    let mut keys: Vec<ferry_cache::CacheKey> = names()
+        .iter()
+        .flat_map(|name| name.split(':').filter_map(|part| part.parse().ok()).collect::<Vec<_>>())
+        .collect();
+    keys.sort_by_key(|k| k.0);
+    keys.dedup();
+    assert!(keys.len() as u64 >= 2 * UNITS, "{tier}: {keys:?}");
+    let mut changed = 0;
+    for key in &keys {
+        let bytes = raw.get_encoded(key).expect("get").expect("the entry is there");
+        let mut entry = ferry_cache::Entry::decode(&bytes, key).expect("an honest entry");
+        if entry.kind == ferry_cache::EntryKind::Result {
+            let mut output = ferry_cache::CompileOutput::decode(&entry.payload).expect("outputs");
+            for file in &mut output.files {
+                let mut patched = file.bytes.to_vec();
+                if let Some(byte) = patched.get_mut(file.bytes.len() / 2) {
+                    *byte ^= 0x5a;
+                    changed += 1;
+                }
+                file.bytes = patched.into();
+            }
+            entry.payload = output.encode();
+        }
+        let forged = ferry_cache::sign(&entry.encode(), &laptop);
+        assert!(ferry_cache::Entry::check(&forged, key).is_ok(), "the forgery is a well-formed entry");
+        raw.remove(key).expect("remove");
+        raw.put_encoded(key, &forged).expect("put");
+    }
+    assert!(changed >= UNITS, "{tier}: {changed} output files changed");
+    let s = build(&mut world, "teammate-after-forgery", None);
+    assert_eq!(n(&s, "/hits_remote"), 0, "{tier}: a forged entry was served: {s:#}");
+    assert!(n(&s, "/shared_errors/corrupt-entry") >= 1, "{tier}: {s:#}");
+    // The CI writer's next build does not find its keys "present": it replaces what it cannot
+    // trust (the laptop's, and what the last teammate signed with its own key).
+    let s = build(&mut world, "ci-again", Some(&ci));
+    assert_eq!(n(&s, "/shared_writes"), UNITS, "{tier}: {s:#}");
+    let s = build(&mut world, "teammate-after-healing", None);
+    assert_eq!((n(&s, "/hits_remote"), n(&s, "/misses")), (UNITS, 0), "{tier}: {s:#}");
+}
+
+#[test]
+fn a_laptop_cannot_make_an_entry_a_teammate_accepts_through_memcached() {
+    a_laptop_cannot_make_an_entry_a_teammate_accepts("memcached");
+}
+
+#[test]
+fn a_laptop_cannot_make_an_entry_a_teammate_accepts_through_redis() {
+    a_laptop_cannot_make_an_entry_a_teammate_accepts("redis");
+}
+
+/// A CI writer's key (`ci-writer.key` in the world) and a trust file listing it, given to every
+/// client of the world as `FERRY_TRUST_FILE`; the key's path, for the machines that publish.
+fn ci_writer(world: &mut World) -> PathBuf {
+    let key = world.path().join("ci-writer.key");
+    let public = ferry_cache::Signer::create(&key).expect("a writer key").public();
+    let trust = world.path().join("trusted-writers");
+    write(&trust, &format!("# writers whose entries this site accepts\n{public} ci\n"));
+    world.set("FERRY_TRUST_FILE", &trust);
+    key
 }
 
 fn assert_corrupt_tier_is_harmless(c: &mut Cluster, ws: &Path, expected: &BTreeMap<String, blake3::Hash>) {

@@ -1,5 +1,5 @@
 //! The packaging examples are real: `packaging/examples/*.toml` pass `ferry-scheduler
-//! --check-config` and `ferry-worker --check-config` with TLS material and a site key made by the
+//! --check-config` and `ferry-worker --check-config` with TLS material made by the
 //! very commands `packaging/README.md` gives (run with the real `openssl`), the scheduler prints
 //! the summary the README shows, the client's example loads without a configuration error, and
 //! broken variants are refused with one line naming the file and the key.
@@ -14,11 +14,11 @@ use std::process::{Command, Output};
 
 use ferry_tests::{World, bin, ok};
 
-/// Where the examples expect the certificates, keys and the site key.
+/// Where the examples expect the certificates and keys.
 const ETC: &str = "/etc/ferry/";
 
 /// Variables the daemons read: none may come from the environment the tests run in.
-const DAEMON_VARS: [&str; 9] = [
+const DAEMON_VARS: [&str; 11] = [
     "FERRY_LISTEN",
     "FERRY_DATA_DIR",
     "FERRY_SCHEDULER",
@@ -27,6 +27,8 @@ const DAEMON_VARS: [&str; 9] = [
     "FERRY_SHARED_CACHE",
     "FERRY_SHARED_CACHE_SIZE",
     "FERRY_SHARED_KEY_FILE",
+    "FERRY_WRITER_KEY_FILE",
+    "FERRY_TRUST_FILE",
     "FERRY_HTTP",
 ];
 
@@ -65,7 +67,10 @@ fn the_worker_examples_pass_their_check() {
             format!("slots: {slots}"),
             format!("data dir: {}", data_dir.display()),
             "tls: on".to_owned(),
-            "shared cache: the scheduler's, sealed".to_owned(),
+            format!(
+                "shared cache: the scheduler's, signed by a key made at the first start in {}/writer.key",
+                data_dir.display()
+            ),
             "http: off".to_owned(),
         ] {
             assert!(lines.contains(&expected.as_str()), "{name}: no line '{expected}' in:\n{summary}");
@@ -203,7 +208,7 @@ impl Site {
         fs::create_dir_all(&etc).expect("mkdir");
         let commands = readme_block("packaging.rs runs the next block");
         ok(Command::new("sh").args(["-eu", "-c", &commands]).current_dir(&etc).output().expect("sh runs"));
-        for file in ["ca.pem", "scheduler.pem", "scheduler.key", "worker-a.pem", "worker-a.key", "site.key"] {
+        for file in ["ca.pem", "scheduler.pem", "scheduler.key", "worker-a.pem", "worker-a.key"] {
             assert!(etc.join(file).is_file(), "the README's commands made no {file}");
         }
         Site { world, etc }

@@ -303,7 +303,12 @@ fn the_scheduler_stays_within_its_memory_bound_under_a_bomb_and_a_flood() {
         files: vec![ferry_cache::OutputFile { path: "/big.rlib".into(), executable: false, bytes: content.into() }],
         ..Default::default()
     };
-    let entry = ferry_cache::Entry::encode_result(key, [1; 32], &output);
+    // Signed by a writer the scheduler trusts (it registers: loopback grants every role).
+    let (writer, _) = ferry_cache::Signer::generate().expect("a writer key");
+    let request = v1::RegisterWriterRequest { public_key: writer.public().0.to_vec(), name: "test".into() };
+    let mut client = api.client.clone();
+    assert!(api.rt.block_on(client.register_writer(request)).expect("RegisterWriter").into_inner().trusted);
+    let entry = ferry_cache::sign(&ferry_cache::Entry::encode_result(key, [1; 32], &output), &writer);
     drop(output);
     let expected = blake3::hash(&entry);
     let header = v1::CacheHeader { key: Some(to_digest(key.0)), size: entry.len() as u64 };
@@ -584,6 +589,7 @@ fn attacks_from_a_proc_macro_are_contained_and_the_worker_keeps_serving() {
             .replace("@OUT@", &path_string(&world.path().join("job-swap/out")))
             .replace("@SECRET@", &path_string(&secret)),
     );
+    swap.args.insert(0, "--emit=link,metadata".into());
     swap.more_outputs.push(swap.dir.join("out/libvictim.rmeta"));
     let run = cluster.run(&swap);
     assert!(run.stderr.contains(r#""emit":"metadata""#), "the macro did not announce: {run:#?}");
@@ -832,6 +838,40 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
             Code::InvalidArgument,
             vec!["/usr/x is inside a system directory".into()],
         ),
+        // The worker derives the outputs from the arguments: naming an input (here the crate's
+        // own source) as an output would drop it from the manifest the worker publishes.
+        (
+            "an input named as an output",
+            v1::RunJobRequest {
+                outputs: [good().outputs, vec![path_string(&job.dir.join("lib.rs"))]].concat(),
+                ..good()
+            },
+            Code::InvalidArgument,
+            vec!["are not what the arguments produce".into(), path_string(&job.dir.join("out/libvictim.rlib"))],
+        ),
+        (
+            "an output the arguments do not make",
+            v1::RunJobRequest { outputs: vec![path_string(&job.dir.join("out/libother.rlib"))], ..good() },
+            Code::InvalidArgument,
+            vec!["are not what the arguments produce".into()],
+        ),
+        (
+            "arguments ferry does not run remotely",
+            v1::RunJobRequest { args: vec!["--print".into(), "sysroot".into()], ..good() },
+            Code::InvalidArgument,
+            vec!["the arguments are not a compile a worker runs".into()],
+        ),
+        (
+            "an output that is also an input",
+            {
+                let mut r = good();
+                r.args.extend(["-o".into(), path_string(&job.dir.join("lib.rs"))]);
+                r.outputs = vec![path_string(&job.dir.join("lib.rs"))];
+                r
+            },
+            Code::InvalidArgument,
+            vec!["is both an input file and an output of the job".into()],
+        ),
         (
             "another program",
             v1::RunJobRequest { program: "/usr/bin/rustc".into(), ..good() },
@@ -853,6 +893,38 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
             },
             Code::InvalidArgument,
             vec!["'toolchain_root'".into(), "'..' component".into()],
+        ),
+        // Trees that cannot be built are the client's fault, refused before the job runs (they
+        // used to fail while placing inputs, as the worker's fault, and three of them
+        // quarantined it).
+        (
+            "an input beneath an input file",
+            with_input(&format!("{}/x.rs", path_string(&job.dir.join("lib.rs"))), never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec![format!("{} is an input file of the job, but", path_string(&job.dir.join("lib.rs")))],
+        ),
+        (
+            "an input where a directory belongs",
+            with_input(&path_string(&job.dir.join("out")), never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec![format!("{} is both an input file and a directory", path_string(&job.dir.join("out")))],
+        ),
+        (
+            "the working directory beneath an input file",
+            {
+                let mut r = good();
+                r.cwd = format!("{}/sub", path_string(&job.dir.join("lib.rs")));
+                r.args.extend(["-o".into(), path_string(&job.dir.join("out/libvictim.rlib"))]);
+                r
+            },
+            Code::InvalidArgument,
+            vec!["is an input file of the job, but".into()],
+        ),
+        (
+            "a 256-byte path component",
+            with_input(&format!("/srv/{}", "x".repeat(256)), never_uploaded.clone()),
+            Code::InvalidArgument,
+            vec!["a component longer than 255 bytes".into()],
         ),
         ("an unknown toolchain", good(), Code::Unavailable, vec![hex(&unknown), "is not stored here".into()]),
     ];
@@ -885,6 +957,10 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
         assert_status(&err, code, &needles);
         cluster.assert_clean();
     }
+    // None of that is this worker's failure: the scheduler counts none and quarantines nothing.
+    let status = cluster.world.ferry_json(&["status", "--json"]);
+    let workers = status["workers"].as_array().expect("workers");
+    assert!(workers.len() == 1 && workers[0]["failures"] == 0 && workers[0]["quarantined_ms"] == 0, "{status:#}");
     // A job id other than the one granted.
     let (granted_id, grant) = cluster.worker.allocate();
     let other = v1::RunJobRequest { job_id: granted_id + 1, ..good() };
