@@ -12,15 +12,31 @@
 //! descriptor, so records of concurrent threads and processes never interleave. A record is one
 //! op byte, its fields, each ended by a NUL byte (a path cannot contain NUL); paths are made
 //! absolute (relative to the cwd, or to the directory an `*at` call names) but not resolved. The
-//! record ops are listed in `../src/lib.rs` ([`Op`] there). Records are deduplicated per process
-//! through a lock-free table of 64-bit hashes. `errno` is preserved across the recording.
+//! record ops and their fields are listed in `../src/lib.rs` (its header, and `Record`). Records
+//! are deduplicated per process through a lock-free table of hashes and an arena (except those
+//! that account for processes, below). `errno` is preserved across the recording.
+//!
+//! The records that account for processes (the fields in `../src/lib.rs`): every process writes
+//! `X exe pid` first; an exec-family call writes `x name resolved pid e` before the call (its own
+//! pid, which the new program keeps) and `f pid` when the call returns (it failed); a successful
+//! `posix_spawn` writes `x name resolved pid s` after the call, with the child's pid (a failed one
+//! writes an `e` record with its own pid and an `f`). These are written every time (not
+//! deduplicated), so the consumer can match each started program to the `X` it wrote and tell a
+//! program that could not open the log (`ferry_observe::unaccounted`).
 //!
 //! What it cannot see is written as an `!` record, so the caller knows the observation is
 //! incomplete: a program started that is statically linked or not an ELF it can load into, a
-//! child whose environment dropped `LD_PRELOAD` or the log, a path too long to record.
-//! What it cannot see and cannot tell: raw system calls, `execl*` (C-variadic; a dynamic child
-//! still observes itself), reading the whole environment (`environ`) instead of looking a
-//! variable up, and files the dynamic loader opens (recorded from `/proc/self/maps` at start).
+//! child whose environment dropped `LD_PRELOAD` or the log, a path too long to record, and what
+//! glibc reads on its own behind an entry point: name-service lookups (`getpw*`, `getgr*`,
+//! `gethostby*`, `getaddrinfo`, `getnameinfo`, `getservbyname`, `getprotobyname`: `!
+//! name-service`), character set conversions and message catalogs (`iconv_open`, `catopen`) and
+//! a locale other than the built-in C one (`setlocale`): `! locale-data`.
+//! What it cannot see and cannot tell: raw system calls, `execl*` on architectures other than
+//! x86_64 and aarch64 (C-variadic, wrapped by naked trampolines there; elsewhere a dynamic child
+//! still observes itself), programs glibc starts itself (`system`, `popen`: their children observe
+//! themselves), reading the whole environment (`environ`) instead of looking a variable up, files
+//! the dynamic loader opens (recorded from `/proc/self/maps` at start), and other glibc-internal
+//! reads (`newlocale`, time zone data for `localtime`).
 #![no_std]
 #![allow(clippy::missing_safety_doc, non_camel_case_types)]
 
@@ -49,6 +65,7 @@ unsafe extern "C" {
     fn close(fd: c_int) -> c_int;
     fn getcwd(buf: *mut c_char, size: size_t) -> *mut c_char;
     fn getppid() -> pid_t;
+    fn getpid() -> pid_t;
     fn fcntl(fd: c_int, cmd: c_int, arg: c_int) -> c_int;
     fn dl_iterate_phdr(
         callback: unsafe extern "C" fn(*mut DlPhdrInfo, size_t, *mut c_void) -> c_int,
@@ -163,8 +180,14 @@ extern "C" fn init() {
     open_log();
     let mut buf = [0u8; PATH_MAX];
     let exe = readlink_into(b"/proc/self/exe\0", &mut buf);
-    if let Some(exe) = exe {
-        emit(b'X', &[exe]);
+    let mut pid = [0u8; 12];
+    // SAFETY: getpid has no preconditions.
+    let pid = pid_text(unsafe { getpid() }, &mut pid);
+    // The first record of every process: with the pid, the consumer can tell that each program
+    // an `x` record announced for that pid did write to the log.
+    match exe {
+        Some(exe) => emit_always(b'X', &[exe, pid]),
+        None => emit(b'!', &[b"unknown-executable", pid]),
     }
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { getppid() };
@@ -324,6 +347,16 @@ fn open_log() -> c_int {
 /// Writes one record (op byte, then each field and a NUL) in one `write`, unless this process
 /// already wrote the same record.
 fn emit(op: u8, fields: &[&[u8]]) {
+    write_record(op, fields, true);
+}
+
+/// Writes one record every time, even when this process wrote the same bytes before: the records
+/// the consumer counts (`x`, `f`, `X`: a program run twice by one process must show twice).
+fn emit_always(op: u8, fields: &[&[u8]]) {
+    write_record(op, fields, false);
+}
+
+fn write_record(op: u8, fields: &[&[u8]], dedup: bool) {
     if LOG_FD.load(Ordering::Relaxed) < 0 {
         return;
     }
@@ -339,7 +372,7 @@ fn emit(op: u8, fields: &[&[u8]]) {
         buf[len + field.len()] = 0;
         len += field.len() + 1;
     }
-    if !first_time(&buf[..len]) {
+    if dedup && !first_time(&buf[..len]) {
         return;
     }
     let fd = LOG_FD.load(Ordering::Relaxed);
@@ -529,6 +562,12 @@ fn write_int(mut v: i64, out: &mut [u8]) -> usize {
     n
 }
 
+/// A pid as decimal text, in `out`.
+fn pid_text(pid: pid_t, out: &mut [u8; 12]) -> &[u8] {
+    let n = write_int(i64::from(pid), out);
+    &out[..n]
+}
+
 fn parse_int(text: &[u8]) -> Option<i64> {
     let mut v: i64 = 0;
     if text.is_empty() {
@@ -710,9 +749,27 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 // Programs started
 // ---------------------------------------------------------------------------------------------
 
-/// Records a program about to run: `x name resolved`, or `a` when it does not exist, and `!`
-/// when the observer will not see inside it.
-unsafe fn record_exec(name: *const c_char, search: bool, envp: *const *const c_char, caller: usize) {
+/// How a program is started: by an exec in the calling process (recorded before the call, with
+/// the caller's pid), or by a spawn (recorded after it, with the child's pid: the child may have
+/// written its `X` already).
+#[derive(Clone, Copy, PartialEq)]
+enum Start {
+    Exec,
+    Spawn,
+}
+
+/// Records a program about to run in process `pid`: `x name resolved pid how` (`how`: `e` for an
+/// exec, `s` for a spawn), or `a` when it does not exist, and `!` when the observer will not see
+/// inside it. True when the `x` record was written (so a failed exec is answered with
+/// [`exec_failed`]).
+unsafe fn record_exec(
+    name: *const c_char,
+    search: bool,
+    envp: *const *const c_char,
+    caller: usize,
+    pid: pid_t,
+    start: Start,
+) -> bool {
     let saved = errno();
     if origin(caller) == b'p' {
         // A program started by a proc-macro may read its whole environment (a shell expanding
@@ -726,25 +783,55 @@ unsafe fn record_exec(name: *const c_char, search: bool, envp: *const *const c_c
         }
     }
     // SAFETY: a NUL-terminated program name from the caller.
-    let Some(raw) = (unsafe { c_bytes(name) }) else { return };
+    let Some(raw) = (unsafe { c_bytes(name) }) else {
+        set_errno(saved);
+        return false;
+    };
     let mut resolved = [0u8; 2 * PATH_MAX];
     let found = if search && !raw.contains(&b'/') { search_path(raw, &mut resolved) } else {
         absolute(AT_FDCWD, raw, &mut resolved).map(<[u8]>::len)
     };
-    match found {
+    let written = match found {
         Some(len) if exists(&resolved[..len]) => {
             let path = &resolved[..len];
-            emit(b'x', &[raw, path]);
+            let mut text = [0u8; 12];
+            let how: &[u8] = if start == Start::Spawn { b"s" } else { b"e" };
+            emit_always(b'x', &[raw, path, pid_text(pid, &mut text), how]);
             check_loadable(path, 0);
             // SAFETY: the caller's environment array.
             if !unsafe { carries_observer(envp) } {
                 emit(b'!', &[b"environment-drops-observer", path]);
             }
+            true
         }
-        Some(len) => emit(b'a', &[&resolved[..len]]),
-        None => emit(b'a', &[raw]),
-    }
+        Some(len) => {
+            emit(b'a', &[&resolved[..len]]);
+            false
+        }
+        None => {
+            emit(b'a', &[raw]);
+            false
+        }
+    };
     set_errno(saved);
+    written
+}
+
+/// After an exec-family call returned (it failed): `f pid`, so the consumer expects no `X` from
+/// the program the `x` record before it announced. Only when that `x` was written.
+extern "C" fn exec_failed(written: usize) {
+    if written != 0 {
+        let saved = errno();
+        let mut text = [0u8; 12];
+        emit_always(b'f', &[pid_text(own_pid(), &mut text)]);
+        set_errno(saved);
+    }
+}
+
+/// This process's pid (the one an exec keeps).
+fn own_pid() -> pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { getpid() }
 }
 
 /// Records every variable of an environment array as looked up by plugin code, except the
@@ -1347,50 +1434,61 @@ type Argv = *const *const c_char;
 with_caller!(execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int => execve_from, "rcx", "x3");
 unsafe extern "C" fn execve_from(path: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments.
-    unsafe { record_exec(path, false, envp, caller) };
+    let written = unsafe { record_exec(path, false, envp, caller, own_pid(), Start::Exec) };
     let Some(f) = real!(execve: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(path, argv, envp) }
+    let r = unsafe { f(path, argv, envp) };
+    exec_failed(usize::from(written));
+    r
 }
 
 with_caller!(execv(path: *const c_char, argv: Argv) -> c_int => execv_from, "rdx", "x2");
 unsafe extern "C" fn execv_from(path: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments; the new image inherits this environment.
-    unsafe { record_exec(path, false, environ, caller) };
+    let written = unsafe { record_exec(path, false, environ, caller, own_pid(), Start::Exec) };
     let Some(f) = real!(execv: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(path, argv) }
+    let r = unsafe { f(path, argv) };
+    exec_failed(usize::from(written));
+    r
 }
 
 with_caller!(execvp(file: *const c_char, argv: Argv) -> c_int => execvp_from, "rdx", "x2");
 unsafe extern "C" fn execvp_from(file: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: as in execv.
-    unsafe { record_exec(file, true, environ, caller) };
+    let written = unsafe { record_exec(file, true, environ, caller, own_pid(), Start::Exec) };
     let Some(f) = real!(execvp: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(file, argv) }
+    let r = unsafe { f(file, argv) };
+    exec_failed(usize::from(written));
+    r
 }
 
 with_caller!(execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int => execvpe_from, "rcx", "x3");
 unsafe extern "C" fn execvpe_from(file: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: as in execve.
-    unsafe { record_exec(file, true, envp, caller) };
+    let written = unsafe { record_exec(file, true, envp, caller, own_pid(), Start::Exec) };
     let Some(f) = real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(file, argv, envp) }
+    let r = unsafe { f(file, argv, envp) };
+    exec_failed(usize::from(written));
+    r
 }
 
 with_caller!(fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int => fexecve_from, "rcx", "x3");
 unsafe extern "C" fn fexecve_from(fd: c_int, argv: Argv, envp: Argv, caller: usize) -> c_int {
     let mut buf = [0u8; PATH_MAX + 1];
+    let mut written = false;
     if let Some(n) = fd_path(fd, &mut buf[..PATH_MAX]) {
         buf[n] = 0;
         // SAFETY: a NUL-terminated path we built; the caller's environment.
-        unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller) };
+        written = unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller, own_pid(), Start::Exec) };
     }
     let Some(f) = real!(fexecve: fn(c_int, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(fd, argv, envp) }
+    let r = unsafe { f(fd, argv, envp) };
+    exec_failed(usize::from(written));
+    r
 }
 
 with_caller!(execveat(dirfd: c_int, path: *const c_char, argv: Argv, envp: Argv, flags: c_int) -> c_int
@@ -1415,18 +1513,222 @@ unsafe extern "C" fn execveat_from(
             p.len()
         })
     };
+    let mut written = false;
     if let Some(n) = found {
         buf[n] = 0;
         // SAFETY: a NUL-terminated path we built; the caller's environment.
-        unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller) };
+        written = unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller, own_pid(), Start::Exec) };
     }
     let Some(f) = real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    unsafe { f(dirfd, path, argv, envp, flags) }
+    let r = unsafe { f(dirfd, path, argv, envp, flags) };
+    exec_failed(usize::from(written));
+    r
+}
+
+/// `execl`, `execlp` and `execle` take their arguments C-variadic (a NULL-terminated list, then
+/// for `execle` the environment), which stable Rust cannot receive. On x86_64 and aarch64 a naked
+/// trampoline saves the argument registers, lets [`execl_record`] walk the list (the registers,
+/// then the caller's stack) and record the program, calls the real function with the registers
+/// restored and the stack arguments copied below its own frame, and when that returns (the exec
+/// failed) writes `f`. Elsewhere they are not wrapped: a dynamic child still observes itself, and
+/// the consumer sees its `X` record without an `x` for it.
+macro_rules! execl_like {
+    ($($name:ident, $kind:expr);*) => {$(
+        /// x86_64: integer arguments in rdi, rsi, rdx, rcx, r8, r9, then on the stack from
+        /// [rsp+8]; al holds the number of vector registers a variadic call used (restored for the
+        /// real function). The frame: rbp = entry rsp - 8 (16-byte aligned); [rbp-72..rbp-24] the
+        /// six argument registers in order, [rbp-24] rax, [rbp-16] the number of stack words the
+        /// list used, [rbp-8] whether an `x` was written.
+        #[cfg(target_arch = "x86_64")]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, arg: *const c_char) -> c_int {
+            core::arch::naked_asm!(
+                "push rbp",
+                "mov rbp, rsp",
+                "sub rsp, 80",
+                "mov [rbp - 72], rdi",
+                "mov [rbp - 64], rsi",
+                "mov [rbp - 56], rdx",
+                "mov [rbp - 48], rcx",
+                "mov [rbp - 40], r8",
+                "mov [rbp - 32], r9",
+                "mov [rbp - 24], rax",
+                "lea rsi, [rbp - 72]",
+                "lea rdx, [rbp + 16]",
+                "mov rcx, [rbp + 8]",
+                "mov r8d, {kind}",
+                "lea r9, [rbp - 16]",
+                "call {record}",
+                "mov r11, rax",
+                // Room for the stack arguments (an even number of words keeps rsp aligned).
+                "mov rcx, [rbp - 16]",
+                "lea rax, [rcx + 1]",
+                "and rax, -2",
+                "shl rax, 3",
+                "sub rsp, rax",
+                "xor eax, eax",
+                "2:",
+                "cmp rax, rcx",
+                "jae 3f",
+                "mov r10, [rbp + 16 + rax * 8]",
+                "mov [rsp + rax * 8], r10",
+                "inc rax",
+                "jmp 2b",
+                "3:",
+                "mov rdi, [rbp - 72]",
+                "mov rsi, [rbp - 64]",
+                "mov rdx, [rbp - 56]",
+                "mov rcx, [rbp - 48]",
+                "mov r8, [rbp - 40]",
+                "mov r9, [rbp - 32]",
+                "mov rax, [rbp - 24]",
+                "call r11",
+                // Returned: the exec failed. Keep the result while `f` is written.
+                "lea rsp, [rbp - 80]",
+                "mov [rbp - 24], rax",
+                "mov rdi, [rbp - 8]",
+                "call {failed}",
+                "mov rax, [rbp - 24]",
+                "leave",
+                "ret",
+                kind = const $kind,
+                record = sym execl_record,
+                failed = sym exec_failed,
+            )
+        }
+
+        /// aarch64 (AAPCS64 as Linux uses it): variadic integer arguments in x0-x7, then on the
+        /// stack from the entry sp. The frame (96 bytes): x29/x30, then x0-x7 at [sp+16..sp+80],
+        /// [sp+80] the number of stack words the list used (later the result), [sp+88] whether an
+        /// `x` was written.
+        #[cfg(target_arch = "aarch64")]
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, arg: *const c_char) -> c_int {
+            core::arch::naked_asm!(
+                "stp x29, x30, [sp, #-96]!",
+                "mov x29, sp",
+                "stp x0, x1, [sp, #16]",
+                "stp x2, x3, [sp, #32]",
+                "stp x4, x5, [sp, #48]",
+                "stp x6, x7, [sp, #64]",
+                "add x1, sp, #16",
+                "add x2, sp, #96",
+                "mov x3, x30",
+                "mov x4, #{kind}",
+                "add x5, sp, #80",
+                "bl {record}",
+                "mov x16, x0",
+                // Room for the stack arguments (an even number of words keeps sp aligned).
+                "ldr x9, [x29, #80]",
+                "add x10, x9, #1",
+                "and x10, x10, #0xfffffffffffffffe",
+                "lsl x10, x10, #3",
+                "sub sp, sp, x10",
+                "add x12, x29, #96",
+                "mov x11, #0",
+                "2:",
+                "cmp x11, x9",
+                "b.hs 3f",
+                "ldr x13, [x12, x11, lsl #3]",
+                "str x13, [sp, x11, lsl #3]",
+                "add x11, x11, #1",
+                "b 2b",
+                "3:",
+                "ldp x0, x1, [x29, #16]",
+                "ldp x2, x3, [x29, #32]",
+                "ldp x4, x5, [x29, #48]",
+                "ldp x6, x7, [x29, #64]",
+                "blr x16",
+                // Returned: the exec failed. Keep the result while `f` is written.
+                "mov sp, x29",
+                "str x0, [sp, #80]",
+                "ldr x0, [sp, #88]",
+                "bl {failed}",
+                "ldr x0, [sp, #80]",
+                "ldp x29, x30, [sp], #96",
+                "ret",
+                kind = const $kind,
+                record = sym execl_record,
+                failed = sym exec_failed,
+            )
+        }
+    )*};
+}
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const EXECL: usize = 0;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const EXECLP: usize = 1;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const EXECLE: usize = 2;
+
+/// How many integer arguments a variadic call passes in registers before the stack.
+#[cfg(target_arch = "x86_64")]
+const ARG_REGISTERS: usize = 6;
+#[cfg(target_arch = "aarch64")]
+const ARG_REGISTERS: usize = 8;
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+execl_like!(execl, EXECL; execlp, EXECLP; execle, EXECLE);
+
+/// For the `execl*` trampolines: walks the argument list (word 0 is `path`, in the first saved
+/// register; words past the registers are on the caller's stack), records the program, and
+/// returns the real function to call. `out[0]` gets the number of words the list has on the
+/// stack (the trampoline copies them for the real function), `out[1]` whether `x` was written.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe extern "C" fn execl_record(
+    path: *const c_char,
+    registers: *const usize,
+    stack: *const usize,
+    caller: usize,
+    kind: usize,
+    out: *mut [usize; 2],
+) -> usize {
+    // SAFETY: the trampoline saved ARG_REGISTERS words at `registers`; the caller passed a
+    // NULL-terminated list (then, for execle, the environment), whose words past the registers
+    // are at `stack`, one per argument.
+    let word = |i: usize| unsafe { if i < ARG_REGISTERS { *registers.add(i) } else { *stack.add(i - ARG_REGISTERS) } };
+    let mut end = 1;
+    while word(end) != 0 {
+        end += 1;
+    }
+    let (envp, words) = if kind == EXECLE { (word(end + 1) as Argv, end + 2) } else { (environ_now(), end + 1) };
+    // SAFETY: the caller's program name and environment.
+    let written = unsafe { record_exec(path, kind == EXECLP, envp, caller, own_pid(), Start::Exec) };
+    // SAFETY: the trampoline passes its two out slots.
+    unsafe { *out = [words.saturating_sub(ARG_REGISTERS), usize::from(written)] };
+    let real = match kind {
+        EXECL => real!(execl: fn(*const c_char, *const c_char) -> c_int),
+        EXECLP => real!(execlp: fn(*const c_char, *const c_char) -> c_int),
+        _ => real!(execle: fn(*const c_char, *const c_char) -> c_int),
+    };
+    match real {
+        Some(f) => f as usize,
+        None => exec_unavailable as *const () as usize,
+    }
+}
+
+/// What an `execl*` trampoline calls when libc has no such function.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+extern "C" fn exec_unavailable() -> c_int {
+    const ENOSYS: c_int = 38;
+    set_errno(ENOSYS);
+    -1
+}
+
+/// The environment a new image inherits.
+fn environ_now() -> Argv {
+    // SAFETY: reading libc's pointer to the current environment.
+    unsafe { environ }
 }
 
 /// `posix_spawn` and `posix_spawnp` take six arguments, so the caller travels on the stack as the
-/// seventh (x86_64) or in the seventh register (aarch64).
+/// seventh (x86_64) or in the seventh register (aarch64). The `x` record is written after the
+/// call, with the child's pid (the real call stores it; into a local when the caller passed no
+/// place for it); when the call fails, with this process's pid and an `f` after it.
 macro_rules! spawn_like {
     ($($name:ident, $inner:ident, $search:expr);*) => {$(
         #[cfg(target_arch = "x86_64")]
@@ -1470,14 +1772,25 @@ macro_rules! spawn_like {
             envp: Argv,
             caller: usize,
         ) -> c_int {
-            // SAFETY: the caller's arguments.
-            unsafe { record_exec(path, $search, envp, caller) };
             let Some(f) = real!($name: fn(*mut pid_t, *const c_char, *const c_void, *const c_void, Argv, Argv) -> c_int)
             else {
                 return ENOENT;
             };
-            // SAFETY: forwarding the caller's arguments.
-            unsafe { f(pid, path, actions, attrs, argv, envp) }
+            let mut own: pid_t = 0;
+            let child = if pid.is_null() { &raw mut own } else { pid };
+            // SAFETY: forwarding the caller's arguments (a place for the pid of our own when the
+            // caller gave none: the real call then stores it there instead of nowhere).
+            let r = unsafe { f(child, path, actions, attrs, argv, envp) };
+            if r == 0 {
+                // SAFETY: the caller's arguments; the real call stored the child's pid.
+                unsafe { record_exec(path, $search, envp, caller, *child, Start::Spawn) };
+            } else {
+                // No child runs it: recorded as an exec of this process that failed.
+                // SAFETY: the caller's arguments.
+                let written = unsafe { record_exec(path, $search, envp, caller, own_pid(), Start::Exec) };
+                exec_failed(usize::from(written));
+            }
+            r
         }
     )*};
 }
@@ -1588,4 +1901,151 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const c_void, flags: c_int) ->
     let Some(f) = real!(sendmsg: fn(c_int, *const c_void, c_int) -> ssize_t) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
     unsafe { f(fd, msg, flags) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What glibc reads on its own
+// ---------------------------------------------------------------------------------------------
+
+/// Records `! reason function`, keeping errno as the real call left it.
+fn record_unseen(reason: &[u8], function: &[u8]) {
+    let saved = errno();
+    emit(b'!', &[reason, function]);
+    set_errno(saved);
+}
+
+type uid_t = c_uint;
+type gid_t = c_uint;
+type socklen_t = u32;
+
+/// Name-service lookups: glibc answers them from what `/etc/nsswitch.conf` names (files it opens
+/// internally, nscd over a socket, NIS, LDAP, DNS, systemd-resolved), none of which goes through
+/// the wrapped functions: `! name-service function`.
+macro_rules! name_service {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, else $fail:expr;)*) => {$(
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            let Some(f) = real!($name: fn($($ty),*) -> $ret) else { return $fail };
+            // SAFETY: forwarding the caller's arguments.
+            let r = unsafe { f($($arg),*) };
+            record_unseen(b"name-service", stringify!($name).as_bytes());
+            r
+        }
+    )*};
+}
+
+/// What a lookup answers when libc has no such function: not found.
+const NONE: *mut c_void = core::ptr::null_mut();
+/// `EAI_FAIL`.
+const EAI_FAIL: c_int = -4;
+
+name_service! {
+    getpwnam(name: *const c_char) -> *mut c_void, else NONE;
+    getpwuid(uid: uid_t) -> *mut c_void, else NONE;
+    getpwnam_r(name: *const c_char, pwd: *mut c_void, buf: *mut c_char, len: size_t, result: *mut *mut c_void) -> c_int,
+        else ENOENT;
+    getpwuid_r(uid: uid_t, pwd: *mut c_void, buf: *mut c_char, len: size_t, result: *mut *mut c_void) -> c_int,
+        else ENOENT;
+    getpwent() -> *mut c_void, else NONE;
+    getgrnam(name: *const c_char) -> *mut c_void, else NONE;
+    getgrgid(gid: gid_t) -> *mut c_void, else NONE;
+    getgrnam_r(name: *const c_char, grp: *mut c_void, buf: *mut c_char, len: size_t, result: *mut *mut c_void) -> c_int,
+        else ENOENT;
+    getgrgid_r(gid: gid_t, grp: *mut c_void, buf: *mut c_char, len: size_t, result: *mut *mut c_void) -> c_int,
+        else ENOENT;
+    getgrent() -> *mut c_void, else NONE;
+    gethostbyname(name: *const c_char) -> *mut c_void, else NONE;
+    gethostbyname2(name: *const c_char, family: c_int) -> *mut c_void, else NONE;
+    gethostbyaddr(addr: *const c_void, len: socklen_t, family: c_int) -> *mut c_void, else NONE;
+    getaddrinfo(node: *const c_char, service: *const c_char, hints: *const c_void, res: *mut *mut c_void) -> c_int,
+        else EAI_FAIL;
+    getnameinfo(
+        addr: *const c_void, len: socklen_t, host: *mut c_char, hostlen: socklen_t, serv: *mut c_char,
+        servlen: socklen_t, flags: c_int
+    ) -> c_int, else EAI_FAIL;
+    getservbyname(name: *const c_char, proto: *const c_char) -> *mut c_void, else NONE;
+    getprotobyname(name: *const c_char) -> *mut c_void, else NONE;
+}
+
+/// Character set conversions: glibc reads `gconv-modules` (or its cache) and loads converter
+/// modules without going through the wrapped functions: `! locale-data iconv_open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn iconv_open(to: *const c_char, from: *const c_char) -> *mut c_void {
+    let Some(f) = real!(iconv_open: fn(*const c_char, *const c_char) -> *mut c_void) else {
+        return usize::MAX as *mut c_void; // (iconv_t) -1
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let r = unsafe { f(to, from) };
+    record_unseen(b"locale-data", b"iconv_open");
+    r
+}
+
+/// Message catalogs: opened by glibc internally, found through `NLSPATH` and the locale:
+/// `! locale-data catopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn catopen(name: *const c_char, flag: c_int) -> *mut c_void {
+    let Some(f) = real!(catopen: fn(*const c_char, c_int) -> *mut c_void) else {
+        return usize::MAX as *mut c_void; // (nl_catd) -1
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let r = unsafe { f(name, flag) };
+    record_unseen(b"locale-data", b"catopen");
+    r
+}
+
+with_caller!(setlocale(category: c_int, locale: *const c_char) -> *mut c_char => setlocale_from, "rdx", "x2");
+
+/// Changing the locale: for `""` glibc picks each category's locale from the environment (read
+/// internally: the variables are recorded here as looked up); any locale but the built-in `C` (or
+/// `POSIX`) is loaded from files glibc opens internally (`locale-archive`, `LC_*` files under
+/// `LOCPATH` or the system directory), and a locale asked for and missing was looked for there:
+/// `! locale-data setlocale`. A query (null locale) changes nothing.
+unsafe extern "C" fn setlocale_from(category: c_int, locale: *const c_char, caller: usize) -> *mut c_char {
+    let Some(f) = real!(setlocale: fn(c_int, *const c_char) -> *mut c_char) else { return core::ptr::null_mut() };
+    // SAFETY: forwarding the caller's arguments.
+    let r = unsafe { f(category, locale) };
+    if locale.is_null() {
+        return r;
+    }
+    let saved = errno();
+    // SAFETY: a NUL-terminated locale name from the caller.
+    if unsafe { c_bytes(locale) } == Some(b"") {
+        record_locale_variables(category, origin(caller));
+    }
+    // SAFETY: setlocale returns a NUL-terminated name, or null.
+    let built_in = matches!(unsafe { c_bytes(r) }, Some(b"C" | b"POSIX"));
+    if !built_in {
+        emit(b'!', &[b"locale-data", b"setlocale"]);
+    }
+    set_errno(saved);
+    r
+}
+
+/// The variables glibc consults for `setlocale(category, "")`: `LC_ALL`, the category's own,
+/// `LANG` (for `LC_ALL`: every category's).
+fn record_locale_variables(category: c_int, by: u8) {
+    /// glibc's category numbers, in order (6 is `LC_ALL`).
+    const NAMES: [&[u8]; 13] = [
+        b"LC_CTYPE",
+        b"LC_NUMERIC",
+        b"LC_TIME",
+        b"LC_COLLATE",
+        b"LC_MONETARY",
+        b"LC_MESSAGES",
+        b"LC_ALL",
+        b"LC_PAPER",
+        b"LC_NAME",
+        b"LC_ADDRESS",
+        b"LC_TELEPHONE",
+        b"LC_MEASUREMENT",
+        b"LC_IDENTIFICATION",
+    ];
+    const LC_ALL: c_int = 6;
+    emit(b'v', &[b"LC_ALL", &[by]]);
+    emit(b'v', &[b"LANG", &[by]]);
+    for (i, name) in NAMES.iter().enumerate() {
+        if i as c_int != LC_ALL && (category == LC_ALL || category == i as c_int) {
+            emit(b'v', &[name, &[by]]);
+        }
+    }
 }

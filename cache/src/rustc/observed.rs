@@ -219,7 +219,7 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
     let incomplete = |reason: &str, detail: &Path| {
         Err(Incomplete { reason: reason.to_owned(), detail: detail.display().to_string() })
     };
-    if !records.iter().any(|r| matches!(r, Record::Exe(_))) {
+    if !records.iter().any(|r| matches!(r, Record::Exe { .. })) {
         return incomplete("observer-not-loaded", Path::new("no process of the compile wrote to the log"));
     }
     let started: BTreeSet<&Path> = records
@@ -259,7 +259,7 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
             Record::Read(p) | Record::Mapped(p) if !own.is(p) => {
                 sets.files.insert(text(p)?);
             }
-            Record::Exe(p) if !own.is(p) && !started.contains(p.as_path()) => {
+            Record::Exe { path: p, .. } if !own.is(p) && !started.contains(p.as_path()) => {
                 sets.files.insert(text(p)?);
             }
             // The directories that hold the outputs are there whenever the compile succeeds.
@@ -275,7 +275,7 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
             Record::Listed(p) if !own.is_listing(p) && !scope.search_dirs.iter().any(|d| d == p) => {
                 sets.listings.insert(text(p)?);
             }
-            Record::Exec { name, resolved } if !own.is(resolved) => {
+            Record::Exec { name, resolved, .. } if !own.is(resolved) => {
                 let name = name.to_str().ok_or_else(|| non_utf8(resolved))?;
                 let as_named = if name.contains('/') { text(resolved)? } else { name.to_owned() };
                 sets.programs.insert(as_named);
@@ -298,6 +298,11 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
             Record::Incomplete { reason, detail } => return incomplete(reason, Path::new(detail)),
             _ => {}
         }
+    }
+    // A program the compile started that never wrote to the log (it could not open it: a path
+    // it cannot reach, a loader that did not preload the observer) read what nobody knows.
+    if let Some(why) = ferry_observe::unaccounted(records) {
+        return incomplete("unobserved-child", Path::new(&why));
     }
     for name in scope.tracked_env.iter().flatten() {
         if !never_keyed(name) {
@@ -418,7 +423,7 @@ mod tests {
         use Record::*;
         check(
             &[
-                Exe("/tc/bin/rustc".into()),
+                Exe { path: "/tc/bin/rustc".into(), pid: 1 },
                 r("/tc/lib/librustc_driver.so"),
                 r("/proc/self/statm"),
                 r("/p/src/lib.rs"),
@@ -434,12 +439,15 @@ mod tests {
                 Absent("/p/out/a.d".into()),
                 Absent("/p/out/liba.rlib".into()),
                 env("CARGO_PKG_NAME", Origin::Compiler),
-                Exec { name: "cc".into(), resolved: "/usr/bin/cc".into() },
-                Exe("/usr/bin/x86_64-linux-gnu-gcc-12".into()),
+                Exec { name: "cc".into(), resolved: "/usr/bin/cc".into(), pid: 2, spawned: true },
+                Exe { path: "/usr/bin/x86_64-linux-gnu-gcc-12".into(), pid: 2 },
                 Exec {
                     name: "/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld".into(),
                     resolved: "/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld".into(),
+                    pid: 2,
+                    spawned: false,
                 },
+                Exe { path: "/tc/lib/rustlib/x86_64-unknown-linux-gnu/bin/rust-lld".into(), pid: 2 },
                 Mapped("/usr/lib/libc.so.6".into()),
                 r("/usr/lib/gcc/x86_64-linux-gnu/12/crtbeginS.o"),
                 r("/cache/observe/log"),
@@ -478,7 +486,7 @@ mod tests {
         use Record::*;
         check(
             &[
-                Exe("/tc/bin/rustc".into()),
+                Exe { path: "/tc/bin/rustc".into(), pid: 1 },
                 r("/tc/bin/rustc"),
                 r("/tc/lib/librustc_driver-1.so"),
                 r("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib/libstd-1.rlib"),
@@ -522,7 +530,7 @@ mod tests {
         use Record::*;
         check(
             &[
-                Exe("/tc/bin/rustc".into()),
+                Exe { path: "/tc/bin/rustc".into(), pid: 1 },
                 // Read, then rewritten: an input (and, changed, unstorable: the caller checks).
                 r("/p/config.json"),
                 Wrote("/p/config.json".into()),
@@ -558,10 +566,21 @@ mod tests {
     }
 
     #[test]
+    fn a_started_program_that_never_wrote_to_the_log_makes_it_incomplete() {
+        let rustc = Record::Exe { path: "/tc/bin/rustc".into(), pid: 1 };
+        let cc = Record::Exec { name: "cc".into(), resolved: "/usr/bin/cc".into(), pid: 2, spawned: true };
+        let err = input_list(&[rustc.clone(), cc.clone()], &scope(Some(&[]))).unwrap_err();
+        assert_eq!(err.reason, "unobserved-child");
+        assert!(err.detail.starts_with("/usr/bin/cc (pid 2)"), "{}", err.detail);
+        let answered = Record::Exe { path: "/usr/bin/cc".into(), pid: 2 };
+        assert!(input_list(&[rustc, cc, answered], &scope(Some(&[]))).is_ok());
+    }
+
+    #[test]
     fn variables_are_keyed_by_who_looked_them_up() {
         use Origin::*;
         let log = [
-            Record::Exe("/tc/bin/rustc".into()),
+            Record::Exe { path: "/tc/bin/rustc".into(), pid: 1 },
             // rustc's own lookups of names shown not to reach outputs: not keyed...
             env("CI", Compiler),
             env("TMPDIR", Compiler),
@@ -633,7 +652,7 @@ mod tests {
             &[r("/p/src/lib.rs")],
             expect!["incomplete: observer-not-loaded: no process of the compile wrote to the log"],
         );
-        let exe = Exe("/tc/bin/rustc".into());
+        let exe = Exe { path: "/tc/bin/rustc".into(), pid: 1 };
         check(
             &[exe.clone(), Incomplete { reason: "static-executable".into(), detail: "/opt/ld.static".into() }],
             expect!["incomplete: static-executable: /opt/ld.static"],

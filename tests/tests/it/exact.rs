@@ -367,3 +367,97 @@ fn verification_finds_removes_counts_and_explains_an_entry_made_wrong() {
     assert_eq!(p.run("app"), "1");
     assert!(b.misses() >= 1, "{:#}", b.stats);
 }
+
+/// What the observer cannot see into never becomes an entry: a proc-macro that takes its answer
+/// from a socket, runs a statically linked program through `execveat` (which reads a file no
+/// record names), or starts a child that cannot open the observation log. Each compile is not
+/// stored, counted under its reason, and after the answer changes the program says the new one,
+/// as plain cargo's does (a stored entry would replay the old).
+#[test]
+fn what_the_observer_cannot_see_into_is_never_stored() {
+    let answer = std::sync::Arc::new(std::sync::Mutex::new("first".to_owned()));
+    let port = serve_answers(answer.clone());
+    let socket = macro_project(
+        "{ use std::io::Read; let port: u16 = std::fs::read_to_string(dir().join(\"port.txt\")).unwrap().trim().parse().unwrap(); \
+           let mut s = std::net::TcpStream::connect((\"127.0.0.1\", port)).unwrap(); \
+           let mut v = String::new(); s.read_to_string(&mut v).unwrap(); v }",
+        &[("port.txt", &port.to_string())],
+    );
+    let b = socket.build().ok();
+    assert_eq!(socket.run("app"), "first");
+    assert_eq!(n(&b.stats, "/not_stored/unobserved: network-connect"), 1, "{:#}", b.stats);
+    *answer.lock().unwrap() = "second".to_owned();
+    rebuild(&socket, &[]);
+    assert_eq!(socket.run("app"), "second");
+
+    // A static program that exits with the length of a data file.
+    let execveat = macro_project(
+        "{ use std::ffi::{CString, c_char}; \
+           unsafe extern \"C\" { fn fork() -> i32; fn execveat(d: i32, p: *const c_char, a: *const *const c_char, e: *const *const c_char, f: i32) -> i32; fn waitpid(p: i32, s: *mut i32, o: i32) -> i32; fn _exit(c: i32) -> !; } \
+           let prog = CString::new(dir().join(\"answer\").to_str().unwrap()).unwrap(); \
+           let argv = [prog.as_ptr(), std::ptr::null()]; let envp: [*const c_char; 1] = [std::ptr::null()]; \
+           let mut status = 0; \
+           unsafe { let pid = fork(); if pid == 0 { execveat(-100, prog.as_ptr(), argv.as_ptr(), envp.as_ptr(), 0); _exit(127); } waitpid(pid, &mut status, 0); } \
+           format!(\"exit {}\", (status >> 8) & 0xff) }",
+        &[("data.txt", "12345")],
+    );
+    let data = execveat.root.join("lib/data.txt");
+    let source = execveat.root.join("answer.rs");
+    fs::write(
+        &source,
+        format!("fn main() {{ std::process::exit(std::fs::read({:?}).map_or(99, |d| d.len() as i32)) }}\n", data),
+    )
+    .expect("write");
+    let built = Command::new(installed_sysroot().join("bin/rustc"))
+        .args(["-C", "target-feature=+crt-static", "-o"])
+        .arg(execveat.root.join("lib/answer"))
+        .arg(&source)
+        .output()
+        .expect("rustc runs");
+    ok(built);
+    let b = execveat.build().ok();
+    assert_eq!(execveat.run("app"), "exit 5");
+    assert_eq!(n(&b.stats, "/not_stored/unobserved: static-executable"), 1, "{:#}", b.stats);
+    execveat.write("lib/data.txt", "1234567");
+    rebuild(&execveat, &[]);
+    assert_eq!(execveat.run("app"), "exit 7");
+
+    // `cat` told to log where it cannot: it runs, reads the file, and writes no record.
+    let hidden = macro_project(
+        "{ let out = std::process::Command::new(\"/bin/cat\").arg(dir().join(\"data.txt\")) \
+             .env(\"FERRY_OBSERVE_LOG\", \"/nonexistent/ferry-observe.log\").output().unwrap(); \
+           String::from_utf8(out.stdout).unwrap() }",
+        &[("data.txt", "first")],
+    );
+    let b = hidden.build().ok();
+    assert_eq!(hidden.run("app"), "first");
+    assert_eq!(n(&b.stats, "/not_stored/unobserved: unobserved-child"), 1, "{:#}", b.stats);
+    hidden.write("lib/data.txt", "second");
+    rebuild(&hidden, &[]);
+    assert_eq!(hidden.run("app"), "second");
+}
+
+/// A TCP server on loopback that answers every connection with `answer` and closes it; it stops
+/// by itself after 20 connections or two minutes.
+fn serve_answers(answer: std::sync::Arc<std::sync::Mutex<String>>) -> u16 {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut served = 0;
+        while served < 20 && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let text = answer.lock().unwrap().clone();
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.write_all(text.as_bytes());
+                    served += 1;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    });
+    port
+}

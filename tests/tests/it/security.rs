@@ -764,6 +764,78 @@ fn a_job_whose_client_goes_away_is_killed_at_once() {
     cluster.assert_still_serves();
 }
 
+/// On a worker, as on a client, what the observer cannot see into is never stored: a macro that
+/// runs a statically linked program through `execveat`, one that uses a socket, and one whose
+/// child cannot open the observation log each compile, the worker says why the observation is
+/// incomplete, and it publishes none of them (an honest job's entries, published after them,
+/// are the only ones in the shared tier).
+#[test]
+fn a_worker_never_publishes_what_its_observer_cannot_see_into() {
+    let cluster = Cluster::new("");
+    let world = &cluster.world;
+    let dir = world.path().join("job-execveat");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::write(dir.join("answer.rs"), "fn main() { std::process::exit(3) }\n").expect("write");
+    let mut rustc = Command::new(sysroot().join("bin/rustc"));
+    rustc.args(["-C", "target-feature=+crt-static", "-o"]).arg(dir.join("answer")).arg(dir.join("answer.rs"));
+    ok(run_bounded(rustc, Duration::from_secs(120)));
+    let mut execveat = Job::attack(
+        world,
+        "execveat",
+        &r#"use std::ffi::{CString, c_char};
+        unsafe extern "C" {
+            fn fork() -> i32;
+            fn execveat(d: i32, p: *const c_char, a: *const *const c_char, e: *const *const c_char, f: i32) -> i32;
+            fn waitpid(p: i32, s: *mut i32, o: i32) -> i32;
+            fn _exit(c: i32) -> !;
+        }
+        let prog = CString::new("@PROGRAM@").unwrap();
+        let argv = [prog.as_ptr(), std::ptr::null()];
+        let envp: [*const c_char; 1] = [std::ptr::null()];
+        let mut status = 0;
+        unsafe {
+            let pid = fork();
+            if pid == 0 { execveat(-100, prog.as_ptr(), argv.as_ptr(), envp.as_ptr(), 0); _exit(127); }
+            waitpid(pid, &mut status, 0);
+        }
+        assert_eq!((status >> 8) & 0xff, 3, "the static program did not run");
+        "pub fn ran() {}".parse().unwrap()"#
+            .replace("@PROGRAM@", &path_string(&dir.join("answer"))),
+    );
+    execveat.inputs.push(dir.join("answer"));
+    let socket = Job::attack(
+        world,
+        "socket",
+        r#"let _ = std::net::TcpStream::connect(("127.0.0.1", 9));
+        "pub fn asked() {}".parse().unwrap()"#,
+    );
+    let hidden = Job::attack(
+        world,
+        "hidden",
+        r#"let out = std::process::Command::new("/bin/true")
+            .env("FERRY_OBSERVE_LOG", "/nonexistent/ferry-observe.log")
+            .status()
+            .unwrap();
+        assert!(out.success());
+        "pub fn hid() {}".parse().unwrap()"#,
+    );
+    for (job, reason) in [(&execveat, "static-executable"), (&socket, "network-connect"), (&hidden, "unobserved-child")] {
+        let run = cluster.run(job);
+        run.assert_compiled();
+        let observed = run.observed.as_ref().unwrap_or_else(|| panic!("{reason}: no observation: {run:#?}"));
+        assert!(observed.incomplete.starts_with(reason), "{reason}: {observed:?}");
+    }
+    // Published in order: once the honest job's result and manifest are there, nothing else is.
+    cluster.run(&Job::benign(world)).assert_compiled();
+    let entries = || -> Vec<PathBuf> {
+        let files = crate::wrapper::files_under(&world.path().join("scheduler/cache"));
+        files.into_iter().filter(|p| p.file_name().is_some_and(|n| n.len() == 64)).collect()
+    };
+    wait_until(Duration::from_secs(30), "the worker publishes the honest job", || entries().len() >= 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(entries().len(), 2, "{:?}", entries());
+}
+
 // ---- bad requests to the worker ----------------------------------------------------------------
 
 #[test]
@@ -1525,6 +1597,8 @@ struct JobRun {
     /// Output files by path, reassembled from their chunks.
     outputs: BTreeMap<String, Vec<u8>>,
     finished: Option<v1::JobFinished>,
+    /// What the worker observed, as it said at the end (`complete`).
+    observed: Option<v1::Observed>,
     elapsed: Duration,
 }
 
@@ -1549,6 +1623,7 @@ impl JobRun {
             stderr: String::new(),
             outputs: BTreeMap::new(),
             finished: None,
+            observed: None,
             elapsed: Duration::ZERO,
         }
     }
@@ -1559,6 +1634,7 @@ impl JobRun {
             Some(job_event::Kind::Stderr(b)) => self.stderr.push_str(&String::from_utf8_lossy(&b)),
             Some(job_event::Kind::Output(o)) => self.outputs.entry(o.path).or_default().extend_from_slice(&o.data),
             Some(job_event::Kind::Finished(f)) => self.finished = Some(f),
+            Some(job_event::Kind::Observed(o)) if o.complete => self.observed = Some(o),
             Some(job_event::Kind::Observed(_)) | None => {}
         }
     }
@@ -1675,7 +1751,9 @@ impl Job {
                 .map(|p| v1::InputFile {
                     path: path_string(p),
                     digest: Some(to_digest(*blake3::hash(&fs::read(p).expect("input")).as_bytes())),
-                    executable: false,
+                    executable: std::os::unix::fs::PermissionsExt::mode(&fs::metadata(p).expect("input").permissions())
+                        & 0o111
+                        != 0,
                 })
                 .collect(),
             outputs: [self.dir.join("out/libvictim.rlib")]
