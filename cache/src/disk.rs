@@ -25,10 +25,9 @@
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tracing::{debug, info, warn};
 
@@ -200,13 +199,8 @@ impl DiskStore {
 
     /// A temp file in this store to receive an entry into (see [`DiskStore::publish_temp`]).
     pub fn begin_temp(&self) -> Result<(File, PathBuf), Error> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let name = format!("{}.r{}.{nanos}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let path = self.root.join(TMP_DIR).join(name);
-        let file =
-            OpenOptions::new().read(true).write(true).create_new(true).mode(0o444).open(&path).map_err(io_at(&path))?;
-        Ok((file, path))
+        let dir = self.root.join(TMP_DIR);
+        crate::tempname::create_temp(&dir, &format!("{}.r.", std::process::id()), 0o444).map_err(io_at(&dir))
     }
 
     /// Publishes a received temp file (from [`DiskStore::begin_temp`], already checked by the
@@ -318,11 +312,9 @@ impl DiskStore {
 
     /// Writes a uniquely named, read-only temp file holding `bytes`, removing it on failure.
     fn write_temp(&self, bytes: &[u8]) -> Result<PathBuf, Error> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let name = format!("{}.{}.{nanos}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let path = self.root.join(TMP_DIR).join(name);
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o444).open(&path).map_err(io_at(&path))?;
+        let dir = self.root.join(TMP_DIR);
+        let (mut file, path) =
+            crate::tempname::create_temp(&dir, &format!("{}.", std::process::id()), 0o444).map_err(io_at(&dir))?;
         match file.write_all(bytes).and_then(|()| file.sync_all()) {
             Ok(()) => {
                 if bytes.len() >= UNCACHED_FROM {

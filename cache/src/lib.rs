@@ -22,6 +22,7 @@ pub mod rustc;
 mod signature;
 mod signed;
 mod store;
+mod tempname;
 
 pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, format_size, parse_size};
 pub use entry::{Entry, EntryError, EntryKind, check_stream, split_signature};
@@ -32,3 +33,4 @@ pub use redis::{RedisStore, RedisTls, check_redis_url, redis_key, without_passwo
 pub use signature::{SIGNATURE_LEN, Signer, Trust, WriterKey, sign, signer_of, verify, verify_stream};
 pub use signed::Signed;
 pub use store::{Error, PutOutcome, Store};
+pub use tempname::{create_temp, unpredictable_name, write_replacing};

@@ -62,9 +62,11 @@ pub fn note(config: &Config, rustc: &RustcArgs, cwd: &Path, keys: &Keys, result:
     let dir = config.cache_dir.join("explain");
     let name = format!("{:020}-{}.json", now.as_nanos(), std::process::id());
     let written = fs::create_dir_all(&dir).and_then(|()| {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        fs::write(&tmp, serde_json::to_vec_pretty(&record).expect("a record serializes"))?;
-        fs::rename(&tmp, dir.join(&name))
+        ferry_cache::write_replacing(
+            &dir.join(&name),
+            &serde_json::to_vec_pretty(&record).expect("a record serializes"),
+            0o644,
+        )
     });
     if written.is_err() {
         return;

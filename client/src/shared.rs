@@ -194,13 +194,7 @@ fn scheduler_trust(config: &Config, remote: Option<&RemoteCache>, stats: &mut St
     };
     match remote.map(RemoteCache::trusted_writers) {
         Some(Ok(trust)) => {
-            let tmp = file.with_extension(format!("json.{}.tmp", std::process::id()));
-            if fs::write(&tmp, serde_json::to_vec(&trust).unwrap_or_default())
-                .and_then(|()| fs::rename(&tmp, &file))
-                .is_err()
-            {
-                let _ = fs::remove_file(&tmp);
-            }
+            let _ = ferry_cache::write_replacing(&file, &serde_json::to_vec(&trust).unwrap_or_default(), 0o644);
             trust
         }
         Some(Err(e)) => {

@@ -17,5 +17,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = v1::JobEvent::decode(data);
     let _ = v1::WorkerMessage::decode(data);
     let _ = v1::AllocateResponse::decode(data);
-    let _ = ferry_proto::Grant::verify(data, &[[3; 32]], "worker");
+    let _ = ferry_proto::Grant::verify(data, &[[3; 32]], "worker", 0);
 });

@@ -49,6 +49,19 @@ impl fmt::Display for Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roles(pub Vec<Role>);
 
+/// Who is calling, as far as a server can tell: the blake3 of the caller's token, or `None` when
+/// the server takes no tokens (every caller is the same one). Stored in each request's extensions
+/// by [`Tokens::interceptor`], next to its [`Roles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Credential(pub Option<[u8; 32]>);
+
+impl Credential {
+    /// The caller of `req` (the open credential when no interceptor ran).
+    pub fn of<T>(req: &tonic::Request<T>) -> Credential {
+        req.extensions().get::<Credential>().copied().unwrap_or(Credential(None))
+    }
+}
+
 /// The configured tokens. `Open` is the loopback development default: no token needed, every role.
 #[derive(Debug, Clone)]
 pub enum Tokens {
@@ -84,7 +97,12 @@ impl Tokens {
             let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
             match self.roles(header) {
                 Ok(roles) => {
+                    let credential = match (&self, header.and_then(|h| h.strip_prefix("Bearer "))) {
+                        (Tokens::Required(_), Some(token)) => Some(*blake3::hash(token.trim().as_bytes()).as_bytes()),
+                        _ => None,
+                    };
                     req.extensions_mut().insert(roles);
+                    req.extensions_mut().insert(Credential(credential));
                     Ok(req)
                 }
                 Err(AuthError::Missing) => Err(tonic::Status::unauthenticated(

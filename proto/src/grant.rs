@@ -66,8 +66,10 @@ impl Grant {
     }
 
     /// A grant from its bytes, checked against any of `keys` (a worker keeps its last few), for
-    /// `worker_id`, not expired.
-    pub fn verify(bytes: &[u8], keys: &[GrantKey], worker_id: &str) -> Result<Grant, GrantError> {
+    /// `worker_id`, not expired on the scheduler's clock: `offset_ms` is the scheduler's clock
+    /// minus this machine's ([`clock_offset`], measured when the session started). The grant
+    /// returned has `expires_ms` on this machine's clock.
+    pub fn verify(bytes: &[u8], keys: &[GrantKey], worker_id: &str, offset_ms: i64) -> Result<Grant, GrantError> {
         if bytes.len() < 1 + 8 + 8 + 2 + 32 || bytes[0] != VERSION {
             return Err(GrantError::Malformed);
         }
@@ -85,10 +87,11 @@ impl Grant {
         if id != worker_id {
             return Err(GrantError::OtherWorker(id.to_owned()));
         }
-        if expires_ms < now_ms() {
+        let local_expiry = expires_ms.saturating_add_signed(-offset_ms);
+        if local_expiry < now_ms() {
             return Err(GrantError::Expired);
         }
-        Ok(Grant { job_id, worker_id: id.to_owned(), expires_ms })
+        Ok(Grant { job_id, worker_id: id.to_owned(), expires_ms: local_expiry })
     }
 }
 
@@ -104,6 +107,12 @@ pub fn new_grant_key() -> GrantKey {
         }
     }
     key
+}
+
+/// The scheduler's clock minus this machine's, in milliseconds, from the scheduler's time in its
+/// `Registered` message (`scheduler_now_ms`; off by at most the message's one-way delay).
+pub fn clock_offset(scheduler_now_ms: u64) -> i64 {
+    scheduler_now_ms as i64 - now_ms() as i64
 }
 
 fn now_ms() -> u64 {
@@ -130,16 +139,34 @@ mod tests {
         let other = new_grant_key();
         assert_ne!(key, other);
         let bytes = Grant::new(7, "w1").sign(&key);
-        let grant = Grant::verify(&bytes, &[other, key], "w1").unwrap();
+        let grant = Grant::verify(&bytes, &[other, key], "w1", 0).unwrap();
         assert_eq!((grant.job_id, grant.worker_id.as_str()), (7, "w1"));
-        assert_eq!(Grant::verify(&bytes, &[other], "w1"), Err(GrantError::BadSignature));
-        assert_eq!(Grant::verify(&bytes, &[key], "w2"), Err(GrantError::OtherWorker("w1".into())));
+        assert_eq!(Grant::verify(&bytes, &[other], "w1", 0), Err(GrantError::BadSignature));
+        assert_eq!(Grant::verify(&bytes, &[key], "w2", 0), Err(GrantError::OtherWorker("w1".into())));
         // Any changed byte breaks the MAC, e.g. another job id.
         let mut forged = bytes.clone();
         forged[1] ^= 1;
-        assert_eq!(Grant::verify(&forged, &[key], "w1"), Err(GrantError::BadSignature));
+        assert_eq!(Grant::verify(&forged, &[key], "w1", 0), Err(GrantError::BadSignature));
         let expired = Grant { job_id: 7, worker_id: "w1".into(), expires_ms: 1 }.sign(&key);
-        assert_eq!(Grant::verify(&expired, &[key], "w1"), Err(GrantError::Expired));
-        assert_eq!(Grant::verify(&bytes[..10], &[key], "w1"), Err(GrantError::Malformed));
+        assert_eq!(Grant::verify(&expired, &[key], "w1", 0), Err(GrantError::Expired));
+        assert_eq!(Grant::verify(&bytes[..10], &[key], "w1", 0), Err(GrantError::Malformed));
+    }
+
+    #[test]
+    fn expiry_is_judged_on_the_scheduler_s_clock() {
+        let key = new_grant_key();
+        let hour: i64 = 3_600_000;
+        let ms = hour as u64;
+        // A scheduler an hour ahead of this worker: its fresh grant expires, on this worker's
+        // clock, in two minutes — not in an hour and two minutes.
+        let ahead = Grant { job_id: 1, worker_id: "w".into(), expires_ms: now_ms() + ms + 120_000 }.sign(&key);
+        let grant = Grant::verify(&ahead, &[key], "w", hour).unwrap();
+        assert!(grant.expires_ms <= now_ms() + 120_000 && grant.expires_ms > now_ms() + 100_000, "{grant:?}");
+        // A scheduler an hour behind: its fresh grant is not "expired an hour ago" here.
+        let behind = Grant { job_id: 2, worker_id: "w".into(), expires_ms: now_ms() - ms + 120_000 }.sign(&key);
+        assert!(Grant::verify(&behind, &[key], "w", -hour).is_ok());
+        assert_eq!(Grant::verify(&behind, &[key], "w", 0), Err(GrantError::Expired));
+        // The offset from a scheduler's time.
+        assert!((clock_offset(now_ms() + ms) - hour).abs() < 1000);
     }
 }

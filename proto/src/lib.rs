@@ -9,9 +9,13 @@ pub mod daemon;
 mod grant;
 pub mod http;
 
-pub use auth::{AuthError, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config};
+pub use auth::{
+    AuthError, Credential, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config,
+};
 pub use cache::{RemoteCache, SchedulerApi, SharedTierSpec, TokenInterceptor};
-pub use grant::{GRANT_HEADER, GRANT_LIFETIME, Grant, GrantError, GrantKey, attach_grant, grant_bytes, new_grant_key};
+pub use grant::{
+    GRANT_HEADER, GRANT_LIFETIME, Grant, GrantError, GrantKey, attach_grant, clock_offset, grant_bytes, new_grant_key,
+};
 
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -117,10 +116,7 @@ impl ArchiveStore {
     }
 
     pub fn begin(&self) -> std::io::Result<Incoming> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let path =
-            self.dir.join("tmp").join(format!("{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-        let file = File::options().write(true).create_new(true).open(&path)?;
+        let (file, path) = ferry_cache::create_temp(&self.dir.join("tmp"), &format!("{}.", std::process::id()), 0o644)?;
         Ok(Incoming { path, file: Some(file), received: 0 })
     }
 

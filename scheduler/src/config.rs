@@ -13,6 +13,7 @@
 //! | shared cache tier size (evicts least recently used beyond it) | `cache_size` | `FERRY_SHARED_CACHE_SIZE` | `20G` |
 //! | largest shared cache entry | `max_entry_bytes` | — | `1073741824` |
 //! | shared cache transfers served at once (each holds at most ~7 MiB: the bound on the tier's memory) | `cache_concurrency` | — | `16` |
+//! | job slots the live workers of one credential (token) may offer together; a registration beyond is cut down to what is left, and refused when nothing is | `max_slots_per_credential` | — | `256` |
 //! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
@@ -59,6 +60,8 @@ pub struct SchedulerConfig {
     /// `RESOURCE_EXHAUSTED`). Each streams through a file in 1 MiB pieces, so the cache service's
     /// memory stays under about this × 7 MiB whatever the entry sizes and the number of clients.
     pub cache_concurrency: usize,
+    /// Slots the live sessions of one worker credential may offer together.
+    pub max_slots_per_credential: u32,
     /// PEM certificate and key; `None` serves plain HTTP/2 (loopback or `insecure` only).
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub tokens: Tokens,
@@ -84,6 +87,7 @@ struct FileConfig {
     cache_size: Option<String>,
     max_entry_bytes: Option<u64>,
     cache_concurrency: Option<usize>,
+    max_slots_per_credential: Option<u32>,
     tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
@@ -173,6 +177,7 @@ impl SchedulerConfig {
             cache_size,
             max_entry_bytes: parsed.max_entry_bytes.unwrap_or(1 << 30),
             cache_concurrency: parsed.cache_concurrency.unwrap_or(16).max(1),
+            max_slots_per_credential: parsed.max_slots_per_credential.unwrap_or(256).max(1),
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),

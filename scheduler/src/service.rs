@@ -75,6 +75,10 @@ struct Inner {
     /// the worker's newer registration), the sender of its stream, and its key for job grants.
     sessions: HashMap<String, (u64, SessionTx, ferry_proto::GrantKey)>,
     next_session: u64,
+    /// Each worker id's credential (the token that first registered it since this scheduler
+    /// started) and the slots its live session offers: no other credential may take the id
+    /// over, and one credential's sessions together offer at most `max_slots_per_credential`.
+    owners: HashMap<String, (ferry_proto::Credential, u32)>,
     /// Toolchains just uploaded and sent to the workers to prefetch, and when: until a worker
     /// holds one (or [`PREFETCH_WAIT`] passes), its jobs are answered "compile locally" rather than
     /// given a slot that would sit waiting for the fetch.
@@ -97,6 +101,7 @@ impl Service {
             waiters: HashMap::new(),
             sessions: HashMap::new(),
             next_session: 1,
+            owners: HashMap::new(),
             prefetching: HashMap::new(),
         };
         let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
@@ -277,6 +282,7 @@ impl SchedulerApi for Service {
         request: Request<Streaming<v1::WorkerMessage>>,
     ) -> Result<Response<Self::WorkerSessionStream>, Status> {
         require(&request, Role::Worker, "WorkerSession")?;
+        let credential = ferry_proto::Credential::of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -284,12 +290,38 @@ impl SchedulerApi for Service {
         let Some(v1::WorkerMessage { kind: Some(worker_message::Kind::Register(reg)) }) = first else {
             return Err(Status::invalid_argument("the first message of a worker session must be 'register'"));
         };
-        let reg = registration(reg)?;
+        let mut reg = registration(reg)?;
         let id = reg.id.clone();
         let (tx, rx) = mpsc::channel(4);
         let grant_key = ferry_proto::new_grant_key();
         let session = {
             let mut inner = self.shared.lock();
+            if let Some((owner, _)) = inner.owners.get(&id)
+                && *owner != credential
+            {
+                return Err(Status::permission_denied(format!(
+                    "worker id '{id}' belongs to another worker's token: give each worker its own id"
+                )));
+            }
+            // What this credential's other live sessions offer (a restart replaces its own).
+            let others: u32 = inner
+                .owners
+                .iter()
+                .filter(|(other, (owner, _))| **other != id && *owner == credential)
+                .map(|(_, (_, slots))| slots)
+                .sum();
+            let cap = self.shared.config.max_slots_per_credential;
+            let left = cap.saturating_sub(others);
+            if left == 0 {
+                return Err(Status::resource_exhausted(format!(
+                    "this worker token's sessions already offer {others} slots, the most one token may                      (max_slots_per_credential = {cap})"
+                )));
+            }
+            if reg.slots > left {
+                tracing::warn!(worker = %id, asked = reg.slots, given = left, cap, "a worker's slots cut to its token's share");
+                reg.slots = left;
+            }
+            inner.owners.insert(id.clone(), (credential, reg.slots));
             inner.next_session += 1;
             let session = inner.next_session;
             inner.sessions.insert(id.clone(), (session, tx.clone(), grant_key));
@@ -302,8 +334,13 @@ impl SchedulerApi for Service {
         };
         info!(worker = %id, address = %reg.address, slots = reg.slots, "worker registered");
         let lease_ms = self.shared.config.lease.as_millis() as u32;
-        let registered =
-            scheduler_message::Kind::Registered(v1::Registered { lease_ms, grant_key: grant_key.to_vec() });
+        let registered = scheduler_message::Kind::Registered(v1::Registered {
+            lease_ms,
+            grant_key: grant_key.to_vec(),
+            now_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
         let _ = tx.send(Ok(v1::SchedulerMessage { kind: Some(registered) })).await;
         let shared = Arc::clone(&self.shared);
         tokio::spawn(async move {
@@ -329,6 +366,10 @@ impl SchedulerApi for Service {
             let mut inner = shared.lock();
             if inner.sessions.get(&id).is_some_and(|(s, _, _)| *s == session) {
                 inner.sessions.remove(&id);
+                // The id stays its credential's; its slots no longer count.
+                if let Some((_, slots)) = inner.owners.get_mut(&id) {
+                    *slots = 0;
+                }
                 let effects = inner.state.remove(&id);
                 info!(worker = %id, failed_jobs = effects.failed_jobs.len(), "worker session ended");
                 inner.apply(effects);

@@ -112,9 +112,11 @@ impl Writers {
     }
 
     fn save(&self, registered: &BTreeMap<WriterKey, Registered>) -> std::io::Result<()> {
-        let tmp = self.file.with_extension(format!("json.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(registered).expect("writers serialize"))?;
-        std::fs::rename(&tmp, &self.file)
+        ferry_cache::write_replacing(
+            &self.file,
+            &serde_json::to_vec_pretty(registered).expect("writers serialize"),
+            0o600,
+        )
     }
 }
 

@@ -21,7 +21,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -184,10 +183,7 @@ impl BlobStore {
     }
 
     pub fn begin(&self, digest: [u8; 32]) -> std::io::Result<IncomingBlob> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp =
-            self.dir.join("tmp").join(format!("{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-        let file = File::options().write(true).create_new(true).open(&tmp)?;
+        let (file, tmp) = ferry_cache::create_temp(&self.dir.join("tmp"), "in-", 0o644)?;
         Ok(IncomingBlob { digest, tmp, file: Some(file), hasher: blake3::Hasher::new(), received: 0 })
     }
 
@@ -337,12 +333,12 @@ impl BlobStore {
         }
         let victims = room.map_err(|_| std::io::Error::other("no room for an executable copy"))?;
         self.remove_files(&victims);
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp =
-            self.dir.join("tmp").join(format!("{}.x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
-        let made = fs::copy(&blob, &tmp)
-            .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o555)))
+        let (mut file, tmp) = ferry_cache::create_temp(&self.dir.join("tmp"), "x-", 0o600)?;
+        let made = File::open(&blob)
+            .and_then(|mut from| std::io::copy(&mut from, &mut file))
+            .and_then(|_| file.set_permissions(fs::Permissions::from_mode(0o555)))
             .and_then(|()| link_new(&tmp, &twin));
+        drop(file);
         let _ = fs::remove_file(&tmp);
         made?;
         index.add_twin(digest, bytes);

@@ -122,7 +122,8 @@ pub(crate) fn check_without_effects(sandbox: &SandboxConfig, data_dir: &Path) ->
     {
         traversable_by(uid, parent)?;
     }
-    let scratch = std::env::temp_dir().join(format!("ferry-worker-check-{}", std::process::id()));
+    // A name nobody can make in a shared /tmp first (prepare_data_dir makes it).
+    let scratch = std::env::temp_dir().join(ferry_cache::unpredictable_name("ferry-worker-check-"));
     let trial = prepare_data_dir(&scratch)
         .map_err(|e| CheckFailed {
             cause: format!("cannot make a scratch directory {} for a trial job: {e}", scratch.display()),

@@ -5,9 +5,18 @@
 //!
 //! Publishing runs on one background thread so it never delays a job's answer; when the queue is
 //! full a result is dropped (and logged), never waited for.
+//!
+//! Nothing waiting to be published is held in memory: a job's outputs are copied, as they are
+//! streamed to the client, into staged files under `<data_dir>/publish` ([`Publisher::stage`]),
+//! at most [`STAGING_BYTES`] at once (a job whose outputs do not fit is not published). The
+//! thread reads one job's files when it encodes that job's entry, so publishing holds one entry
+//! at a time. Staged files are removed when their job is published or dropped.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use ferry_cache::rustc::InputList;
 use ferry_cache::rustc::recipe::{self, absolute};
@@ -19,6 +28,14 @@ use crate::observe::Derived;
 
 /// Results waiting to be published, at most.
 const QUEUE: usize = 64;
+/// Output bytes staged for publishing at once, at most (on disk, in `<data_dir>/publish`).
+pub const STAGING_BYTES: u64 = 4 << 30;
+/// stdout or stderr kept for a job's entry, at most each; a job that printed more is forwarded
+/// whole to its client but not published.
+pub const STREAM_KEEP_BYTES: usize = 16 << 20;
+/// How long the tier (and with it the list of trusted writers, which decides whether a manifest
+/// already there counts) is used before it is opened again.
+const REOPEN_AFTER: Duration = Duration::from_secs(300);
 
 /// Everything about one finished, successful job that its entries need.
 #[derive(Debug)]
@@ -31,33 +48,75 @@ pub struct Finished {
     pub derived: Derived,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
-    /// Output bytes by absolute path.
-    pub outputs: HashMap<String, Vec<u8>>,
+    /// Output files by absolute path, staged.
+    pub outputs: HashMap<String, Staged>,
     pub compile_ms: u64,
 }
 
-/// The publishing thread's mailbox.
+/// One output's copy waiting to be published: removed, and its bytes given back to the staging
+/// budget, when dropped.
+#[derive(Debug)]
+pub struct Staged {
+    file: tempfile::NamedTempFile,
+    bytes: u64,
+    budget: Arc<AtomicU64>,
+}
+
+impl Staged {
+    /// Appends to the staged copy (never more than was reserved).
+    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        std::io::Write::write_all(self.file.as_file_mut(), data)
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.budget.fetch_add(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// The publishing thread's mailbox, and the staging directory.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     tx: mpsc::SyncSender<Finished>,
+    staging: PathBuf,
+    /// Staging bytes not reserved.
+    budget: Arc<AtomicU64>,
 }
 
 impl Publisher {
     /// Starts the thread; `open` makes the store on it (a gRPC store blocks on a runtime, which
-    /// must not happen on the server's own threads).
-    pub fn start(open: impl FnOnce() -> Result<Box<dyn Store>, String> + Send + 'static) -> Publisher {
+    /// must not happen on the server's own threads), and again every [`REOPEN_AFTER`]. `staging`
+    /// (made and emptied here) holds outputs waiting to be published.
+    pub fn start(
+        staging: &Path,
+        open: impl Fn() -> Result<Box<dyn Store>, String> + Send + 'static,
+    ) -> std::io::Result<Publisher> {
+        if staging.exists() {
+            std::fs::remove_dir_all(staging)?;
+        }
+        std::fs::create_dir_all(staging)?;
         let (tx, rx) = mpsc::sync_channel::<Finished>(QUEUE);
         std::thread::Builder::new()
             .name("shared-cache-writer".into())
             .spawn(move || {
-                let store = match open() {
-                    Ok(store) => store,
-                    Err(e) => {
-                        tracing::error!(error = %e, "shared cache tier unavailable: results are not published");
-                        return;
-                    }
-                };
+                let mut opened: Option<(Box<dyn Store>, Instant)> = None;
                 for job in rx {
+                    if opened.as_ref().is_none_or(|(_, at)| at.elapsed() > REOPEN_AFTER) {
+                        match open() {
+                            Ok(store) => opened = Some((store, Instant::now())),
+                            Err(e) if opened.is_some() => tracing::warn!(error = %e, "reopening the shared cache tier"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "shared cache tier unavailable: a result is not published");
+                                continue;
+                            }
+                        }
+                    }
+                    let Some((store, _)) = &opened else { continue };
                     match entries(job) {
                         Ok(result) => publish(store.as_ref(), &result),
                         Err(reason) => tracing::debug!(reason, "job result not published"),
@@ -65,7 +124,27 @@ impl Publisher {
                 }
             })
             .expect("spawning the shared cache writer");
-        Publisher { tx }
+        Ok(Publisher { tx, staging: staging.to_owned(), budget: Arc::new(AtomicU64::new(STAGING_BYTES)) })
+    }
+
+    /// A staged file for an output of `bytes` bytes; None when the staging budget is spent (the
+    /// job is then not published) or the file cannot be made.
+    pub fn stage(&self, bytes: u64) -> Option<Staged> {
+        let reserved =
+            self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(bytes)).is_ok();
+        if !reserved {
+            tracing::warn!(bytes, "outputs waiting to be published fill the staging budget: a result is not published");
+            return None;
+        }
+        let staged = |file| Staged { file, bytes, budget: Arc::clone(&self.budget) };
+        match tempfile::NamedTempFile::new_in(&self.staging) {
+            Ok(file) => Some(staged(file)),
+            Err(e) => {
+                self.budget.fetch_add(bytes, Ordering::Relaxed);
+                tracing::warn!(error = %e, "staging an output for publishing");
+                None
+            }
+        }
     }
 
     pub fn submit(&self, job: Finished) {
@@ -108,7 +187,11 @@ pub fn entries(mut job: Finished) -> Result<Publication, &'static str> {
     let cwd = std::path::Path::new(&job.cwd);
     let mut files = Vec::new();
     for (path, executable) in rustc.outputs() {
-        let bytes = absolute(cwd, &path).to_str().and_then(|p| job.outputs.remove(p)).ok_or("missing-output")?;
+        let staged = absolute(cwd, &path).to_str().and_then(|p| job.outputs.remove(p)).ok_or("missing-output")?;
+        let bytes = std::fs::read(staged.path()).map_err(|_| "staged-output-unreadable")?;
+        if bytes.len() as u64 != staged.bytes {
+            return Err("staged-output-changed");
+        }
         files.push(OutputFile { path, executable, bytes: bytes.into() });
     }
     let result = bases.rebase_output(CompileOutput {

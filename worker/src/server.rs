@@ -2,6 +2,7 @@
 //! shutdown token is cancelled.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +62,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
     let shared = Arc::new(Shared {
         worker_id: worker_id.clone(),
         grant_keys: Mutex::new(Vec::new()),
+        clock_offset_ms: Default::default(),
         granted: Mutex::new(HashMap::new()),
         blobs: BlobStore::open(data, config.blob_store_size).context("opening the blob store")?,
         toolchains: ToolchainCache::open(data, config.toolchain_cache_bytes).context("opening the toolchain cache")?,
@@ -72,7 +74,8 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         running: Mutex::new(Default::default()),
         ended: Mutex::new(Vec::new()),
         job_ended: tokio::sync::Notify::new(),
-        publisher: publisher(&config, token.clone()),
+        publisher: publisher(&config, token.clone(), &data.join("publish"))
+            .context("preparing the directory of outputs waiting to be published")?,
         metrics: crate::http::Metrics::default(),
     });
     let identity = session::Identity {
@@ -148,7 +151,7 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
 /// is signed with the worker's key (registered with the scheduler when its session starts), what
 /// it reads back (manifests) must be signed by a writer the scheduler lists, the trust file names,
 /// or the worker itself.
-fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher> {
+fn publisher(config: &WorkerConfig, token: TokenInterceptor, staging: &Path) -> std::io::Result<Option<Publisher>> {
     let (url, ca) = (config.scheduler.clone(), config.ca.clone());
     let (key_file, file_trust) = (config.writer_key_file.clone(), config.trust.clone());
     let sealed = move |store: Box<dyn Store>, from_scheduler: ferry_cache::Trust| {
@@ -160,18 +163,18 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
         }
         Box::new(ferry_cache::Signed::new(store, signer, trust)) as Box<dyn Store>
     };
-    match config.shared_cache.clone() {
-        SharedTierSpec::Off => None,
+    let started = match config.shared_cache.clone() {
+        SharedTierSpec::Off => return Ok(None),
         SharedTierSpec::Redis(redis) => {
             let tls = config.redis_tls.clone();
-            Some(Publisher::start(move || {
+            Publisher::start(staging, move || {
                 RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
-            }))
+            })
         }
-        SharedTierSpec::Memcached(url) => Some(Publisher::start(move || {
+        SharedTierSpec::Memcached(url) => Publisher::start(staging, move || {
             MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
-        })),
-        SharedTierSpec::Scheduler => Some(Publisher::start(move || {
+        }),
+        SharedTierSpec::Scheduler => Publisher::start(staging, move || {
             let runtime = std::sync::Arc::new(
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -183,13 +186,14 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor) -> Option<Publisher
                 let _entered = runtime.enter();
                 endpoint(&url, ca.as_deref()).map_err(|e| format!("{e:#}"))?.connect_lazy()
             };
-            let client = SchedulerClient::with_interceptor(channel, token);
+            let client = SchedulerClient::with_interceptor(channel, token.clone());
             let remote = RemoteCache::new(runtime, client, STORE_DEADLINE);
             // The scheduler may not answer yet: the worker's own key is enough to publish.
             let trust = remote.trusted_writers().unwrap_or_default();
             Ok(sealed(Box::new(remote), trust))
-        })),
-    }
+        }),
+    };
+    started.map(Some)
 }
 
 /// Every publishing call's deadline.

@@ -62,6 +62,9 @@ pub(crate) struct Shared {
     /// Grant keys of this worker's latest scheduler sessions (newest last; a reconnect makes a
     /// new one, and grants made just before it still verify with the previous).
     pub grant_keys: Mutex<Vec<ferry_proto::GrantKey>>,
+    /// The scheduler's clock minus this machine's (ms), measured when the session started:
+    /// grants expire on the scheduler's clock.
+    pub clock_offset_ms: std::sync::atomic::AtomicI64,
     /// Job ids that started here, with their grant's expiry: each grant runs one job, once.
     pub granted: Mutex<HashMap<u64, u64>>,
     pub blobs: BlobStore,
@@ -344,7 +347,8 @@ impl Shared {
     pub fn check_grant<T>(&self, request: &Request<T>) -> Result<Grant, GrantError> {
         let bytes = ferry_proto::grant_bytes(request).ok_or(GrantError::Missing)?;
         let keys = self.grant_keys.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Grant::verify(&bytes, &keys, &self.worker_id)
+        let offset = self.clock_offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        Grant::verify(&bytes, &keys, &self.worker_id, offset)
     }
 
     /// Marks a granted job as started; a second start of the same job is refused.
@@ -494,23 +498,23 @@ fn run_blocking(
     // sent before the announcement, so the client can check the one and hand the other to cargo
     // while codegen continues.
     let mut line = Vec::new();
-    // What was sent, kept for the shared cache entry: outputs by path, stdout, stderr.
-    // (Output bytes are kept only when they will be published.)
-    let keep = |bytes: Vec<u8>| if shared.publisher.is_some() { bytes } else { Vec::new() };
-    let mut sent: HashMap<String, Vec<u8>> = HashMap::new();
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    let forward_stderr = |bytes: &[u8], sent: &mut HashMap<String, Vec<u8>>, stderr: &mut Vec<u8>| {
+    // What was sent, kept for the shared cache entry: outputs by path (staged on disk when they
+    // will be published), stdout and stderr (up to STREAM_KEEP_BYTES each).
+    let publisher = shared.publisher.as_ref();
+    let mut sent: HashMap<String, Sent> = HashMap::new();
+    let (mut stdout, mut stderr) = (Kept::default(), Kept::default());
+    let forward_stderr = |bytes: &[u8], sent: &mut HashMap<String, Sent>, stderr: &mut Kept| {
         if let Some((path, emit)) = early_artifact(bytes, &job.cwd)
             && job.outputs.contains(&path)
             && !sent.contains_key(&path)
         {
-            sent.insert(path.clone(), keep(send_output(&tree, &path, &send)?));
+            sent.insert(path.clone(), send_output(&tree, &path, &send, publisher)?);
             if emit == "metadata" {
                 // What the metadata was made from, checked by the client before cargo sees it.
                 send(observed(true))?;
             }
         }
-        stderr.extend_from_slice(bytes);
+        stderr.keep(bytes);
         send(job_event::Kind::Stderr(bytes.to_vec()))
     };
     // A client that went away (cargo's Ctrl-C, its deadline) is noticed at once: its job is
@@ -524,7 +528,7 @@ fn run_blocking(
         &sandbox_job,
         &mut |stream, data| match stream {
             sandbox::Stream::Stdout => {
-                stdout.extend_from_slice(data);
+                stdout.keep(data);
                 streaming_ok &= send(job_event::Kind::Stdout(data.to_vec())).is_ok();
             }
             sandbox::Stream::Stderr => {
@@ -532,6 +536,12 @@ fn run_blocking(
                 while let Some(pos) = line.iter().position(|&b| b == b'\n') {
                     let complete: Vec<u8> = line.drain(..=pos).collect();
                     streaming_ok &= forward_stderr(&complete, &mut sent, &mut stderr).is_ok();
+                }
+                // A line longer than any artifact notice goes on as it is: held, it could grow
+                // without bound.
+                if line.len() > MAX_LINE_BYTES {
+                    stderr.keep(&line);
+                    streaming_ok &= send(job_event::Kind::Stderr(std::mem::take(&mut line))).is_ok();
                 }
             }
         },
@@ -548,7 +558,8 @@ fn run_blocking(
     };
     if outcome.exit_code != Some(0) && outcome.limit != Some(sandbox::Limit::Abandoned) {
         // For a `discrepancy` (failed here, fine on the client): what rustc said, in this log.
-        let shown = String::from_utf8_lossy(&stderr[stderr.len().saturating_sub(8 << 10)..]).into_owned();
+        let kept = &stderr.bytes;
+        let shown = String::from_utf8_lossy(&kept[kept.len().saturating_sub(8 << 10)..]).into_owned();
         tracing::info!(job = job.id, exit_code = ?outcome.exit_code, limit = ?outcome.limit, stderr = ?shown, "a job failed");
     }
     if outcome.exit_code == Some(0) {
@@ -556,13 +567,19 @@ fn run_blocking(
             if sent.contains_key(out) {
                 continue;
             }
-            match send_output(&tree, out, &send) {
-                Ok(bytes) => sent.insert(out.clone(), keep(bytes)),
+            match send_output(&tree, out, &send, publisher) {
+                Ok(s) => sent.insert(out.clone(), s),
                 Err(()) => break,
             };
         }
     }
-    let complete = job.outputs.iter().all(|o| sent.get(o).is_some_and(|b| !b.is_empty() || o.ends_with(".d")));
+    // Every output sent whole (only a dep-info may be empty) and staged, and the streams kept.
+    let complete = job
+        .outputs
+        .iter()
+        .all(|o| sent.get(o).is_some_and(|s| (s.bytes > 0 || o.ends_with(".d")) && s.staged.is_some()))
+        && !stdout.over
+        && !stderr.over;
     let derived = if outcome.exit_code == Some(0) {
         streaming_ok &= send(observed(false)).is_ok();
         observer.derive(&view, false).ok()
@@ -581,9 +598,9 @@ fn run_blocking(
             args: job.args.clone(),
             basedirs: job.basedirs.clone(),
             derived,
-            stdout,
-            stderr,
-            outputs: sent,
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
+            outputs: sent.into_iter().filter_map(|(path, s)| Some((path, s.staged?))).collect(),
             compile_ms: outcome.duration.as_millis() as u64,
         });
     }
@@ -616,34 +633,78 @@ fn run_blocking(
     if streaming_ok { Ok(outcome) } else { Err(JobFailure::ClientGone) }
 }
 
-/// Streams one declared output and returns its bytes; a missing one is simply not sent (the
-/// client notices) and comes back empty.
-fn send_output(tree: &Path, out: &str, send: &dyn Fn(job_event::Kind) -> Result<(), ()>) -> Result<Vec<u8>, ()> {
+/// The longest stderr line held while looking for rustc's artifact notices (which are short).
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// One output as it was sent: its size, and its staged copy when it will be published.
+struct Sent {
+    bytes: u64,
+    staged: Option<crate::publish::Staged>,
+}
+
+/// A stream's bytes kept for the job's entry, up to [`crate::publish::STREAM_KEEP_BYTES`].
+#[derive(Default)]
+struct Kept {
+    bytes: Vec<u8>,
+    /// More came than is kept: the job is not published.
+    over: bool,
+}
+
+impl Kept {
+    fn keep(&mut self, data: &[u8]) {
+        if self.over || self.bytes.len() + data.len() > crate::publish::STREAM_KEEP_BYTES {
+            self.over = true;
+            self.bytes = Vec::new();
+        } else {
+            self.bytes.extend_from_slice(data);
+        }
+    }
+}
+
+/// Streams one declared output, a chunk at a time, copying it into a staged file for the
+/// publisher when there is one (nothing is held whole in memory). A missing output, one over the
+/// cap, or one that cannot be read to its announced size, is not sent whole (the client notices)
+/// and comes back as 0 bytes, not staged.
+fn send_output(
+    tree: &Path,
+    out: &str,
+    send: &dyn Fn(job_event::Kind) -> Result<(), ()>,
+    publisher: Option<&crate::publish::Publisher>,
+) -> Result<Sent, ()> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
+    let nothing = Sent { bytes: 0, staged: None };
     // Opened beneath the tree without following any link, a regular file, within the cap.
-    let Ok(file) = crate::beneath::open_beneath(tree, out) else { return Ok(Vec::new()) };
-    let Ok(meta) = file.metadata() else { return Ok(Vec::new()) };
-    if meta.len() > MAX_OUTPUT_BYTES {
-        tracing::warn!(output = out, bytes = meta.len(), "an output over the cap is not sent");
-        return Ok(Vec::new());
+    let Ok(mut file) = crate::beneath::open_beneath(tree, out) else { return Ok(nothing) };
+    let Ok(meta) = file.metadata() else { return Ok(nothing) };
+    let len = meta.len();
+    if len > MAX_OUTPUT_BYTES {
+        tracing::warn!(output = out, bytes = len, "an output over the cap is not sent");
+        return Ok(nothing);
     }
     let executable = meta.permissions().mode() & 0o111 != 0;
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    if file.take(MAX_OUTPUT_BYTES + 1).read_to_end(&mut bytes).is_err() || bytes.len() as u64 > MAX_OUTPUT_BYTES {
-        return Ok(Vec::new());
-    }
-    let count = bytes.len().div_ceil(CHUNK).max(1);
+    let mut staged = publisher.and_then(|p| p.stage(len));
+    let count = len.div_ceil(CHUNK as u64).max(1);
+    let mut buffer = vec![0u8; CHUNK.min(len as usize)];
     for i in 0..count {
-        let data = bytes[(i * CHUNK).min(bytes.len())..((i + 1) * CHUNK).min(bytes.len())].to_vec();
+        let size = (len - i * CHUNK as u64).min(CHUNK as u64) as usize;
+        if file.read_exact(&mut buffer[..size]).is_err() {
+            // Shorter than it was: what was sent is incomplete (no `last`), and the client drops it.
+            return Ok(nothing);
+        }
+        if let Some(s) = &mut staged
+            && s.write(&buffer[..size]).is_err()
+        {
+            staged = None;
+        }
         send(job_event::Kind::Output(v1::OutputChunk {
             path: out.to_owned(),
             executable,
-            data,
+            data: buffer[..size].to_vec(),
             last: i + 1 == count,
         }))?;
     }
-    Ok(bytes)
+    Ok(Sent { bytes: len, staged })
 }
 
 /// The absolute path and kind of a file announced on this stderr line that is sent ahead of the

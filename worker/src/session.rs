@@ -117,6 +117,15 @@ async fn session(
             keys.push(key);
             let excess = keys.len().saturating_sub(2);
             keys.drain(..excess);
+            let offset = ferry_proto::clock_offset(r.now_unix_ms);
+            shared.clock_offset_ms.store(offset, std::sync::atomic::Ordering::Relaxed);
+            if offset.abs() > 2_000 {
+                tracing::warn!(
+                    offset_ms = offset,
+                    "this worker's clock and the scheduler's differ by more than 2 s: job grants are judged on the \
+                     scheduler's clock, but check NTP on both"
+                );
+            }
             r.lease_ms
         }
         _ => anyhow::bail!("the scheduler did not confirm the registration"),

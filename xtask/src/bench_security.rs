@@ -56,7 +56,7 @@ pub fn costs() -> anyhow::Result<()> {
     let keys = [grant_key];
     let start = Instant::now();
     for _ in 0..rounds {
-        Grant::verify(&last, &keys, "worker-a").expect("verifies");
+        Grant::verify(&last, &keys, "worker-a", 0).expect("verifies");
     }
     let verify_ns = start.elapsed().as_secs_f64() * 1e9 / rounds as f64;
     println!(

@@ -384,11 +384,13 @@ impl Bases {
     /// Keys made with bases never equal keys made without: their stored paths are placeholders.
     fn mark(&self, k: &mut KeyBuilder) {
         if !self.is_empty() {
-            k.field("paths", format!("relative to {} base directories", self.dirs.len()));
+            k.field("paths", format!("relative to {} base directories, placeholders escaped", self.dirs.len()));
         }
     }
 
-    /// `text` with every base (at a path boundary) replaced by its placeholder.
+    /// `text` with every base (at a path boundary) replaced by its placeholder, and every
+    /// placeholder-starting byte (`\x01`) already in it doubled: no text can pose as a
+    /// placeholder, so two different texts never rebase alike ([`Bases::restore`] undoes both).
     pub fn rebase(&self, text: &str) -> String {
         String::from_utf8(self.rebase_bytes(text.as_bytes())).expect("placeholders are utf-8")
     }
@@ -412,6 +414,10 @@ impl Bases {
                 Some(b) => {
                     out.extend_from_slice(placeholder(b).as_bytes());
                     i += self.dirs[b].len();
+                }
+                None if text[i] == MARK => {
+                    out.extend_from_slice(&[MARK, MARK]);
+                    i += 1;
                 }
                 None => {
                     out.push(text[i]);
@@ -442,11 +448,32 @@ impl Bases {
         String::from_utf8_lossy(&self.restore_bytes(text.as_bytes())).into_owned()
     }
 
-    /// [`Bases::restore`] on bytes.
+    /// [`Bases::restore`] on bytes: placeholders become this machine's bases, doubled marks
+    /// single ones; anything else is kept as it is.
     pub fn restore_bytes(&self, text: &[u8]) -> Vec<u8> {
-        let mut out = text.to_vec();
-        for (b, dir) in self.dirs.iter().enumerate() {
-            out = replace(&out, placeholder(b).as_bytes(), dir.as_bytes());
+        if self.is_empty() {
+            return text.to_vec();
+        }
+        let mut out = Vec::with_capacity(text.len());
+        let mut i = 0;
+        'bytes: while i < text.len() {
+            if text[i] == MARK {
+                if text.get(i + 1) == Some(&MARK) {
+                    out.push(MARK);
+                    i += 2;
+                    continue;
+                }
+                for (b, dir) in self.dirs.iter().enumerate() {
+                    let placeholder = placeholder(b);
+                    if text[i..].starts_with(placeholder.as_bytes()) {
+                        out.extend_from_slice(dir.as_bytes());
+                        i += placeholder.len();
+                        continue 'bytes;
+                    }
+                }
+            }
+            out.push(text[i]);
+            i += 1;
         }
         out
     }
@@ -509,24 +536,12 @@ fn is_path_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'+' | b'~')
 }
 
-/// Stands for base `i`; control characters never occur in paths cargo passes.
+/// The byte that starts a placeholder (and is doubled wherever a text already holds it).
+const MARK: u8 = 0x01;
+
+/// Stands for base `i`.
 fn placeholder(i: usize) -> String {
     format!("\u{1}ferry-base-{i}\u{1}")
-}
-
-fn replace(text: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut i = 0;
-    while i < text.len() {
-        if text[i..].starts_with(from) {
-            out.extend_from_slice(to);
-            i += from.len();
-        } else {
-            out.push(text[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -549,6 +564,12 @@ mod tests {
             "/srv/b/checkout/src/lib.rs /srv/b/ws2/x /srv/b/.cargo/r --out-dir=/srv/b/checkout x/home/a/ws"
         );
         assert_eq!(Bases::default().rebase(text), text);
+        // A value that spells a placeholder is not one: it never rebases like the base's path,
+        // and comes back as it was.
+        let forged = "\u{1}ferry-base-0\u{1}/src/lib.rs";
+        assert_ne!(bases.rebase(forged), bases.rebase("/home/a/ws/src/lib.rs"));
+        assert_eq!(other.restore(&bases.rebase(forged)), forged);
+        assert_eq!(other.restore(&bases.rebase("\u{1}\u{1}x\u{1}")), "\u{1}\u{1}x\u{1}");
         assert_eq!(Bases::new(["relative".into()]), Err("relative".into()));
         assert_eq!(Bases::new(["/a/../b".into()]), Err("/a/../b".into()));
     }

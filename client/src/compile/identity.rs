@@ -198,10 +198,7 @@ fn native_cpu(cache_dir: &Path, compiler: &Compiler, id: &ToolchainId, target: &
     let answer = format!("cpu={cpu} features={features}");
     if cpu != "unknown" && features != "unknown" {
         let _ = fs::create_dir_all(memo.parent().unwrap_or(cache_dir));
-        let tmp = memo.with_extension(format!("tmp{}", std::process::id()));
-        if fs::write(&tmp, &answer).and_then(|()| fs::rename(&tmp, &memo)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        let _ = ferry_cache::write_replacing(&memo, answer.as_bytes(), 0o644);
     }
     answer
 }

@@ -733,19 +733,7 @@ fn outputs(job: &RemoteJob) -> Vec<String> {
 }
 
 fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.ferry-{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = fs::write(&tmp, bytes)
-        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(if executable { 0o755 } else { 0o644 })))
-        .and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::compile::replay::write_atomic(path, bytes, executable)
 }
 
 /// This machine's name, for the scheduler's fair queue.

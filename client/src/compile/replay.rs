@@ -3,12 +3,10 @@
 //! path that exists as anything else made the call pass through before any lookup
 //! ([`super::wrap`]), and one that became something else since is never renamed over.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use ferry_cache::CompileOutput;
 
@@ -59,21 +57,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], executable: bool) -> std::io::Res
     if fs::symlink_metadata(path).is_ok_and(|m| !m.is_file()) {
         return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "not a regular file: left alone"));
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let tmp = dir.join(format!(".{name}.ferry-{}-{nanos}", std::process::id()));
-    let mode = if executable { 0o777 } else { 0o666 };
-    let result = File::options()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes))
-        .and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
     }
-    result
+    // As rustc creates its outputs: the umask decides.
+    ferry_cache::write_replacing(path, bytes, if executable { 0o777 } else { 0o666 })
 }

@@ -117,6 +117,68 @@ fn tokens_decide_who_may_do_what() {
     assert!(!out.status.success() && text(&out.stderr).contains("job grants"), "{}", text(&out.stderr));
 }
 
+/// A worker id belongs to the token that first registered it: another worker token cannot take
+/// it over (its session is refused while the owner's lives, and after). One token's sessions
+/// together offer at most `max_slots_per_credential` slots: a session asking for 4096 gets what
+/// is left of the share, and one beyond the share is refused, so a single worker token cannot
+/// draw every job. The owner itself restarts (a second session under its id) freely.
+#[test]
+fn a_worker_token_can_neither_take_over_an_id_nor_draw_every_job() {
+    const OTHER_WORKER: &str = "worker-token-second-77d1e0a3";
+    let world = World::new();
+    let mut toml = tokens_toml(&[(CLIENT_TOKEN, "client"), (WORKER_TOKEN, "worker"), (OTHER_WORKER, "worker")]);
+    toml.insert_str(0, "max_slots_per_credential = 8\n");
+    let config = write(&world, "scheduler.toml", &toml);
+    let scheduler = world.scheduler(&["--config", utf8(&config)]);
+    let rt = runtime();
+    // A raw session: Ok(the slots the scheduler lists for it), or the refusal.
+    let open = |token: &str, id: &str, slots: u32| -> Result<tokio::sync::mpsc::Sender<v1::WorkerMessage>, Status> {
+        rt.block_on(bounded(async {
+            let mut client = SchedulerClient::new(connect_trusting(&scheduler.url(), None).await.expect("scheduler"));
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let register = v1::Register {
+                worker_id: id.into(),
+                address: "127.0.0.1:9".into(),
+                slots,
+                toolchains: vec![],
+                version: "0".into(),
+            };
+            tx.send(v1::WorkerMessage { kind: Some(v1::worker_message::Kind::Register(register)) })
+                .await
+                .expect("send");
+            let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            request.metadata_mut().insert("authorization", bearer(token).parse().expect("header"));
+            let mut inbound = client.worker_session(request).await?.into_inner();
+            match inbound.message().await? {
+                Some(v1::SchedulerMessage { kind: Some(v1::scheduler_message::Kind::Registered(_)) }) => Ok(tx),
+                other => panic!("no registration: {other:?}"),
+            }
+        }))
+    };
+    let slots_of = |id: &str| -> u64 {
+        let mut world = World::new();
+        world.set("FERRY_SCHEDULER", scheduler.url()).set("FERRY_TOKEN", CLIENT_TOKEN);
+        let s = status(&world);
+        let w = s["workers"].as_array().expect("workers").iter().find(|w| w["id"] == id).cloned();
+        w.and_then(|w| w["slots"].as_u64()).unwrap_or(0)
+    };
+    let _owner = open(WORKER_TOKEN, "builder-1", 2).expect("the owner registers");
+    assert_eq!(slots_of("builder-1"), 2);
+    let refused = open(OTHER_WORKER, "builder-1", 2).expect_err("another token took the id over");
+    assert_status(&refused, Code::PermissionDenied, &["worker id 'builder-1' belongs to another worker's token"]);
+    assert_eq!(slots_of("builder-1"), 2, "the owner's session is still the one listed");
+    // The share: 8 in all for one token.
+    let _greedy = open(WORKER_TOKEN, "builder-2", 4096).expect("a second session of the token");
+    assert_eq!(slots_of("builder-2"), 6, "4096 slots asked, what is left of the token's 8 given");
+    let refused = open(WORKER_TOKEN, "builder-3", 1).expect_err("a session beyond the token's share");
+    assert_status(&refused, Code::ResourceExhausted, &["already offer 8 slots", "max_slots_per_credential = 8"]);
+    // Another token has its own share; the owner restarts under its id.
+    let _other = open(OTHER_WORKER, "builder-4", 4096).expect("another token's session");
+    assert_eq!(slots_of("builder-4"), 8);
+    let _restarted = open(WORKER_TOKEN, "builder-1", 2).expect("the owner restarts");
+    assert_eq!(slots_of("builder-1"), 2);
+}
+
 // ---- TLS and exposure --------------------------------------------------------------------------
 
 #[test]
@@ -819,7 +881,8 @@ fn a_worker_never_publishes_what_its_observer_cannot_see_into() {
         assert!(out.success());
         "pub fn hid() {}".parse().unwrap()"#,
     );
-    for (job, reason) in [(&execveat, "static-executable"), (&socket, "network-connect"), (&hidden, "unobserved-child")] {
+    for (job, reason) in [(&execveat, "static-executable"), (&socket, "network-connect"), (&hidden, "unobserved-child")]
+    {
         let run = cluster.run(job);
         run.assert_compiled();
         let observed = run.observed.as_ref().unwrap_or_else(|| panic!("{reason}: no observation: {run:#?}"));
