@@ -14,6 +14,9 @@
 //! | largest shared cache entry | `max_entry_bytes` | — | `1073741824` |
 //! | shared cache transfers served at once (each holds at most ~7 MiB: the bound on the tier's memory) | `cache_concurrency` | — | `16` |
 //! | job slots the live workers of one credential (token) may offer together; a registration beyond is cut down to what is left, and refused when nothing is | `max_slots_per_credential` | — | `256` |
+//! | of those, the most one caller (its token; without tokens, its IP address) holds at once | `cache_concurrency_per_caller` | — | half of `cache_concurrency`, at least 1 |
+//! | a `CacheGet` whose reader takes no piece for this long is ended (`DEADLINE_EXCEEDED`) and its transfer freed | `cache_send_timeout_ms` | — | `10000` |
+//! | a `CachePut` whose writer sends nothing for this long is abandoned (nothing stored) and its transfer freed | `cache_idle_timeout_ms` | — | `10000` |
 //! | TLS certificate and key (PEM) | `tls.cert`, `tls.key` | — | none |
 //! | bearer tokens and their roles | `[[tokens]] token, roles` | — | none |
 //! | run without TLS/tokens on a non-loopback address | `insecure` | — | `false` |
@@ -60,6 +63,14 @@ pub struct SchedulerConfig {
     /// `RESOURCE_EXHAUSTED`). Each streams through a file in 1 MiB pieces, so the cache service's
     /// memory stays under about this × 7 MiB whatever the entry sizes and the number of clients.
     pub cache_concurrency: usize,
+    /// How many of those one caller may hold (1..=`cache_concurrency`): a caller that opens many
+    /// transfers and stalls them cannot keep the others (workers' puts, other clients) out.
+    pub cache_per_caller: usize,
+    /// A `CacheGet` reader that has not taken the next piece after this is cut off, so a stalled
+    /// reader never keeps a transfer's permit.
+    pub cache_send_timeout: Duration,
+    /// A `CachePut` writer that has sent nothing for this long is abandoned, for the same reason.
+    pub cache_idle_timeout: Duration,
     /// Slots the live sessions of one worker credential may offer together.
     pub max_slots_per_credential: u32,
     /// PEM certificate and key; `None` serves plain HTTP/2 (loopback or `insecure` only).
@@ -88,6 +99,9 @@ struct FileConfig {
     max_entry_bytes: Option<u64>,
     cache_concurrency: Option<usize>,
     max_slots_per_credential: Option<u32>,
+    cache_concurrency_per_caller: Option<usize>,
+    cache_send_timeout_ms: Option<u64>,
+    cache_idle_timeout_ms: Option<u64>,
     tls: Option<TlsFiles>,
     #[serde(default)]
     tokens: Vec<TokenEntry>,
@@ -163,6 +177,11 @@ impl SchedulerConfig {
                 k.parse().map_err(anyhow::Error::msg).with_context(|| format!("{origin}: revoked_writers[{i}]"))
             })
             .collect::<anyhow::Result<_>>()?;
+        let cache_concurrency = parsed.cache_concurrency.unwrap_or(16).max(1);
+        let cache_per_caller =
+            parsed.cache_concurrency_per_caller.unwrap_or(cache_concurrency / 2).clamp(1, cache_concurrency);
+        // Shorter than 100 ms would cut honest readers on a busy machine.
+        let deadline = |ms: Option<u64>| Duration::from_millis(ms.unwrap_or(10_000).max(100));
         Ok(SchedulerConfig {
             writers,
             revoked_writers,
@@ -176,8 +195,11 @@ impl SchedulerConfig {
             archive_store_size,
             cache_size,
             max_entry_bytes: parsed.max_entry_bytes.unwrap_or(1 << 30),
-            cache_concurrency: parsed.cache_concurrency.unwrap_or(16).max(1),
             max_slots_per_credential: parsed.max_slots_per_credential.unwrap_or(256).max(1),
+            cache_concurrency,
+            cache_per_caller,
+            cache_send_timeout: deadline(parsed.cache_send_timeout_ms),
+            cache_idle_timeout: deadline(parsed.cache_idle_timeout_ms),
             tls,
             tokens,
             insecure: parsed.insecure.unwrap_or(false),
@@ -240,6 +262,14 @@ impl SchedulerConfig {
                 format_size(self.cache_size),
                 self.data_dir.join("cache").display(),
                 format_size(self.max_entry_bytes)
+            ),
+            format!(
+                "shared cache transfers: {} at once, at most {} per caller; a reader stalled for {} ms or a writer \
+                 idle for {} ms is cut off",
+                self.cache_concurrency,
+                self.cache_per_caller,
+                self.cache_send_timeout.as_millis(),
+                self.cache_idle_timeout.as_millis()
             ),
             format!("http: {}", self.http.as_deref().unwrap_or("off")),
             format!(
@@ -325,6 +355,24 @@ mod tests {
         std::fs::write(&file, "lease = 3\n").unwrap();
         let err = format!("{:#}", SchedulerConfig::load(Some(&file), None, Some(dir.path().into())).unwrap_err());
         assert!(err.contains("s.toml") && err.contains("lease"), "{err}");
+    }
+
+    #[test]
+    fn a_caller_holds_half_the_cache_transfers_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        let load = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            SchedulerConfig::load(Some(&file), None, Some(dir.path().into())).unwrap()
+        };
+        let c = load("");
+        assert_eq!((c.cache_concurrency, c.cache_per_caller), (16, 8));
+        assert_eq!((c.cache_send_timeout, c.cache_idle_timeout), (Duration::from_secs(10), Duration::from_secs(10)));
+        assert_eq!(load("cache_concurrency = 1\n").cache_per_caller, 1, "at least one");
+        assert_eq!(load("cache_concurrency = 5\n").cache_per_caller, 2);
+        let c = load("cache_concurrency = 4\ncache_concurrency_per_caller = 9\ncache_send_timeout_ms = 1\n");
+        assert_eq!(c.cache_per_caller, 4, "never more than the whole");
+        assert_eq!(c.cache_send_timeout, Duration::from_millis(100), "never so short that honest readers are cut");
     }
 
     #[test]

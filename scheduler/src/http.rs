@@ -11,8 +11,8 @@
 //! | `ferry_scheduler_jobs_total` | counter | `outcome`: `done`, `failed` |
 //! | `ferry_scheduler_allocations_total` | counter | `result`: `assigned`, or the "compile locally" reason (`no-workers`, `no-capacity`, `toolchain-fetching`, `workers-quarantined`) |
 //! | `ferry_scheduler_allocation_seconds` | histogram | time to answer an allocation (the queue wait) |
-//! | `ferry_shared_cache_gets_total` | counter | `result`: `hit`, `miss`, `corrupt`, `busy` |
-//! | `ferry_shared_cache_puts_total` | counter | `result`: `published`, `present`, `refused`, `busy`, `removed` (a verifier found the entry wrong) |
+//! | `ferry_shared_cache_gets_total` | counter | `result`: `hit`, `miss`, `corrupt`, `busy`, `stalled` (a hit whose reader took no piece within `cache_send_timeout_ms`: cut off) |
+//! | `ferry_shared_cache_puts_total` | counter | `result`: `published`, `present`, `refused`, `busy`, `idle` (abandoned: nothing sent within `cache_idle_timeout_ms`), `removed` (a verifier found the entry wrong) |
 //! | `ferry_shared_cache_bytes_total` | counter | `direction`: `read`, `written` |
 //! | `ferry_shared_cache_size_bytes`, `ferry_shared_cache_entries` | gauge | (rescanned at most every 30 s) |
 //! | `ferry_toolchain_transfers_total` | counter | `direction`: `upload`, `fetch`; `result`: `ok`, `refused` |

@@ -6,6 +6,7 @@ mod config;
 mod http;
 mod service;
 mod state;
+mod transfers;
 mod writers;
 
 use std::time::Duration;

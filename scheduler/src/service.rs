@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::archives::{ArchiveStore, Record};
 use crate::config::SchedulerConfig;
 use crate::state::{Allocation, Assignment, Effects, JobId, JobOutcome, Registration, Scheduler, WaitId};
+use crate::transfers::{Busy, Caller, PERMIT_WAIT, TransferPermit, TransferPermits};
 
 const CHUNK: usize = 1 << 20;
 /// A worker that has not sent `register` this long after opening its session is dropped.
@@ -53,8 +54,9 @@ pub(crate) struct Shared {
     cache: DiskStore,
     /// Shared entries found corrupt on a read (and removed) since start, for `ferry status`.
     corrupt_entries: std::sync::atomic::AtomicU64,
-    /// Cache transfers served at once (`cache_concurrency`): the bound on their memory.
-    cache_permits: Arc<tokio::sync::Semaphore>,
+    /// Cache transfers served at once (`cache_concurrency`, the bound on their memory), and per
+    /// caller (`cache_concurrency_per_caller`).
+    transfers: TransferPermits,
     config: SchedulerConfig,
     shutdown: CancellationToken,
     metrics: crate::http::Metrics,
@@ -107,14 +109,14 @@ impl Service {
         let corrupt_entries = std::sync::atomic::AtomicU64::new(0);
         let writers =
             crate::writers::Writers::open(&config.data_dir, config.writers.clone(), config.revoked_writers.clone())?;
-        let cache_permits = Arc::new(tokio::sync::Semaphore::new(config.cache_concurrency));
+        let transfers = TransferPermits::new(config.cache_concurrency, config.cache_per_caller, PERMIT_WAIT);
         let metrics = crate::http::Metrics::default();
         let shared = Shared {
             inner: Mutex::new(inner),
             archives,
             cache,
             corrupt_entries,
-            cache_permits,
+            transfers,
             config,
             shutdown,
             metrics,
@@ -239,17 +241,17 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A cache-transfer slot, waiting 2 s at most.
-    async fn cache_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        let permit =
-            tokio::time::timeout(Duration::from_secs(2), Arc::clone(&self.cache_permits).acquire_owned()).await;
-        match permit {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(Status::resource_exhausted(format!(
-                "the shared cache is serving {} transfers; try again later",
-                self.config.cache_concurrency
-            ))),
-        }
+    /// A cache-transfer permit for `caller`, waiting [`PERMIT_WAIT`] at most.
+    async fn cache_permit(&self, caller: Caller) -> Result<TransferPermit, Status> {
+        self.transfers.acquire(caller).await.map_err(|busy| match busy {
+            Busy::Caller { share, total } => Status::resource_exhausted(format!(
+                "this caller already has {share} shared cache transfers in progress (at most {share} of the {total} \
+                 per caller); try again later"
+            )),
+            Busy::All { total } => {
+                Status::resource_exhausted(format!("the shared cache is serving {total} transfers; try again later"))
+            }
+        })
     }
 }
 
@@ -574,7 +576,8 @@ impl SchedulerApi for Service {
     async fn cache_get(&self, request: Request<v1::CacheKeyRef>) -> Result<Response<Self::CacheGetStream>, Status> {
         require_any(&request, &[Role::Client, Role::Worker, Role::CacheWrite], "CacheGet")?;
         let key = CacheKey(digest(request.get_ref().key.as_ref(), "key")?);
-        let permit = self.shared.cache_permit().await.inspect_err(|_| self.shared.metrics.cache_get("busy"))?;
+        let caller = Caller::of(&request);
+        let permit = self.shared.cache_permit(caller).await.inspect_err(|_| self.shared.metrics.cache_get("busy"))?;
         let shared = self.shared.clone();
         let opened = tokio::task::spawn_blocking(move || shared.cache.open_checked(&key))
             .await
@@ -594,36 +597,57 @@ impl SchedulerApi for Service {
             }
             Err(e) => return Err(Status::unavailable(format!("shared cache: {e}"))),
         };
-        // Streamed from the file in 1 MiB pieces, two waiting at most. With the piece being read,
-        // the one being encoded and HTTP/2's buffers, a transfer holds about 7 MiB (measured: 16
-        // slow readers of a 100 MB entry grow the scheduler by 108 MiB): `cache_concurrency`
-        // times that bounds the tier's memory.
-        let (tx, rx) = mpsc::channel(2);
+        // Streamed from the file in 1 MiB pieces: one waiting for the reader, one read ahead. With
+        // the piece HTTP/2 is sending and its buffers, a transfer holds about 7 MiB (measured: 16
+        // slow readers of a 100 MB entry grow the scheduler by 108 MiB): `cache_concurrency` times
+        // that bounds the tier's memory. A reader that takes no piece within the send deadline is
+        // cut off (its permit, file and waiting pieces released at once; it hears
+        // DEADLINE_EXCEEDED if it reads again), so a stalled reader never keeps a permit.
         self.shared.metrics.cache_get("hit");
+        let stream = EntryStream::default();
+        let outgoing = Arc::clone(&stream.0);
+        let (tx, rx) = mpsc::channel(1);
+        outgoing.lock().unwrap_or_else(|p| p.into_inner()).pieces = Some(rx);
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
+        let deadline = self.shared.config.cache_send_timeout;
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
             let _permit = permit;
-            let mut file = file;
+            let mut file = tokio::fs::File::from_std(file);
             loop {
                 let mut buf = vec![0u8; CHUNK];
-                match file.read(&mut buf) {
+                let piece = match file.read(&mut buf).await {
                     Ok(0) => return,
                     Ok(n) => {
                         buf.truncate(n);
-                        shared.metrics.cache_bytes("read", n as u64);
-                        if tx.blocking_send(Ok(v1::Chunk { data: buf })).is_err() {
-                            return;
-                        }
+                        Ok(v1::Chunk { data: buf })
                     }
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(Status::internal(format!("reading the entry: {e}"))));
+                    Err(e) => Err(Status::internal(format!("reading the entry: {e}"))),
+                };
+                let failed = piece.is_err();
+                let n = piece.as_ref().map_or(0, |c| c.data.len() as u64);
+                match tokio::time::timeout(deadline, tx.reserve()).await {
+                    Ok(Ok(slot)) => slot.send(piece),
+                    // The reader went away.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let why = format!(
+                            "the reader took no piece of entry {key} for {} ms: cut off (cache_send_timeout_ms)",
+                            deadline.as_millis()
+                        );
+                        info!(%key, ?caller, "a shared cache reader stalled and was cut off");
+                        shared.metrics.cache_get("stalled");
+                        outgoing.lock().unwrap_or_else(|p| p.into_inner()).cut(Status::deadline_exceeded(why));
                         return;
                     }
                 }
+                if failed {
+                    return;
+                }
+                shared.metrics.cache_bytes("read", n);
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cache_put(
@@ -631,9 +655,20 @@ impl SchedulerApi for Service {
         request: Request<Streaming<v1::CacheUpload>>,
     ) -> Result<Response<v1::CachePutResponse>, Status> {
         require_any(&request, &[Role::Worker, Role::CacheWrite], "CachePut")?;
+        let caller = Caller::of(&request);
         let mut inbound = request.into_inner();
-        let Some(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) }) = inbound.message().await?
-        else {
+        // Every message must come within the idle deadline: a writer that stops sending never
+        // keeps a permit (nor, before its header, a call).
+        let idle = self.shared.config.cache_idle_timeout;
+        let abandoned = || {
+            self.shared.metrics.cache_put("idle");
+            Status::deadline_exceeded(format!(
+                "no message of the entry for {} ms: the upload is abandoned (cache_idle_timeout_ms)",
+                idle.as_millis()
+            ))
+        };
+        let first = tokio::time::timeout(idle, inbound.message()).await.map_err(|_| abandoned())??;
+        let Some(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) }) = first else {
             return Err(Status::invalid_argument("a cache upload starts with a 'header' message"));
         };
         let key = CacheKey(digest(header.key.as_ref(), "header.key")?);
@@ -641,14 +676,16 @@ impl SchedulerApi for Service {
         if header.size > max {
             return Err(Status::invalid_argument(format!("entry of {} bytes is over the limit of {max}", header.size)));
         }
-        let _permit = self.shared.cache_permit().await.inspect_err(|_| self.shared.metrics.cache_put("busy"))?;
-        // Received into a temp file of the store, never whole in memory.
+        let _permit = self.shared.cache_permit(caller).await.inspect_err(|_| self.shared.metrics.cache_put("busy"))?;
+        // Received into a temp file of the store, never whole in memory; removed whichever way
+        // the put ends (refused, abandoned, its caller gone and this call dropped).
         let (mut file, tmp) =
             self.shared.cache.begin_temp().map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
+        let tmp = TempFile(tmp);
         let received = async {
             use std::io::Write;
             let mut written = 0u64;
-            while let Some(message) = inbound.message().await? {
+            while let Some(message) = tokio::time::timeout(idle, inbound.message()).await.map_err(|_| abandoned())?? {
                 let Some(v1::cache_upload::Kind::Data(data)) = message.kind else {
                     return Err(Status::invalid_argument("only 'data' may follow the header"));
                 };
@@ -671,8 +708,9 @@ impl SchedulerApi for Service {
         }
         .await;
         if let Err(e) = received {
-            let _ = std::fs::remove_file(&tmp);
-            self.shared.metrics.cache_put("refused");
+            if e.code() != tonic::Code::DeadlineExceeded {
+                self.shared.metrics.cache_put("refused");
+            }
             return Err(e);
         }
         let shared = self.shared.clone();
@@ -681,16 +719,12 @@ impl SchedulerApi for Service {
             // payloads are the compressed ones); stored as received.
             let checked = verify_received(&mut file, &key, header.size);
             if let Err(e) = checked {
-                drop(file);
-                let _ = std::fs::remove_file(&tmp);
                 return Err(Status::invalid_argument(format!("the entry does not verify under key {key}: {e}")));
             }
             // Only what a trusted writer signed is stored; what is there already and is not
             // (unsigned, a stranger's, a revoked key's) is replaced rather than kept.
             let trust = shared.writers.trust();
             if let Err(e) = signed_by(&mut file, header.size, &trust) {
-                drop(file);
-                let _ = std::fs::remove_file(&tmp);
                 shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(Status::permission_denied(format!(
                     "entry {key} is not signed by a writer this scheduler trusts: {e}"
@@ -703,7 +737,7 @@ impl SchedulerApi for Service {
                 shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = ferry_cache::Store::remove(&shared.cache, &key);
             }
-            shared.cache.publish_temp(&key, file, &tmp).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
+            shared.cache.publish_temp(&key, file, &tmp.0).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
         .map_err(|e| Status::internal(format!("cache store: {e}")))?
@@ -805,6 +839,62 @@ impl SchedulerApi for Service {
             jobs_failed: status.jobs_failed,
             shared_corrupt_entries: self.shared.corrupt_entries.load(std::sync::atomic::Ordering::Relaxed),
         }))
+    }
+}
+
+/// A `CacheGet` answer: the pieces its sender task reads from the entry file, until the sender
+/// cuts it off (the reader stalled past the send deadline): then what waited is dropped, and the
+/// reader, should it read again, gets the reason instead of a truncated entry.
+#[derive(Default)]
+struct EntryStream(Arc<Mutex<Outgoing>>);
+
+#[derive(Default)]
+struct Outgoing {
+    /// The pieces, one waiting at most; None once cut off or ended.
+    pieces: Option<mpsc::Receiver<Result<v1::Chunk, Status>>>,
+    /// Why the stream was cut off, until the reader hears it.
+    cut: Option<Status>,
+    /// The task reading this stream, woken when it is cut off.
+    reader: Option<std::task::Waker>,
+}
+
+impl Outgoing {
+    fn cut(&mut self, why: Status) {
+        self.pieces = None;
+        self.cut = Some(why);
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
+impl Stream for EntryStream {
+    type Item = Result<v1::Chunk, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = out.cut.take() {
+            return Poll::Ready(Some(Err(why)));
+        }
+        let Some(pieces) = out.pieces.as_mut() else { return Poll::Ready(None) };
+        let next = pieces.poll_recv(cx);
+        if next.is_pending() {
+            out.reader = Some(cx.waker().clone());
+        } else if matches!(next, Poll::Ready(None)) {
+            out.pieces = None;
+        }
+        next
+    }
+}
+
+/// A received entry's temp file, removed when dropped: a put that is refused, abandoned or
+/// dropped with its caller leaves nothing behind (publishing links it first).
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -321,7 +321,10 @@ const MEMORY_BOUND: u64 = 160 << 20;
 #[test]
 fn the_scheduler_stays_within_its_memory_bound_under_a_bomb_and_a_flood() {
     let world = World::new();
-    let scheduler = world.scheduler(&[]);
+    // Every reader here is one caller (no tokens, one address): let it take all 16 transfers, the
+    // bound under test.
+    let config = write(&world, "scheduler.toml", "cache_concurrency_per_caller = 16\n");
+    let scheduler = world.scheduler(&["--config", utf8(&config)]);
     let api = SchedulerApi::connect(&scheduler);
     let peak = || {
         let status = fs::read_to_string(format!("/proc/{}/status", scheduler.child.id())).expect("status");
@@ -450,6 +453,145 @@ fn the_scheduler_stays_within_its_memory_bound_under_a_bomb_and_a_flood() {
     assert!(flood - idle < MEMORY_BOUND, "the flood grew the scheduler by {} MiB", (flood - idle) >> 20);
     // Still up and answering.
     assert!(!api.has(claimed));
+}
+
+/// The shared tier cannot be starved: 16 `CacheGet` streams of a 24 MB entry that one `client`
+/// token opens and never reads take at most that token's share of the transfers (the rest are told
+/// to come back), an honest client (another token) reads the entry whole meanwhile and a
+/// `cache-write` client stores one, a stalled reader is cut off after `cache_send_timeout_ms` (it
+/// hears DEADLINE_EXCEEDED, never a truncated entry) so its share is free again, and a `CachePut`
+/// whose writer goes quiet is abandoned after `cache_idle_timeout_ms`, leaving no temp file.
+#[test]
+fn stalled_readers_and_writers_cannot_starve_the_shared_tier() {
+    const OTHER_CLIENT: &str = "client-token-second-0b9f4e";
+    const CI_TOKEN: &str = "cache-write-token-61d2c8a0";
+    let world = World::new();
+    let mut toml = tokens_toml(&[(CLIENT_TOKEN, "client"), (OTHER_CLIENT, "client"), (CI_TOKEN, "cache-write")]);
+    toml.insert_str(0, "cache_concurrency = 4\ncache_send_timeout_ms = 5000\ncache_idle_timeout_ms = 3000\n");
+    let config = write(&world, "scheduler.toml", &toml);
+    let scheduler = world.scheduler(&["--config", utf8(&config)]);
+    let rt = runtime();
+    let client = |token: &'static str| {
+        let url = scheduler.url();
+        rt.block_on(async move {
+            let channel = connect_trusting(&url, None).await.expect("scheduler");
+            let token: tonic::metadata::MetadataValue<_> = bearer(token).parse().expect("header");
+            SchedulerClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+                r.metadata_mut().insert("authorization", token.clone());
+                Ok(r)
+            })
+            .max_decoding_message_size(64 << 20)
+        })
+    };
+    // A writer the scheduler trusts, and a 24 MB entry it signed (incompressible bytes).
+    let (writer, _) = ferry_cache::Signer::generate().expect("a writer key");
+    let mut ci = client(CI_TOKEN);
+    let request = v1::RegisterWriterRequest { public_key: writer.public().0.to_vec(), name: "ci".into() };
+    assert!(rt.block_on(ci.register_writer(request)).expect("RegisterWriter").into_inner().trusted);
+    let entry = |name: &str| {
+        let mut content = vec![0u8; 24_000_000];
+        blake3::Hasher::new().update(name.as_bytes()).finalize_xof().fill(&mut content);
+        let key = ferry_cache::CacheKey(*blake3::hash(name.as_bytes()).as_bytes());
+        let output = ferry_cache::CompileOutput {
+            files: vec![ferry_cache::OutputFile { path: "/big.rlib".into(), executable: false, bytes: content.into() }],
+            ..Default::default()
+        };
+        (key, ferry_cache::sign(&ferry_cache::Entry::encode_result(key, [1; 32], &output), &writer))
+    };
+    let put = |ci: &mut SchedulerClient<_>, key: ferry_cache::CacheKey, entry: &[u8]| {
+        let header = v1::CacheHeader { key: Some(to_digest(key.0)), size: entry.len() as u64 };
+        let messages: Vec<v1::CacheUpload> =
+            std::iter::once(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) })
+                .chain(
+                    entry
+                        .chunks(1 << 20)
+                        .map(|c| v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Data(c.to_vec())) }),
+                )
+                .collect();
+        rt.block_on(bounded(
+            async move { Ok(ci.cache_put(tokio_stream::iter(messages)).await?.into_inner().published) },
+        ))
+    };
+    let (key, bytes) = entry("the first entry");
+    assert!(put(&mut ci, key, &bytes).expect("CachePut"), "not published");
+    let expected = blake3::hash(&bytes);
+    let read_whole = |c: &mut SchedulerClient<_>| -> Result<blake3::Hash, Status> {
+        rt.block_on(bounded(async {
+            let mut stream = c.cache_get(v1::CacheKeyRef { key: Some(to_digest(key.0)) }).await?.into_inner();
+            let mut hasher = blake3::Hasher::new();
+            while let Some(chunk) = stream.message().await? {
+                hasher.update(&chunk.data);
+            }
+            Ok(hasher.finalize())
+        }))
+    };
+
+    // The attacker: 16 streams on its own connection, opened at once, none read.
+    let attacker = client(CLIENT_TOKEN);
+    let opened: Vec<Result<tonic::Streaming<v1::Chunk>, Status>> = rt.block_on(async {
+        let calls = (0..16).map(|_| {
+            let mut c = attacker.clone();
+            tokio::spawn(
+                async move { Ok(c.cache_get(v1::CacheKeyRef { key: Some(to_digest(key.0)) }).await?.into_inner()) },
+            )
+        });
+        let mut opened = Vec::new();
+        for call in calls.collect::<Vec<_>>() {
+            opened.push(tokio::time::timeout(Duration::from_secs(30), call).await.expect("bounded").expect("task"));
+        }
+        opened
+    });
+    let (mut held, refused): (Vec<_>, Vec<_>) = opened.into_iter().partition(Result::is_ok);
+    assert_eq!(held.len(), 2, "the attacker holds its share of 4 transfers, half");
+    for r in &refused {
+        assert_status(r.as_ref().expect_err("refused"), Code::ResourceExhausted, &["this caller already has 2"]);
+    }
+    // Meanwhile an honest reader and an honest writer are served.
+    let started = Instant::now();
+    assert_eq!(read_whole(&mut client(OTHER_CLIENT)).expect("the honest CacheGet"), expected);
+    let (second, bytes) = entry("the second entry");
+    assert!(put(&mut ci, second, &bytes).expect("the honest CachePut"), "not published");
+    assert!(started.elapsed() < Duration::from_secs(5), "not served while the stalled streams held their share");
+    // Past the deadline the stalled streams are cut off: what they get is a clear error after a
+    // part of the entry, never an end that looks whole.
+    std::thread::sleep(Duration::from_secs(6));
+    for stream in &mut held {
+        let stream = stream.as_mut().expect("held");
+        let ended = rt.block_on(bounded(async {
+            let mut got = 0usize;
+            while let Some(chunk) = stream.message().await? {
+                got += chunk.data.len();
+            }
+            Ok(got)
+        }));
+        let err = ended.expect_err("a stalled reader got an end as if the entry were whole");
+        assert_status(&err, Code::DeadlineExceeded, &["took no piece", "cache_send_timeout_ms"]);
+    }
+    // Its share is free again.
+    assert_eq!(read_whole(&mut attacker.clone()).expect("the attacker's share was not freed"), expected);
+
+    // A writer that sends a header and then nothing is abandoned, and leaves no temp file.
+    let (third, bytes) = entry("the third entry");
+    let mut quiet = ci.clone();
+    let header = v1::CacheHeader { key: Some(to_digest(third.0)), size: bytes.len() as u64 };
+    let abandoned = rt.block_on(bounded(async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(v1::CacheUpload { kind: Some(v1::cache_upload::Kind::Header(header)) }).await.expect("send");
+        let answer = quiet.cache_put(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        drop(tx);
+        Ok(answer?.into_inner().published)
+    }));
+    assert_status(
+        &abandoned.expect_err("a quiet writer was waited for"),
+        Code::DeadlineExceeded,
+        &["no message of the entry", "cache_idle_timeout_ms"],
+    );
+    let tmp = world.path().join("scheduler/cache/tmp");
+    wait_until(Duration::from_secs(10), "the abandoned upload's temp file is removed", || {
+        fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0
+    });
+    // And its place is free: the same entry, sent in full, is stored.
+    assert!(put(&mut ci, third, &bytes).expect("CachePut after the abandoned one"), "not published");
 }
 
 // ---- the sandbox, through the worker -----------------------------------------------------------
