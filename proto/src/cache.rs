@@ -92,6 +92,10 @@ pub struct RemoteCache {
     deadline: Duration,
 }
 
+/// The most bytes a client takes from the scheduler's tier for one entry: the scheduler's
+/// default `max_entry_bytes` (an entry it stored is never larger unless its operator raised it).
+const MAX_FETCHED_BYTES: usize = 1 << 30;
+
 impl RemoteCache {
     pub fn new(
         runtime: std::sync::Arc<tokio::runtime::Runtime>,
@@ -112,6 +116,12 @@ impl RemoteCache {
         };
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.message().await? {
+            if bytes.len() + chunk.data.len() > MAX_FETCHED_BYTES {
+                return Err(tonic::Status::out_of_range(format!(
+                    "the tier sent more than {MAX_FETCHED_BYTES} bytes for one entry (the scheduler's largest is \
+                     max_entry_bytes, 1 GiB by default)"
+                )));
+            }
             bytes.extend_from_slice(&chunk.data);
         }
         Ok(Fetched::Bytes(bytes))

@@ -28,6 +28,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const OPEN_MARKER: &str = "open";
 /// Where the blobs found after an unclean stop wait for their first use (see [`BlobStore::open`]).
 const UNVERIFIED: &str = "unverified";
+/// A job may hold a quarter of the store, and never less than this (or the whole of a smaller
+/// store): enough for the dependencies of a large crate.
+const MIN_JOB_SHARE: u64 = 256 << 20;
 
 #[derive(Debug)]
 pub struct BlobStore {
@@ -62,6 +65,12 @@ pub enum StoreError {
          (blob_store_size)"
     )]
     Full { bytes: u64, limit: u64, held: u64 },
+    #[error(
+        "one job may hold at most {share} bytes of this worker's blob store (a quarter of blob_store_size, at \
+         least 256 MiB); \
+         its inputs so far hold {held}, and this blob is {bytes} more"
+    )]
+    JobShare { bytes: u64, held: u64, share: u64 },
     #[error("storing blob: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -157,24 +166,31 @@ impl BlobStore {
     /// Whether the blob is here, verified; if so it counts as used and `hold`'s job holds it.
     /// One set aside after an unclean stop is hashed now (once) and taken back only when its
     /// content is its digest.
-    pub fn has(&self, digest: &[u8; 32], hold: Hold) -> bool {
+    ///
+    /// A job holds at most a quarter of the store, at least 256 MiB ([`StoreError::JobShare`]), so grants that look
+    /// up (or send) many blobs cannot pin it all: what a job may pin is bounded by the jobs a
+    /// scheduler grants at once and their grants' lifetime.
+    pub fn has(&self, digest: &[u8; 32], hold: Hold) -> Result<bool, StoreError> {
         let mut index = self.lock();
+        if let Some(bytes) = index.blobs.get(digest).map(|m| m.bytes) {
+            index.may_hold(digest, hold.job, bytes)?;
+        }
         match index.blobs.get(digest).map(|m| m.unverified) {
-            None => return false,
+            None => return Ok(false),
             Some(true) => {}
             Some(false) => {
                 if !self.path(digest).is_file() {
                     // Removed behind the worker's back: forgotten, and sent again.
                     index.remove(digest);
-                    return false;
+                    return Ok(false);
                 }
                 index.touch(digest);
                 index.hold(digest, hold);
-                return true;
+                return Ok(true);
             }
         }
         drop(index);
-        self.check_unverified(digest, hold)
+        Ok(self.check_unverified(digest, hold))
     }
 
     /// Lets go of every blob `job` holds (its job ended).
@@ -214,6 +230,7 @@ impl BlobStore {
                 if blob.received > limit {
                     return Err(StoreError::TooLarge { bytes: blob.received, limit });
                 }
+                index.may_hold(&digest, hold.job, blob.received)?;
                 let victims = index.make_room(blob.received).map_err(|held| StoreError::Full {
                     bytes: blob.received,
                     limit,
@@ -391,6 +408,10 @@ struct Index {
     lru: BTreeSet<(u64, [u8; 32])>,
     /// Per job: until when, and the blobs it holds.
     holds: HashMap<u64, (u64, HashSet<[u8; 32]>)>,
+    /// The most bytes one job may hold: see [`MIN_JOB_SHARE`].
+    job_share: u64,
+    /// Per job: the bytes of the blobs it holds (as they were when it took them), for its share.
+    held_bytes: HashMap<u64, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -448,10 +469,26 @@ impl Index {
             && let Some(meta) = self.blobs.get_mut(digest)
         {
             meta.holds += 1;
+            *self.held_bytes.entry(hold.job).or_default() += meta.bytes;
         }
     }
 
+    /// Whether `job` may take a hold of `bytes` more on `digest` within its share (a quarter of
+    /// the store); one it holds already costs nothing.
+    fn may_hold(&self, digest: &[u8; 32], job: u64, bytes: u64) -> Result<(), StoreError> {
+        if self.holds.get(&job).is_some_and(|(_, held)| held.contains(digest)) {
+            return Ok(());
+        }
+        let share = self.job_share;
+        let held = self.held_bytes.get(&job).copied().unwrap_or(0);
+        if held + bytes > share {
+            return Err(StoreError::JobShare { bytes, held, share });
+        }
+        Ok(())
+    }
+
     fn release(&mut self, job: u64) {
+        self.held_bytes.remove(&job);
         let Some((_, held)) = self.holds.remove(&job) else { return };
         for digest in held {
             if let Some(meta) = self.blobs.get_mut(&digest) {
@@ -528,7 +565,8 @@ fn scan(dir: &Path, limit: u64) -> std::io::Result<Index> {
         shards(&dir.join(UNVERIFIED), true)?;
     }
     found.sort();
-    let mut index = Index { limit, ..Index::default() };
+    let job_share = (limit / 4).max(limit.min(MIN_JOB_SHARE));
+    let mut index = Index { limit, job_share, ..Index::default() };
     let unverified_path = |digest: &[u8; 32]| {
         let hex = hex(digest);
         dir.join(UNVERIFIED).join(&hex[..2]).join(hex)
@@ -646,13 +684,13 @@ mod tests {
         blob.write(b"hel").unwrap();
         blob.write(b"lo").unwrap();
         store.finish(blob, JOB).unwrap();
-        assert!(store.has(&good, JOB));
+        assert!(store.has(&good, JOB).unwrap());
         let claimed = [7u8; 32];
         let mut bad = store.begin(claimed).unwrap();
         bad.write(b"not what was claimed").unwrap();
         let err = store.finish(bad, JOB).unwrap_err().to_string();
         assert!(err.contains("not the claimed"), "{err}");
-        assert!(!store.has(&claimed, JOB));
+        assert!(!store.has(&claimed, JOB).unwrap());
         assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
     }
 
@@ -664,7 +702,7 @@ mod tests {
         let kept = put(&store, b"kept");
         store.close();
         let store = BlobStore::open(dir.path(), LIMIT).unwrap();
-        assert!(store.has(&kept, JOB), "a clean close keeps the blobs");
+        assert!(store.has(&kept, JOB).unwrap(), "a clean close keeps the blobs");
         let intact = put(&store, b"intact");
         let torn = put(&store, b"torn by a crash");
         store.materialize(&intact, &dir.path().join("job/x.so"), true, true).unwrap();
@@ -675,15 +713,18 @@ mod tests {
         fs::set_permissions(&torn_path, fs::Permissions::from_mode(0o644)).unwrap();
         fs::write(&torn_path, vec![0u8; 15]).unwrap();
         assert!(!store.path(&kept).exists(), "set aside until first use");
-        assert!(store.has(&kept, JOB) && store.has(&intact, JOB), "intact blobs are taken back on first use");
+        assert!(
+            store.has(&kept, JOB).unwrap() && store.has(&intact, JOB).unwrap(),
+            "intact blobs are taken back on first use"
+        );
         assert!(store.path(&kept).is_file());
-        assert!(!store.has(&torn, JOB), "a torn blob is not served");
+        assert!(!store.has(&torn, JOB).unwrap(), "a torn blob is not served");
         assert!(!torn_path.exists(), "and is removed");
         store.materialize(&intact, &dir.path().join("job2/x.so"), true, true).unwrap();
         assert_eq!(fs::read(dir.path().join("job2/x.so")).unwrap(), b"intact", "its twin is made again");
         let again = put(&store, b"torn by a crash");
         assert_eq!(again, torn);
-        assert!(store.has(&torn, JOB), "sent again, stored again");
+        assert!(store.has(&torn, JOB).unwrap(), "sent again, stored again");
         assert!(dir.path().join("blobs/tmp").is_dir());
     }
 
@@ -719,12 +760,12 @@ mod tests {
         let (a, b, c) = (put(&store, &ten(b'a')), put(&store, &ten(b'b')), put(&store, &ten(b'c')));
         assert_eq!(store.bytes(), 30);
         // `a` is read for a job (found, placed in its tree), which then ends.
-        assert!(store.has(&a, Hold::running(7)));
+        assert!(store.has(&a, Hold::running(7)).unwrap());
         store.materialize(&a, &dir.path().join("job/a"), false, true).unwrap();
         store.release(7);
         let d = put(&store, &ten(b'd'));
         assert!(!store.path(&b).exists(), "the least recently used blob goes");
-        assert!(!store.has(&b, JOB), "and is reported missing, to be sent again");
+        assert!(!store.has(&b, JOB).unwrap(), "and is reported missing, to be sent again");
         assert!([a, c, d].iter().all(|x| store.path(x).is_file()), "the recently read one stays");
         assert_eq!(store.bytes(), 30);
         let e = put(&store, &ten(b'e'));
@@ -735,7 +776,7 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("job/a")).unwrap(), ten(b'a'));
         // Sent again, stored again.
         assert_eq!(put(&store, &ten(b'b')), b);
-        assert!(store.has(&b, JOB));
+        assert!(store.has(&b, JOB).unwrap());
         assert_eq!(store.bytes(), 30);
     }
 
@@ -746,7 +787,7 @@ mod tests {
         let now = now_ms();
         // Job 1 found `a` (FindMissing) and job 2 uploaded `b`; both grants are valid.
         let a = put(&store, &ten(b'a'));
-        assert!(store.has(&a, Hold::until(1, now + 60_000)));
+        assert!(store.has(&a, Hold::until(1, now + 60_000)).unwrap());
         let b = try_put(&store, &ten(b'b'), Hold::until(2, now + 60_000)).unwrap();
         let err = try_put(&store, &ten(b'c'), Hold::until(3, now + 60_000)).unwrap_err();
         assert!(matches!(err, StoreError::Full { bytes: 10, limit: 20, held: 20 }), "{err}");
@@ -754,7 +795,7 @@ mod tests {
         assert!(store.path(&a).is_file() && store.path(&b).is_file(), "a refusal evicts nothing");
         assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
         // Job 1 runs (its hold lasts until it ends) and job 2's grant expires unused.
-        assert!(store.has(&a, Hold::running(1)));
+        assert!(store.has(&a, Hold::running(1)).unwrap());
         store.lock().holds.get_mut(&2).unwrap().0 = now - 1;
         let c = try_put(&store, &ten(b'c'), Hold::until(3, now + 60_000)).unwrap();
         assert!(!store.path(&b).exists(), "an expired grant holds nothing");
@@ -768,13 +809,40 @@ mod tests {
     }
 
     #[test]
+    fn one_job_cannot_pin_more_than_its_share_of_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path(), 40).unwrap();
+        store.lock().job_share = 20; // as for a store of 80 bytes, a quarter
+        let now = now_ms();
+        let greedy = Hold::until(1, now + 60_000);
+        let (a, b) = (put(&store, &ten(b'a')), put(&store, &ten(b'b')));
+        assert!(store.has(&a, greedy).unwrap() && store.has(&b, greedy).unwrap());
+        assert!(store.has(&a, greedy).unwrap(), "what a job holds already costs nothing more");
+        // A third blob, looked up or sent, is over the share: refused, and nothing is held for it.
+        let c = put(&store, &ten(b'c'));
+        let err = store.has(&c, greedy).unwrap_err();
+        assert!(matches!(err, StoreError::JobShare { bytes: 10, held: 20, share: 20 }), "{err}");
+        assert!(err.to_string().contains("blob_store_size"), "{err}");
+        let err = try_put(&store, &ten(b'd'), greedy).unwrap_err();
+        assert!(matches!(err, StoreError::JobShare { .. }), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
+        // Another job still finds and stores what it needs.
+        let honest = Hold::until(2, now + 60_000);
+        assert!(store.has(&c, honest).unwrap());
+        try_put(&store, &ten(b'e'), honest).unwrap();
+        // The share comes back when the job's holds end.
+        store.release(1);
+        assert!(store.has(&c, greedy).unwrap());
+    }
+
+    #[test]
     fn a_blob_larger_than_the_whole_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path(), 20).unwrap();
         let a = put(&store, &ten(b'a'));
         let err = try_put(&store, &[b'x'; 21], JOB).unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { bytes: 21, limit: 20 }), "{err}");
-        assert!(store.has(&a, JOB), "nothing was evicted for it");
+        assert!(store.has(&a, JOB).unwrap(), "nothing was evicted for it");
         assert_eq!(fs::read_dir(dir.path().join("blobs/tmp")).unwrap().count(), 0);
     }
 
@@ -783,7 +851,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path(), 30).unwrap();
         let m = put(&store, &ten(b'm'));
-        assert!(store.has(&m, Hold::running(5)));
+        assert!(store.has(&m, Hold::running(5)).unwrap());
         store.materialize(&m, &dir.path().join("job/m.so"), true, true).unwrap();
         store.release(5);
         let twin = twin_path(&store.path(&m));
@@ -820,7 +888,7 @@ mod tests {
         let store = BlobStore::open(dir.path(), 20).unwrap();
         assert_eq!(store.bytes(), 20, "a smaller limit evicts at once");
         assert!(!store.path(&blobs[1]).exists() && !store.path(&blobs[2]).exists(), "the two written first");
-        assert!(store.has(&blobs[0], JOB) && store.has(&blobs[3], JOB));
+        assert!(store.has(&blobs[0], JOB).unwrap() && store.has(&blobs[3], JOB).unwrap());
         store.release(JOB.job);
         // An unclean stop: the blobs wait under unverified/, still counted, still evictable.
         drop(store);
@@ -828,9 +896,9 @@ mod tests {
         assert_eq!(store.bytes(), 20, "blobs waiting for their check count too");
         assert!(!store.path(&blobs[0]).exists(), "set aside");
         let e = put(&store, &ten(b'e'));
-        assert!(store.has(&e, JOB));
+        assert!(store.has(&e, JOB).unwrap());
         assert_eq!(store.bytes(), 20);
-        let left = [blobs[0], blobs[3]].iter().filter(|d| store.has(d, JOB)).count();
+        let left = [blobs[0], blobs[3]].iter().filter(|d| store.has(d, JOB).unwrap()).count();
         assert_eq!(left, 1, "one unverified blob made room, the other is checked and kept");
         assert_eq!(files(&dir.path().join("blobs")), 2);
     }

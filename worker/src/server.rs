@@ -70,6 +70,7 @@ pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: Cancella
         jobs_dir,
         observe_dir: data.join("observe"),
         slots: Semaphore::new(config.slots as usize),
+        uploads: crate::service::Uploads::new(config.slots),
         fetch,
         running: Mutex::new(Default::default()),
         ended: Mutex::new(Vec::new()),

@@ -31,6 +31,11 @@ const CHUNK: usize = 1 << 20;
 /// the worker's disk with one endless stream.
 const MAX_BLOB_BYTES: u64 = 1 << 30;
 const MAX_UPLOAD_BYTES: u64 = 4 << 30;
+/// `UploadBlobs` streams at once per job slot, and per job (grant).
+pub(crate) const UPLOADS_PER_SLOT: usize = 2;
+const UPLOADS_PER_JOB: usize = 2;
+/// The most digests one `FindMissing` may name (a job's inputs are far fewer).
+const MAX_FIND_DIGESTS: usize = 1 << 16;
 /// How long a `RunJob` call may wait for a slot and its toolchain together before it answers:
 /// under the client's 15 s deadline for the call (`CALL_DEADLINE` in the client), so a client
 /// hears "busy" or "fetching" instead of timing out. A toolchain fetch goes on after that.
@@ -74,6 +79,10 @@ pub(crate) struct Shared {
     /// Where the observer's library is installed (`<data dir>/observe`).
     pub observe_dir: PathBuf,
     pub slots: Semaphore,
+    /// `UploadBlobs` streams received at once: [`UPLOADS_PER_SLOT`] per slot in all, and
+    /// [`UPLOADS_PER_JOB`] per grant; each holds one temp blob at a time (at most
+    /// [`MAX_BLOB_BYTES`]), so these bound the temp files in `blobs/tmp`.
+    pub uploads: Uploads,
     pub fetch: Fetcher,
     /// Jobs running now, and jobs that ended since the last report (for the scheduler).
     pub running: Mutex<HashSet<u64>>,
@@ -118,16 +127,29 @@ impl WorkerApi for Service {
         request: Request<v1::FindMissingRequest>,
     ) -> Result<Response<v1::FindMissingResponse>, Status> {
         let grant = granted(&request)?;
+        if request.get_ref().digests.len() > MAX_FIND_DIGESTS {
+            return Err(Status::invalid_argument(format!(
+                "FindMissing names {} digests; at most {MAX_FIND_DIGESTS} may be asked at once",
+                request.get_ref().digests.len()
+            )));
+        }
         let wanted = digests(&request.get_ref().digests, "digests")?;
         // What is here now stays until the job runs, or its grant expires.
         let hold = Hold::until(grant.job_id, grant.expires_ms);
         // Off the async threads: a blob kept over an unclean stop is hashed on its first lookup.
         let shared = Arc::clone(&self.shared);
         let missing = tokio::task::spawn_blocking(move || {
-            wanted.iter().filter(|d| !shared.blobs.has(d, hold)).map(|d| to_digest(*d)).collect()
+            let mut missing = Vec::new();
+            for d in &wanted {
+                if !shared.blobs.has(d, hold)? {
+                    missing.push(to_digest(*d));
+                }
+            }
+            Ok::<_, crate::blobs::StoreError>(missing)
         })
         .await
-        .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?;
+        .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?
+        .map_err(store_status)?;
         Ok(Response::new(v1::FindMissingResponse { missing }))
     }
 
@@ -137,6 +159,7 @@ impl WorkerApi for Service {
     ) -> Result<Response<v1::UploadBlobsResponse>, Status> {
         let grant = granted(&request)?;
         let hold = Hold::until(grant.job_id, grant.expires_ms);
+        let _receiving = self.shared.uploads.start(grant.job_id)?;
         // No blob larger than the whole store is written to disk only to be refused.
         let max_blob = MAX_BLOB_BYTES.min(self.shared.blobs.limit());
         let mut inbound = request.into_inner();
@@ -231,7 +254,12 @@ impl Service {
         // The job holds its inputs until it ends: none is evicted before it is placed.
         let inputs_held = InputsHeld { shared: Arc::clone(&self.shared), job: job.id };
         let running = Hold::running(job.id);
-        let missing = job.inputs.iter().filter(|(_, d, _)| !self.shared.blobs.has(d, running)).count();
+        let mut missing = 0;
+        for (_, d, _) in &job.inputs {
+            if !self.shared.blobs.has(d, running).map_err(|e| refused(store_status(e)))? {
+                missing += 1;
+            }
+        }
         if missing > 0 {
             let message = format!("{missing} input blobs are missing; upload them first");
             return Err(refused(Status::failed_precondition(message)));
@@ -332,8 +360,61 @@ impl Drop for InputsHeld {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Mismatch { .. } => Status::invalid_argument(e.to_string()),
-        StoreError::TooLarge { .. } | StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::TooLarge { .. } | StoreError::Full { .. } | StoreError::JobShare { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         StoreError::Io(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// The `UploadBlobs` streams being received, in all and per job.
+#[derive(Debug)]
+pub(crate) struct Uploads {
+    limit: usize,
+    per_job: Mutex<HashMap<u64, usize>>,
+}
+
+/// One stream's place among [`Uploads`]; given back when dropped.
+struct Receiving<'a> {
+    uploads: &'a Uploads,
+    job: u64,
+}
+
+impl Uploads {
+    pub(crate) fn new(slots: u32) -> Uploads {
+        Uploads { limit: (slots as usize * UPLOADS_PER_SLOT).max(1), per_job: Mutex::new(HashMap::new()) }
+    }
+
+    /// A place for one more stream of `job`, or the reason there is none (the client compiles
+    /// locally and says why).
+    fn start(&self, job: u64) -> Result<Receiving<'_>, Status> {
+        let mut per_job = self.per_job.lock().unwrap_or_else(|p| p.into_inner());
+        let all: usize = per_job.values().sum();
+        if all >= self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "this worker is receiving {all} uploads at once ({UPLOADS_PER_SLOT} per slot); try again later"
+            )));
+        }
+        let mine = per_job.entry(job).or_default();
+        if *mine >= UPLOADS_PER_JOB {
+            return Err(Status::resource_exhausted(format!(
+                "job {job} already has {UPLOADS_PER_JOB} uploads in progress here, the most one job may"
+            )));
+        }
+        *mine += 1;
+        Ok(Receiving { uploads: self, job })
+    }
+}
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        let mut per_job = self.uploads.per_job.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_job.get_mut(&self.job) {
+            *n -= 1;
+            if *n == 0 {
+                per_job.remove(&self.job);
+            }
+        }
     }
 }
 

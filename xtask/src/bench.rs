@@ -124,6 +124,22 @@ pub fn wrapper() -> anyhow::Result<()> {
     Command::new(&ferry).arg("stats").env("FERRY_CACHE_DIR", &cache).output()?;
     let tail = tail.elapsed();
     let warm = build("warm", Some(&ferry), &[])?;
+    // Verification in the field: the CPU this machine spent from a warm build's start until
+    // ferry's detached work ended (`ferry stats` waits for it; a sampled hit is compiled again
+    // there), at FERRY_VERIFY 0, 0.01 and 1, and how many hits were checked.
+    let mut verify = Vec::new();
+    for fraction in ["0", "0.01", "1"] {
+        let verified = |cache: &Path| -> anyhow::Result<u64> {
+            let out = Command::new(&ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", cache).output()?;
+            let stats: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            Ok(stats["verified"].as_u64().unwrap_or(0) + stats["verify_mismatches"].as_u64().unwrap_or(0))
+        };
+        let (checked, cpu) = (verified(&cache)?, busy_cpu_secs()?);
+        let wall =
+            build(&format!("warm, FERRY_VERIFY={fraction}"), Some(&ferry), &[("FERRY_VERIFY", Path::new(fraction))])?;
+        let checked = verified(&cache)? - checked;
+        verify.push((fraction, wall, busy_cpu_secs()? - cpu, checked));
+    }
     let plain2 = build("plain2", None, &[])?;
     let plain = (plain1 + plain2) / 2;
     let stats = Command::new(&ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", &cache).output()?;
@@ -136,6 +152,17 @@ pub fn wrapper() -> anyhow::Result<()> {
         secs(tail)
     );
     println!("  warm cache: {:.2} s = {:.3}x plain (target <= 0.10x)", secs(warm), ratio(warm, plain));
+    let base_cpu = verify[0].2;
+    for (fraction, wall, cpu, checked) in &verify {
+        println!(
+            "  warm, FERRY_VERIFY={fraction}: {:.2} s = {:.3}x plain; machine CPU to the end of ferry's detached work \
+             {cpu:.2} s ({:+.2} s against FERRY_VERIFY=0, {:.3}x of plain's wall time); {checked} hits compiled again",
+            secs(*wall),
+            ratio(*wall, plain),
+            cpu - base_cpu,
+            (cpu - base_cpu) / plain.as_secs_f64()
+        );
+    }
     println!(
         "  ferry stats: hits {} misses {} passthrough {} not_stored {}",
         stats["hits_local"], stats["misses"], stats["passthrough"], stats["not_stored"]
@@ -263,6 +290,18 @@ fn timed_build(
         bail!("build '{name}' failed");
     }
     Ok(t.elapsed())
+}
+
+/// CPU time every core of this machine spent busy since boot (`/proc/stat`), in seconds.
+fn busy_cpu_secs() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("an empty /proc/stat")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let busy: u64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok(busy as f64 / hz as f64)
 }
 
 /// The crates.io dependency graph the benchmarks build, fetched; and its package count.

@@ -50,6 +50,9 @@ const MAX_BYTES: u64 = 1 << 30;
 /// The largest output accepted from a worker, and all outputs of one job together.
 const MAX_OUTPUT_BYTES: u64 = 4 << 30;
 const MAX_OUTPUTS_BYTES: u64 = 8 << 30;
+/// The most stdout, and the most stderr, taken from a worker for one job (rustc prints far less;
+/// the worker keeps 16 MiB of each for the entry): beyond, the job is abandoned and compiled here.
+const MAX_STREAM_BYTES: usize = 64 << 20;
 const CHUNK: usize = 1 << 20;
 /// Directories never shipped from a package.
 const VCS_DIRS: &[&str] = &[".git", ".hg", ".svn", ".jj"];
@@ -340,6 +343,15 @@ async fn receive(
             }
             Err(_) => return Err(Fallback::WorkerSilent),
         };
+        let streamed = match &event.kind {
+            Some(job_event::Kind::Stdout(data)) => run.stdout.len() + data.len(),
+            Some(job_event::Kind::Stderr(data)) => run.stderr.len() + data.len(),
+            _ => 0,
+        };
+        if streamed > MAX_STREAM_BYTES {
+            tracing::warn!(worker, "the worker sent more than {MAX_STREAM_BYTES} bytes of one stream");
+            return Err(Fallback::OutputRejected);
+        }
         match event.kind {
             Some(job_event::Kind::Stdout(data)) => run.stdout.extend_from_slice(&data),
             Some(job_event::Kind::Stderr(data)) => {

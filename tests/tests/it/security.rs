@@ -1275,6 +1275,40 @@ fn the_worker_refuses_bad_requests_clearly_and_leaves_nothing_behind() {
     assert_eq!(cluster.worker.find_missing_digests(&[big_digest]), [big_digest]);
     cluster.assert_clean();
 
+    // Bounded: one FindMissing names at most 65536 digests, and one job receives at most two
+    // uploads at once (each holds a temp file), the rest refused while those two hang open.
+    let many: Vec<v1::Digest> = (0..65_537u32).map(|i| to_digest(*blake3::hash(&i.to_le_bytes()).as_bytes())).collect();
+    let err = cluster.worker.find_missing(many).expect_err("65537 digests were looked up");
+    assert_status(&err, Code::InvalidArgument, &["65537 digests", "at most 65536"]);
+    let grant = cluster.worker.grant();
+    let client = cluster.worker.client.clone();
+    let hanging = cluster.worker.rt.block_on(async move {
+        let mut held = Vec::new();
+        let mut answers = Vec::new();
+        for i in 0..3u8 {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let data = vec![i; 1000];
+            let digest = to_digest(*blake3::hash(&[i; 2000]).as_bytes());
+            tx.send(v1::BlobChunk { digest: Some(digest), data, last: false }).await.expect("send");
+            let mut client = client.clone();
+            let request = granted(tokio_stream::wrappers::ReceiverStream::new(rx), &grant);
+            answers.push(tokio::spawn(async move { client.upload_blobs(request).await }));
+            held.push(tx);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let third = tokio::time::timeout(Duration::from_secs(10), answers.pop().expect("third")).await;
+        drop(held);
+        for answer in answers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer).await;
+        }
+        third.expect("the third upload was neither refused nor answered").expect("task")
+    });
+    let err = hanging.expect_err("a third upload of one job was received");
+    assert_status(&err, Code::ResourceExhausted, &["already has 2 uploads in progress"]);
+    wait_until(Duration::from_secs(10), "the hanging uploads' temp files are removed", || {
+        files_in(&cluster.worker_data.join("blobs/tmp")).is_empty()
+    });
+
     // Still serving.
     let fine = *blake3::hash(b"fine").as_bytes();
     assert_eq!(cluster.worker.upload(vec![chunk(to_digest(fine), b"fine", true)]).expect("a good blob"), 1);
