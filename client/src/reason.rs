@@ -260,6 +260,58 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
             "a proc-macro of this crate runs programs, which may read any variable: it compiles where the whole \
              environment is"
         }
+        (
+            "fallback",
+            "worker-unreachable" | "find-missing-unreachable" | "upload-blobs-unreachable" | "run-job-unreachable",
+        ) => {
+            "no connection to the worker at the address it advertises: check the worker's 'advertise' (its \
+             certificate must name that host: ferry-worker --check-config says), the firewall, and FERRY_LOG=debug here"
+        }
+        ("fallback", "scheduler-unreachable" | "has-toolchain-unreachable" | "allocate-unreachable") => {
+            "no connection to the scheduler: check FERRY_SCHEDULER (https:// for a TLS port), FERRY_CA for a private \
+             CA, the network; FERRY_LOG=debug logs the error"
+        }
+        ("fallback", r) if r.ends_with("-refused") => {
+            "the scheduler or worker refused the call: a token that is missing, unknown or without the 'client' role \
+             (FERRY_TOKEN; the scheduler's log names the peer), or a grant the worker does not accept"
+        }
+        ("fallback", r) if r.ends_with("-timeout") || r == "allocate-timeout" => {
+            "the call took longer than its deadline: an overloaded scheduler or worker, or a slow network"
+        }
+        ("fallback", r) if r.ends_with("-unavailable") => {
+            "the server said it is unavailable (restarting, or overloaded): transient; persistent ones show in its log"
+        }
+        ("fallback", r) if r.ends_with("-failed") && r != "toolchain-upload-failed" => {
+            "the call failed with an error the server sent: FERRY_LOG=debug logs it"
+        }
+        ("fallback", "cluster-backoff") => {
+            "the scheduler failed to answer a moment ago: compiles stay local for FERRY_CLUSTER_BACKOFF seconds"
+        }
+        ("fallback", "no-workers") => "no worker is connected to the scheduler: see ferry status",
+        ("fallback", "no-capacity") => {
+            "every worker slot was busy past the scheduler's queue wait: add workers or slots"
+        }
+        ("fallback", "toolchain-fetching") => "the workers are still fetching this toolchain: the next builds use them",
+        ("fallback", "toolchain-uploading") => {
+            "this toolchain is being uploaded to the scheduler in the background: the next builds use the cluster"
+        }
+        ("fallback", "toolchain-upload-failed") => {
+            "the toolchain upload failed (a token without 'toolchain-upload', or the network): its log is in \
+             <cache dir>/toolchains/; ask an operator to run ferry toolchain upload"
+        }
+        ("fallback", "worker-lost") => {
+            "the connection to the worker broke during the job (it restarted, or the network)"
+        }
+        ("fallback", "worker-silent") => "the worker sent nothing for 15 minutes: see its log",
+        ("fallback", "sandbox-limit") => {
+            "a sandbox limit of the worker stopped the job: see ferry status and its [sandbox]"
+        }
+        ("fallback", "output-rejected" | "missing-output" | "worker-bad-answer") => {
+            "the worker sent something not asked for, too much, or not all outputs: nothing of it was used; see its log"
+        }
+        ("fallback", "remote-observation-incomplete") => {
+            "the worker could not observe the whole compile (a static program, a socket): it compiled here"
+        }
         ("fallback", "workers-quarantined") => "every worker is quarantined after failing jobs: see ferry status",
         ("fallback", "worker-error") => "a worker could not run the job: see ferry status for its error",
         ("not stored", "compile-error") => {

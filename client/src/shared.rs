@@ -158,7 +158,8 @@ impl SharedTier {
         tracing::warn!(error = %e, cause = %std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_default(), "shared cache call failed");
         match kind {
             std::io::ErrorKind::PermissionDenied => {
-                count(stats, "write-denied");
+                // A token that may only read: the setup the guide gives developers, not an error.
+                stats.shared_read_only += 1;
                 let _ = fs::write(self.cache_dir.join(DENIED_FILE), &self.writer);
             }
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {

@@ -30,8 +30,11 @@ pub struct Stats {
     /// Compiles that ran but whose result was not stored, by reason.
     pub not_stored: BTreeMap<String, u64>,
     /// Shared-tier calls that failed or were skipped, by reason (`timeout`, `unavailable`,
-    /// `bypassed` while the circuit breaker is open, `write-denied`, `corrupt-entry`).
+    /// `bypassed` while the circuit breaker is open, `corrupt-entry`, …).
     pub shared_errors: BTreeMap<String, u64>,
+    /// Times the scheduler refused this client's writes because its token may only read (no
+    /// `cache-write`: developers' intended setup). Not an error; writes pause for 10 minutes.
+    pub shared_read_only: u64,
     /// Entries this client published to the shared tier (with the `cache-write` role).
     pub shared_writes: u64,
     pub corrupt_entries: u64,
@@ -98,6 +101,7 @@ impl Stats {
         self.bytes_sent += d.bytes_sent;
         self.time_saved_ms += d.time_saved_ms;
         self.shared_writes += d.shared_writes;
+        self.shared_read_only += d.shared_read_only;
         self.verified += d.verified;
         self.verify_mismatches += d.verify_mismatches;
         for (mine, theirs) in [
@@ -128,6 +132,7 @@ impl Stats {
             ("bytes written".into(), crate::commands::human_bytes(self.bytes_written)),
             ("bytes sent to workers".into(), crate::commands::human_bytes(self.bytes_sent)),
             ("shared tier writes".into(), self.shared_writes.to_string()),
+            ("shared tier read-only (token without cache-write)".into(), self.shared_read_only.to_string()),
             ("time saved".into(), format!("{:.1} s", self.time_saved_ms as f64 / 1000.0)),
         ];
         if self.verified + self.verify_mismatches > 0 {

@@ -105,11 +105,23 @@ impl Tokens {
                     req.extensions_mut().insert(Credential(credential));
                     Ok(req)
                 }
-                Err(AuthError::Missing) => Err(tonic::Status::unauthenticated(
-                    "this server needs a bearer token; set FERRY_TOKEN (or 'token' in the config file)",
-                )),
-                Err(AuthError::Unknown) => {
-                    Err(tonic::Status::unauthenticated("the bearer token is not known to this server"))
+                Err(e) => {
+                    // The operator sees refusals where they look: the server's log, with the peer.
+                    let peer = req.remote_addr().map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+                    let why = match e {
+                        AuthError::Missing => "no bearer token",
+                        AuthError::Unknown => "a bearer token this server does not list",
+                    };
+                    tracing::warn!(%peer, "refused a call with {why} (the caller's FERRY_TOKEN or 'token')");
+                    Err(tonic::Status::unauthenticated(match e {
+                        AuthError::Missing => {
+                            "this server needs a bearer token; set FERRY_TOKEN (or 'token' in the config file)"
+                        }
+                        AuthError::Unknown => {
+                            "the bearer token is not known to this server; give the token exactly as the \
+                             scheduler's [[tokens]] lists it"
+                        }
+                    }))
                 }
             }
         }
@@ -121,10 +133,17 @@ pub fn tokens_from_config(entries: Vec<(String, Vec<String>)>) -> Result<Tokens,
     if entries.is_empty() {
         return Ok(Tokens::Open);
     }
-    let mut out = Vec::new();
-    for (token, names) in entries {
+    let mut out: Vec<(String, Vec<Role>)> = Vec::new();
+    for (i, (token, names)) in entries.into_iter().enumerate() {
         if token.len() < 16 {
             return Err("a token must be at least 16 characters".into());
+        }
+        check_not_placeholder(&token)?;
+        if let Some(first) = out.iter().position(|(t, _)| t.trim() == token.trim()) {
+            return Err(format!(
+                "entries {first} and {i} have the same token: give each caller one entry listing all its roles \
+                 (a token listed twice would silently hold the roles of both)"
+            ));
         }
         let roles = names
             .iter()
@@ -136,6 +155,17 @@ pub fn tokens_from_config(entries: Vec<(String, Vec<String>)>) -> Result<Tokens,
         out.push((token, roles));
     }
     Ok(Tokens::new(out))
+}
+
+/// Refuses the packaging examples' placeholders (`REPLACE-ME-…`): public values, so a forgotten
+/// edit would open the cluster to anyone who read the examples.
+pub fn check_not_placeholder(token: &str) -> Result<(), String> {
+    if token.to_ascii_uppercase().contains("REPLACE-ME") {
+        return Err("a token is still the example's placeholder 'REPLACE-ME-…', which anyone can read: make one \
+                    with `openssl rand -hex 32` (packaging/README.md, \"Make the tokens\")"
+            .into());
+    }
+    Ok(())
 }
 
 /// The serving rule for every ferry server: the development default (plain, no tokens) holds
@@ -182,6 +212,24 @@ pub fn bearer(token: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_and_tokens_listed_twice_are_refused() {
+        let entry = |t: &str, r: &str| (t.to_string(), vec![r.to_string()]);
+        let err = tokens_from_config(vec![entry("REPLACE-ME-developers-0000000000000000", "client")]).unwrap_err();
+        assert!(err.contains("placeholder") && err.contains("openssl rand -hex 32"), "{err}");
+        let err =
+            tokens_from_config(vec![entry("a-token-of-the-site-1", "client"), entry("a-token-of-the-site-1", "admin")])
+                .unwrap_err();
+        assert!(err.contains("entries 0 and 1 have the same token"), "{err}");
+        assert!(
+            tokens_from_config(vec![
+                entry("a-token-of-the-site-1", "client"),
+                entry("a-token-of-the-site-2", "worker")
+            ])
+            .is_ok()
+        );
+    }
 
     #[test]
     fn roles_follow_tokens() {

@@ -10,7 +10,8 @@ mod grant;
 pub mod http;
 
 pub use auth::{
-    AuthError, Credential, Role, Roles, Tokens, bearer, check_exposure, require, require_any, tokens_from_config,
+    AuthError, Credential, Role, Roles, Tokens, bearer, check_exposure, check_not_placeholder, require, require_any,
+    tokens_from_config,
 };
 pub use cache::{RemoteCache, SchedulerApi, SharedTierSpec, TokenInterceptor};
 pub use grant::{

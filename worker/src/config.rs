@@ -297,6 +297,10 @@ impl WorkerConfig {
                 );
             }
         }
+        if let Some(token) = &self.token {
+            ferry_proto::check_not_placeholder(token)
+                .map_err(|e| anyhow::anyhow!("{origin}: key 'token' (or FERRY_TOKEN): {e}"))?;
+        }
         ferry_proto::TokenInterceptor::new(self.token.as_deref()).map_err(|e| {
             anyhow::anyhow!(
                 "{origin}: key 'token' (or FERRY_TOKEN): {e}; give the token exactly as the scheduler has it"

@@ -14,6 +14,9 @@ use std::process::{Command, Output};
 
 use ferry_tests::{World, bin, ok};
 
+/// What the tests put in place of the examples' `REPLACE-ME-` token prefix.
+const PLACED: &str = "9f3c1e7a5b2d8064-";
+
 /// Where the examples expect the certificates and keys.
 const ETC: &str = "/etc/ferry/";
 
@@ -38,7 +41,7 @@ fn the_scheduler_example_passes_its_check_and_prints_what_the_readme_shows() {
     let config = site.example("scheduler.toml");
     let out = site.check("ferry-scheduler", &config, &[]);
     let summary = ok(out);
-    assert!(!summary.contains("REPLACE-ME"), "a token was printed:\n{summary}");
+    assert!(!summary.contains(PLACED), "a token was printed:\n{summary}");
     let data_dir = site.data_dir("ferry-scheduler");
     assert!(!data_dir.exists(), "the check created {}", data_dir.display());
     // As the README shows it: the paths as they are on the scheduler.
@@ -55,7 +58,7 @@ fn the_worker_examples_pass_their_check() {
     for (name, slots) in [("worker-a", cpus.as_str()), ("worker-b", "4")] {
         let config = site.example(&format!("{name}.toml"));
         let summary = ok(site.check("ferry-worker", &config, &[]));
-        assert!(!summary.contains("REPLACE-ME"), "a token was printed:\n{summary}");
+        assert!(!summary.contains(PLACED), "a token was printed:\n{summary}");
         let lines: Vec<&str> = summary.lines().collect();
         let etc = site.etc.display();
         let data_dir = site.data_dir("ferry-worker");
@@ -127,6 +130,26 @@ fn the_scheduler_check_refuses_a_broken_configuration_in_one_line() {
         &[&format!("ferry-scheduler: error: {}: key 'tokens': unknown role 'clients'", unknown_role.display())],
     );
 
+    // The example as shipped, its tokens never made: public values, refused.
+    let placeholders = site.edited("scheduler.toml", "placeholders", |t| t.replace(PLACED, "REPLACE-ME-"));
+    let out = site.check("ferry-scheduler", &placeholders, &[]);
+    refused(
+        &out,
+        1,
+        &[
+            &format!("ferry-scheduler: error: {}: key 'tokens'", placeholders.display()),
+            "placeholder 'REPLACE-ME-…'",
+            "openssl rand -hex 32",
+        ],
+    );
+    // One token listed twice with different roles is not merged silently.
+    let twice = site.edited("scheduler.toml", "twice", |t| {
+        let token = quoted_value(&t, "token").expect("a token").to_owned();
+        t + &format!("\n[[tokens]]\ntoken = \"{token}\"\nroles = [\"admin\"]\n")
+    });
+    let out = site.check("ferry-scheduler", &twice, &[]);
+    refused(&out, 1, &[&format!("{}: key 'tokens'", twice.display()), "entries 0 and 4 have the same token"]);
+
     let missing_key = site.edited("scheduler.toml", "missing-key", |t| t.replace("scheduler.key", "missing.key"));
     let out = site.check("ferry-scheduler", &missing_key, &[]);
     refused(
@@ -172,6 +195,14 @@ fn the_worker_check_refuses_a_broken_configuration_in_one_line() {
     let missing_ca = site.edited("worker-a.toml", "missing-ca", |t| t.replace("ca.pem", "missing-ca.pem"));
     let out = site.check("ferry-worker", &missing_ca, &[]);
     refused(&out, 1, &[&format!("ferry-worker: error: {}: key 'ca' (or FERRY_CA): cannot read", missing_ca.display())]);
+
+    let placeholder = site.edited("worker-a.toml", "placeholder", |t| t.replace(PLACED, "REPLACE-ME-"));
+    let out = site.check("ferry-worker", &placeholder, &[]);
+    refused(
+        &out,
+        1,
+        &[&format!("ferry-worker: error: {}: key 'token' (or FERRY_TOKEN)", placeholder.display()), "placeholder"],
+    );
 
     let old_tokens = site.edited("worker-a.toml", "old-tokens", |t| {
         t + "\n[[tokens]]\ntoken = \"0123456789abcdef0\"\nroles = [\"client\"]\n"
@@ -223,9 +254,11 @@ impl Site {
     /// The example as [`Site::example`] makes it, then changed by `edit`.
     fn edited(&self, name: &str, variant: &str, edit: impl Fn(String) -> String) -> PathBuf {
         let original = example_text(name);
-        let moved = original.replace(ETC, &format!("{}/", self.etc.display()));
+        // The tokens made as the guide says (one value per placeholder, the same in every file).
+        let moved = original.replace(ETC, &format!("{}/", self.etc.display())).replace("REPLACE-ME-", PLACED);
         for (before, after) in original.lines().zip(moved.lines()) {
-            assert!(before == after || before.contains(ETC), "{name}: the rewrite changed '{before}'");
+            let changed = before.contains(ETC) || before.contains("REPLACE-ME-");
+            assert!(before == after || changed, "{name}: the rewrite changed '{before}'");
         }
         // Nothing else would need rewriting: the only other absolute paths are data directories,
         // which the check gets as --data-dir.
