@@ -165,14 +165,7 @@ pub fn check_stream(mut reader: impl std::io::Read, len: u64, expected_key: &Cac
     }
     let mut hasher = blake3::Hasher::new();
     hasher.update(&header);
-    let mut left = stored_len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        reader.read_exact(&mut buf[..n]).map_err(|_| truncated((entry_len - left) as usize))?;
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-    }
+    hash_exact(&mut reader, &mut hasher, stored_len).map_err(|left| truncated((entry_len - left) as usize))?;
     let mut stored_sum = [0u8; CHECKSUM_LEN];
     reader.read_exact(&mut stored_sum).map_err(|_| truncated((entry_len - 32) as usize))?;
     let computed = hasher.finalize();
@@ -439,6 +432,20 @@ fn decompress(stored: &[u8], uncompressed_len: u64) -> Result<Vec<u8>, EntryErro
         });
     }
     Ok(payload)
+}
+
+/// Feeds the next `len` bytes of `reader` to `hasher`, 1 MiB at a time, never holding more.
+/// `Err(left)`: the reader ended (or failed) with `left` bytes still to come.
+pub(crate) fn hash_exact(reader: &mut impl std::io::Read, hasher: &mut blake3::Hasher, len: u64) -> Result<(), u64> {
+    let mut left = len;
+    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        reader.read_exact(&mut buf[..n]).map_err(|_| left)?;
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Copies a slice of known length into an array.

@@ -25,12 +25,12 @@ mod store;
 mod tempname;
 
 pub use disk::{DiskConfig, DiskStore, EvictReport, Usage, format_size, parse_size};
-pub use entry::{Entry, EntryError, EntryKind, check_stream, split_signature};
+pub use entry::{Entry, EntryError, EntryKind, check_stream};
 pub use key::{CacheKey, KeyBuilder, KeyPart, ParseKeyError};
 pub use memcached::{CHUNK as MEMCACHED_CHUNK, MemcachedStore, parse_memcached_url};
 pub use output::{CompileOutput, OutputFile};
 pub use redis::{RedisStore, RedisTls, check_redis_url, redis_key, without_password};
-pub use signature::{SIGNATURE_LEN, Signer, Trust, WriterKey, sign, signer_of, verify, verify_stream};
+pub use signature::{Signer, Trust, WriterKey, sign, signer_of, verify, verify_stream};
 pub use signed::Signed;
 pub use store::{Error, PutOutcome, Store};
-pub use tempname::{create_temp, unpredictable_name, write_replacing};
+pub use tempname::{TempPath, create_temp, random_bytes, unpredictable_name, write_replacing};

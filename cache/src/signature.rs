@@ -22,7 +22,7 @@ use crate::entry::{EntryError, SIGNATURE_MAGIC, split_signature};
 pub const SIGNATURE_LEN: usize = 8 + 32 + 64;
 
 /// Domain separation of the signed digest.
-pub const CONTEXT: &str = "ferry 2026 cache entry signature v1";
+const CONTEXT: &str = "ferry 2026 cache entry signature v1";
 
 /// A writer's public key; shown and parsed as `ed25519:<64 hex digits>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -211,14 +211,8 @@ pub fn verify_stream(mut reader: impl std::io::Read, len: u64, trust: &Trust) ->
     let truncated = |offset| EntryError::Truncated { what: "signed entry", offset };
     let entry_len = len.checked_sub(SIGNATURE_LEN as u64).ok_or(EntryError::Unsigned)?;
     let mut hasher = blake3::Hasher::new_derive_key(CONTEXT);
-    let mut left = entry_len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        reader.read_exact(&mut buf[..n]).map_err(|_| truncated((entry_len - left) as usize))?;
-        hasher.update(&buf[..n]);
-        left -= n as u64;
-    }
+    crate::entry::hash_exact(&mut reader, &mut hasher, entry_len)
+        .map_err(|left| truncated((entry_len - left) as usize))?;
     let mut block = [0u8; SIGNATURE_LEN];
     reader.read_exact(&mut block).map_err(|_| truncated(entry_len as usize))?;
     if block[..8] != SIGNATURE_MAGIC {

@@ -43,6 +43,8 @@ impl Store for Signed {
 
     /// Signs and publishes; an entry already there counts only when a trusted writer signed it
     /// (one that is not — unsigned, a stranger's, a revoked key's — is removed and replaced).
+    /// A tier that [keeps only trusted entries](Store::keeps_only_trusted) is taken at its word,
+    /// without fetching the entry back.
     fn put_encoded(&self, key: &CacheKey, bytes: &[u8]) -> Result<PutOutcome, Error> {
         let Some(signer) = &self.signer else {
             return Err(Error::Io {
@@ -54,6 +56,10 @@ impl Store for Signed {
         for _ in 0..2 {
             match self.inner.put_encoded(key, &signed)? {
                 PutOutcome::Published { bytes } => return Ok(PutOutcome::Published { bytes }),
+                // The tier checked what it has against its own list of writers.
+                PutOutcome::AlreadyPresent if self.inner.keeps_only_trusted() => {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
                 PutOutcome::AlreadyPresent => match self.inner.get_encoded(key) {
                     Ok(Some(there)) if verify(&there, &self.trust).is_ok() => return Ok(PutOutcome::AlreadyPresent),
                     // Raced away: publish again.

@@ -13,7 +13,7 @@ pub trait Store: Send + Sync {
     /// The verified entry stored under `key`, or `None` on a miss.
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error>;
 
-    /// The encoded entry under `key` as stored (a seal after it included), its header and
+    /// The encoded entry under `key` as stored (its signature block included), its header and
     /// checksum checked, not decoded: for a layer that checks more before decoding.
     fn get_encoded(&self, key: &CacheKey) -> Result<Option<Vec<u8>>, Error>;
 
@@ -31,6 +31,13 @@ pub trait Store: Send + Sync {
     fn remove(&self, key: &CacheKey) -> Result<bool, Error> {
         let _ = key;
         Ok(false)
+    }
+
+    /// Whether this tier itself keeps only entries its trusted writers signed, so that an entry it
+    /// reports present on a put needs no second look (the scheduler's tier; Redis and memcached
+    /// store whatever anyone sends).
+    fn keeps_only_trusted(&self) -> bool {
+        false
     }
 }
 

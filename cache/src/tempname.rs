@@ -7,18 +7,23 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// A name no other process can guess: `prefix`, 16 random hex digits, `.tmp`.
-pub fn unpredictable_name(prefix: &str) -> String {
-    let mut random = [0u8; 8];
+/// `N` bytes from the kernel's random source (`getrandom`), for keys and names nobody can guess.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut random = [0u8; N];
     let mut filled = 0;
-    while filled < random.len() {
+    while filled < N {
         // SAFETY: writes at most the remaining bytes of a local buffer.
-        let n = unsafe { libc::getrandom(random[filled..].as_mut_ptr().cast(), random.len() - filled, 0) };
+        let n = unsafe { libc::getrandom(random[filled..].as_mut_ptr().cast(), N - filled, 0) };
         if n > 0 {
             filled += n as usize;
         }
     }
-    format!("{prefix}{:016x}.tmp", u64::from_le_bytes(random))
+    random
+}
+
+/// A name no other process can guess: `prefix`, 16 random hex digits, `.tmp`.
+pub fn unpredictable_name(prefix: &str) -> String {
+    format!("{prefix}{:016x}.tmp", u64::from_le_bytes(random_bytes()))
 }
 
 /// A new file in `dir` named by [`unpredictable_name`], opened for writing (and reading) with
@@ -33,6 +38,25 @@ pub fn create_temp(dir: &Path, prefix: &str, mode: u32) -> std::io::Result<(File
         .mode(mode)
         .open(&path)?;
     Ok((file, path))
+}
+
+/// A temp file's path that removes the file when dropped (unless it was renamed or linked away
+/// first, which the caller does to keep it): whatever way the work on it ends, nothing is left.
+#[derive(Debug)]
+pub struct TempPath(pub PathBuf);
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// `bytes` written to `path` through a temp file beside it and a rename, so no reader ever sees

@@ -364,9 +364,10 @@ pub fn writer_key(args: WriterKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// This machine's name, as `/etc/hostname` has it (empty when it cannot be read).
+/// This machine's name, as the kernel has it (empty when it cannot be read): for the scheduler's
+/// fair queue and the name a writer key registers under.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {

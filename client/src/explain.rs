@@ -101,16 +101,22 @@ fn records_in(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The records of a cache dir, newest first, optionally of one crate only.
-pub fn records(cache_dir: &Path, krate: Option<&str>) -> Vec<(PathBuf, Record)> {
-    let mut files = records_in(&cache_dir.join("explain"));
+/// The JSON records in `dir` that parse as `T`, newest first (their names start with the time).
+pub fn newest_first<T: serde::de::DeserializeOwned>(dir: &Path) -> Vec<(PathBuf, T)> {
+    let mut files = records_in(dir);
     files.sort();
     files.reverse();
     files
         .into_iter()
-        .filter_map(|p| Some((p.clone(), serde_json::from_slice::<Record>(&fs::read(&p).ok()?).ok()?)))
-        .filter(|(_, r)| krate.is_none_or(|k| r.krate == k))
+        .filter_map(|p| Some((p.clone(), serde_json::from_slice::<T>(&fs::read(&p).ok()?).ok()?)))
         .collect()
+}
+
+/// The records of a cache dir, newest first, optionally of one crate only.
+pub fn records(cache_dir: &Path, krate: Option<&str>) -> Vec<(PathBuf, Record)> {
+    let mut records: Vec<(PathBuf, Record)> = newest_first(&cache_dir.join("explain"));
+    records.retain(|(_, r)| krate.is_none_or(|k| r.krate == k));
+    records
 }
 
 /// A record named on the command line: a record file, or a cache dir (its newest record of

@@ -195,6 +195,66 @@ impl CallFailure {
     }
 }
 
+impl Call {
+    const ALL: [Call; 7] = [
+        Call::Scheduler,
+        Call::HasToolchain,
+        Call::Allocate,
+        Call::Worker,
+        Call::FindMissing,
+        Call::UploadBlobs,
+        Call::RunJob,
+    ];
+
+    /// Whether the call goes to a worker (else to the scheduler).
+    fn to_worker(self) -> bool {
+        matches!(self, Call::Worker | Call::FindMissing | Call::UploadBlobs | Call::RunJob)
+    }
+}
+
+impl CallFailure {
+    const ALL: [CallFailure; 5] = [
+        CallFailure::Unreachable,
+        CallFailure::Timeout,
+        CallFailure::Refused,
+        CallFailure::Unavailable,
+        CallFailure::Failed,
+    ];
+}
+
+/// The call and failure a `Fallback::Call` name (`<call>-<failure>`) stands for.
+fn call_failure(name: &str) -> Option<(Call, CallFailure)> {
+    Call::ALL.into_iter().find_map(|call| {
+        let how = name.strip_prefix(call.as_str())?.strip_prefix('-')?;
+        CallFailure::ALL.into_iter().find(|f| f.as_str() == how).map(|f| (call, f))
+    })
+}
+
+/// What to do about a failed cluster call.
+fn explain_call(call: Call, how: CallFailure) -> &'static str {
+    match how {
+        CallFailure::Unreachable if call.to_worker() => {
+            "no connection to the worker at the address it advertises: check the worker's 'advertise' (its \
+             certificate must name that host: ferry-worker --check-config says), the firewall, and FERRY_LOG=debug here"
+        }
+        CallFailure::Unreachable => {
+            "no connection to the scheduler: check FERRY_SCHEDULER (https:// for a TLS port), FERRY_CA for a private \
+             CA, the network; FERRY_LOG=debug logs the error"
+        }
+        CallFailure::Refused => {
+            "the scheduler or worker refused the call: a token that is missing, unknown or without the 'client' role \
+             (FERRY_TOKEN; the scheduler's log names the peer), or a grant the worker does not accept"
+        }
+        CallFailure::Timeout => {
+            "the call took longer than its deadline: an overloaded scheduler or worker, or a slow network"
+        }
+        CallFailure::Unavailable => {
+            "the server said it is unavailable (restarting, or overloaded): transient; persistent ones show in its log"
+        }
+        CallFailure::Failed => "the call failed with an error the server sent: FERRY_LOG=debug logs it",
+    }
+}
+
 impl LocalReason {
     fn as_str(self) -> &'static str {
         match self {
@@ -229,6 +289,11 @@ impl NotStored {
 /// One line on what a counted reason means and what to do about it, by the name `ferry stats`
 /// shows (`pass-through: ...`, `fallback: ...`, `not stored: ...`); None for names without one.
 pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
+    if kind == "fallback"
+        && let Some((call, how)) = call_failure(name)
+    {
+        return Some(explain_call(call, how));
+    }
     let text = match (kind, name) {
         ("pass-through", "incremental") => {
             "cargo compiles workspace members incrementally in debug builds; set CARGO_INCREMENTAL=0 to cache them"
@@ -259,30 +324,6 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         ("fallback", "reads-whole-environment") => {
             "a proc-macro of this crate runs programs, which may read any variable: it compiles where the whole \
              environment is"
-        }
-        (
-            "fallback",
-            "worker-unreachable" | "find-missing-unreachable" | "upload-blobs-unreachable" | "run-job-unreachable",
-        ) => {
-            "no connection to the worker at the address it advertises: check the worker's 'advertise' (its \
-             certificate must name that host: ferry-worker --check-config says), the firewall, and FERRY_LOG=debug here"
-        }
-        ("fallback", "scheduler-unreachable" | "has-toolchain-unreachable" | "allocate-unreachable") => {
-            "no connection to the scheduler: check FERRY_SCHEDULER (https:// for a TLS port), FERRY_CA for a private \
-             CA, the network; FERRY_LOG=debug logs the error"
-        }
-        ("fallback", r) if r.ends_with("-refused") => {
-            "the scheduler or worker refused the call: a token that is missing, unknown or without the 'client' role \
-             (FERRY_TOKEN; the scheduler's log names the peer), or a grant the worker does not accept"
-        }
-        ("fallback", r) if r.ends_with("-timeout") || r == "allocate-timeout" => {
-            "the call took longer than its deadline: an overloaded scheduler or worker, or a slow network"
-        }
-        ("fallback", r) if r.ends_with("-unavailable") => {
-            "the server said it is unavailable (restarting, or overloaded): transient; persistent ones show in its log"
-        }
-        ("fallback", r) if r.ends_with("-failed") && r != "toolchain-upload-failed" => {
-            "the call failed with an error the server sent: FERRY_LOG=debug logs it"
         }
         ("fallback", "cluster-backoff") => {
             "the scheduler failed to answer a moment ago: compiles stay local for FERRY_CLUSTER_BACKOFF seconds"
@@ -333,4 +374,25 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         _ => return None,
     };
     Some(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failed_call_is_explained_and_only_those_as_calls() {
+        for call in Call::ALL {
+            for how in CallFailure::ALL {
+                let name = Fallback::Call(call, how).as_str();
+                assert_eq!(call_failure(&name), Some((call, how)), "{name}");
+                assert!(explain("fallback", &name).is_some(), "{name}");
+            }
+        }
+        assert!(explain("fallback", "worker-unreachable").unwrap().contains("advertise"));
+        assert!(explain("fallback", "scheduler-unreachable").unwrap().contains("FERRY_SCHEDULER"));
+        for local in ["cache-unavailable", "runtime-unavailable", "replay-write-failed", "toolchain-upload-failed"] {
+            assert_eq!(call_failure(local), None, "{local}");
+        }
+    }
 }

@@ -648,6 +648,11 @@ fn existed_before(dirfd: c_int, path: *const c_char, flags: c_int) -> bool {
     if !updates(flags) {
         return false;
     }
+    if flags & O_CREAT == 0 {
+        // Without O_CREAT an open succeeds only on a file that is there (and `existed` is read
+        // only when it succeeded): no need to ask.
+        return true;
+    }
     let Some(f) = real!(faccessat: fn(c_int, *const c_char, c_int, c_int) -> c_int) else { return true };
     let saved = errno();
     // SAFETY: the caller's NUL-terminated path.
@@ -1435,44 +1440,32 @@ with_caller!(execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int => exe
 unsafe extern "C" fn execve_from(path: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments.
     let written = unsafe { record_exec(path, false, envp, caller, own_pid(), Start::Exec) };
-    let Some(f) = real!(execve: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(path, argv, envp) };
-    exec_failed(usize::from(written));
-    r
+    exec_returned(written, || real!(execve: fn(*const c_char, Argv, Argv) -> c_int).map(|f| unsafe { f(path, argv, envp) }))
 }
 
 with_caller!(execv(path: *const c_char, argv: Argv) -> c_int => execv_from, "rdx", "x2");
 unsafe extern "C" fn execv_from(path: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: the caller's arguments; the new image inherits this environment.
     let written = unsafe { record_exec(path, false, environ, caller, own_pid(), Start::Exec) };
-    let Some(f) = real!(execv: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(path, argv) };
-    exec_failed(usize::from(written));
-    r
+    exec_returned(written, || real!(execv: fn(*const c_char, Argv) -> c_int).map(|f| unsafe { f(path, argv) }))
 }
 
 with_caller!(execvp(file: *const c_char, argv: Argv) -> c_int => execvp_from, "rdx", "x2");
 unsafe extern "C" fn execvp_from(file: *const c_char, argv: Argv, caller: usize) -> c_int {
     // SAFETY: as in execv.
     let written = unsafe { record_exec(file, true, environ, caller, own_pid(), Start::Exec) };
-    let Some(f) = real!(execvp: fn(*const c_char, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(file, argv) };
-    exec_failed(usize::from(written));
-    r
+    exec_returned(written, || real!(execvp: fn(*const c_char, Argv) -> c_int).map(|f| unsafe { f(file, argv) }))
 }
 
 with_caller!(execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int => execvpe_from, "rcx", "x3");
 unsafe extern "C" fn execvpe_from(file: *const c_char, argv: Argv, envp: Argv, caller: usize) -> c_int {
     // SAFETY: as in execve.
     let written = unsafe { record_exec(file, true, envp, caller, own_pid(), Start::Exec) };
-    let Some(f) = real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(file, argv, envp) };
-    exec_failed(usize::from(written));
-    r
+    exec_returned(written, || real!(execvpe: fn(*const c_char, Argv, Argv) -> c_int).map(|f| unsafe { f(file, argv, envp) }))
 }
 
 with_caller!(fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int => fexecve_from, "rcx", "x3");
@@ -1484,11 +1477,8 @@ unsafe extern "C" fn fexecve_from(fd: c_int, argv: Argv, envp: Argv, caller: usi
         // SAFETY: a NUL-terminated path we built; the caller's environment.
         written = unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller, own_pid(), Start::Exec) };
     }
-    let Some(f) = real!(fexecve: fn(c_int, Argv, Argv) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(fd, argv, envp) };
-    exec_failed(usize::from(written));
-    r
+    exec_returned(written, || real!(fexecve: fn(c_int, Argv, Argv) -> c_int).map(|f| unsafe { f(fd, argv, envp) }))
 }
 
 with_caller!(execveat(dirfd: c_int, path: *const c_char, argv: Argv, envp: Argv, flags: c_int) -> c_int
@@ -1519,9 +1509,14 @@ unsafe extern "C" fn execveat_from(
         // SAFETY: a NUL-terminated path we built; the caller's environment.
         written = unsafe { record_exec(buf.as_ptr().cast(), false, envp, caller, own_pid(), Start::Exec) };
     }
-    let Some(f) = real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int) else { return -1 };
     // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(dirfd, path, argv, envp, flags) };
+    exec_returned(written, || real!(execveat: fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int).map(|f| unsafe { f(dirfd, path, argv, envp, flags) }))
+}
+
+/// The end of every exec wrapper: the real call's answer (-1 when libc lacks the function) and,
+/// since it returned, the `f` record of an exec that failed (`written`: its `x` record was).
+fn exec_returned(written: bool, call: impl FnOnce() -> Option<c_int>) -> c_int {
+    let Some(r) = call() else { return -1 };
     exec_failed(usize::from(written));
     r
 }
@@ -1918,17 +1913,16 @@ type uid_t = c_uint;
 type gid_t = c_uint;
 type socklen_t = u32;
 
-/// Name-service lookups: glibc answers them from what `/etc/nsswitch.conf` names (files it opens
-/// internally, nscd over a socket, NIS, LDAP, DNS, systemd-resolved), none of which goes through
-/// the wrapped functions: `! name-service function`.
-macro_rules! name_service {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, else $fail:expr;)*) => {$(
+/// Functions through which glibc reads what the wrapped functions never see: each call is
+/// forwarded, then recorded as `! reason function`; `else` is the answer when libc lacks it.
+macro_rules! unseen {
+    ($reason:literal; $($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, else $fail:expr;)*) => {$(
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
             let Some(f) = real!($name: fn($($ty),*) -> $ret) else { return $fail };
             // SAFETY: forwarding the caller's arguments.
             let r = unsafe { f($($arg),*) };
-            record_unseen(b"name-service", stringify!($name).as_bytes());
+            record_unseen($reason, stringify!($name).as_bytes());
             r
         }
     )*};
@@ -1939,7 +1933,11 @@ const NONE: *mut c_void = core::ptr::null_mut();
 /// `EAI_FAIL`.
 const EAI_FAIL: c_int = -4;
 
-name_service! {
+/// Name-service lookups: glibc answers them from what `/etc/nsswitch.conf` names (files it opens
+/// internally, nscd over a socket, NIS, LDAP, DNS, systemd-resolved), none of which goes through
+/// the wrapped functions: `! name-service function`.
+unseen! {
+    b"name-service";
     getpwnam(name: *const c_char) -> *mut c_void, else NONE;
     getpwuid(uid: uid_t) -> *mut c_void, else NONE;
     getpwnam_r(name: *const c_char, pwd: *mut c_void, buf: *mut c_char, len: size_t, result: *mut *mut c_void) -> c_int,
@@ -1967,30 +1965,13 @@ name_service! {
     getprotobyname(name: *const c_char) -> *mut c_void, else NONE;
 }
 
-/// Character set conversions: glibc reads `gconv-modules` (or its cache) and loads converter
-/// modules without going through the wrapped functions: `! locale-data iconv_open`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn iconv_open(to: *const c_char, from: *const c_char) -> *mut c_void {
-    let Some(f) = real!(iconv_open: fn(*const c_char, *const c_char) -> *mut c_void) else {
-        return usize::MAX as *mut c_void; // (iconv_t) -1
-    };
-    // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(to, from) };
-    record_unseen(b"locale-data", b"iconv_open");
-    r
-}
-
-/// Message catalogs: opened by glibc internally, found through `NLSPATH` and the locale:
-/// `! locale-data catopen`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn catopen(name: *const c_char, flag: c_int) -> *mut c_void {
-    let Some(f) = real!(catopen: fn(*const c_char, c_int) -> *mut c_void) else {
-        return usize::MAX as *mut c_void; // (nl_catd) -1
-    };
-    // SAFETY: forwarding the caller's arguments.
-    let r = unsafe { f(name, flag) };
-    record_unseen(b"locale-data", b"catopen");
-    r
+/// Locale data glibc reads on its own (`! locale-data function`): character set conversions
+/// (`gconv-modules` or its cache, and converter modules it loads) and message catalogs (found
+/// through `NLSPATH` and the locale). Without the function: -1 (`(iconv_t) -1`, `(nl_catd) -1`).
+unseen! {
+    b"locale-data";
+    iconv_open(to: *const c_char, from: *const c_char) -> *mut c_void, else usize::MAX as *mut c_void;
+    catopen(name: *const c_char, flag: c_int) -> *mut c_void, else usize::MAX as *mut c_void;
 }
 
 with_caller!(setlocale(category: c_int, locale: *const c_char) -> *mut c_char => setlocale_from, "rdx", "x2");

@@ -332,26 +332,30 @@ impl Interposer {
     /// The interposer in a memory file.
     pub fn in_memory() -> io::Result<Interposer> {
         use std::io::Write;
-        use std::os::fd::{AsRawFd, FromRawFd};
         // MFD_EXEC (Linux 6.3) states that code will be mapped from it, for systems whose
         // `vm.memfd_noexec` would otherwise seal it; older kernels refuse the flag.
         const MFD_EXEC: libc::c_uint = 0x10;
         let name = c"libferry_observe";
-        // SAFETY: memfd_create reads a NUL-terminated name; the fd it returns is ours.
-        let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | MFD_EXEC) };
-        if fd < 0 {
-            // SAFETY: as above.
-            fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        }
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let mut file = unsafe { fs::File::from_raw_fd(fd) };
+        let (mut file, path) =
+            memory_file(name, libc::MFD_CLOEXEC | MFD_EXEC).or_else(|_| memory_file(name, libc::MFD_CLOEXEC))?;
         file.write_all(INTERPOSER)?;
-        let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
         Ok(Interposer { path, _memory: Some(file) })
     }
+}
+
+/// A new memory file (`memfd_create` with `flags`) and the path other processes of this user
+/// open it by while this process lives (`/proc/<pid>/fd/<n>`).
+fn memory_file(name: &std::ffi::CStr, flags: libc::c_uint) -> io::Result<(fs::File, PathBuf)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: memfd_create reads a NUL-terminated name; the fd it returns is ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = unsafe { fs::File::from_raw_fd(fd) };
+    let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
+    Ok((file, path))
 }
 
 /// Whether the filesystem holding `dir` (or its nearest existing ancestor) is mounted `noexec`.
@@ -379,15 +383,7 @@ pub struct Log {
 impl Log {
     /// A log in memory, for processes of the same user while this process lives.
     pub fn in_memory() -> io::Result<Log> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: memfd_create reads a NUL-terminated name; the fd it returns is ours.
-        let fd = unsafe { libc::memfd_create(c"ferry-observe".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nothing else owns.
-        let file = unsafe { fs::File::from_raw_fd(fd) };
-        let path = PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()));
+        let (file, path) = memory_file(c"ferry-observe", libc::MFD_CLOEXEC)?;
         Ok(Log { file, path })
     }
 

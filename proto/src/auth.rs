@@ -83,45 +83,46 @@ impl Tokens {
 
     /// The roles for an `authorization` header value (`Bearer <token>`).
     pub fn roles(&self, header: Option<&str>) -> Result<Roles, AuthError> {
+        self.authenticate(header).map(|(roles, _)| roles)
+    }
+
+    /// The roles and the [`Credential`] for an `authorization` header value, the token hashed once.
+    fn authenticate(&self, header: Option<&str>) -> Result<(Roles, Credential), AuthError> {
         let map = match self {
-            Tokens::Open => return Ok(Roles(vec![Role::Admin])),
+            Tokens::Open => return Ok((Roles(vec![Role::Admin]), Credential(None))),
             Tokens::Required(map) => map,
         };
         let token = header.and_then(|h| h.strip_prefix("Bearer ")).ok_or(AuthError::Missing)?;
-        map.get(blake3::hash(token.trim().as_bytes()).as_bytes()).map(|r| Roles(r.clone())).ok_or(AuthError::Unknown)
+        let hash = *blake3::hash(token.trim().as_bytes()).as_bytes();
+        map.get(&hash).map(|r| (Roles(r.clone()), Credential(Some(hash)))).ok_or(AuthError::Unknown)
     }
 
     /// A tonic interceptor: authenticates and stores the caller's roles in the request.
     pub fn interceptor(self) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
         move |mut req: tonic::Request<()>| {
             let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-            match self.roles(header) {
-                Ok(roles) => {
-                    let credential = match (&self, header.and_then(|h| h.strip_prefix("Bearer "))) {
-                        (Tokens::Required(_), Some(token)) => Some(*blake3::hash(token.trim().as_bytes()).as_bytes()),
-                        _ => None,
-                    };
+            match self.authenticate(header) {
+                Ok((roles, credential)) => {
                     req.extensions_mut().insert(roles);
-                    req.extensions_mut().insert(Credential(credential));
+                    req.extensions_mut().insert(credential);
                     Ok(req)
                 }
                 Err(e) => {
+                    let (why, message) = match e {
+                        AuthError::Missing => (
+                            "no bearer token",
+                            "this server needs a bearer token; set FERRY_TOKEN (or 'token' in the config file)",
+                        ),
+                        AuthError::Unknown => (
+                            "a bearer token this server does not list",
+                            "the bearer token is not known to this server; give the token exactly as the \
+                             scheduler's [[tokens]] lists it",
+                        ),
+                    };
                     // The operator sees refusals where they look: the server's log, with the peer.
                     let peer = req.remote_addr().map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
-                    let why = match e {
-                        AuthError::Missing => "no bearer token",
-                        AuthError::Unknown => "a bearer token this server does not list",
-                    };
                     tracing::warn!(%peer, "refused a call with {why} (the caller's FERRY_TOKEN or 'token')");
-                    Err(tonic::Status::unauthenticated(match e {
-                        AuthError::Missing => {
-                            "this server needs a bearer token; set FERRY_TOKEN (or 'token' in the config file)"
-                        }
-                        AuthError::Unknown => {
-                            "the bearer token is not known to this server; give the token exactly as the \
-                             scheduler's [[tokens]] lists it"
-                        }
-                    }))
+                    Err(tonic::Status::unauthenticated(message))
                 }
             }
         }

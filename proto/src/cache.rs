@@ -180,6 +180,12 @@ impl RemoteCache {
 }
 
 impl Store for RemoteCache {
+    /// The scheduler refuses puts no writer it trusts signed, and replaces an entry it has that
+    /// none signed (its `CachePut`).
+    fn keeps_only_trusted(&self) -> bool {
+        true
+    }
+
     fn get(&self, key: &CacheKey) -> Result<Option<Entry>, Error> {
         let corrupt = |reason| Error::Corrupt { path: format!("scheduler cache entry {key}").into(), reason };
         match self.block("shared cache get", self.fetch(key))? {

@@ -97,16 +97,7 @@ impl Grant {
 
 /// A fresh random key (the kernel's `getrandom`).
 pub fn new_grant_key() -> GrantKey {
-    let mut key = [0u8; 32];
-    let mut filled = 0;
-    while filled < key.len() {
-        // SAFETY: writes at most the remaining bytes of a local buffer.
-        let n = unsafe { libc::getrandom(key[filled..].as_mut_ptr().cast(), key.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        }
-    }
-    key
+    ferry_cache::random_bytes()
 }
 
 /// The scheduler's clock minus this machine's, in milliseconds, from the scheduler's time in its
@@ -115,7 +106,8 @@ pub fn clock_offset(scheduler_now_ms: u64) -> i64 {
     scheduler_now_ms as i64 - now_ms() as i64
 }
 
-fn now_ms() -> u64 {
+/// This machine's clock: milliseconds since the Unix epoch (0 before it).
+pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

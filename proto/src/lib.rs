@@ -16,6 +16,7 @@ pub use auth::{
 pub use cache::{RemoteCache, SchedulerApi, SharedTierSpec, TokenInterceptor};
 pub use grant::{
     GRANT_HEADER, GRANT_LIFETIME, Grant, GrantError, GrantKey, attach_grant, clock_offset, grant_bytes, new_grant_key,
+    now_ms,
 };
 
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

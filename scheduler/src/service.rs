@@ -64,8 +64,6 @@ pub(crate) struct Shared {
     usage: Mutex<Option<(Instant, ferry_cache::Usage)>>,
     /// The writers whose signed entries the shared tier takes.
     writers: crate::writers::Writers,
-    /// Entries refused or replaced because no trusted writer signed them, since start.
-    untrusted_entries: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -74,13 +72,14 @@ struct Inner {
     /// Queued allocations waiting for a slot.
     waiters: HashMap<WaitId, oneshot::Sender<Assignment>>,
     /// The current session of each worker: its number (a stale session ending must not remove
-    /// the worker's newer registration), the sender of its stream, and its key for job grants.
-    sessions: HashMap<String, (u64, SessionTx, ferry_proto::GrantKey)>,
+    /// the worker's newer registration), the sender of its stream, its key for job grants, and
+    /// the slots it offers.
+    sessions: HashMap<String, (u64, SessionTx, ferry_proto::GrantKey, u32)>,
     next_session: u64,
     /// Each worker id's credential (the token that first registered it since this scheduler
-    /// started) and the slots its live session offers: no other credential may take the id
-    /// over, and one credential's sessions together offer at most `max_slots_per_credential`.
-    owners: HashMap<String, (ferry_proto::Credential, u32)>,
+    /// started): no other credential may take the id over, and one credential's live sessions
+    /// together offer at most `max_slots_per_credential`.
+    owners: HashMap<String, ferry_proto::Credential>,
     /// Toolchains just uploaded and sent to the workers to prefetch, and when: until a worker
     /// holds one (or [`PREFETCH_WAIT`] passes), its jobs are answered "compile locally" rather than
     /// given a slot that would sit waiting for the fetch.
@@ -122,7 +121,6 @@ impl Service {
             metrics,
             usage: Mutex::new(None),
             writers,
-            untrusted_entries: std::sync::atomic::AtomicU64::new(0),
         };
         Ok(Service { shared: Arc::new(shared) })
     }
@@ -298,7 +296,7 @@ impl SchedulerApi for Service {
         let grant_key = ferry_proto::new_grant_key();
         let session = {
             let mut inner = self.shared.lock();
-            if let Some((owner, _)) = inner.owners.get(&id)
+            if let Some(owner) = inner.owners.get(&id)
                 && *owner != credential
             {
                 return Err(Status::permission_denied(format!(
@@ -307,26 +305,27 @@ impl SchedulerApi for Service {
             }
             // What this credential's other live sessions offer (a restart replaces its own).
             let others: u32 = inner
-                .owners
+                .sessions
                 .iter()
-                .filter(|(other, (owner, _))| **other != id && *owner == credential)
-                .map(|(_, (_, slots))| slots)
+                .filter(|(other, _)| **other != id && inner.owners.get(*other) == Some(&credential))
+                .map(|(_, (_, _, _, slots))| slots)
                 .sum();
             let cap = self.shared.config.max_slots_per_credential;
             let left = cap.saturating_sub(others);
             if left == 0 {
                 return Err(Status::resource_exhausted(format!(
-                    "this worker token's sessions already offer {others} slots, the most one token may                      (max_slots_per_credential = {cap})"
+                    "this worker token's sessions already offer {others} slots, the most one token may \
+                     (max_slots_per_credential = {cap})"
                 )));
             }
             if reg.slots > left {
                 tracing::warn!(worker = %id, asked = reg.slots, given = left, cap, "a worker's slots cut to its token's share");
                 reg.slots = left;
             }
-            inner.owners.insert(id.clone(), (credential, reg.slots));
+            inner.owners.insert(id.clone(), credential);
             inner.next_session += 1;
             let session = inner.next_session;
-            inner.sessions.insert(id.clone(), (session, tx.clone(), grant_key));
+            inner.sessions.insert(id.clone(), (session, tx.clone(), grant_key, reg.slots));
             let effects = inner
                 .state
                 .register(reg.clone(), Instant::now())
@@ -339,9 +338,7 @@ impl SchedulerApi for Service {
         let registered = scheduler_message::Kind::Registered(v1::Registered {
             lease_ms,
             grant_key: grant_key.to_vec(),
-            now_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            now_unix_ms: ferry_proto::now_ms(),
         });
         let _ = tx.send(Ok(v1::SchedulerMessage { kind: Some(registered) })).await;
         let shared = Arc::clone(&self.shared);
@@ -366,12 +363,9 @@ impl SchedulerApi for Service {
                 }
             }
             let mut inner = shared.lock();
-            if inner.sessions.get(&id).is_some_and(|(s, _, _)| *s == session) {
-                inner.sessions.remove(&id);
+            if inner.sessions.get(&id).is_some_and(|(s, _, _, _)| *s == session) {
                 // The id stays its credential's; its slots no longer count.
-                if let Some((_, slots)) = inner.owners.get_mut(&id) {
-                    *slots = 0;
-                }
+                inner.sessions.remove(&id);
                 let effects = inner.state.remove(&id);
                 info!(worker = %id, failed_jobs = effects.failed_jobs.len(), "worker session ended");
                 inner.apply(effects);
@@ -502,7 +496,8 @@ impl SchedulerApi for Service {
                 kind: Some(scheduler_message::Kind::Prefetch(v1::ToolchainRef { id: Some(to_digest(id.0)) })),
             };
             let mut inner = self.shared.lock();
-            let sent = inner.sessions.values().filter(|(_, tx, _)| tx.try_send(Ok(prefetch.clone())).is_ok()).count();
+            let sent =
+                inner.sessions.values().filter(|(_, tx, _, _)| tx.try_send(Ok(prefetch.clone())).is_ok()).count();
             if sent > 0 {
                 inner.prefetching.insert(id, Instant::now());
             }
@@ -681,7 +676,7 @@ impl SchedulerApi for Service {
         // the put ends (refused, abandoned, its caller gone and this call dropped).
         let (mut file, tmp) =
             self.shared.cache.begin_temp().map_err(|e| Status::unavailable(format!("shared cache: {e}")))?;
-        let tmp = TempFile(tmp);
+        let tmp = ferry_cache::TempPath(tmp);
         let received = async {
             use std::io::Write;
             let mut written = 0u64;
@@ -725,7 +720,6 @@ impl SchedulerApi for Service {
             // (unsigned, a stranger's, a revoked key's) is replaced rather than kept.
             let trust = shared.writers.trust();
             if let Err(e) = signed_by(&mut file, header.size, &trust) {
-                shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Err(Status::permission_denied(format!(
                     "entry {key} is not signed by a writer this scheduler trusts: {e}"
                 )));
@@ -734,10 +728,9 @@ impl SchedulerApi for Service {
                 && let Err(e) = signed_by(&mut there, len, &trust)
             {
                 tracing::info!(%key, reason = %e, "replacing a shared entry no trusted writer signed");
-                shared.untrusted_entries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = ferry_cache::Store::remove(&shared.cache, &key);
             }
-            shared.cache.publish_temp(&key, file, &tmp.0).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
+            shared.cache.publish_temp(&key, file, &tmp).map_err(|e| Status::unavailable(format!("shared cache: {e}")))
         })
         .await
         .map_err(|e| Status::internal(format!("cache store: {e}")))?
@@ -766,17 +759,13 @@ impl SchedulerApi for Service {
             .map_err(|_| Status::invalid_argument("'public_key' must be 32 bytes (Ed25519)"))?;
         let key = ferry_cache::WriterKey(key);
         let name: String = r.name.chars().filter(|c| !c.is_control()).take(128).collect();
-        match self.shared.writers.register(key, &name, role) {
-            Ok(()) => {
-                info!(writer = %key, name, role, "writer registered");
-                Ok(Response::new(v1::RegisterWriterResponse { trusted: true }))
-            }
-            Err(why) if why.contains("revoked") => {
-                warn!(writer = %key, name, "a revoked writer key tried to register");
-                Ok(Response::new(v1::RegisterWriterResponse { trusted: false }))
-            }
-            Err(why) => Err(Status::unavailable(why)),
+        if self.shared.writers.revoked().contains(&key) {
+            warn!(writer = %key, name, "a revoked writer key tried to register");
+            return Ok(Response::new(v1::RegisterWriterResponse { trusted: false }));
         }
+        self.shared.writers.register(key, &name, role).map_err(Status::unavailable)?;
+        info!(writer = %key, name, role, "writer registered");
+        Ok(Response::new(v1::RegisterWriterResponse { trusted: true }))
     }
 
     async fn trusted_writers(
@@ -888,18 +877,6 @@ impl Stream for EntryStream {
     }
 }
 
-/// A received entry's temp file, removed when dropped: a put that is refused, abandoned or
-/// dropped with its caller leaves nothing behind (publishing links it first).
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Checks a received entry in its temp file: header and checksum streamed; an entry small enough
-/// to be lz4-compressed is decoded whole (its compressed framing must hold too).
 /// Who signed the entry in `file` (`len` bytes), when a writer in `trust` did.
 fn signed_by(
     file: &mut std::fs::File,
@@ -911,6 +888,8 @@ fn signed_by(
     ferry_cache::verify_stream(BufReader::new(&mut *file), len, trust)
 }
 
+/// Checks a received entry in its temp file: header and checksum streamed; an entry small enough
+/// to be lz4-compressed is decoded whole (its compressed framing must hold too).
 fn verify_received(file: &mut std::fs::File, key: &CacheKey, len: u64) -> Result<(), ferry_cache::EntryError> {
     use std::io::{BufReader, Read, Seek};
     let io = |_| ferry_cache::EntryError::Truncated { what: "received entry", offset: 0 };
@@ -974,7 +953,7 @@ impl Inner {
     /// The answer for an assignment, with the job's grant signed under its worker's session key.
     fn assigned(&self, a: Assignment) -> v1::AllocateResponse {
         let grant = match self.sessions.get(&a.worker) {
-            Some((_, _, key)) => ferry_proto::Grant::new(a.job.0, &a.worker).sign(key),
+            Some((_, _, key, _)) => ferry_proto::Grant::new(a.job.0, &a.worker).sign(key),
             // The worker's session ended meanwhile: the client's call will fail and fall back.
             None => Vec::new(),
         };

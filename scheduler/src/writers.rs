@@ -59,7 +59,7 @@ impl Writers {
         if self.revoked.contains(&key) {
             return Err(format!("writer key {key} is revoked (revoked_writers in the scheduler's configuration)"));
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::archives::now_secs();
         let mut registered = self.registered.lock().unwrap_or_else(|p| p.into_inner());
         let changed = match registered.get_mut(&key) {
             Some(r) if r.name == name && r.role == role && now.saturating_sub(r.last_seen) < 3600 => false,

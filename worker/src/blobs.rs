@@ -17,6 +17,7 @@
 //! restart, blobs rank by when they were written. (A blob being received waits in `tmp/`: at most
 //! the limit, and the upload's own cap, per upload in flight.)
 
+use ferry_proto::now_ms;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
@@ -167,30 +168,39 @@ impl BlobStore {
     /// One set aside after an unclean stop is hashed now (once) and taken back only when its
     /// content is its digest.
     ///
-    /// A job holds at most a quarter of the store, at least 256 MiB ([`StoreError::JobShare`]), so grants that look
-    /// up (or send) many blobs cannot pin it all: what a job may pin is bounded by the jobs a
-    /// scheduler grants at once and their grants' lifetime.
+    /// A job holds at most a quarter of the store, at least 256 MiB ([`StoreError::JobShare`]),
+    /// so grants that look up (or send) many blobs cannot pin it all: what a job may pin is
+    /// bounded by the jobs a scheduler grants at once and their grants' lifetime.
     pub fn has(&self, digest: &[u8; 32], hold: Hold) -> Result<bool, StoreError> {
         let mut index = self.lock();
-        if let Some(bytes) = index.blobs.get(digest).map(|m| m.bytes) {
-            index.may_hold(digest, hold.job, bytes)?;
-        }
-        match index.blobs.get(digest).map(|m| m.unverified) {
-            None => return Ok(false),
-            Some(true) => {}
-            Some(false) => {
-                if !self.path(digest).is_file() {
-                    // Removed behind the worker's back: forgotten, and sent again.
-                    index.remove(digest);
-                    return Ok(false);
-                }
-                index.touch(digest);
-                index.hold(digest, hold);
-                return Ok(true);
+        let Some((bytes, unverified)) = index.blobs.get(digest).map(|m| (m.bytes, m.unverified)) else {
+            return Ok(false);
+        };
+        index.may_hold(digest, hold.job, bytes)?;
+        if !unverified {
+            if !self.path(digest).is_file() {
+                // Removed behind the worker's back: forgotten, and sent again.
+                index.remove(digest);
+                return Ok(false);
             }
+            index.touch(digest);
+            index.hold(digest, hold);
+            return Ok(true);
         }
         drop(index);
         Ok(self.check_unverified(digest, hold))
+    }
+
+    /// Those of `wanted` that are not here ([`BlobStore::has`] for each, in order): what is here
+    /// `hold`'s job now holds.
+    pub fn missing(&self, wanted: &[[u8; 32]], hold: Hold) -> Result<Vec<[u8; 32]>, StoreError> {
+        let mut missing = Vec::new();
+        for d in wanted {
+            if !self.has(d, hold)? {
+                missing.push(*d);
+            }
+        }
+        Ok(missing)
     }
 
     /// Lets go of every blob `job` holds (its job ended).
@@ -406,12 +416,11 @@ struct Index {
     blobs: HashMap<[u8; 32], Meta>,
     /// `(last use, digest)`, least recently used first.
     lru: BTreeSet<(u64, [u8; 32])>,
-    /// Per job: until when, and the blobs it holds.
-    holds: HashMap<u64, (u64, HashSet<[u8; 32]>)>,
+    /// Per job: until when, the blobs it holds, and their bytes (as they were when it took
+    /// them, for its share).
+    holds: HashMap<u64, (u64, HashSet<[u8; 32]>, u64)>,
     /// The most bytes one job may hold: see [`MIN_JOB_SHARE`].
     job_share: u64,
-    /// Per job: the bytes of the blobs it holds (as they were when it took them), for its share.
-    held_bytes: HashMap<u64, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -430,7 +439,7 @@ impl Index {
     /// behind the worker's back and stored again).
     fn insert(&mut self, digest: [u8; 32], bytes: u64, unverified: bool) {
         self.clock += 1;
-        let holds = self.holds.values().filter(|(_, held)| held.contains(&digest)).count() as u32;
+        let holds = self.holds.values().filter(|(_, held, _)| held.contains(&digest)).count() as u32;
         let meta = Meta { bytes, used: self.clock, holds, unverified };
         self.lru.insert((meta.used, digest));
         self.total += bytes;
@@ -463,24 +472,24 @@ impl Index {
     }
 
     fn hold(&mut self, digest: &[u8; 32], hold: Hold) {
-        let (until, held) = self.holds.entry(hold.job).or_default();
+        let (until, held, bytes) = self.holds.entry(hold.job).or_default();
         *until = (*until).max(hold.until_ms);
         if held.insert(*digest)
             && let Some(meta) = self.blobs.get_mut(digest)
         {
             meta.holds += 1;
-            *self.held_bytes.entry(hold.job).or_default() += meta.bytes;
+            *bytes += meta.bytes;
         }
     }
 
     /// Whether `job` may take a hold of `bytes` more on `digest` within its share (a quarter of
     /// the store); one it holds already costs nothing.
     fn may_hold(&self, digest: &[u8; 32], job: u64, bytes: u64) -> Result<(), StoreError> {
-        if self.holds.get(&job).is_some_and(|(_, held)| held.contains(digest)) {
+        let (holds, held) = self.holds.get(&job).map_or((false, 0), |(_, set, bytes)| (set.contains(digest), *bytes));
+        if holds {
             return Ok(());
         }
         let share = self.job_share;
-        let held = self.held_bytes.get(&job).copied().unwrap_or(0);
         if held + bytes > share {
             return Err(StoreError::JobShare { bytes, held, share });
         }
@@ -488,8 +497,7 @@ impl Index {
     }
 
     fn release(&mut self, job: u64) {
-        self.held_bytes.remove(&job);
-        let Some((_, held)) = self.holds.remove(&job) else { return };
+        let Some((_, held, _)) = self.holds.remove(&job) else { return };
         for digest in held {
             if let Some(meta) = self.blobs.get_mut(&digest) {
                 meta.holds -= 1;
@@ -499,7 +507,8 @@ impl Index {
 
     /// Ends the holds of grants that expired without their job running.
     fn expire(&mut self, now_ms: u64) {
-        let expired: Vec<u64> = self.holds.iter().filter(|(_, (until, _))| *until < now_ms).map(|(j, _)| *j).collect();
+        let expired: Vec<u64> =
+            self.holds.iter().filter(|(_, (until, _, _))| *until < now_ms).map(|(j, _)| *j).collect();
         for job in expired {
             self.release(job);
         }
@@ -642,10 +651,6 @@ fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(File::open(path)?)?;
     Ok(*hasher.finalize().as_bytes())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn hex(d: &[u8; 32]) -> String {

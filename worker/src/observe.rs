@@ -115,8 +115,7 @@ impl JobObserver {
         let tracked_env = rustc.dep_info_path().and_then(|d| {
             let path = absolute(cwd, d);
             let bytes = crate::beneath::read_beneath(job.tree, path.to_str()?, 64 << 20).ok()?;
-            let names = ferry_cache::rustc::depinfo::env_values(&String::from_utf8_lossy(&bytes));
-            Some(names.into_iter().map(|(name, _)| name).collect())
+            Some(ferry_cache::rustc::depinfo::env_names(&String::from_utf8_lossy(&bytes)))
         });
         let scope = Scope {
             toolchain: ToolchainFiles {
@@ -130,13 +129,13 @@ impl JobObserver {
             tracked_env,
         };
         let Observation { mut list, wrote } = input_list(&records, &scope).map_err(|e| e.to_string())?;
+        let mut inputs = TreeInputs::new(job);
         if !partial {
             // What the job left outside its outputs would not reach the client: it compiles locally.
-            let inputs = TreeInputs::new(job);
-            if let Some(left) = wrote.iter().find(|w| {
-                let there = w.to_str().and_then(|p| inputs.host(p)).is_some_and(|h| fs::symlink_metadata(h).is_ok());
-                there && !job.outputs.iter().any(|o| Path::new(o).starts_with(w))
-            }) {
+            if let Some(left) = wrote
+                .iter()
+                .find(|w| w.to_str().and_then(|p| inputs.host(p)).is_some_and(|h| fs::symlink_metadata(h).is_ok()))
+            {
                 return Err(format!("wrote-outside-outputs: {}", left.display()));
             }
         }
@@ -168,7 +167,6 @@ impl JobObserver {
         };
         let pre = recipe::pre_key(parts, &bases).finish();
         let scope = recipe::manifest_scope(&pre, digest(&rustc.input));
-        let mut inputs = TreeInputs::new(job);
         let key = recipe::result_key_or_why(&pre, &list, &bases, &mut inputs)
             .map_err(|why| format!("an observed input cannot be read back: {why}"))?;
         if tracing::enabled!(tracing::Level::DEBUG) {

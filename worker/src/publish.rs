@@ -57,7 +57,8 @@ pub struct Finished {
 /// budget, when dropped.
 #[derive(Debug)]
 pub struct Staged {
-    file: tempfile::NamedTempFile,
+    file: std::fs::File,
+    path: ferry_cache::TempPath,
     bytes: u64,
     budget: Arc<AtomicU64>,
 }
@@ -65,11 +66,11 @@ pub struct Staged {
 impl Staged {
     /// Appends to the staged copy (never more than was reserved).
     pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        std::io::Write::write_all(self.file.as_file_mut(), data)
+        std::io::Write::write_all(&mut self.file, data)
     }
 
     fn path(&self) -> &Path {
-        self.file.path()
+        &self.path
     }
 }
 
@@ -136,9 +137,10 @@ impl Publisher {
             tracing::warn!(bytes, "outputs waiting to be published fill the staging budget: a result is not published");
             return None;
         }
-        let staged = |file| Staged { file, bytes, budget: Arc::clone(&self.budget) };
-        match tempfile::NamedTempFile::new_in(&self.staging) {
-            Ok(file) => Some(staged(file)),
+        match ferry_cache::create_temp(&self.staging, "out-", 0o600) {
+            Ok((file, path)) => {
+                Some(Staged { file, path: ferry_cache::TempPath(path), bytes, budget: Arc::clone(&self.budget) })
+            }
             Err(e) => {
                 self.budget.fetch_add(bytes, Ordering::Relaxed);
                 tracing::warn!(error = %e, "staging an output for publishing");

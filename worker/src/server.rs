@@ -155,7 +155,7 @@ fn endpoint(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Endpoint>
 fn publisher(config: &WorkerConfig, token: TokenInterceptor, staging: &Path) -> std::io::Result<Option<Publisher>> {
     let (url, ca) = (config.scheduler.clone(), config.ca.clone());
     let (key_file, file_trust) = (config.writer_key_file.clone(), config.trust.clone());
-    let sealed = move |store: Box<dyn Store>, from_scheduler: ferry_cache::Trust| {
+    let signed = move |store: Box<dyn Store>, from_scheduler: ferry_cache::Trust| {
         let signer = ferry_cache::Signer::read(&key_file).ok();
         let mut trust = from_scheduler;
         trust.merge(&file_trust);
@@ -169,11 +169,11 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor, staging: &Path) -> 
         SharedTierSpec::Redis(redis) => {
             let tls = config.redis_tls.clone();
             Publisher::start(staging, move || {
-                RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
+                RedisStore::new(&redis, &tls, STORE_DEADLINE).map(|s| signed(Box::new(s), Default::default()))
             })
         }
         SharedTierSpec::Memcached(url) => Publisher::start(staging, move || {
-            MemcachedStore::new(&url, STORE_DEADLINE).map(|s| sealed(Box::new(s), Default::default()))
+            MemcachedStore::new(&url, STORE_DEADLINE).map(|s| signed(Box::new(s), Default::default()))
         }),
         SharedTierSpec::Scheduler => Publisher::start(staging, move || {
             let runtime = std::sync::Arc::new(
@@ -191,7 +191,7 @@ fn publisher(config: &WorkerConfig, token: TokenInterceptor, staging: &Path) -> 
             let remote = RemoteCache::new(runtime, client, STORE_DEADLINE);
             // The scheduler may not answer yet: the worker's own key is enough to publish.
             let trust = remote.trusted_writers().unwrap_or_default();
-            Ok(sealed(Box::new(remote), trust))
+            Ok(signed(Box::new(remote), trust))
         }),
     };
     started.map(Some)

@@ -138,19 +138,11 @@ impl WorkerApi for Service {
         let hold = Hold::until(grant.job_id, grant.expires_ms);
         // Off the async threads: a blob kept over an unclean stop is hashed on its first lookup.
         let shared = Arc::clone(&self.shared);
-        let missing = tokio::task::spawn_blocking(move || {
-            let mut missing = Vec::new();
-            for d in &wanted {
-                if !shared.blobs.has(d, hold)? {
-                    missing.push(to_digest(*d));
-                }
-            }
-            Ok::<_, crate::blobs::StoreError>(missing)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?
-        .map_err(store_status)?;
-        Ok(Response::new(v1::FindMissingResponse { missing }))
+        let missing = tokio::task::spawn_blocking(move || shared.blobs.missing(&wanted, hold))
+            .await
+            .map_err(|e| Status::internal(format!("looking up blobs: {e}")))?
+            .map_err(store_status)?;
+        Ok(Response::new(v1::FindMissingResponse { missing: missing.into_iter().map(to_digest).collect() }))
     }
 
     async fn upload_blobs(
@@ -254,12 +246,14 @@ impl Service {
         // The job holds its inputs until it ends: none is evicted before it is placed.
         let inputs_held = InputsHeld { shared: Arc::clone(&self.shared), job: job.id };
         let running = Hold::running(job.id);
-        let mut missing = 0;
-        for (_, d, _) in &job.inputs {
-            if !self.shared.blobs.has(d, running).map_err(|e| refused(store_status(e)))? {
-                missing += 1;
-            }
-        }
+        // Off the async threads, as in FindMissing.
+        let digests: Vec<[u8; 32]> = job.inputs.iter().map(|(_, d, _)| *d).collect();
+        let shared = Arc::clone(&self.shared);
+        let missing = tokio::task::spawn_blocking(move || shared.blobs.missing(&digests, running))
+            .await
+            .map_err(|e| refused(Status::internal(format!("looking up blobs: {e}"))))?
+            .map_err(|e| refused(store_status(e)))?
+            .len();
         if missing > 0 {
             let message = format!("{missing} input blobs are missing; upload them first");
             return Err(refused(Status::failed_precondition(message)));
@@ -434,8 +428,7 @@ impl Shared {
 
     /// Marks a granted job as started; a second start of the same job is refused.
     fn claim(&self, grant: &Grant) -> Result<(), Status> {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = ferry_proto::now_ms();
         let mut granted = self.granted.lock().unwrap_or_else(|p| p.into_inner());
         granted.retain(|_, expires| *expires >= now);
         if granted.insert(grant.job_id, grant.expires_ms).is_some() {
@@ -556,8 +549,8 @@ fn run_blocking(
         tree: &tree,
     };
     // What the job observed, sent to the client (which checks it against its own machine).
-    let observed = |partial: bool| {
-        let event = match observer.derive(&view, partial) {
+    let observed = |derived: &Result<crate::observe::Derived, String>, partial: bool| {
+        let event = match derived {
             Ok(d) => v1::Observed {
                 list: serde_json::to_vec(
                     &ferry_cache::rustc::Bases::new(job.basedirs.iter().cloned())
@@ -569,7 +562,7 @@ fn run_blocking(
                 incomplete: String::new(),
                 complete: !partial,
             },
-            Err(why) => v1::Observed { list: Vec::new(), key: None, incomplete: why, complete: !partial },
+            Err(why) => v1::Observed { list: Vec::new(), key: None, incomplete: why.clone(), complete: !partial },
         };
         job_event::Kind::Observed(event)
     };
@@ -592,7 +585,7 @@ fn run_blocking(
             sent.insert(path.clone(), send_output(&tree, &path, &send, publisher)?);
             if emit == "metadata" {
                 // What the metadata was made from, checked by the client before cargo sees it.
-                send(observed(true))?;
+                send(observed(&observer.derive(&view, true), true))?;
             }
         }
         stderr.keep(bytes);
@@ -661,9 +654,11 @@ fn run_blocking(
         .all(|o| sent.get(o).is_some_and(|s| (s.bytes > 0 || o.ends_with(".d")) && s.staged.is_some()))
         && !stdout.over
         && !stderr.over;
+    // Derived once: sent to the client, and published with the entry.
     let derived = if outcome.exit_code == Some(0) {
-        streaming_ok &= send(observed(false)).is_ok();
-        observer.derive(&view, false).ok()
+        let derived = observer.derive(&view, false);
+        streaming_ok &= send(observed(&derived, false)).is_ok();
+        derived.ok()
     } else {
         None
     };

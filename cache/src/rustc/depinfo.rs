@@ -68,6 +68,14 @@ pub fn env_values(text: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The names of the variables a dep-info file lists (`# env-dep:` lines), whatever their values.
+pub fn env_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# env-dep:"))
+        .map(|dep| dep.split_once('=').map_or(dep, |(name, _)| name).to_owned())
+        .collect()
+}
+
 /// Undoes rustc's escaping of env-dep values (`\\` for a backslash, `\n` for a newline).
 fn unescape_env(value: &str) -> String {
     let mut out = String::with_capacity(value.len());

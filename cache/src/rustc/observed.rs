@@ -157,8 +157,8 @@ pub struct Scope<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
     pub list: InputList,
-    /// Paths the compile created or wrote that are not declared outputs (nor under `/dev`,
-    /// `/proc`, `/sys`), in the order first written. One still there after the compile is a side
+    /// Paths the compile created or wrote that are not declared outputs nor directories holding
+    /// one (nor under `/dev`, `/proc`, `/sys`), in the order first written. One still there after the compile is a side
     /// effect a replay would not repeat: the caller does not store such a result.
     pub wrote: Vec<PathBuf>,
 }
@@ -232,9 +232,10 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
     let mut own = Own { scope, created: BTreeSet::new(), made: Vec::new() };
     let mut sets = Sets::default();
     let mut wrote: Vec<PathBuf> = Vec::new();
+    // (Called for what is not `own`: outputs and `NOT_INPUTS` are never noted.) A directory that
+    // holds an output is there whenever the compile succeeds: not a side effect either.
     let note_write = |p: &Path, wrote: &mut Vec<PathBuf>| {
-        let declared = scope.outputs.iter().any(|o| o == p);
-        if !declared && !NOT_INPUTS.iter().any(|d| p.starts_with(d)) && !wrote.iter().any(|w| w == p) {
+        if !scope.outputs.iter().any(|o| o.starts_with(p)) && !wrote.iter().any(|w| w == p) {
             wrote.push(p.to_owned());
         }
     };
@@ -284,12 +285,10 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
                 let Some(name) = name.to_str() else {
                     return incomplete("non-utf8-variable-name", Path::new(name));
                 };
-                let tracked = match &scope.tracked_env {
-                    Some(names) => names.iter().any(|n| n == name),
-                    // No dep-info: rustc's own lookups cannot be told from `env!`'s.
-                    None => *by == Origin::Compiler && !never_keyed(name),
-                };
-                if tracked || keyed_lookup(name, *by) {
+                // The names dep-info lists are keyed after the loop; without dep-info, rustc's
+                // own lookups cannot be told from `env!`'s.
+                let untracked_compiler = scope.tracked_env.is_none() && *by == Origin::Compiler && !never_keyed(name);
+                if untracked_compiler || keyed_lookup(name, *by) {
                     sets.env.insert(name.to_owned());
                 }
             }
@@ -304,6 +303,8 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
     if let Some(why) = ferry_observe::unaccounted(records) {
         return incomplete("unobserved-child", Path::new(&why));
     }
+    // Every variable dep-info lists (`env!`, `option_env!`, `tracked_env`) is keyed whatever its
+    // name, but for the ones ferry itself sets or changes.
     for name in scope.tracked_env.iter().flatten() {
         if !never_keyed(name) {
             sets.env.insert(name.clone());

@@ -95,16 +95,21 @@ pub fn mark_verbatim(list: &mut InputList, bases: &Bases, env: impl Fn(&str) -> 
 
 /// Does `haystack` contain `needle` (non-empty)?
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle, 0).is_some()
+}
+
+/// Where `needle` (non-empty) first stands in `haystack` at or after `from`.
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     let (first, rest) = (needle[0], &needle[1..]);
-    let mut at = 0;
-    while let Some(i) = haystack[at..].iter().position(|&b| b == first) {
+    let mut at = from;
+    while let Some(i) = haystack.get(at..)?.iter().position(|&b| b == first) {
         let start = at + i;
         if haystack[start + 1..].starts_with(rest) {
-            return true;
+            return Some(start);
         }
         at = start + 1;
     }
-    false
+    None
 }
 
 /// What a pre-key covers; the caller gathers it (digests, driver identity) from wherever it runs.
@@ -433,12 +438,12 @@ impl Bases {
         let Some(dir) = self.dirs.get(i) else { return false };
         let dir = dir.as_bytes();
         let mut at = 0;
-        while let Some(found) = text[at..].windows(dir.len()).position(|w| w == dir) {
-            let end = at + found + dir.len();
+        while let Some(start) = find(text, dir, at) {
+            let end = start + dir.len();
             if text.get(end).is_none_or(|&c| c == b'/' || !is_path_byte(c)) {
                 return true;
             }
-            at += found + 1;
+            at = start + 1;
         }
         false
     }

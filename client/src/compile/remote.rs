@@ -237,7 +237,10 @@ async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
     clock.lap("toolchain");
     let allocation = deadline(
         Call::Allocate,
-        scheduler.allocate(v1::AllocateRequest { toolchain: Some(to_digest(job.toolchain.0)), client_id: client_id() }),
+        scheduler.allocate(v1::AllocateRequest {
+            toolchain: Some(to_digest(job.toolchain.0)),
+            client_id: crate::commands::hostname(),
+        }),
     )
     .await?;
     let assignment = match allocation.result {
@@ -383,7 +386,7 @@ async fn receive(
                 entry.1.extend_from_slice(&chunk.data);
                 if chunk.last {
                     let (executable, bytes) = partial.remove(&chunk.path).expect("just inserted");
-                    write_output(Path::new(&chunk.path), &bytes, executable)
+                    super::replay::write_atomic(Path::new(&chunk.path), &bytes, executable)
                         .map_err(|_| Fallback::OutputWriteFailed)?;
                     received.insert(chunk.path, bytes);
                 }
@@ -742,15 +745,6 @@ fn environment(job: &RemoteJob) -> Vec<v1::EnvVar> {
 
 fn outputs(job: &RemoteJob) -> Vec<String> {
     job.rustc.outputs().into_iter().map(|(p, _)| absolute(job.cwd, &p).display().to_string()).collect()
-}
-
-fn write_output(path: &Path, bytes: &[u8], executable: bool) -> std::io::Result<()> {
-    crate::compile::replay::write_atomic(path, bytes, executable)
-}
-
-/// This machine's name, for the scheduler's fair queue.
-fn client_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
 fn reason_for(call: Call, s: &tonic::Status) -> Fallback {

@@ -37,6 +37,36 @@ pub(super) struct Observer {
     pub(super) log: ferry_observe::Log,
 }
 
+impl Observer {
+    /// The variables that make a compile's processes observe themselves into the log.
+    pub(super) fn environment(&self) -> Vec<(OsString, OsString)> {
+        ferry_observe::environment(
+            &self.interposer.path,
+            &self.log.path,
+            std::env::var_os("LD_PRELOAD").as_deref(),
+            std::process::id(),
+        )
+    }
+
+    /// What [`ferry_cache::rustc::input_list`] needs to know of a compile observed into this
+    /// log: its outputs and the variables its dep-info lists (None: no dep-info).
+    pub(super) fn scope<'a>(
+        &'a self,
+        job: &Job,
+        ident: &'a Identity,
+        outputs: Vec<std::path::PathBuf>,
+        tracked_env: Option<Vec<String>>,
+    ) -> Scope<'a> {
+        Scope {
+            toolchain: ToolchainFiles { root: &ident.compiler.root, host: &ident.host, targets: &ident.targets },
+            outputs,
+            search_dirs: job.rustc.search_dirs().map(|d| absolute(&job.cwd, d)).collect(),
+            own_files: vec![self.log.path.clone(), self.interposer.path.clone()],
+            tracked_env,
+        }
+    }
+}
+
 /// Room left below the system's limit on a command line and environment before a compile runs
 /// unobserved: the observer's three variables, and the larger lines rustc builds for the programs
 /// it starts (it moves a linker's arguments into a file when they do not fit, the environment it
@@ -124,15 +154,7 @@ impl Job {
         args.extend(self.invocation.rest.iter().cloned());
         let near_limit = exec_size(&ident.program, &args) + EXEC_HEADROOM > arg_max();
         let observer = if near_limit { None } else { self.observer() };
-        let env = match &observer {
-            Some(o) => ferry_observe::environment(
-                &o.interposer.path,
-                &o.log.path,
-                std::env::var_os("LD_PRELOAD").as_deref(),
-                std::process::id(),
-            ),
-            None => Vec::new(),
-        };
+        let env = observer.as_ref().map(Observer::environment).unwrap_or_default();
         let started = SystemTime::now();
         let clock = Instant::now();
         let mut run = process::run_teed(&ident.program, &args, &env, drop_lines);
@@ -187,15 +209,10 @@ impl Job {
             let path = self.cwd.join(d);
             let fresh = fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|m| m >= started);
             let text = fs::read_to_string(&path).ok().filter(|_| fresh)?;
-            Some(ferry_cache::rustc::depinfo::env_values(&text).into_iter().map(|(name, _)| name).collect())
+            Some(ferry_cache::rustc::depinfo::env_names(&text))
         });
-        let scope = Scope {
-            toolchain: ToolchainFiles { root: &ident.compiler.root, host: &ident.host, targets: &ident.targets },
-            outputs: self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect(),
-            search_dirs: self.rustc.search_dirs().map(|d| absolute(&self.cwd, d)).collect(),
-            own_files: vec![observer.log.path.clone(), observer.interposer.path.clone()],
-            tracked_env,
-        };
+        let outputs = self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
+        let scope = observer.scope(self, ident, outputs, tracked_env);
         input_list(&records, &scope).map_err(|incomplete| {
             tracing::info!(krate = %self.rustc.crate_name, %incomplete, "the compile was not fully observed");
             NotStored::Unobserved(incomplete.reason)

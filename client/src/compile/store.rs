@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use ferry_cache::rustc::InputList;
@@ -69,11 +69,7 @@ impl Job {
         }
         // A file the compile left outside its declared outputs (a proc-macro's side effect) would
         // not be written by a replay.
-        let outputs: Vec<PathBuf> = self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
-        if let Some(left) = wrote
-            .iter()
-            .find(|w| fs::symlink_metadata(w).is_ok() && !outputs.iter().any(|o| o.starts_with(w.as_path())))
-        {
+        if let Some(left) = wrote.iter().find(|w| fs::symlink_metadata(w).is_ok()) {
             tracing::info!(krate = %self.rustc.crate_name, path = %left.display(), "the compile wrote outside its outputs");
             return Err(NotStored::WroteOutsideOutputs);
         }

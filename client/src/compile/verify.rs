@@ -17,8 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use ferry_cache::rustc::recipe::absolute;
-use ferry_cache::rustc::{InputList, Observation, Scope, ToolchainFiles, input_list};
+use ferry_cache::rustc::{InputList, Observation, input_list};
 use ferry_cache::{CacheKey, CompileOutput, DiskStore, KeyBuilder, Store};
 use serde::{Deserialize, Serialize};
 
@@ -72,20 +71,13 @@ pub fn sampled(fraction: f64) -> bool {
     if fraction >= 1.0 {
         return true;
     }
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let seed = blake3::hash(format!("{now} {}", std::process::id()).as_bytes());
-    let draw = u64::from_le_bytes(seed.as_bytes()[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    let draw = u64::from_le_bytes(ferry_cache::random_bytes()) as f64 / u64::MAX as f64;
     draw < fraction
 }
 
 /// The mismatch records of a cache dir, newest first.
 pub fn mismatches(cache_dir: &Path) -> Vec<(PathBuf, Mismatch)> {
-    let mut files: Vec<PathBuf> = fs::read_dir(cache_dir.join("verify"))
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "json")).collect())
-        .unwrap_or_default();
-    files.sort();
-    files.reverse();
-    files.into_iter().filter_map(|p| Some((p.clone(), serde_json::from_slice(&fs::read(&p).ok()?).ok()?))).collect()
+    crate::explain::newest_first(&cache_dir.join("verify"))
 }
 
 impl Job {
@@ -96,12 +88,7 @@ impl Job {
         let mut args: Vec<std::ffi::OsString> = ident.prefix.clone();
         args.extend(self.rustc.with_outputs_in(&dir_text).into_iter().map(Into::into));
         let Some(observer) = self.observer() else { return };
-        let env = ferry_observe::environment(
-            &observer.interposer.path,
-            &observer.log.path,
-            std::env::var_os("LD_PRELOAD").as_deref(),
-            std::process::id(),
-        );
+        let env = observer.environment();
         let started = SystemTime::now();
         let Ok(run) = process::run_captured(&ident.program, &args, &env) else { return };
         let Ok(bytes) = observer.log.read_all() else { return };
@@ -110,15 +97,9 @@ impl Job {
         let outputs: Vec<(String, bool)> = self.rustc.outputs();
         let tracked_env = self.rustc.dep_info_path().and_then(|d| {
             let text = fs::read_to_string(moved(&d)).ok()?;
-            Some(ferry_cache::rustc::depinfo::env_values(&text).into_iter().map(|(name, _)| name).collect())
+            Some(ferry_cache::rustc::depinfo::env_names(&text))
         });
-        let scope = Scope {
-            toolchain: ToolchainFiles { root: &ident.compiler.root, host: &ident.host, targets: &ident.targets },
-            outputs: outputs.iter().map(|(p, _)| moved(p)).collect(),
-            search_dirs: self.rustc.search_dirs().map(|d| absolute(&self.cwd, d)).collect(),
-            own_files: vec![observer.log.path.clone(), observer.interposer.path.clone()],
-            tracked_env,
-        };
+        let scope = observer.scope(self, ident, outputs.iter().map(|(p, _)| moved(p)).collect(), tracked_env);
         let list: Option<InputList> = input_list(&records, &scope).ok().map(|o: Observation| o.list);
         if let Some(list) = &list
             && list.files.iter().chain(&list.present).any(|f| self.changed_since(f, started))
@@ -201,8 +182,13 @@ impl Job {
         let folder = self.config.cache_dir.join("verify");
         let nanos = started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let name = format!("{nanos:020}-{}.json", std::process::id());
-        let _ = fs::create_dir_all(&folder)
-            .and_then(|()| fs::write(folder.join(name), serde_json::to_vec_pretty(&mismatch).unwrap_or_default()));
+        let _ = fs::create_dir_all(&folder).and_then(|()| {
+            ferry_cache::write_replacing(
+                &folder.join(name),
+                &serde_json::to_vec_pretty(&mismatch).unwrap_or_default(),
+                0o644,
+            )
+        });
     }
 }
 

@@ -498,6 +498,22 @@ fn assert_nothing_half_written(dir: &Path) {
     }
 }
 
+/// The key leaves out what the ToolchainId covers, by rules of its own
+/// (`ferry_cache::rustc::ToolchainFiles`): they must cover every file the id is made of, or a
+/// toolchain file would be keyed (entries never shared), and nothing beside the set that a
+/// compile can read as an input (here: a file next to the set's directories).
+#[test]
+fn what_the_key_leaves_out_as_toolchain_is_what_the_id_covers() {
+    let installed = installed();
+    let set = ferry_toolchains::ToolchainSet::collect(&installed.sysroot, &installed.host, &[]).expect("the set");
+    let files = ferry_cache::rustc::ToolchainFiles { root: &installed.sysroot, host: &installed.host, targets: &[] };
+    let uncovered: Vec<&str> = set.files.iter().filter(|f| !files.covers(&f.abs)).map(|f| f.rel.as_str()).collect();
+    assert!(uncovered.is_empty(), "in the ToolchainId but keyed as inputs: {uncovered:?}");
+    for outside in ["bin/cargo", "lib/rustlib/etc/gdb_load_rust_pretty_printers.py", "share/doc/rust/README.md"] {
+        assert!(!files.covers(&installed.sysroot.join(outside)), "{outside} is left out of keys but not in the id");
+    }
+}
+
 // ---- helpers: toolchains -----------------------------------------------------------------------
 
 /// The installed toolchain (the `rustc` on PATH), probed once.
