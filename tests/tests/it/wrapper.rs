@@ -824,11 +824,16 @@ pub(crate) fn clean(world: &World, dir: &Path) {
     ok(cargo(world, dir).args(["clean", "--offline"]).output().expect("cargo runs"));
 }
 
+/// Variables a CI runner or a shell commonly sets that the tests' crates read (`option_env!("CI")`):
+/// not inherited, so what a test expects does not depend on the machine running it.
+const AMBIENT: [&str; 2] = ["CI", "TMPDIR"];
+
 pub(crate) fn cargo(world: &World, dir: &Path) -> Command {
     let mut cmd = world.command("cargo");
     for (name, _) in std::env::vars() {
         let config = (name.starts_with("CARGO_") && name != "CARGO_HOME")
-            || ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTDOCFLAGS"].contains(&&*name);
+            || ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "RUSTDOCFLAGS"].contains(&&*name)
+            || AMBIENT.contains(&&*name);
         if config && !world.env.iter().any(|(k, _)| *k == name) {
             cmd.env_remove(name);
         }
