@@ -10,6 +10,7 @@
 //!
 //! This crate knows nothing of sockets, gRPC or ferry's config files.
 
+pub mod cc;
 mod disk;
 mod entry;
 #[doc(hidden)]

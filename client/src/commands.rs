@@ -60,6 +60,13 @@ pub struct WriterKeyArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SetupArgs {
+    /// Where to make the links (default: `<cache dir>/bin`)
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct ExplainArgs {
     /// Only compiles of this crate (its --crate-name)
     #[arg(long = "crate", value_name = "NAME")]
@@ -361,6 +368,45 @@ pub fn writer_key(args: WriterKeyArgs) -> anyhow::Result<()> {
         Err(e) => anyhow::bail!("{e} ('ferry writer-key --create' makes one)"),
     };
     println!("{} {}", signer.public(), hostname());
+    Ok(())
+}
+
+/// The compiler names `ferry setup` links, each only when a compiler of that name is in `PATH`.
+const MASQUERADE: &[&str] = &["cc", "c++", "gcc", "g++", "clang", "clang++"];
+
+/// `ferry setup`: links named after the compilers in `PATH`, pointing at this ferry. A directory
+/// of them first in `PATH` makes every C and C++ compile a build starts (cc-rs in build scripts,
+/// make, CMake, autotools) go through ferry, which runs the next compiler of that name in `PATH`.
+pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = match args.dir {
+        Some(d) => d,
+        None => Config::load_reporting()?.cache_dir.join("bin"),
+    };
+    let me = std::env::current_exe().and_then(std::fs::canonicalize).context("finding ferry's own path")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut made = Vec::new();
+    for name in MASQUERADE {
+        let link = dir.join(name);
+        match std::fs::symlink_metadata(&link) {
+            Ok(m) if !m.file_type().is_symlink() => {
+                anyhow::bail!("{} exists and is not a link: remove it or choose another --dir", link.display())
+            }
+            Ok(_) => std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?,
+            Err(_) => {}
+        }
+        if crate::compile::cc::find_compiler(std::path::Path::new(name)).is_none() {
+            continue;
+        }
+        std::os::unix::fs::symlink(&me, &link).with_context(|| format!("making {}", link.display()))?;
+        made.push(*name);
+    }
+    if made.is_empty() {
+        anyhow::bail!("no C or C++ compiler ({}) in PATH: nothing to link", MASQUERADE.join(", "));
+    }
+    println!("made {} → {}: {}", dir.display(), me.display(), made.join(" "));
+    println!("put the directory first in PATH (beside RUSTC_WRAPPER=ferry), e.g. in your shell's profile:");
+    println!("  export PATH=\"{}:$PATH\"", dir.display());
     Ok(())
 }
 

@@ -13,10 +13,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ferry_cache::KeyBuilder;
-use ferry_cache::rustc::RustcArgs;
 use serde::{Deserialize, Serialize};
 
-use crate::compile::Keys;
+use crate::compile::{Keys, Unit};
 use crate::config::Config;
 
 /// How many compiles' records a cache dir keeps.
@@ -39,13 +38,13 @@ pub struct Record {
 }
 
 /// A compile's keys as a record.
-pub fn record(rustc: &RustcArgs, cwd: &Path, keys: &Keys, result: Option<&KeyBuilder>, outcome: &str) -> Record {
+pub fn record(unit: &Unit, cwd: &Path, keys: &Keys, result: Option<&KeyBuilder>, outcome: &str) -> Record {
     let parts = |k: &KeyBuilder| k.parts().iter().map(|p| (p.name.clone(), p.value.clone())).collect::<Vec<_>>();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Record {
-        krate: rustc.crate_name.clone(),
+        krate: unit.name().to_owned(),
         cwd: cwd.display().to_string(),
-        args: rustc.args.clone(),
+        args: unit.args().to_vec(),
         outcome: outcome.to_owned(),
         time: now.as_secs(),
         pre_key: keys.pre.to_string(),
@@ -56,8 +55,8 @@ pub fn record(rustc: &RustcArgs, cwd: &Path, keys: &Keys, result: Option<&KeyBui
 }
 
 /// Records a compile's keys under the cache dir (best effort: a failure only loses the record).
-pub fn note(config: &Config, rustc: &RustcArgs, cwd: &Path, keys: &Keys, result: Option<&KeyBuilder>, outcome: &str) {
-    let record = record(rustc, cwd, keys, result, outcome);
+pub fn note(config: &Config, unit: &Unit, cwd: &Path, keys: &Keys, result: Option<&KeyBuilder>, outcome: &str) {
+    let record = record(unit, cwd, keys, result, outcome);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let dir = config.cache_dir.join("explain");
     let name = format!("{:020}-{}.json", now.as_nanos(), std::process::id());

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Subcommand names; anything else as the first argument means wrapper mode.
-const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "writer-key", "help"];
+const SUBCOMMANDS: &[&str] = &["toolchain", "stats", "status", "explain", "writer-key", "setup", "help"];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,10 +53,18 @@ enum Command {
     Explain(commands::ExplainArgs),
     /// Print this machine's writer key (public half) for a trust file
     WriterKey(commands::WriterKeyArgs),
+    /// Make the compiler links (cc, c++, gcc, g++, clang, clang++ → ferry) that put C and C++
+    /// compiles through ferry when their directory comes first in PATH
+    Setup(commands::SetupArgs),
 }
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
+    // Masquerade: a link named after a compiler (`cc` → ferry) is that compiler, wrapped.
+    let me = std::path::Path::new(&args[0]);
+    if me.file_name().is_some_and(|n| !n.to_string_lossy().starts_with("ferry")) && ferry_cache::cc::is_c_compiler(me) {
+        return compile::cc::wrap(&args);
+    }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     if args.len() > 1 && !SUBCOMMANDS.contains(&first) && !first.starts_with('-') {
         return compile::wrap(&args[1..]);
@@ -71,6 +79,7 @@ fn main() -> ExitCode {
         Command::Status(args) => commands::status(args),
         Command::Explain(args) => commands::explain(args),
         Command::WriterKey(args) => commands::writer_key(args),
+        Command::Setup(args) => commands::setup(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

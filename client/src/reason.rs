@@ -115,6 +115,9 @@ pub enum NotStored {
     CacheWriteFailed,
     TooManyInputLists,
     SharedTooManyInputLists,
+    /// A C-family source or header uses `__DATE__`, `__TIME__` or `__TIMESTAMP__` without
+    /// `SOURCE_DATE_EPOCH`: its output depends on when it was compiled.
+    TimeMacro,
 }
 
 impl Fallback {
@@ -282,6 +285,7 @@ impl NotStored {
             NotStored::CacheWriteFailed => "cache-write-failed".into(),
             NotStored::TooManyInputLists => "too-many-input-lists".into(),
             NotStored::SharedTooManyInputLists => "shared-too-many-input-lists".into(),
+            NotStored::TimeMacro => "time-macro".into(),
         }
     }
 }
@@ -363,6 +367,15 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         }
         ("not stored", "wrote-outside-outputs") => {
             "the compile (a proc-macro) wrote a file besides its outputs; a replay would not write it"
+        }
+        ("not stored", "time-macro") => {
+            "a C source or header uses __DATE__, __TIME__ or __TIMESTAMP__: set SOURCE_DATE_EPOCH to cache it"
+        }
+        ("pass-through", "inside-observed-compile") => {
+            "a compiler started by a compile ferry observes (a linker driver, a proc-macro's cc) runs as it is"
+        }
+        ("pass-through", "unknown-option") => {
+            "a C compiler option ferry does not know (FERRY_LOG=debug names it): the compile ran as it is"
         }
         ("not stored", "unobserved: exec-limit") => {
             "the command line and environment are so near the system's limit that the observer's variables \

@@ -21,6 +21,9 @@ pub struct Stats {
     pub hits_remote: u64,
     /// Cacheable compiles that found no entry.
     pub misses: u64,
+    /// Hits (both tiers) and misses by language: `rust`, `c`, `c++`, `objective-c`, `assembler`.
+    pub hits_by_language: BTreeMap<String, u64>,
+    pub misses_by_language: BTreeMap<String, u64>,
     pub compiled_local: u64,
     pub compiled_remote: u64,
     /// Calls handed straight to rustc, by reason.
@@ -110,6 +113,8 @@ impl Stats {
             (&mut self.fallbacks, &d.fallbacks),
             (&mut self.not_stored, &d.not_stored),
             (&mut self.config_errors, &d.config_errors),
+            (&mut self.hits_by_language, &d.hits_by_language),
+            (&mut self.misses_by_language, &d.misses_by_language),
         ] {
             for (k, v) in theirs {
                 *mine.entry(k.clone()).or_default() += v;
@@ -140,6 +145,8 @@ impl Stats {
             rows.push(("verify mismatches (removed)".into(), self.verify_mismatches.to_string()));
         }
         for (title, map) in [
+            ("hits", &self.hits_by_language),
+            ("misses", &self.misses_by_language),
             ("pass-through", &self.passthrough),
             ("fallback", &self.fallbacks),
             ("not stored", &self.not_stored),

@@ -118,15 +118,16 @@ impl JobObserver {
             Some(ferry_cache::rustc::depinfo::env_names(&String::from_utf8_lossy(&bytes)))
         });
         let scope = Scope {
-            toolchain: ToolchainFiles {
+            toolchain: Some(ToolchainFiles {
                 root: Path::new(job.toolchain_root),
                 host: job.toolchain_host,
                 targets: &targets,
-            },
+            }),
             outputs: job.outputs.iter().map(PathBuf::from).collect(),
             search_dirs: rustc.search_dirs().map(|d| absolute(cwd, d)).collect(),
             own_files: vec![INTERPOSER_INSIDE.into(), LOG_INSIDE.into()],
             tracked_env,
+            locale: None,
         };
         let Observation { mut list, wrote } = input_list(&records, &scope).map_err(|e| e.to_string())?;
         let mut inputs = TreeInputs::new(job);

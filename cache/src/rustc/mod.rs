@@ -12,5 +12,7 @@ pub mod observed;
 pub mod recipe;
 
 pub use args::{Classified, RustcArgs, classify};
-pub use observed::{Incomplete, Observation, Scope, ToolchainFiles, input_list, is_secret, keyed_lookup, never_keyed};
+pub use observed::{
+    Incomplete, LocaleInputs, Observation, Scope, ToolchainFiles, input_list, is_secret, keyed_lookup, never_keyed,
+};
 pub use recipe::{Bases, Found, InputList, Inputs, MAX_MANIFESTS};

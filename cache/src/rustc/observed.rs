@@ -140,7 +140,9 @@ impl ToolchainFiles<'_> {
 /// What a compile's records are judged against.
 #[derive(Debug, Clone)]
 pub struct Scope<'a> {
-    pub toolchain: ToolchainFiles<'a>,
+    /// The files the ToolchainId covers (not keyed again); None for a C-family compiler, whose
+    /// every file read is keyed by content (its pre-key holds only the driver's digest).
+    pub toolchain: Option<ToolchainFiles<'a>>,
     /// The compile's declared outputs, absolute.
     pub outputs: Vec<PathBuf>,
     /// Crate-search directories (`-L`), absolute: not keyed as listings.
@@ -151,7 +153,27 @@ pub struct Scope<'a> {
     /// their name; None when the compile wrote no dep-info (a failed compile): then every lookup
     /// rustc itself made is keyed.
     pub tracked_env: Option<Vec<String>>,
+    /// What a locale other than the built-in `C` reads inside glibc, where the observer cannot
+    /// see (`! locale-data setlocale`): with None such a compile is incomplete; with Some, those
+    /// inputs are keyed instead (a C compiler sets the locale from the environment; see
+    /// [`LocaleInputs`]).
+    pub locale: Option<LocaleInputs>,
 }
+
+/// The inputs of `setlocale(…, "")` beyond the locale variables (which the observer records as
+/// looked up): the locale data files (`locale-archive`, or a locale's directory under
+/// `/usr/lib/locale` or `LOCPATH`) and message catalogs (`<dir>/<language>/LC_MESSAGES`), each
+/// by content, the directories searched by their listing or absence, and the variables glibc
+/// reads for them (`LOCPATH`, `LANGUAGE`, `NLSPATH`). Gathered by the caller from its machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocaleInputs {
+    pub files: Vec<PathBuf>,
+    pub listings: Vec<PathBuf>,
+    pub absent: Vec<PathBuf>,
+}
+
+/// The variables glibc's locale and message-catalog code reads besides `LC_*` and `LANG`.
+pub const LOCALE_VARIABLES: &[&str] = &["LOCPATH", "LANGUAGE", "NLSPATH"];
 
 /// A compile's manifest, and what it wrote outside its declared outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +316,19 @@ pub fn input_list(records: &[Record], scope: &Scope) -> Result<Observation, Inco
             }
             Record::WholeEnvironment(_) => sets.whole_environment = true,
             Record::Failed(p) if !own.is(p) => return incomplete("unreadable-input", p),
+            Record::Incomplete { reason, detail } if reason == "locale-data" && detail == "setlocale" => {
+                let Some(locale) = &scope.locale else { return incomplete(reason, Path::new(detail)) };
+                for f in &locale.files {
+                    sets.files.insert(text(f)?);
+                }
+                for d in &locale.listings {
+                    sets.listings.insert(text(d)?);
+                }
+                for a in &locale.absent {
+                    sets.absent.insert(text(a)?);
+                }
+                sets.env.extend(LOCALE_VARIABLES.iter().map(|v| (*v).to_owned()));
+            }
             Record::Incomplete { reason, detail } => return incomplete(reason, Path::new(detail)),
             _ => {}
         }
@@ -339,11 +374,11 @@ struct Own<'a, 's> {
 
 impl Own<'_, '_> {
     fn is(&self, p: &Path) -> bool {
-        self.scope.toolchain.covers(p) || self.not_toolchain(p)
+        self.scope.toolchain.is_some_and(|t| t.covers(p)) || self.not_toolchain(p)
     }
 
     fn is_listing(&self, p: &Path) -> bool {
-        self.scope.toolchain.covers_listing(p) || self.not_toolchain(p)
+        self.scope.toolchain.is_some_and(|t| t.covers_listing(p)) || self.not_toolchain(p)
     }
 
     fn not_toolchain(&self, p: &Path) -> bool {
@@ -385,11 +420,16 @@ mod tests {
 
     fn scope(tracked: Option<&[&str]>) -> Scope<'static> {
         Scope {
-            toolchain: ToolchainFiles { root: Path::new("/tc"), host: "x86_64-unknown-linux-gnu", targets: TARGETS },
+            toolchain: Some(ToolchainFiles {
+                root: Path::new("/tc"),
+                host: "x86_64-unknown-linux-gnu",
+                targets: TARGETS,
+            }),
             outputs: vec!["/p/out/liba.rlib".into(), "/p/out/a.d".into()],
             search_dirs: vec!["/p/out".into()],
             own_files: vec!["/cache/observe/log".into()],
             tracked_env: tracked.map(|t| t.iter().map(|s| s.to_string()).collect()),
+            locale: None,
         }
     }
 

@@ -387,7 +387,7 @@ impl Bases {
     }
 
     /// Keys made with bases never equal keys made without: their stored paths are placeholders.
-    fn mark(&self, k: &mut KeyBuilder) {
+    pub(crate) fn mark(&self, k: &mut KeyBuilder) {
         if !self.is_empty() {
             k.field("paths", format!("relative to {} base directories, placeholders escaped", self.dirs.len()));
         }

@@ -28,12 +28,9 @@ use crate::reason::Fallback;
 /// Who compiles, as the key and the miss need it.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub compiler: Compiler,
     pub id: ToolchainId,
-    /// The toolchain's host triple and the other targets its ToolchainId covers (what
-    /// [`ferry_cache::rustc::ToolchainFiles`] leaves out of keys).
-    pub host: String,
-    pub targets: Vec<String>,
+    /// A Rust toolchain's files (None for a C-family compiler: see [`super::cc`]).
+    pub rust: Option<RustToolchain>,
     /// `rustc`, or `<file name> blake3:<digest>` of the driver.
     pub driver: String,
     /// The program a miss runs, and the arguments before rustc's own.
@@ -41,6 +38,16 @@ pub struct Identity {
     pub prefix: Vec<OsString>,
     /// What `-C target-cpu=native` means here, when given.
     pub native_cpu: Option<String>,
+}
+
+/// A Rust toolchain, as the key and a remote job need it.
+#[derive(Debug, Clone)]
+pub struct RustToolchain {
+    pub compiler: Compiler,
+    /// The toolchain's host triple and the other targets its ToolchainId covers (what
+    /// [`ferry_cache::rustc::ToolchainFiles`] leaves out of keys).
+    pub host: String,
+    pub targets: Vec<String>,
 }
 
 impl Identity {
@@ -52,6 +59,19 @@ impl Identity {
 
 impl Job {
     pub(super) fn identify(&mut self) -> Result<Identity, Fallback> {
+        match &self.unit {
+            super::Unit::Rustc(rustc) => {
+                let (target, native) = (rustc.target.clone(), rustc.native_cpu);
+                self.identify_rustc(target, native)
+            }
+            super::Unit::Cc(cc) => {
+                let native = cc.native_cpu;
+                self.identify_cc(native)
+            }
+        }
+    }
+
+    fn identify_rustc(&mut self, target: Option<String>, native: bool) -> Result<Identity, Fallback> {
         let inv = &self.invocation;
         let rustc_path = inv.inner.as_deref().unwrap_or(&inv.program).to_owned();
         let mut compiler = resolve_compiler_with(&rustc_path, inv.plus.as_deref(), &self.cwd, process::output)
@@ -70,7 +90,7 @@ impl Job {
                 tracing::warn!(error = %e, "toolchain store unavailable");
                 Fallback::ToolchainStore
             })?;
-        let targets: Vec<String> = self.rustc.target.iter().cloned().collect();
+        let targets: Vec<String> = target.iter().cloned().collect();
         let (id, host, targets) = match toolchains.identify(&compiler, &targets) {
             Ok(identified) => {
                 let host = identified.probe.host;
@@ -98,12 +118,9 @@ impl Job {
         };
         let driver = self.driver_identity(&compiler, &program)?;
         tracing::debug!(program = %program.display(), rustc = %compiler.rustc.display(), %driver, "identified");
-        let native_cpu = if self.rustc.native_cpu {
-            Some(native_cpu(&self.config.cache_dir, &compiler, &id, &self.rustc.target))
-        } else {
-            None
-        };
-        Ok(Identity { compiler, id, host, targets, driver, program, prefix, native_cpu })
+        let native_cpu = if native { Some(native_cpu(&self.config.cache_dir, &compiler, &id, &target)) } else { None };
+        let rust = Some(RustToolchain { compiler, host, targets });
+        Ok(Identity { id, rust, driver, program, prefix, native_cpu })
     }
 
     /// The binary cargo's program stands for: itself, or for a rustup proxy the toolchain's binary
@@ -140,13 +157,11 @@ fn find(program: &Path) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
-/// `cpu=<name> features=<+a,+b,...>` for `-C target-cpu=native` on this machine, remembered in
-/// `<cache dir>/native/` by toolchain and CPU (a cache dir shared between machines, on NFS say,
-/// sees each machine's CPU under its own name). Unknown parts read `unknown`, which still differs
-/// from every concrete CPU's key.
-fn native_cpu(cache_dir: &Path, compiler: &Compiler, id: &ToolchainId, target: &Option<String>) -> String {
+/// This machine's CPU as `/proc/cpuinfo` describes it: its model name and feature flags (x86),
+/// or features and part number (Arm), for the first CPU.
+pub(super) fn this_cpu() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let this_cpu: String = cpuinfo
+    cpuinfo
         .lines()
         .filter(|l| {
             l.starts_with("model name")
@@ -156,7 +171,15 @@ fn native_cpu(cache_dir: &Path, compiler: &Compiler, id: &ToolchainId, target: &
         })
         .take(4)
         .collect::<Vec<_>>()
-        .join("\n");
+        .join("\n")
+}
+
+/// `cpu=<name> features=<+a,+b,...>` for `-C target-cpu=native` on this machine, remembered in
+/// `<cache dir>/native/` by toolchain and CPU (a cache dir shared between machines, on NFS say,
+/// sees each machine's CPU under its own name). Unknown parts read `unknown`, which still differs
+/// from every concrete CPU's key.
+fn native_cpu(cache_dir: &Path, compiler: &Compiler, id: &ToolchainId, target: &Option<String>) -> String {
+    let this_cpu = this_cpu();
     let memo = cache_dir.join("native").join(format!(
         "{}-{}-{}",
         &id.to_hex()[..16],

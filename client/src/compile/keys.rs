@@ -31,8 +31,12 @@ impl Keys {
 impl Job {
     /// Everything that determines the compile and is known before running it.
     pub(super) fn pre_key(&mut self, ident: &Identity) -> Result<KeyBuilder, Fallback> {
+        let rustc = match &self.unit {
+            super::Unit::Rustc(rustc) => rustc,
+            super::Unit::Cc(cc) => return Ok(self.pre_key_cc(cc, ident)),
+        };
         let mut externs = Vec::new();
-        for (name, path) in &self.rustc.externs {
+        for (name, path) in &rustc.externs {
             let digest = file_digest(&self.cwd.join(path)).ok_or(Fallback::ExternUnreadable)?;
             externs.push((name.clone(), path.clone(), digest));
         }
@@ -42,22 +46,27 @@ impl Job {
             toolchain: &toolchain,
             driver: &ident.driver,
             cwd: &cwd,
-            args: &self.rustc,
+            args: rustc,
             externs,
             native_cpu: ident.native_cpu.as_deref(),
         };
         Ok(recipe::pre_key(parts, &self.config.basedirs))
     }
 
-    /// The manifests' scope: the pre-key and the crate root's content.
+    /// The manifests' scope: the pre-key and the crate root's (or the C source's) content.
     pub(super) fn manifest_scope(&mut self, pre: &CacheKey) -> CacheKey {
-        recipe::manifest_scope(pre, file_digest(&self.cwd.join(&self.rustc.input)))
+        recipe::manifest_scope(pre, file_digest(&self.cwd.join(self.unit.root())))
     }
 
     /// The result key of a compile that observed `list`, from this machine's state now.
     pub(super) fn result_key(&mut self, pre: &CacheKey, list: &InputList) -> Option<KeyBuilder> {
+        self.result_key_or_why(pre, list).ok()
+    }
+
+    /// [`Job::result_key`], or what no longer holds.
+    pub(super) fn result_key_or_why(&mut self, pre: &CacheKey, list: &InputList) -> Result<KeyBuilder, String> {
         let mut inputs = LocalInputs { cwd: &self.cwd, seen: Some(&mut self.seen) };
-        recipe::result_key(pre, list, &self.config.basedirs, &mut inputs)
+        recipe::result_key_or_why(pre, list, &self.config.basedirs, &mut inputs)
     }
 }
 

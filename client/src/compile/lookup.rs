@@ -3,6 +3,7 @@
 //! First the local tier, then (after a local miss) the shared tier, whose hits are verified again
 //! and promoted into the local tier before they are replayed.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -103,7 +104,8 @@ impl Job {
         output: &CompileOutput,
         tier: Tier,
     ) {
-        if super::verify::sampled(self.config.verify) {
+        // A C hit is not verified yet: compiling it again needs its outputs moved aside.
+        if self.unit.rustc().is_some() && super::verify::sampled(self.config.verify) {
             let pending = super::verify::Pending { key: *key, parts, list: list.clone(), output: output.clone(), tier };
             self.verify = Some(Box::new(pending));
         }
@@ -148,9 +150,20 @@ impl Job {
         if output.exit_code != 0 {
             return output.files.is_empty();
         }
+        let want = self.unit.outputs();
         let mut have: Vec<(&str, bool)> = output.files.iter().map(|f| (f.path.as_str(), f.executable)).collect();
+        // A C compile's extra outputs (a `.d` at the driver's default place, a `.dwo`) are named by
+        // what it wrote, not by its arguments.
+        if let super::Unit::Cc(cc) = &self.unit {
+            have.retain(|(p, x)| {
+                want.iter().any(|(w, _)| w == p) || !*x && ferry_cache::cc::is_extra_output(cc, &self.cwd, Path::new(p))
+            });
+            if have.len() != output.files.len() {
+                return false;
+            }
+            have.retain(|(p, _)| want.iter().any(|(w, _)| w == p));
+        }
         have.sort();
-        let want = self.rustc.outputs();
         have.len() == want.len() && have.iter().zip(&want).all(|((p, x), (wp, wx))| p == wp && x == wx)
     }
 

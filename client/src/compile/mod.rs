@@ -1,8 +1,10 @@
-//! The compiler wrapper: `ferry [DRIVER] /path/to/rustc ARGS...`. Each call is one walk, a room
-//! per step:
+//! The compiler wrapper: `ferry [DRIVER] /path/to/rustc ARGS...`, or for C and C++
+//! `ferry gcc|clang|cc|/path/to/compiler ARGS...` (and a link named after a compiler: [`cc`]).
+//! Each call is one walk, the same for both kinds of [`Unit`], a room per step:
 //!
-//! 1. **classify** ([`wrap`]): the rustc command line (`ferry_cache::rustc::classify`); a
-//!    pass-through `exec`s the real compiler (one process spawn, nothing else).
+//! 1. **classify** ([`wrap`]): the command line (`ferry_cache::rustc::classify`,
+//!    `ferry_cache::cc::classify`); a pass-through `exec`s the real compiler (one process spawn,
+//!    nothing else).
 //! 2. **identify** ([`identity`]): which toolchain (weak-key map → ToolchainId), which driver really
 //!    runs (rustc, clippy-driver, a workspace wrapper), what `-C target-cpu=native` means here.
 //! 3. **key** ([`keys`]): the pre-key and the manifest scope; a manifest's listed inputs, read from
@@ -18,6 +20,7 @@
 //! Every infrastructure problem turns into a plain compile with a counted [`Fallback`]; the
 //! wrapper never writes to the build's stdout/stderr anything the compiler did not write.
 
+pub mod cc;
 mod identity;
 mod keys;
 mod lookup;
@@ -33,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use ferry_cache::DiskStore;
+use ferry_cache::cc::CcArgs;
 use ferry_cache::rustc::{Classified, RustcArgs, classify};
 
 use crate::config::Config;
@@ -84,6 +88,64 @@ impl Invocation {
     }
 }
 
+/// What one cacheable call compiles.
+#[derive(Debug, Clone)]
+pub enum Unit {
+    /// A crate, by rustc.
+    Rustc(Box<RustcArgs>),
+    /// One C, C++, Objective-C or assembler source, by gcc or clang.
+    Cc(Box<CcArgs>),
+}
+
+impl Unit {
+    /// The crate's name, or the source file as given: for logs and `ferry explain --crate`.
+    pub fn name(&self) -> &str {
+        match self {
+            Unit::Rustc(r) => &r.crate_name,
+            Unit::Cc(c) => c.name(),
+        }
+    }
+
+    /// The compiler's arguments as given.
+    pub fn args(&self) -> &[String] {
+        match self {
+            Unit::Rustc(r) => &r.args,
+            Unit::Cc(c) => &c.args,
+        }
+    }
+
+    /// The outputs known before compiling, `(path as given, executable)`, sorted.
+    pub fn outputs(&self) -> Vec<(String, bool)> {
+        match self {
+            Unit::Rustc(r) => r.outputs(),
+            Unit::Cc(c) => c.outputs(),
+        }
+    }
+
+    /// The file whose content scopes the manifests: the crate root, or the source.
+    pub fn root(&self) -> &str {
+        match self {
+            Unit::Rustc(r) => &r.input,
+            Unit::Cc(c) => &c.source,
+        }
+    }
+
+    pub fn rustc(&self) -> Option<&RustcArgs> {
+        match self {
+            Unit::Rustc(r) => Some(r),
+            Unit::Cc(_) => None,
+        }
+    }
+
+    /// The language, as `ferry stats` counts hits and misses: `rust`, `c`, `c++`, …
+    pub fn language(&self) -> &'static str {
+        match self {
+            Unit::Rustc(_) => "rust",
+            Unit::Cc(c) => c.language.as_str(),
+        }
+    }
+}
+
 /// Is this argument the rustc cargo hands a workspace wrapper (a path or name ending in `rustc`),
 /// rather than rustc's first argument?
 fn names_rustc(arg: &OsString) -> bool {
@@ -95,7 +157,18 @@ fn names_rustc(arg: &OsString) -> bool {
 
 /// Entry point of wrapper mode. `args[0]` is the program cargo would have run.
 pub fn wrap(args: &[OsString]) -> ExitCode {
-    let invocation = Invocation::parse(args);
+    if ferry_cache::cc::is_c_compiler(Path::new(&args[0])) {
+        return cc::wrap(args);
+    }
+    start(Invocation::parse(args), |rest| match classify(rest) {
+        Classified::Cacheable(r) => Ok(Unit::Rustc(r)),
+        Classified::Passthrough(reason) => Err(reason),
+    })
+}
+
+/// Loads the configuration and classifies the call (a pass-through reason, or the unit to compile),
+/// then walks it.
+fn start(invocation: Invocation, classify: impl FnOnce(&[OsString]) -> Result<Unit, String>) -> ExitCode {
     let mut stats = Stats { requests: 1, ..Stats::default() };
     let Ok(config) = Config::load() else {
         // No usable config means no cache dir to count in: just be rustc.
@@ -108,22 +181,21 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
         tracing::warn!(%problem, "configuration error");
         *stats.config_errors.entry(problem.clone()).or_default() += 1;
     }
-    let rustc = match classify(&invocation.rest) {
-        Classified::Cacheable(r) => r,
-        Classified::Passthrough(reason) => return passthrough_counted(&config, stats, &invocation, &reason),
+    let unit = match classify(&invocation.rest) {
+        Ok(unit) => unit,
+        Err(reason) => return passthrough_counted(&config, stats, &invocation, &reason),
     };
     let Ok(cwd) = std::env::current_dir() else { return passthrough(&invocation) };
     // An output that exists as something other than a regular file (`-o /dev/null`, a FIFO) is
-    // rustc's to write: a replay would rename a file over it.
-    if rustc.outputs().iter().any(|(p, _)| std::fs::symlink_metadata(cwd.join(p)).is_ok_and(|m| !m.is_file())) {
+    // the compiler's to write: a replay would rename a file over it.
+    if unit.outputs().iter().any(|(p, _)| std::fs::symlink_metadata(cwd.join(p)).is_ok_and(|m| !m.is_file())) {
         return passthrough_counted(&config, stats, &invocation, "output-not-regular");
     }
-    stats.requests = 1;
     let clock = Phases::start();
-    let mut job = Job { config, invocation, rustc, cwd, stats, clock, seen: Default::default(), verify: None };
+    let mut job = Job { config, invocation, unit, cwd, stats, clock, seen: Default::default(), verify: None };
     let code = job.run();
     let (hashed, memoized) = crate::digests::counts();
-    tracing::debug!(krate = %job.rustc.crate_name, phases = %job.clock, hashed, memoized, "wrapper call");
+    tracing::debug!(unit = %job.unit.name(), phases = %job.clock, hashed, memoized, "wrapper call");
     let _ = Stats::add(&job.config.stats_path(), &job.stats);
     code
 }
@@ -148,7 +220,7 @@ fn passthrough(invocation: &Invocation) -> ExitCode {
 struct Job {
     config: Config,
     invocation: Invocation,
-    rustc: Box<RustcArgs>,
+    unit: Unit,
     cwd: PathBuf,
     stats: Stats,
     clock: Phases,
@@ -161,14 +233,17 @@ struct Job {
 
 impl Job {
     fn run(&mut self) -> ExitCode {
-        if self.rustc.links() && self.rustc.target.as_deref().is_some_and(|t| !t.contains("-linux")) {
+        if let Some(rustc) = self.unit.rustc()
+            && rustc.links()
+            && rustc.target.as_deref().is_some_and(|t| !t.contains("-linux"))
+        {
             *self.stats.passthrough.entry("link-target-unsupported".into()).or_default() += 1;
             return self.plain_compile();
         }
         match self.cached_compile() {
             Ok(code) => code,
             Err(fallback) => {
-                tracing::info!(reason = %fallback, krate = %self.rustc.crate_name, "falling back to a plain compile");
+                tracing::info!(reason = %fallback, unit = %self.unit.name(), "falling back to a plain compile");
                 self.count_fallback(&fallback);
                 self.plain_compile()
             }
@@ -198,6 +273,7 @@ impl Job {
         }
         self.clock.lap("shared");
         self.stats.misses += 1;
+        *self.stats.misses_by_language.entry(self.unit.language().into()).or_default() += 1;
         Ok(self.compile_and_store(&store, shared.as_mut(), &ident, &keys, &known))
     }
 
@@ -237,15 +313,25 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
     let invocation = Invocation::parse(args);
     let config = Config::load_reporting()?;
     crate::digests::init(&config.cache_dir);
-    let rustc = match classify(&invocation.rest) {
-        Classified::Cacheable(r) => r,
-        Classified::Passthrough(reason) => bail!("this compile is not cached: it passes through ({reason})"),
+    let (invocation, unit) = if ferry_cache::cc::is_c_compiler(Path::new(&args[0])) {
+        let invocation = cc::invocation(args).map_err(anyhow::Error::msg)?;
+        match ferry_cache::cc::classify(&invocation.rest) {
+            ferry_cache::cc::Classified::Cacheable(c) => (invocation, Unit::Cc(c)),
+            ferry_cache::cc::Classified::Passthrough(reason) => {
+                bail!("this compile is not cached: it passes through ({reason})")
+            }
+        }
+    } else {
+        match classify(&invocation.rest) {
+            Classified::Cacheable(r) => (invocation, Unit::Rustc(r)),
+            Classified::Passthrough(reason) => bail!("this compile is not cached: it passes through ({reason})"),
+        }
     };
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let mut job = Job {
         config,
         invocation,
-        rustc,
+        unit,
         cwd,
         stats: Stats::default(),
         clock: Phases::start(),
@@ -270,10 +356,10 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
             Some(_) => format!("manifest {generation}: no entry under this key"),
             None => format!("manifest {generation}: an input it lists no longer holds"),
         };
-        records.push(crate::explain::record(&job.rustc, &job.cwd, &keys, parts.as_ref(), &outcome));
+        records.push(crate::explain::record(&job.unit, &job.cwd, &keys, parts.as_ref(), &outcome));
     }
     if records.is_empty() {
-        records.push(crate::explain::record(&job.rustc, &job.cwd, &keys, None, "no manifest: never compiled here"));
+        records.push(crate::explain::record(&job.unit, &job.cwd, &keys, None, "no manifest: never compiled here"));
     }
     Ok(records)
 }

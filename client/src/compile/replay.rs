@@ -43,6 +43,7 @@ impl Job {
             Tier::Local => self.stats.hits_local += 1,
             Tier::Shared => self.stats.hits_remote += 1,
         }
+        *self.stats.hits_by_language.entry(self.unit.language().into()).or_default() += 1;
         self.stats.bytes_read += payload_len;
         self.stats.time_saved_ms += output.compile_ms;
         let _ = std::io::stdout().write_all(&output.stdout);

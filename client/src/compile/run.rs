@@ -17,7 +17,7 @@ use ferry_cache::rustc::{InputList, Observation, Scope, ToolchainFiles, input_li
 
 use super::identity::Identity;
 use super::keys::Keys;
-use super::{Job, exit_code, remote};
+use super::{Job, Unit, exit_code, remote};
 use crate::process::{self, RunOutput};
 use crate::reason::{Fallback, NotStored};
 use crate::shared::SharedTier;
@@ -58,11 +58,22 @@ impl Observer {
         tracked_env: Option<Vec<String>>,
     ) -> Scope<'a> {
         Scope {
-            toolchain: ToolchainFiles { root: &ident.compiler.root, host: &ident.host, targets: &ident.targets },
+            toolchain: ident.rust.as_ref().map(|r| ToolchainFiles {
+                root: &r.compiler.root,
+                host: &r.host,
+                targets: &r.targets,
+            }),
             outputs,
-            search_dirs: job.rustc.search_dirs().map(|d| absolute(&job.cwd, d)).collect(),
+            search_dirs: job
+                .unit
+                .rustc()
+                .map_or(Vec::new(), |r| r.search_dirs().map(|d| absolute(&job.cwd, d)).collect()),
             own_files: vec![self.log.path.clone(), self.interposer.path.clone()],
             tracked_env,
+            locale: match &job.unit {
+                Unit::Cc(_) => Some(super::cc::locale_inputs()),
+                Unit::Rustc(_) => None,
+            },
         }
     }
 }
@@ -83,8 +94,10 @@ impl Job {
         known: &[InputList],
     ) -> ExitCode {
         let mut remote_failure = None;
-        let may_distribute = ident.is_plain_rustc() && ident.native_cpu.is_none();
-        if self.config.scheduler.is_some() && may_distribute && remote::distributable(&self.rustc, &self.cwd).is_ok() {
+        let may_distribute = ident.is_plain_rustc()
+            && ident.native_cpu.is_none()
+            && self.unit.rustc().is_some_and(|r| remote::distributable(r, &self.cwd).is_ok());
+        if self.config.scheduler.is_some() && may_distribute {
             if remote::backing_off(&self.config.cache_dir, self.config.cluster_backoff) {
                 self.count_fallback(&Fallback::ClusterBackoff);
             } else {
@@ -93,7 +106,7 @@ impl Job {
                 match remote {
                     Ok(code) => return code,
                     Err(failed) => {
-                        tracing::info!(reason = %failed.reason, krate = %self.rustc.crate_name, forwarded = failed.forwarded.len(), "remote compile failed; compiling locally");
+                        tracing::info!(reason = %failed.reason, unit = %self.unit.name(), forwarded = failed.forwarded.len(), "remote compile failed; compiling locally");
                         remote::note_failure(&self.config.cache_dir, &failed.reason);
                         self.count_fallback(&failed.reason);
                         remote_failure = Some(failed);
@@ -114,7 +127,7 @@ impl Job {
         if remote_failure.is_some_and(|f| matches!(f.reason, Fallback::RemoteExit(_))) && ran.run.status.success() {
             // The worker's compile failed where ours succeeded: a broken worker or a missing
             // input; the local result stands, and the discrepancy is counted.
-            tracing::warn!(krate = %self.rustc.crate_name, "remote compile failed but local succeeded");
+            tracing::warn!(unit = %self.unit.name(), "remote compile failed but local succeeded");
             self.count_fallback(&Fallback::Discrepancy);
         }
         let status = ran.run.status;
@@ -141,7 +154,7 @@ impl Job {
     }
 
     pub(super) fn count_not_stored(&mut self, reason: &NotStored) {
-        tracing::debug!(reason = %reason.as_str(), krate = %self.rustc.crate_name, "result not stored");
+        tracing::debug!(reason = %reason.as_str(), unit = %self.unit.name(), "result not stored");
         *self.stats.not_stored.entry(reason.as_str()).or_default() += 1;
     }
 
@@ -152,6 +165,7 @@ impl Job {
     fn run_observed(&mut self, ident: &Identity, drop_lines: &[Vec<u8>]) -> std::io::Result<Ran> {
         let mut args: Vec<OsString> = ident.prefix.clone();
         args.extend(self.invocation.rest.iter().cloned());
+        args.extend(self.added_args());
         let near_limit = exec_size(&ident.program, &args) + EXEC_HEADROOM > arg_max();
         let observer = if near_limit { None } else { self.observer() };
         let env = observer.as_ref().map(Observer::environment).unwrap_or_default();
@@ -160,7 +174,7 @@ impl Job {
         let mut run = process::run_teed(&ident.program, &args, &env, drop_lines);
         let too_long = matches!(&run, Err(e) if e.raw_os_error() == Some(libc::E2BIG));
         if too_long && observer.is_some() {
-            tracing::info!(krate = %self.rustc.crate_name, "the observer's variables do not fit: running unobserved");
+            tracing::info!(unit = %self.unit.name(), "the observer's variables do not fit: running unobserved");
             run = process::run_teed(&ident.program, &args, &[], drop_lines);
         }
         let compile_ms = clock.elapsed().as_millis() as u64;
@@ -204,17 +218,23 @@ impl Job {
         let bytes = observer.log.read_all().map_err(|_| NotStored::Unobserved("log-unreadable".into()))?;
         let records = ferry_observe::parse(&bytes).map_err(|_| NotStored::Unobserved("log-malformed".into()))?;
         // The variables rustc reports reading, from the dep-info this compile wrote (an older
-        // file left by an earlier build says nothing about this one).
-        let tracked_env = self.rustc.dep_info_path().and_then(|d| {
-            let path = self.cwd.join(d);
-            let fresh = fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|m| m >= started);
-            let text = fs::read_to_string(&path).ok().filter(|_| fresh)?;
-            Some(ferry_cache::rustc::depinfo::env_names(&text))
-        });
-        let outputs = self.rustc.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
+        // file left by an earlier build says nothing about this one). A C compiler reports none:
+        // every variable it or its programs look up is keyed, but for the few of
+        // `ferry_cache::rustc::observed::COMPILER_OWN` and `SUBPROCESS_OWN` (temporary files,
+        // `PATH`, a terminal's `TERM`: a wrapped compile writes to a pipe).
+        let tracked_env = match &self.unit {
+            Unit::Rustc(rustc) => rustc.dep_info_path().and_then(|d| {
+                let path = self.cwd.join(d);
+                let fresh = fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|m| m >= started);
+                let text = fs::read_to_string(&path).ok().filter(|_| fresh)?;
+                Some(ferry_cache::rustc::depinfo::env_names(&text))
+            }),
+            Unit::Cc(_) => Some(Vec::new()),
+        };
+        let outputs = self.unit.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
         let scope = observer.scope(self, ident, outputs, tracked_env);
         input_list(&records, &scope).map_err(|incomplete| {
-            tracing::info!(krate = %self.rustc.crate_name, %incomplete, "the compile was not fully observed");
+            tracing::info!(unit = %self.unit.name(), %incomplete, "the compile was not fully observed");
             NotStored::Unobserved(incomplete.reason)
         })
     }

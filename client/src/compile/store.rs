@@ -57,7 +57,7 @@ impl Job {
             (Some(0), _) => 0,
             (Some(1), _) if self.config.cache_failures => 1,
             (Some(1), _) => return Err(NotStored::CompileError),
-            (Some(101), _) => return Err(NotStored::InternalCompilerError),
+            (Some(101), _) if self.unit.rustc().is_some() => return Err(NotStored::InternalCompilerError),
             _ => return Err(NotStored::UnexpectedExitCode),
         };
         let ferry_cache::rustc::Observation { mut list, wrote } = ran.observed?;
@@ -68,22 +68,44 @@ impl Job {
             }
         }
         // A file the compile left outside its declared outputs (a proc-macro's side effect) would
-        // not be written by a replay.
-        if let Some(left) = wrote.iter().find(|w| fs::symlink_metadata(w).is_ok()) {
-            tracing::info!(krate = %self.rustc.crate_name, path = %left.display(), "the compile wrote outside its outputs");
-            return Err(NotStored::WroteOutsideOutputs);
-        }
+        // not be written by a replay; a C compile's extra outputs are written (`cc`).
+        let extras = match &self.unit {
+            super::Unit::Cc(cc) => {
+                if super::cc::uses_time_macro(&list.files, &self.cwd) {
+                    return Err(NotStored::TimeMacro);
+                }
+                let extras = self.extra_outputs(cc, &wrote)?;
+                // Looked for before it wrote them (the assembler probes its `.dwo`): its own.
+                let made: Vec<String> =
+                    extras.iter().map(|(p, _)| absolute(&self.cwd, p).display().to_string()).collect();
+                list.absent.retain(|p| !made.contains(p));
+                list.present.retain(|p| !made.contains(p));
+                extras
+            }
+            super::Unit::Rustc(_) => {
+                if let Some(left) = wrote.iter().find(|w| fs::symlink_metadata(w).is_ok()) {
+                    tracing::info!(unit = %self.unit.name(), path = %left.display(), "the compile wrote outside its outputs");
+                    return Err(NotStored::WroteOutsideOutputs);
+                }
+                Vec::new()
+            }
+        };
         // Digests taken before the compile may describe older content.
         crate::digests::forget_seen();
         let mut files = Vec::new();
         if code == 0 {
-            for (path, executable) in self.rustc.outputs() {
+            for (path, executable) in self.unit.outputs() {
                 let bytes = match written.remove(&absolute(&self.cwd, &path).display().to_string()) {
                     Some(bytes) => bytes,
                     None => fs::read(self.cwd.join(&path)).map_err(|_| NotStored::MissingOutput)?,
                 };
                 files.push(OutputFile { path, executable, bytes: bytes.into() });
             }
+            files.extend(extras.into_iter().map(|(path, bytes)| OutputFile {
+                path,
+                executable: false,
+                bytes: bytes.into(),
+            }));
         }
         // What dependents' compiles read (metadata, proc-macros) is remembered now; an rlib has
         // one reader, the final link, which hashes it anyway.
@@ -103,7 +125,10 @@ impl Job {
         if new_generation.is_some_and(|g| g >= MAX_MANIFESTS) {
             return Err(NotStored::TooManyInputLists);
         }
-        let parts = self.result_key(&keys.pre, &list).ok_or(NotStored::InputUnreadable)?;
+        let parts = self.result_key_or_why(&keys.pre, &list).map_err(|why| {
+            tracing::debug!(unit = %self.unit.name(), %why, "an input cannot be read back");
+            NotStored::InputUnreadable
+        })?;
         let key = parts.finish();
         self.clock.lap("result-key");
         let output = self.config.basedirs.rebase_output(CompileOutput {
@@ -140,7 +165,7 @@ impl Job {
             }
         }
         self.clock.lap("put");
-        crate::explain::note(&self.config, &self.rustc, &self.cwd, keys, Some(&parts), "miss (stored)");
+        crate::explain::note(&self.config, &self.unit, &self.cwd, keys, Some(&parts), "miss (stored)");
         Ok(Stored { key, toolchain, bytes, list })
     }
 

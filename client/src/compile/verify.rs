@@ -83,10 +83,11 @@ pub fn mismatches(cache_dir: &Path) -> Vec<(PathBuf, Mismatch)> {
 impl Job {
     /// Compiles the hit again beside cargo's outputs and compares (see the module's text).
     pub(super) fn verify(&mut self, store: &DiskStore, ident: &Identity, keys: &Keys, hit: Pending) {
+        let Some(rustc) = self.unit.rustc().cloned() else { return };
         let Ok(dir) = tempfile::Builder::new().prefix("ferry-verify-").tempdir() else { return };
         let dir_text = dir.path().to_string_lossy().into_owned();
         let mut args: Vec<std::ffi::OsString> = ident.prefix.clone();
-        args.extend(self.rustc.with_outputs_in(&dir_text).into_iter().map(Into::into));
+        args.extend(rustc.with_outputs_in(&dir_text).into_iter().map(Into::into));
         let Some(observer) = self.observer() else { return };
         let env = observer.environment();
         let started = SystemTime::now();
@@ -94,8 +95,8 @@ impl Job {
         let Ok(bytes) = observer.log.read_all() else { return };
         let Ok(records) = ferry_observe::parse(&bytes) else { return };
         let moved = |p: &str| dir.path().join(Path::new(p).file_name().unwrap_or_default());
-        let outputs: Vec<(String, bool)> = self.rustc.outputs();
-        let tracked_env = self.rustc.dep_info_path().and_then(|d| {
+        let outputs: Vec<(String, bool)> = rustc.outputs();
+        let tracked_env = rustc.dep_info_path().and_then(|d| {
             let text = fs::read_to_string(moved(&d)).ok()?;
             Some(ferry_cache::rustc::depinfo::env_names(&text))
         });
@@ -104,7 +105,7 @@ impl Job {
         if let Some(list) = &list
             && list.files.iter().chain(&list.present).any(|f| self.changed_since(f, started))
         {
-            tracing::debug!(krate = %self.rustc.crate_name, "an input changed while verifying: nothing concluded");
+            tracing::debug!(unit = %self.unit.name(), "an input changed while verifying: nothing concluded");
             return;
         }
         // Compare what the fresh compile wrote with what the hit replayed.
@@ -140,7 +141,7 @@ impl Job {
         // entry's own manifest that changed since (cargo went on; a `cargo clean`) does not make
         // the entry wrong.
         if self.result_key(&keys.pre, &hit.list).map(|k| k.finish()) != Some(hit.key) {
-            tracing::debug!(krate = %self.rustc.crate_name, "the inputs changed since the hit: nothing concluded");
+            tracing::debug!(unit = %self.unit.name(), "the inputs changed since the hit: nothing concluded");
             return;
         }
         // Wrong for this machine: remove it wherever this client may, and keep both sides.
@@ -157,12 +158,12 @@ impl Job {
             removed_from.push("shared".to_owned());
         }
         let fresh_parts = list.as_ref().and_then(|l| self.result_key(&keys.pre, l));
-        tracing::warn!(krate = %self.rustc.crate_name, differ = ?differ, removed = ?removed_from, "a verified hit differed from a fresh compile; the entry is removed");
+        tracing::warn!(unit = %self.unit.name(), differ = ?differ, removed = ?removed_from, "a verified hit differed from a fresh compile; the entry is removed");
         let record = |parts: Option<&KeyBuilder>, outcome: &str| {
-            crate::explain::record(&self.rustc, &self.cwd, keys, parts, outcome)
+            crate::explain::record(&self.unit, &self.cwd, keys, parts, outcome)
         };
         let mismatch = Mismatch {
-            krate: self.rustc.crate_name.clone(),
+            krate: rustc.crate_name.clone(),
             time: started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             tier: match hit.tier {
                 Tier::Local => "local".into(),

@@ -1,0 +1,340 @@
+//! C and C++ through ferry: `ferry gcc|clang ARGS`, masquerade links (`ferry setup`), cc-rs in a
+//! cargo build and make. Every compile through ferry is checked against a plain compile of the
+//! same thing in the same place, byte for byte (object, side outputs, diagnostics).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_tests::{World, bin, ok};
+
+use crate::wrapper::{n, write};
+
+/// The C compilers the suite checks (`scripts/test` installs both).
+const COMPILERS: [&str; 2] = ["gcc", "clang"];
+
+/// A directory of C sources in its own world (cache dir, config).
+struct Sources {
+    world: World,
+    root: PathBuf,
+}
+
+/// What one compile left: its files under `out/` by name, its stderr and exit code.
+#[derive(Debug, PartialEq, Eq)]
+struct Compiled {
+    files: BTreeMap<String, Vec<u8>>,
+    stderr: String,
+    code: Option<i32>,
+}
+
+impl Sources {
+    fn new(files: &[(&str, &str)]) -> Sources {
+        let world = World::new();
+        let root = world.path().join("src");
+        for (rel, text) in files {
+            write(&root.join(rel), text);
+        }
+        Sources { world, root }
+    }
+
+    /// Runs `program args` in the source directory with the world's environment and `env`,
+    /// `out/` emptied first; what it left there.
+    fn run(&self, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Compiled {
+        let out = self.root.join("out");
+        let _ = fs::remove_dir_all(&out);
+        fs::create_dir_all(&out).expect("mkdir out");
+        let mut cmd = self.world.command(program);
+        cmd.args(args).current_dir(&self.root).envs(env.iter().copied());
+        let output = cmd.output().expect("compiler runs");
+        let files = crate::wrapper::files_in(&out)
+            .into_iter()
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).expect("read output")))
+            .collect();
+        Compiled { files, stderr: String::from_utf8_lossy(&output.stderr).into_owned(), code: output.status.code() }
+    }
+
+    /// The compile through ferry and plainly, asserted the same; the counters of the ferry one.
+    fn same_as_plain(&self, compiler: &str, args: &[&str], env: &[(&str, &str)]) -> (Compiled, serde_json::Value) {
+        let plain = self.run(&which(compiler), args, env);
+        self.world.ferry_ok(&["stats", "--zero"]);
+        let mut with_ferry = vec![compiler];
+        with_ferry.extend_from_slice(args);
+        let ferry = self.run(&bin("ferry"), &with_ferry, env);
+        assert_eq!(ferry, plain, "{compiler} {args:?} through ferry differs from the plain compile");
+        (ferry, self.world.stats())
+    }
+}
+
+/// A program's path, as the shell finds it.
+fn which(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").expect("PATH");
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is not installed (scripts/test installs it)"))
+}
+
+fn hits(stats: &serde_json::Value) -> u64 {
+    n(stats, "/hits_local") + n(stats, "/hits_remote")
+}
+
+#[test]
+fn a_hit_gives_back_the_object_every_side_output_and_the_diagnostics_without_running_a_compiler() {
+    for compiler in COMPILERS {
+        let s = Sources::new(&[
+            ("inc/answer.h", "#define ANSWER 42\n"),
+            ("a.c", "#include \"answer.h\"\nint answer(void) { int unused; return ANSWER; }\n"),
+        ]);
+        let args = ["-Wall", "-O1", "-g", "-gsplit-dwarf", "-Iinc", "-MD", "-c", "a.c", "-o", "out/a.o"];
+        let (first, stats) = s.same_as_plain(compiler, &args, &[]);
+        assert_eq!((hits(&stats), n(&stats, "/misses_by_language/c")), (0, 1), "{compiler}: {stats:#}");
+        let names: Vec<&str> = first.files.keys().map(String::as_str).collect();
+        assert_eq!(names, ["a.d", "a.dwo", "a.o"], "{compiler}: the object and its side outputs");
+        assert!(first.stderr.contains("unused"), "{compiler}: the warning is part of the output: {}", first.stderr);
+        // The hit: the same bytes, and no compiler ran (nothing but ferry started a process).
+        let trace = s.world.path().join("spawns");
+        let (_, stats) = s.same_as_plain(compiler, &args, &[("FERRY_TRACE_SPAWNS", trace.to_str().unwrap())]);
+        assert_eq!(n(&stats, "/hits_by_language/c"), 1, "{compiler}: {stats:#}");
+        assert_eq!(fs::read_to_string(&trace).unwrap_or_default(), "", "{compiler}: a hit ran a program");
+    }
+}
+
+#[test]
+fn what_the_compiler_looked_for_read_and_ran_is_keyed() {
+    let s = Sources::new(&[
+        ("b/v.h", "#define V 1\n"),
+        ("a/.keep", ""),
+        ("v.c", "#include \"v.h\"\n#include \"w.h\"\nint v(void) { return V + W; }\n"),
+        ("x/w.h", "#define W 10\n"),
+        ("y/w.h", "#define W 20\n"),
+    ]);
+    let args = ["-O2", "-Ia", "-Ib", "-c", "v.c", "-o", "out/v.o"];
+    let x = [("CPATH", "x")];
+    s.same_as_plain("gcc", &args, &x);
+    let (_, stats) = s.same_as_plain("gcc", &args, &x);
+    assert_eq!(hits(&stats), 1, "unchanged: a hit");
+    // A header that appears earlier in the search path: looked for, not found the first time.
+    write(&s.root.join("a/v.h"), "#define V 2\n");
+    let (_, stats) = s.same_as_plain("gcc", &args, &x);
+    assert_eq!(hits(&stats), 0, "a header earlier in the path: {stats:#}");
+    fs::remove_file(s.root.join("a/v.h")).expect("rm");
+    let (_, stats) = s.same_as_plain("gcc", &args, &x);
+    assert_eq!(hits(&stats), 1, "the first entry again: {stats:#}");
+    // A variable the compiler reads.
+    let (_, stats) = s.same_as_plain("gcc", &args, &[("CPATH", "y")]);
+    assert_eq!(hits(&stats), 0, "CPATH: {stats:#}");
+    // A header edited to the same size.
+    write(&s.root.join("b/v.h"), "#define V 3\n");
+    let (_, stats) = s.same_as_plain("gcc", &args, &x);
+    assert_eq!(hits(&stats), 0, "an edited header: {stats:#}");
+
+    // The compiler proper, not the driver: cc1 from a -B directory, changed by one byte.
+    let cc1 = ok(Command::new("gcc").arg("-print-prog-name=cc1").output().expect("gcc"));
+    let tools = s.root.join("tools");
+    fs::create_dir_all(&tools).expect("mkdir");
+    fs::copy(cc1.trim(), tools.join("cc1")).expect("copy cc1");
+    let with_b = ["-Btools/", "-O2", "-Ia", "-Ib", "-c", "v.c", "-o", "out/v.o"];
+    s.same_as_plain("gcc", &with_b, &x);
+    let (_, stats) = s.same_as_plain("gcc", &with_b, &x);
+    assert_eq!(hits(&stats), 1, "the copied cc1 unchanged: {stats:#}");
+    fs::OpenOptions::new()
+        .append(true)
+        .open(tools.join("cc1"))
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(b"\0")
+        })
+        .expect("append to cc1");
+    let (_, stats) = s.same_as_plain("gcc", &with_b, &x);
+    assert_eq!((hits(&stats), n(&stats, "/misses")), (0, 1), "one byte more in cc1: {stats:#}");
+}
+
+#[test]
+fn time_macros_are_not_stored_unless_source_date_epoch_sets_the_time() {
+    let s = Sources::new(&[("t.c", "const char *when = __DATE__ \" \" __TIME__;\n")]);
+    let args = ["-c", "t.c", "-o", "out/t.o"];
+    s.world.ferry_ok(&["stats", "--zero"]);
+    s.run(&bin("ferry"), &["gcc", "-c", "t.c", "-o", "out/t.o"], &[]);
+    s.run(&bin("ferry"), &["gcc", "-c", "t.c", "-o", "out/t.o"], &[]);
+    let stats = s.world.stats();
+    assert_eq!((hits(&stats), n(&stats, "/not_stored/time-macro")), (0, 2), "{stats:#}");
+    s.same_as_plain("gcc", &args, &[("SOURCE_DATE_EPOCH", "1000000000")]);
+    let (_, stats) = s.same_as_plain("gcc", &args, &[("SOURCE_DATE_EPOCH", "1000000000")]);
+    assert_eq!(hits(&stats), 1, "a fixed time: {stats:#}");
+    let (_, stats) = s.same_as_plain("gcc", &args, &[("SOURCE_DATE_EPOCH", "2000000000")]);
+    assert_eq!(hits(&stats), 0, "another time: {stats:#}");
+}
+
+#[test]
+fn a_compile_in_a_utf8_locale_is_cached_with_its_locale_keyed() {
+    // gcc sets its locale from the environment; glibc reads the locale's files where the
+    // observer cannot see: they are keyed by content instead, and the variables by value.
+    let s = Sources::new(&[("l.c", "int l(void) { return 'x'; }\n")]);
+    let args = ["-Wall", "-c", "l.c", "-o", "out/l.o"];
+    let utf8 = [("LANG", "C.UTF-8"), ("LC_ALL", "C.UTF-8")];
+    let (_, stats) = s.same_as_plain("gcc", &args, &utf8);
+    let not_stored = stats.pointer("/not_stored").and_then(serde_json::Value::as_object).map_or(0, |m| m.len());
+    assert_eq!(not_stored, 0, "{stats:#}");
+    let (_, stats) = s.same_as_plain("gcc", &args, &utf8);
+    assert_eq!(hits(&stats), 1, "{stats:#}");
+    let (_, stats) = s.same_as_plain("gcc", &args, &[("LANG", "C"), ("LC_ALL", "C")]);
+    assert_eq!(hits(&stats), 0, "another locale: {stats:#}");
+}
+
+#[test]
+fn every_other_call_runs_the_compiler_unchanged_with_its_reason_counted() {
+    let s = Sources::new(&[("m.c", "int main(void) { return 3; }\n")]);
+    let ferry = bin("ferry");
+    s.world.ferry_ok(&["stats", "--zero"]);
+    let link = s.run(&ferry, &["gcc", "m.c", "-o", "out/m"], &[]);
+    assert_eq!(link.code, Some(0), "{}", link.stderr);
+    let ran = Command::new(s.root.join("out/m")).status().expect("runs");
+    assert_eq!(ran.code(), Some(3));
+    let pre = s.run(&ferry, &["gcc", "-E", "m.c", "-o", "out/m.i"], &[]);
+    assert!(pre.files.contains_key("m.i"));
+    s.run(&ferry, &["gcc", "-c", "m.c", "-o", "out/m.o", "--frobnicate-the-widgets"], &[]);
+    let stats = s.world.stats();
+    for reason in ["not-compile-only", "preprocess-only", "unknown-option"] {
+        assert_eq!(n(&stats, &format!("/passthrough/{reason}")), 1, "{reason}: {stats:#}");
+    }
+    // An error is the compiler's, exactly.
+    let (failed, _) = s.same_as_plain("gcc", &["-c", "missing.c", "-o", "out/x.o"], &[]);
+    assert_ne!(failed.code, Some(0));
+}
+
+/// A directory of links made by `ferry setup`, and PATH with it first.
+fn masquerade(world: &World) -> (PathBuf, String) {
+    let dir = world.path().join("ferry-bin");
+    let said = world.ferry_ok(&["setup", "--dir", dir.to_str().unwrap()]);
+    assert!(said.contains("export PATH="), "{said}");
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").expect("PATH"));
+    (dir, path)
+}
+
+#[test]
+fn masquerade_links_run_the_next_compiler_of_their_name_and_never_ferry() {
+    let s = Sources::new(&[("k.c", "int k(void) { return 7; }\n")]);
+    let (dir, path) = masquerade(&s.world);
+    for name in ["cc", "gcc", "clang"] {
+        let link = dir.join(name);
+        assert_eq!(fs::canonicalize(&link).ok(), fs::canonicalize(bin("ferry")).ok(), "{name} links to ferry");
+        s.world.ferry_ok(&["stats", "--zero"]);
+        let through = s.run(&link, &["-c", "k.c", "-o", "out/k.o"], &[("PATH", &path)]);
+        let plain = s.run(&which(name), &["-c", "k.c", "-o", "out/k.o"], &[]);
+        assert_eq!(through, plain, "{name} through its link");
+        assert_eq!(n(&s.world.stats(), "/misses_by_language/c"), 1, "{name} went through ferry");
+    }
+    // A link with no compiler of its name after it: a clear error, no loop.
+    let alone = s.run(&dir.join("gcc"), &["-c", "k.c"], &[("PATH", dir.to_str().unwrap())]);
+    assert_eq!(alone.code, Some(127));
+    assert!(alone.stderr.contains("cannot find the compiler 'gcc'"), "{}", alone.stderr);
+}
+
+/// A cargo package whose build script compiles C through cc-rs (from crates.io).
+fn cc_rs_package(world: &World) -> PathBuf {
+    let root = world.path().join("ccrs");
+    write(
+        &root.join("Cargo.toml"),
+        "[package]\nname = \"ccrs\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[build-dependencies]\ncc = \"1\"\n",
+    );
+    write(
+        &root.join("build.rs"),
+        "fn main() { println!(\"cargo:rerun-if-changed=native\"); cc::Build::new().file(\"native/answer.c\").file(\"native/twice.c\").include(\"native\").compile(\"answer\"); }\n",
+    );
+    write(&root.join("native/answer.h"), "#define ANSWER 21\nint twice(int);\n");
+    write(&root.join("native/answer.c"), "#include \"answer.h\"\nint answer(void) { return twice(ANSWER); }\n");
+    write(&root.join("native/twice.c"), "int twice(int x) { return 2 * x; }\n");
+    write(
+        &root.join("src/main.rs"),
+        "unsafe extern \"C\" { fn answer() -> i32; }\nfn main() { println!(\"{}\", unsafe { answer() }); }\n",
+    );
+    // The registry may not have cc-rs yet on a fresh machine.
+    let offline = Command::new("cargo").args(["fetch", "--offline"]).current_dir(&root).output().expect("cargo");
+    if !offline.status.success() {
+        ok(Command::new("cargo").arg("fetch").current_dir(&root).output().expect("cargo"));
+    }
+    root
+}
+
+fn cargo_build(world: &World, root: &Path, ferry_path: Option<&str>) -> String {
+    let mut cmd = crate::wrapper::cargo(world, root);
+    cmd.args(["build", "-j2", "--offline"]);
+    match ferry_path {
+        Some(path) => cmd.env("RUSTC_WRAPPER", bin("ferry")).env("PATH", path),
+        None => cmd.env_remove("RUSTC_WRAPPER"),
+    };
+    crate::wrapper::ok_build(cmd.output().expect("cargo runs"));
+    ok(Command::new(root.join("target/debug/ccrs")).output().expect("runs")).trim().to_owned()
+}
+
+#[test]
+fn cc_rs_compiles_in_a_build_script_hit_after_cargo_clean_and_the_binary_is_the_plain_one() {
+    let world = World::new();
+    let root = cc_rs_package(&world);
+    assert_eq!(cargo_build(&world, &root, None), "42");
+    let plain = fs::read(root.join("target/debug/ccrs")).expect("binary");
+    let (_, path) = masquerade(&world);
+    crate::wrapper::clean(&world, &root);
+    world.ferry_ok(&["stats", "--zero"]);
+    assert_eq!(cargo_build(&world, &root, Some(&path)), "42");
+    let cold = world.stats();
+    // Both C files, and cc-rs's probe of a flag.
+    let c_compiles = n(&cold, "/misses_by_language/c");
+    assert!(c_compiles >= 2, "both C files through ferry: {cold:#}");
+    assert_eq!(fs::read(root.join("target/debug/ccrs")).expect("binary"), plain, "cold: the plain binary");
+    crate::wrapper::clean(&world, &root);
+    world.ferry_ok(&["stats", "--zero"]);
+    assert_eq!(cargo_build(&world, &root, Some(&path)), "42");
+    let warm = world.stats();
+    assert_eq!((n(&warm, "/misses"), n(&warm, "/hits_by_language/c")), (0, c_compiles), "warm: all hits: {warm:#}");
+    assert!(n(&warm, "/hits_by_language/rust") >= 2, "{warm:#}");
+    assert_eq!(fs::read(root.join("target/debug/ccrs")).expect("binary"), plain, "warm: the plain binary");
+    // One C file edited: that one compiles again.
+    write(&root.join("native/twice.c"), "int twice(int x) { return 3 * x; }\n");
+    world.ferry_ok(&["stats", "--zero"]);
+    assert_eq!(cargo_build(&world, &root, Some(&path)), "63");
+    let edited = world.stats();
+    assert_eq!(n(&edited, "/misses_by_language/c"), 1, "only the edited file: {edited:#}");
+}
+
+#[test]
+fn make_with_ferry_gcc_hits_every_object_when_warm_and_builds_the_plain_program() {
+    let s = Sources::new(&[
+        ("lib.h", "int add(int, int);\nint mul(int, int);\n"),
+        ("add.c", "#include \"lib.h\"\nint add(int a, int b) { return a + b; }\n"),
+        ("mul.c", "#include \"lib.h\"\nint mul(int a, int b) { return a * b; }\n"),
+        (
+            "main.c",
+            "#include <stdio.h>\n#include \"lib.h\"\nint main(void) { printf(\"%d\\n\", add(2, mul(3, 4))); return 0; }\n",
+        ),
+        (
+            "Makefile",
+            "OBJS = out/add.o out/mul.o out/main.o\nout/app: $(OBJS)\n\t$(CC) $(OBJS) -o $@\nout/%.o: %.c lib.h\n\t@mkdir -p out\n\t$(CC) -O2 -g -MMD -c $< -o $@\nclean:\n\trm -rf out\n",
+        ),
+    ]);
+    let make = |cc: &str| {
+        let out =
+            s.world.command("make").args(["-j2", &format!("CC={cc}")]).current_dir(&s.root).output().expect("make");
+        ok(out);
+        ok(Command::new(s.root.join("out/app")).output().expect("app runs"))
+    };
+    let outputs = || -> BTreeMap<String, Vec<u8>> {
+        crate::wrapper::files_in(&s.root.join("out"))
+            .into_iter()
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap()))
+            .collect()
+    };
+    assert_eq!(make("gcc"), "14\n");
+    let plain = outputs();
+    let ferry_gcc = format!("{} gcc", bin("ferry").display());
+    for round in ["cold", "warm"] {
+        ok(s.world.command("make").arg("clean").current_dir(&s.root).output().expect("make clean"));
+        s.world.ferry_ok(&["stats", "--zero"]);
+        assert_eq!(make(&ferry_gcc), "14\n");
+        assert_eq!(outputs(), plain, "{round}: every object, dependency file and the program as plain make");
+        let stats = s.world.stats();
+        let expect = if round == "cold" { (0, 3) } else { (3, 0) };
+        assert_eq!((hits(&stats), n(&stats, "/misses")), expect, "{round}: {stats:#}");
+    }
+}
