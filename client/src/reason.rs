@@ -371,9 +371,6 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         ("not stored", "time-macro") => {
             "a C source or header uses __DATE__, __TIME__ or __TIMESTAMP__: set SOURCE_DATE_EPOCH to cache it"
         }
-        ("pass-through", "inside-observed-compile") => {
-            "a compiler started by a compile ferry observes (a linker driver, a proc-macro's cc) runs as it is"
-        }
         ("pass-through", "unknown-option") => {
             "a C compiler option ferry does not know (FERRY_LOG=debug names it): the compile ran as it is"
         }

@@ -13,6 +13,7 @@
 //! replayed and timed exactly as cargo ran them.
 
 mod bench;
+mod bench_c;
 mod bench_cluster;
 mod bench_security;
 mod sample;
@@ -40,9 +41,10 @@ fn main() -> anyhow::Result<()> {
         ["bench", "security"] => bench_security::costs(),
         ["bench", "toolchain"] => bench::toolchain(),
         ["bench", "wrapper"] => bench::wrapper(),
+        ["bench", "c"] => bench_c::c(),
         ["difftest", ..] => difftest(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|distributed|cluster|all] \
+            "usage: cargo xtask demo | cargo xtask bench [toolchain|wrapper|c|distributed|cluster|security|all] \
              | cargo xtask difftest [--seed S] [--sequences N] [--steps K] [--no-shrink] [--no-cluster] [--ferry PATH]"
         ),
     }

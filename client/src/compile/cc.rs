@@ -120,7 +120,7 @@ impl Job {
         for path in wrote {
             let Ok(meta) = fs::symlink_metadata(path) else { continue };
             if !meta.is_file() || !ferry_cache::cc::is_extra_output(cc, &self.cwd, path) {
-                tracing::info!(unit = %cc.name(), path = %path.display(), "the compile wrote outside its outputs");
+                tracing::info!(krate = %cc.name(), path = %path.display(), "the compile wrote outside its outputs");
                 return Err(NotStored::WroteOutsideOutputs);
             }
             let stored = path.strip_prefix(&self.cwd).unwrap_or(path).to_string_lossy().into_owned();

@@ -195,7 +195,7 @@ fn start(invocation: Invocation, classify: impl FnOnce(&[OsString]) -> Result<Un
     let mut job = Job { config, invocation, unit, cwd, stats, clock, seen: Default::default(), verify: None };
     let code = job.run();
     let (hashed, memoized) = crate::digests::counts();
-    tracing::debug!(unit = %job.unit.name(), phases = %job.clock, hashed, memoized, "wrapper call");
+    tracing::debug!(krate = %job.unit.name(), phases = %job.clock, hashed, memoized, "wrapper call");
     let _ = Stats::add(&job.config.stats_path(), &job.stats);
     code
 }
@@ -243,7 +243,7 @@ impl Job {
         match self.cached_compile() {
             Ok(code) => code,
             Err(fallback) => {
-                tracing::info!(reason = %fallback, unit = %self.unit.name(), "falling back to a plain compile");
+                tracing::info!(reason = %fallback, krate = %self.unit.name(), "falling back to a plain compile");
                 self.count_fallback(&fallback);
                 self.plain_compile()
             }

@@ -173,7 +173,7 @@ impl Job {
         let remote = run(&job)?;
         self.stats.compiled_remote += 1;
         self.stats.bytes_sent += remote.bytes_sent;
-        tracing::info!(worker = %remote.worker, unit = %self.unit.name(), "compiled remotely");
+        tracing::info!(worker = %remote.worker, krate = %self.unit.name(), "compiled remotely");
         let status = remote.run.status;
         let compile_ms = clock.elapsed().as_millis() as u64;
         // What the job wrote outside its outputs stayed on the worker, which reports such a job as

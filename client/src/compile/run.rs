@@ -106,7 +106,7 @@ impl Job {
                 match remote {
                     Ok(code) => return code,
                     Err(failed) => {
-                        tracing::info!(reason = %failed.reason, unit = %self.unit.name(), forwarded = failed.forwarded.len(), "remote compile failed; compiling locally");
+                        tracing::info!(reason = %failed.reason, krate = %self.unit.name(), forwarded = failed.forwarded.len(), "remote compile failed; compiling locally");
                         remote::note_failure(&self.config.cache_dir, &failed.reason);
                         self.count_fallback(&failed.reason);
                         remote_failure = Some(failed);
@@ -127,7 +127,7 @@ impl Job {
         if remote_failure.is_some_and(|f| matches!(f.reason, Fallback::RemoteExit(_))) && ran.run.status.success() {
             // The worker's compile failed where ours succeeded: a broken worker or a missing
             // input; the local result stands, and the discrepancy is counted.
-            tracing::warn!(unit = %self.unit.name(), "remote compile failed but local succeeded");
+            tracing::warn!(krate = %self.unit.name(), "remote compile failed but local succeeded");
             self.count_fallback(&Fallback::Discrepancy);
         }
         let status = ran.run.status;
@@ -154,7 +154,7 @@ impl Job {
     }
 
     pub(super) fn count_not_stored(&mut self, reason: &NotStored) {
-        tracing::debug!(reason = %reason.as_str(), unit = %self.unit.name(), "result not stored");
+        tracing::debug!(reason = %reason.as_str(), krate = %self.unit.name(), "result not stored");
         *self.stats.not_stored.entry(reason.as_str()).or_default() += 1;
     }
 
@@ -174,7 +174,7 @@ impl Job {
         let mut run = process::run_teed(&ident.program, &args, &env, drop_lines);
         let too_long = matches!(&run, Err(e) if e.raw_os_error() == Some(libc::E2BIG));
         if too_long && observer.is_some() {
-            tracing::info!(unit = %self.unit.name(), "the observer's variables do not fit: running unobserved");
+            tracing::info!(krate = %self.unit.name(), "the observer's variables do not fit: running unobserved");
             run = process::run_teed(&ident.program, &args, &[], drop_lines);
         }
         let compile_ms = clock.elapsed().as_millis() as u64;
@@ -234,7 +234,7 @@ impl Job {
         let outputs = self.unit.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
         let scope = observer.scope(self, ident, outputs, tracked_env);
         input_list(&records, &scope).map_err(|incomplete| {
-            tracing::info!(unit = %self.unit.name(), %incomplete, "the compile was not fully observed");
+            tracing::info!(krate = %self.unit.name(), %incomplete, "the compile was not fully observed");
             NotStored::Unobserved(incomplete.reason)
         })
     }

@@ -84,7 +84,7 @@ impl Job {
             }
             super::Unit::Rustc(_) => {
                 if let Some(left) = wrote.iter().find(|w| fs::symlink_metadata(w).is_ok()) {
-                    tracing::info!(unit = %self.unit.name(), path = %left.display(), "the compile wrote outside its outputs");
+                    tracing::info!(krate = %self.unit.name(), path = %left.display(), "the compile wrote outside its outputs");
                     return Err(NotStored::WroteOutsideOutputs);
                 }
                 Vec::new()
@@ -126,7 +126,7 @@ impl Job {
             return Err(NotStored::TooManyInputLists);
         }
         let parts = self.result_key_or_why(&keys.pre, &list).map_err(|why| {
-            tracing::debug!(unit = %self.unit.name(), %why, "an input cannot be read back");
+            tracing::debug!(krate = %self.unit.name(), %why, "an input cannot be read back");
             NotStored::InputUnreadable
         })?;
         let key = parts.finish();

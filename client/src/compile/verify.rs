@@ -105,7 +105,7 @@ impl Job {
         if let Some(list) = &list
             && list.files.iter().chain(&list.present).any(|f| self.changed_since(f, started))
         {
-            tracing::debug!(unit = %self.unit.name(), "an input changed while verifying: nothing concluded");
+            tracing::debug!(krate = %self.unit.name(), "an input changed while verifying: nothing concluded");
             return;
         }
         // Compare what the fresh compile wrote with what the hit replayed.
@@ -141,7 +141,7 @@ impl Job {
         // entry's own manifest that changed since (cargo went on; a `cargo clean`) does not make
         // the entry wrong.
         if self.result_key(&keys.pre, &hit.list).map(|k| k.finish()) != Some(hit.key) {
-            tracing::debug!(unit = %self.unit.name(), "the inputs changed since the hit: nothing concluded");
+            tracing::debug!(krate = %self.unit.name(), "the inputs changed since the hit: nothing concluded");
             return;
         }
         // Wrong for this machine: remove it wherever this client may, and keep both sides.
@@ -158,7 +158,7 @@ impl Job {
             removed_from.push("shared".to_owned());
         }
         let fresh_parts = list.as_ref().and_then(|l| self.result_key(&keys.pre, l));
-        tracing::warn!(unit = %self.unit.name(), differ = ?differ, removed = ?removed_from, "a verified hit differed from a fresh compile; the entry is removed");
+        tracing::warn!(krate = %self.unit.name(), differ = ?differ, removed = ?removed_from, "a verified hit differed from a fresh compile; the entry is removed");
         let record = |parts: Option<&KeyBuilder>, outcome: &str| {
             crate::explain::record(&self.unit, &self.cwd, keys, parts, outcome)
         };
