@@ -141,8 +141,14 @@ pub fn load(spec: &Path, krate: Option<&str>) -> anyhow::Result<Record> {
 
 /// A record as text: its command, outcome and every key part.
 pub fn render(record: &Record) -> String {
+    // A C compile's record names its source and driver (its pre-key's domain says which it is).
+    let part = |name: &str| record.pre.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let (unit, program) = match part("domain") {
+        Some("cc-compile") => ("source", part("driver").unwrap_or("cc")),
+        _ => ("crate", "rustc"),
+    };
     let mut out = format!(
-        "crate {}  ({})\ncwd {}\nrustc {}\npre-key {}\n",
+        "{unit} {}  ({})\ncwd {}\n{program} {}\npre-key {}\n",
         record.krate,
         record.outcome,
         record.cwd,

@@ -148,9 +148,14 @@ pub fn uses_time_macro(files: &[String], cwd: &Path) -> bool {
     if std::env::var_os("SOURCE_DATE_EPOCH").is_some() {
         return false;
     }
-    files
-        .iter()
-        .any(|f| fs::read(cwd.join(f)).is_ok_and(|bytes| !bytes.starts_with(b"\x7fELF") && has_time_macro(&bytes)))
+    files.iter().any(|f| {
+        // Programs and libraries (ELF) are not preprocessed: only their first bytes are read.
+        let path = cwd.join(f);
+        let mut magic = [0u8; 4];
+        let elf = fs::File::open(&path).and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic)).is_ok()
+            && magic == *b"\x7fELF";
+        !elf && fs::read(&path).is_ok_and(|bytes| has_time_macro(&bytes))
+    })
 }
 
 fn has_time_macro(bytes: &[u8]) -> bool {

@@ -338,3 +338,74 @@ fn make_with_ferry_gcc_hits_every_object_when_warm_and_builds_the_plain_program(
         assert_eq!((hits(&stats), n(&stats, "/misses")), expect, "{round}: {stats:#}");
     }
 }
+
+#[test]
+fn a_cached_failure_ends_when_the_missing_header_appears() {
+    let mut s = Sources::new(&[("f.c", "#include \"gen.h\"\nint f(void) { return GEN; }\n")]);
+    s.world.set("FERRY_CACHE_FAILURES", "1");
+    let args = ["-c", "f.c", "-o", "out/f.o"];
+    let (failed, _) = s.same_as_plain("gcc", &args, &[]);
+    assert_ne!(failed.code, Some(0));
+    let (replayed, stats) = s.same_as_plain("gcc", &args, &[]);
+    assert_eq!((replayed.code, hits(&stats)), (failed.code, 1), "the failure replayed: {stats:#}");
+    write(&s.root.join("gen.h"), "#define GEN 5\n");
+    let (built, stats) = s.same_as_plain("gcc", &args, &[]);
+    assert_eq!((built.code, hits(&stats)), (Some(0), 0), "the header appeared: {stats:#}");
+}
+
+#[test]
+fn explain_shows_a_c_compile_s_keys_and_what_it_read() {
+    let s = Sources::new(&[("inc/e.h", "#define E 1\n"), ("e.c", "#include \"e.h\"\nint e(void) { return E; }\n")]);
+    let args = ["gcc", "-Iinc", "-c", "e.c", "-o", "out/e.o"];
+    s.run(&bin("ferry"), &args, &[]);
+    // The entry is stored once the compiler's answer is out; `ferry stats` waits for that.
+    s.world.stats();
+    let mut cmd = s.world.command(bin("ferry"));
+    cmd.arg("explain").arg("--").args(args).current_dir(&s.root);
+    let text = ok(cmd.output().expect("ferry explain"));
+    assert!(text.starts_with("source e.c  (manifest 0: a hit)"), "{text}");
+    assert!(text.contains("\ngcc -Iinc -c e.c -o out/e.o\n"), "{text}");
+    for part in ["domain = cc-compile", "driver content = ", "/inc/e.h = ", "absent:"] {
+        assert!(text.contains(part), "{part} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn cmake_with_ferry_as_the_compiler_launcher_hits_every_object_when_warm() {
+    let s = Sources::new(&[
+        (
+            "CMakeLists.txt",
+            "cmake_minimum_required(VERSION 3.10)\nproject(cm C CXX)\nadd_executable(cm main.c twice.cpp)\n",
+        ),
+        ("main.c", "#include <stdio.h>\nint twice(int);\nint main(void) { printf(\"%d\\n\", twice(21)); return 0; }\n"),
+        ("twice.cpp", "extern \"C\" int twice(int x) { return 2 * x; }\n"),
+    ]);
+    let build = s.root.join("build");
+    let cmake = |launcher: bool| -> BTreeMap<String, Vec<u8>> {
+        let _ = fs::remove_dir_all(&build);
+        let mut configure = s.world.command("cmake");
+        configure.args(["-S", ".", "-B", "build", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"]).current_dir(&s.root);
+        if launcher {
+            let ferry = bin("ferry").display().to_string();
+            configure.arg(format!("-DCMAKE_C_COMPILER_LAUNCHER={ferry}"));
+            configure.arg(format!("-DCMAKE_CXX_COMPILER_LAUNCHER={ferry}"));
+        }
+        ok(configure.output().expect("cmake"));
+        s.world.ferry_ok(&["stats", "--zero"]);
+        ok(s.world.command("cmake").args(["--build", "build", "-j2"]).current_dir(&s.root).output().expect("build"));
+        assert_eq!(ok(Command::new(build.join("cm")).output().expect("cm runs")), "42\n");
+        crate::wrapper::files_under(&build.join("CMakeFiles/cm.dir"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "o"))
+            .map(|p| (p.display().to_string(), fs::read(&p).unwrap()))
+            .collect()
+    };
+    let plain = cmake(false);
+    assert_eq!(plain.len(), 2, "{plain:#?}");
+    assert_eq!(cmake(true), plain, "cold: the plain objects");
+    let cold = s.world.stats();
+    assert_eq!((n(&cold, "/misses_by_language/c"), n(&cold, "/misses_by_language/c++")), (1, 1), "{cold:#}");
+    assert_eq!(cmake(true), plain, "warm: the plain objects");
+    let warm = s.world.stats();
+    assert_eq!((hits(&warm), n(&warm, "/misses")), (2, 0), "{warm:#}");
+}
