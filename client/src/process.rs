@@ -16,8 +16,14 @@ pub struct RunOutput {
 
 /// Replaces this process with `program args` (returns only if that failed): the pass-through path.
 pub fn exec(program: &Path, args: &[OsString]) -> std::io::Error {
-    use std::os::unix::process::CommandExt;
     trace(program, args);
+    exec_untraced(program, args)
+}
+
+/// [`exec`] without the `FERRY_TRACE_SPAWNS` line: for a process that must write nothing (one
+/// inside a compile ferry observes, whose writes would be that compile's side effects).
+pub fn exec_untraced(program: &Path, args: &[OsString]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
     Command::new(program).args(args).exec()
 }
 

@@ -192,6 +192,13 @@ fn demo() -> anyhow::Result<()> {
     let project = tmp.path().join("sample");
     sample::write_workspace(&project)?;
     let cache = tmp.path().join("cache");
+    // The compiler links (`ferry setup`) first in PATH: the build script's `cc` goes through ferry.
+    let links = tmp.path().join("ferry-bin");
+    let setup = Command::new(&ferry).args(["setup", "--dir"]).arg(&links).env("FERRY_CACHE_DIR", &cache).output()?;
+    if !setup.status.success() {
+        bail!("ferry setup failed: {}", String::from_utf8_lossy(&setup.stderr));
+    }
+    let path = format!("{}:{}", links.display(), std::env::var("PATH").unwrap_or_default());
 
     println!("== starting a scheduler and a worker on loopback");
     let cluster = LocalCluster::start(&release, tmp.path())?;
@@ -208,6 +215,7 @@ fn demo() -> anyhow::Result<()> {
             .args(["build", "-j2", "--offline"])
             .current_dir(&project)
             .env("RUSTC_WRAPPER", &ferry)
+            .env("PATH", &path)
             .env("FERRY_CACHE_DIR", cache)
             .env("FERRY_SCHEDULER", &url)
             .env("CARGO_INCREMENTAL", "0")

@@ -4,8 +4,9 @@
 use std::fs;
 use std::path::Path;
 
-/// An 8-crate workspace with no registry dependencies: a proc-macro, a build script writing into
-/// `OUT_DIR`, `include_str!`, `env!`, a chain of libraries and a binary.
+/// A 9-crate workspace with no registry dependencies: a proc-macro, a build script writing into
+/// `OUT_DIR`, a build script compiling C with the system's `cc` (as cc-rs does), `include_str!`,
+/// `env!`, a chain of libraries and a binary.
 pub fn write_workspace(root: &Path) -> anyhow::Result<()> {
     let file = |rel: &str, text: &str| -> anyhow::Result<()> {
         let path = root.join(rel);
@@ -15,7 +16,7 @@ pub fn write_workspace(root: &Path) -> anyhow::Result<()> {
     };
     file(
         "Cargo.toml",
-        "[workspace]\nresolver = \"2\"\nmembers = [\"macros\", \"gen\", \"text\", \"env\", \"l1\", \"l2\", \"l3\", \"app\"]\n",
+        "[workspace]\nresolver = \"2\"\nmembers = [\"macros\", \"gen\", \"native\", \"text\", \"env\", \"l1\", \"l2\", \"l3\", \"app\"]\n",
     )?;
     let krate = |name: &str, deps: &[&str], extra: &str| {
         let mut toml =
@@ -37,6 +38,23 @@ pub fn write_workspace(root: &Path) -> anyhow::Result<()> {
          std::fs::write(format!(\"{out}/gen.rs\"), \"pub fn generated() -> u64 { 7 }\").unwrap();\n}\n",
     )?;
     file("gen/src/lib.rs", "include!(concat!(env!(\"OUT_DIR\"), \"/gen.rs\"));\n")?;
+    krate("native", &[], "build = \"build.rs\"\n")?;
+    file(
+        "native/build.rs",
+        "use std::process::Command;\n\
+         fn main() {\n    let out = std::env::var(\"OUT_DIR\").unwrap();\n    \
+         println!(\"cargo:rerun-if-changed=native.c\");\n    \
+         let cc = Command::new(\"cc\").args([\"-O2\", \"-fPIC\", \"-c\", \"native.c\", \"-o\"]).arg(format!(\"{out}/native.o\")).status().unwrap();\n    \
+         assert!(cc.success());\n    \
+         let ar = Command::new(\"ar\").arg(\"crs\").arg(format!(\"{out}/libnative.a\")).arg(format!(\"{out}/native.o\")).status().unwrap();\n    \
+         assert!(ar.success());\n    \
+         println!(\"cargo:rustc-link-search=native={out}\");\n    println!(\"cargo:rustc-link-lib=static=native\");\n}\n",
+    )?;
+    file("native/native.c", "unsigned long long native_value(void) { return 5; }\n")?;
+    file(
+        "native/src/lib.rs",
+        "unsafe extern \"C\" { fn native_value() -> u64; }\npub fn value() -> u64 { unsafe { native_value() } }\n",
+    )?;
     krate("text", &[], "")?;
     file("text/src/lib.rs", "pub const TEXT: &str = include_str!(\"text.txt\");\n")?;
     file("text/src/text.txt", "hello from include_str\n")?;
@@ -48,8 +66,11 @@ pub fn write_workspace(root: &Path) -> anyhow::Result<()> {
     file("l2/src/lib.rs", "pub fn l2() -> u64 { l1::l1() + macros::answer!() }\n")?;
     krate("l3", &["l2"], "")?;
     file("l3/src/lib.rs", "pub fn l3() -> u64 { l2::l2() * 2 }\n")?;
-    krate("app", &["l3", "text", "env"], "")?;
-    file("app/src/main.rs", "fn main() { println!(\"{} {} {}\", l3::l3(), text::TEXT.trim(), env::package()); }\n")?;
+    krate("app", &["l3", "text", "env", "native"], "")?;
+    file(
+        "app/src/main.rs",
+        "fn main() { println!(\"{} {} {} {}\", l3::l3(), text::TEXT.trim(), env::package(), native::value()); }\n",
+    )?;
     Ok(())
 }
 

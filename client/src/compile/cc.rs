@@ -184,7 +184,8 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
     // counter written (the outer compile's manifest would list them, and its result not be
     // stored for a write outside its outputs).
     if inside_observed_compile() {
-        return super::passthrough(&invocation);
+        let err = crate::process::exec_untraced(&invocation.program, &invocation.rest);
+        return super::cannot_run(&invocation.program, &err);
     }
     super::start(invocation, |rest| match ferry_cache::cc::classify(rest) {
         ferry_cache::cc::Classified::Cacheable(c) => Ok(Unit::Cc(c)),

@@ -211,8 +211,12 @@ fn passthrough_counted(config: &Config, mut stats: Stats, invocation: &Invocatio
 /// cost of one exec.
 fn passthrough(invocation: &Invocation) -> ExitCode {
     let err = process::exec(&invocation.program, &invocation.original_args());
-    // Only reached when exec failed: report like a missing compiler would be reported.
-    let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {err}", invocation.program.display());
+    cannot_run(&invocation.program, &err)
+}
+
+/// Only reached when starting the compiler failed: reported as a missing compiler would be.
+fn cannot_run(program: &Path, err: &std::io::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {err}", program.display());
     ExitCode::from(1)
 }
 
@@ -295,10 +299,7 @@ impl Job {
         self.stats.compiled_local += 1;
         match process::run_inherited(&self.invocation.program, &self.invocation.original_args()) {
             Ok(status) => exit_code(status),
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {e}", self.invocation.program.display());
-                ExitCode::from(1)
-            }
+            Err(e) => cannot_run(&self.invocation.program, &e),
         }
     }
 }

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
@@ -117,10 +116,7 @@ impl Job {
         let drop_lines = remote_failure.as_ref().map(|f| f.forwarded.clone()).unwrap_or_default();
         let ran = match self.run_observed(ident, &drop_lines) {
             Ok(ran) => ran,
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "ferry: cannot run '{}': {e}", ident.program.display());
-                return ExitCode::from(1);
-            }
+            Err(e) => return super::cannot_run(&ident.program, &e),
         };
         self.stats.compiled_local += 1;
         self.clock.lap("compile");

@@ -409,3 +409,50 @@ fn cmake_with_ferry_as_the_compiler_launcher_hits_every_object_when_warm() {
     let warm = s.world.stats();
     assert_eq!((hits(&warm), n(&warm, "/misses")), (2, 0), "{warm:#}");
 }
+
+#[test]
+fn a_real_sys_crate_with_bundled_c_replays_every_c_compile_and_builds_the_plain_binary() {
+    // zstd-sys compiles zstd's C library (and its assembler) through cc-rs in its build script.
+    let world = World::new();
+    let root = world.path().join("sys");
+    write(
+        &root.join("Cargo.toml"),
+        "[package]\nname = \"sys\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\nzstd-sys = \"2\"\n",
+    );
+    write(
+        &root.join("src/main.rs"),
+        "fn main() { println!(\"{}\", unsafe { zstd_sys::ZSTD_versionNumber() } > 10000); }\n",
+    );
+    let offline = Command::new("cargo").args(["fetch", "--offline"]).current_dir(&root).output().expect("cargo");
+    if !offline.status.success() {
+        ok(Command::new("cargo").arg("fetch").current_dir(&root).output().expect("cargo"));
+    }
+    let trace = world.path().join("spawns");
+    let build = |path: Option<&str>| -> (Vec<u8>, serde_json::Value) {
+        crate::wrapper::clean(&world, &root);
+        world.ferry_ok(&["stats", "--zero"]);
+        let mut cmd = crate::wrapper::cargo(&world, &root);
+        cmd.args(["build", "-j2", "--offline"]);
+        match path {
+            Some(path) => cmd.env("RUSTC_WRAPPER", bin("ferry")).env("PATH", path).env("FERRY_TRACE_SPAWNS", &trace),
+            None => cmd.env_remove("RUSTC_WRAPPER"),
+        };
+        let _ = fs::remove_file(&trace);
+        crate::wrapper::ok_build(cmd.output().expect("cargo runs"));
+        assert_eq!(ok(Command::new(root.join("target/debug/sys")).output().expect("runs")).trim(), "true");
+        (fs::read(root.join("target/debug/sys")).expect("binary"), world.stats())
+    };
+    let (plain, _) = build(None);
+    let (_, path) = masquerade(&world);
+    let (cold, stats) = build(Some(&path));
+    let c_compiles = n(&stats, "/misses_by_language/c") + n(&stats, "/misses_by_language/assembler");
+    assert!(c_compiles >= 20, "zstd's C files through ferry: {stats:#}");
+    assert_eq!(cold, plain, "cold: the plain binary");
+    let (warm, stats) = build(Some(&path));
+    assert_eq!(warm, plain, "warm: the plain binary");
+    assert_eq!(n(&stats, "/misses"), 0, "warm: {stats:#}");
+    assert_eq!(n(&stats, "/hits_by_language/c") + n(&stats, "/hits_by_language/assembler"), c_compiles, "{stats:#}");
+    // What ferry ran: cc-rs's probes (`-E`) and cargo's queries; no compile.
+    let ran = fs::read_to_string(&trace).unwrap_or_default();
+    assert!(!ran.lines().any(|l| l.split(' ').any(|a| a == "-c")), "a warm build compiled:\n{ran}");
+}
