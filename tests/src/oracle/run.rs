@@ -295,6 +295,20 @@ impl Runner<'_> {
             }
         }
         if side == Side::Ferry {
+            // ferry's compiler links first in PATH, as the README sets up cargo: the build
+            // scripts' C compiles go through ferry too.
+            let links = self.place.work.join("ferry-bin");
+            if !links.exists() {
+                let setup = Command::new(&self.place.ferry).args(["setup", "--dir"]).arg(&links).output();
+                assert!(setup.is_ok_and(|o| o.status.success()), "ferry setup failed");
+            }
+            let path = cmd.get_envs().filter(|(k, _)| *k == "PATH").last().and_then(|(_, v)| v.map(|v| v.to_owned()));
+            if let Some(path) = path {
+                let mut with_links = links.into_os_string();
+                with_links.push(":");
+                with_links.push(path);
+                cmd.env("PATH", with_links);
+            }
             cmd.env("RUSTC_WRAPPER", &self.place.ferry)
                 .env("FERRY_CACHE_DIR", &self.cache)
                 .env("FERRY_CONFIG", self.place.work.join("ferry.toml"))

@@ -36,6 +36,9 @@ vars() { # checkout
   fi
 }
 ferry_vars() { # checkout
+  local a path=; for a in "${ARGS[@]}"; do case $a in PATH=*) path=${a#PATH=} ;; esac; done
+  [ -d "$W/ferry-bin" ] || "$FERRY" setup --dir "$W/ferry-bin" > /dev/null
+  [ -n "$path" ] && ARGS+=(PATH="$W/ferry-bin:$path")
   ARGS+=(RUSTC_WRAPPER="$FERRY" FERRY_CACHE_DIR="$W/cache" FERRY_CONFIG="$W/ferry.toml" FERRY_LOG=info)
   [ "$BASEDIRS" = 1 ] && ARGS+=(FERRY_BASEDIRS="$1")
   [ "$CACHE_FAILURES" = 1 ] && ARGS+=(FERRY_CACHE_FAILURES=1)
