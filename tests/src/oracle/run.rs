@@ -294,21 +294,19 @@ impl Runner<'_> {
                 cmd.env(name, value);
             }
         }
+        // Compiler links first in PATH, on both sides under one name: ferry's (`ferry setup`, as
+        // the README sets cargo up, so build scripts' C compiles go through ferry) or links to
+        // the compilers themselves. A program that reads PATH sees the same value either way.
+        let links = self.place.work.join("cc-bin");
+        self.point_compiler_links(side, &links);
+        let path = cmd.get_envs().filter(|(k, _)| *k == "PATH").last().and_then(|(_, v)| v.map(|v| v.to_owned()));
+        if let Some(path) = path {
+            let mut with_links = links.into_os_string();
+            with_links.push(":");
+            with_links.push(path);
+            cmd.env("PATH", with_links);
+        }
         if side == Side::Ferry {
-            // ferry's compiler links first in PATH, as the README sets up cargo: the build
-            // scripts' C compiles go through ferry too.
-            let links = self.place.work.join("ferry-bin");
-            if !links.exists() {
-                let setup = Command::new(&self.place.ferry).args(["setup", "--dir"]).arg(&links).output();
-                assert!(setup.is_ok_and(|o| o.status.success()), "ferry setup failed");
-            }
-            let path = cmd.get_envs().filter(|(k, _)| *k == "PATH").last().and_then(|(_, v)| v.map(|v| v.to_owned()));
-            if let Some(path) = path {
-                let mut with_links = links.into_os_string();
-                with_links.push(":");
-                with_links.push(path);
-                cmd.env("PATH", with_links);
-            }
             cmd.env("RUSTC_WRAPPER", &self.place.ferry)
                 .env("FERRY_CACHE_DIR", &self.cache)
                 .env("FERRY_CONFIG", self.place.work.join("ferry.toml"))
@@ -327,6 +325,30 @@ impl Runner<'_> {
             }
         }
         cmd
+    }
+
+    /// Makes `links` hold `cc`, `c++`, `gcc`, `g++`, `clang`, `clang++` (those installed) for
+    /// `side`: ferry's masquerade links, or links to the compilers. Left alone when they already
+    /// are (`.side` says): two builds of one side may run at once.
+    fn point_compiler_links(&self, side: Side, links: &Path) {
+        let marker = links.join(".side");
+        if fs::read_to_string(&marker).is_ok_and(|s| s == side.name()) {
+            return;
+        }
+        let _ = fs::remove_dir_all(links);
+        if side == Side::Ferry {
+            let setup = Command::new(&self.place.ferry).args(["setup", "--dir"]).arg(links).output();
+            assert!(setup.is_ok_and(|o| o.status.success()), "ferry setup failed");
+        } else {
+            fs::create_dir_all(links).expect("mkdir compiler links");
+            for name in ["cc", "c++", "gcc", "g++", "clang", "clang++"] {
+                let found = std::env::split_paths(&self.place.path).map(|d| d.join(name)).find(|p| p.is_file());
+                if let Some(compiler) = found {
+                    std::os::unix::fs::symlink(compiler, links.join(name)).expect("link a compiler");
+                }
+            }
+        }
+        fs::write(marker, side.name()).expect("write the links' side");
     }
 
     /// One build of the checkout, in this side's target directory and side-file directory

@@ -35,10 +35,19 @@ vars() { # checkout
     while [ $left -gt 64 ]; do n=$(( left < 100000 ? left : 100000 )); ARGS+=("ORACLE_FILL_$i=$(head -c $((n - 30)) /dev/zero | tr '\0' x)"); left=$((left - n)); i=$((i + 1)); done
   fi
 }
+links() { # plain|ferry: compiler links first in PATH, ferry's or the compilers' own, one name
+  local a n c path=
+  if [ "$(cat "$W/cc-bin/.side" 2>/dev/null)" != "$1" ]; then
+    rm -rf "$W/cc-bin"
+    if [ "$1" = ferry ]; then "$FERRY" setup --dir "$W/cc-bin" > /dev/null
+    else mkdir -p "$W/cc-bin"; for n in cc c++ gcc g++ clang clang++; do
+      c=$(PATH=$BASE_PATH command -v $n) && ln -s "$c" "$W/cc-bin/$n"; done; fi
+    printf %s "$1" > "$W/cc-bin/.side"
+  fi
+  for a in "${ARGS[@]}"; do case $a in PATH=*) path=${a#PATH=} ;; esac; done
+  [ -n "$path" ] && ARGS+=(PATH="$W/cc-bin:$path")
+}
 ferry_vars() { # checkout
-  local a path=; for a in "${ARGS[@]}"; do case $a in PATH=*) path=${a#PATH=} ;; esac; done
-  [ -d "$W/ferry-bin" ] || "$FERRY" setup --dir "$W/ferry-bin" > /dev/null
-  [ -n "$path" ] && ARGS+=(PATH="$W/ferry-bin:$path")
   ARGS+=(RUSTC_WRAPPER="$FERRY" FERRY_CACHE_DIR="$W/cache" FERRY_CONFIG="$W/ferry.toml" FERRY_LOG=info)
   [ "$BASEDIRS" = 1 ] && ARGS+=(FERRY_BASEDIRS="$1")
   [ "$CACHE_FAILURES" = 1 ] && ARGS+=(FERRY_CACHE_FAILURES=1)
@@ -48,6 +57,7 @@ ferry_vars() { # checkout
 build() { # plain|ferry
   local side=$1; rm -rf "$P/target" "$P/side"; mv "$W/targets/$side" "$P/target"; mv "$W/sides/$side" "$P/side"
   vars "$P"; [ "$side" = ferry ] && ferry_vars "$P"
+  links "$side"
   (cd "$P" && env -i "${ARGS[@]}" cargo build --offline --message-format=json) > "$W/$side.out" 2> "$W/$side.err"
   echo $? > "$W/$side.status"
   [ "$side" = ferry ] && FERRY_CACHE_DIR="$W/cache" "$FERRY" stats > /dev/null 2>&1
@@ -56,7 +66,7 @@ build() { # plain|ferry
 }
 twin() {
   rm -rf "$W/twin"; cp -a "$P" "$W/twin"; rm -rf "$W/twin/target"
-  vars "$W/twin"; ferry_vars "$W/twin"
+  vars "$W/twin"; ferry_vars "$W/twin"; links ferry
   (cd "$W/twin" && env -i "${ARGS[@]}" CARGO_TARGET_DIR="$W/twin/target" cargo build --offline) > /dev/null 2>&1
 }
 diagnostics() {
