@@ -115,6 +115,29 @@ pub fn check_tls_identity(cert: &[u8], key: &[u8]) -> Result<(), String> {
     }
 }
 
+/// Whether the first certificate of `cert` (PEM) names `address`'s host (`host:port`, `[v6]:port`
+/// or a bare host), as a client connecting there checks it (a DNS name, or an IP address, among
+/// the subject alternative names). Err says which names it holds instead: a worker that
+/// advertises an address its certificate does not name is refused by every client's TLS.
+pub fn check_certificate_names(cert: &[u8], address: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) && !host.is_empty() => host,
+        _ => address,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name =
+        ServerName::try_from(host.to_owned()).map_err(|_| format!("'{host}' is not a host name or IP address"))?;
+    let first = CertificateDer::pem_slice_iter(cert)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| "the certificate file holds no PEM certificate".to_owned())?;
+    let parsed = rustls::server::ParsedCertificate::try_from(&first).map_err(|e| format!("the certificate: {e}"))?;
+    rustls::client::verify_server_name(&parsed, &name)
+        .map_err(|_| format!("the certificate does not name '{host}' (clients connecting to {address} refuse it)"))
+}
+
 /// Whether `dir` can be the data directory, leaving nothing behind: when it exists, a probe file
 /// is made in it and removed; when it does not, the first missing directory on the way to it is
 /// made and removed (a real start makes the whole path).

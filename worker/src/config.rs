@@ -183,6 +183,15 @@ impl WorkerConfig {
                         t.key.display()
                     )
                 })?;
+                if let Some(address) = &parsed.advertise {
+                    ferry_proto::daemon::check_certificate_names(&cert, address).map_err(|problem| {
+                        anyhow::anyhow!(
+                            "{origin}: keys 'advertise', 'tls.cert': {problem}; advertise a name the certificate \
+                             holds, or issue the certificate for it (subjectAltName DNS:{0} or IP:{0})",
+                            address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h)
+                        )
+                    })?;
+                }
                 Some((cert, key))
             }
             None => None,

@@ -57,6 +57,15 @@ pub struct Identity {
     pub writer: ferry_cache::WriterKey,
 }
 
+/// The worker's exit code when the scheduler refuses its credentials (`EX_CONFIG`).
+pub const EXIT_REFUSED: i32 = 78;
+
+/// The scheduler's refusal of this worker's token or id, when that is what ended a session.
+fn refused(e: &anyhow::Error) -> Option<&tonic::Status> {
+    let status = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())?;
+    matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied).then_some(status)
+}
+
 pub(crate) async fn run(
     connect: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Channel>> + Send>>,
     token: TokenInterceptor,
@@ -79,6 +88,17 @@ pub(crate) async fn run(
             r = attempt => r,
         };
         if let Err(e) = result {
+            if let Some(status) = refused(&e) {
+                // Retrying cannot help, and a worker that loops quietly looks healthy to its
+                // supervisor: say why and stop (systemd shows the unit failed, with this line).
+                tracing::error!(
+                    code = ?status.code(),
+                    reason = status.message(),
+                    "the scheduler refused this worker: check worker.token (the scheduler must list it with \
+                     role \"worker\") and worker.id (another worker's token may own it); exiting"
+                );
+                std::process::exit(EXIT_REFUSED);
+            }
             tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "scheduler session ended");
         }
         tokio::select! {

@@ -204,6 +204,21 @@ fn the_worker_check_refuses_a_broken_configuration_in_one_line() {
         &[&format!("ferry-worker: error: {}: key 'token' (or FERRY_TOKEN)", placeholder.display()), "placeholder"],
     );
 
+    // An address its certificate does not name: every client's TLS would refuse it (a silent
+    // black hole of `worker-unreachable` fallbacks), so the check refuses it first.
+    let elsewhere =
+        site.edited("worker-a.toml", "elsewhere", |t| t.replace("worker-a.example.net:7701", "10.9.8.7:7701"));
+    let out = site.check("ferry-worker", &elsewhere, &[]);
+    refused(
+        &out,
+        1,
+        &[
+            &format!("ferry-worker: error: {}: keys 'advertise', 'tls.cert'", elsewhere.display()),
+            "the certificate does not name '10.9.8.7'",
+            "subjectAltName DNS:10.9.8.7 or IP:10.9.8.7",
+        ],
+    );
+
     let old_tokens = site.edited("worker-a.toml", "old-tokens", |t| {
         t + "\n[[tokens]]\ntoken = \"0123456789abcdef0\"\nroles = [\"client\"]\n"
     });

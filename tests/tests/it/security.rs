@@ -57,13 +57,23 @@ fn tokens_decide_who_may_do_what() {
     world.set("FERRY_CACHE_DIR", shared_store());
     assert_refused(&ferry(&world, &["toolchain", "upload", "--json"]), &["'toolchain-upload' role"]);
 
-    // A worker holding a client token cannot register, however often it retries.
+    // A worker holding a client token cannot register; it says why and exits (a worker looping
+    // quietly would look healthy to its supervisor).
     let impostor_config = write(&world, "impostor.toml", &format!("token = \"{CLIENT_TOKEN}\"\n"));
-    let impostor =
+    let mut impostor =
         without_token(&mut world, |w| w.worker("impostor", &scheduler.url(), &["--config", utf8(&impostor_config)]));
-    wait_until(Duration::from_secs(20), "the impostor's log shows two refusals", || {
-        impostor.log_text().matches("WorkerSession needs a token with the 'worker' role").count() >= 2
-    });
+    let start = Instant::now();
+    let exited = loop {
+        if let Some(status) = impostor.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the impostor still runs:\n{}", impostor.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(exited.code(), Some(78), "{}", impostor.log_text());
+    let said = impostor.log_text();
+    assert!(said.contains("WorkerSession needs a token with the 'worker' role"), "{said}");
+    assert!(said.contains("check worker.token"), "{said}");
     assert_eq!(workers(&status(&world)), Vec::<String>::new(), "a worker registered with a client token");
 
     // A worker with the worker token registers.
