@@ -15,6 +15,26 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Registers what every daemon reports about itself: `ferry_build_info{daemon, version, protocol}`
+/// (always 1: join on it to see which versions run) and `ferry_start_time_seconds{daemon}` (Unix
+/// seconds; `time() - ferry_start_time_seconds` is the uptime, and a change a restart).
+pub fn register_build_info(registry: &mut Registry, daemon: &str) {
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let info: Family<Vec<(&'static str, String)>, Gauge> = Family::default();
+    let labels = vec![
+        ("daemon", daemon.to_owned()),
+        ("version", env!("CARGO_PKG_VERSION").to_owned()),
+        ("protocol", "ferry.v1".to_owned()),
+    ];
+    info.get_or_create(&labels).set(1);
+    registry.register("ferry_build_info", "The daemon's version and protocol (always 1)", info);
+    let started: Family<Vec<(&'static str, String)>, Gauge> = Family::default();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    started.get_or_create(&vec![("daemon", daemon.to_owned())]).set(now as i64);
+    registry.register("ferry_start_time_seconds", "When the daemon started, Unix seconds", started);
+}
+
 /// Called before each scrape, to set the gauges read from the daemon's state.
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
 

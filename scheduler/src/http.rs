@@ -11,7 +11,7 @@
 //! | `ferry_scheduler_jobs_total` | counter | `outcome`: `done`, `failed` |
 //! | `ferry_scheduler_allocations_total` | counter | `result`: `assigned`, or the "compile locally" reason (`no-workers`, `no-capacity`, `toolchain-fetching`, `workers-quarantined`) |
 //! | `ferry_scheduler_allocation_seconds` | histogram | time to answer an allocation (the queue wait) |
-//! | `ferry_shared_cache_gets_total` | counter | `result`: `hit`, `miss`, `corrupt`, `busy`, `stalled` (a hit whose reader took no piece within `cache_send_timeout_ms`: cut off) |
+//! | `ferry_shared_cache_gets_total` | counter | `result`: `hit`, `miss`, `corrupt`, `busy`, `stalled` (a hit whose reader took no piece within `cache_send_timeout_ms`: cut off); a hit also has `kind`: `result` or `manifest`. A compile that hits reads a manifest and a result, one that misses ends at a manifest it does not find: its hit ratio is `hit` of `kind="result"` over that plus `miss` |
 //! | `ferry_shared_cache_puts_total` | counter | `result`: `published`, `present`, `refused`, `busy`, `idle` (abandoned: nothing sent within `cache_idle_timeout_ms`), `removed` (a verifier found the entry wrong) |
 //! | `ferry_shared_cache_bytes_total` | counter | `direction`: `read`, `written` |
 //! | `ferry_shared_cache_size_bytes`, `ferry_shared_cache_entries` | gauge | (rescanned at most every 30 s) |
@@ -20,6 +20,8 @@
 //! | `ferry_toolchains` | gauge | archives stored |
 //! | `ferry_toolchain_store_bytes` | gauge | bytes of archives stored (at most `archive_store_size`) |
 //! | `ferry_toolchains_evicted_total` | counter | archives removed to make room for an upload |
+//! | `ferry_shared_cache_limit_bytes` | gauge | the shared tier's size limit (`cache_size`) |
+//! | `ferry_build_info`, `ferry_start_time_seconds` | gauge | `daemon` (`scheduler`), `version`, `protocol` (see `ferry_proto::http::register_build_info`) |
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +53,7 @@ pub struct Metrics {
     cache_puts: Family<Labels, Counter>,
     cache_bytes: Family<Labels, Counter>,
     cache_size: Gauge,
+    cache_limit: Gauge,
     cache_entries: Gauge,
     toolchain_transfers: Family<Labels, Counter>,
     toolchain_bytes: Family<Labels, Counter>,
@@ -77,6 +80,7 @@ impl Default for Metrics {
             cache_puts: Family::default(),
             cache_bytes: Family::default(),
             cache_size: Gauge::default(),
+            cache_limit: Gauge::default(),
             cache_entries: Gauge::default(),
             toolchain_transfers: Family::default(),
             toolchain_bytes: Family::default(),
@@ -95,6 +99,7 @@ impl Metrics {
     /// A registry holding every metric (they are shared with `self`).
     fn registry(&self) -> Registry {
         let mut r = Registry::default();
+        ferry_proto::http::register_build_info(&mut r, "scheduler");
         r.register("ferry_scheduler_workers", "Registered workers, and those in quarantine", self.workers.clone());
         r.register(
             "ferry_scheduler_slots",
@@ -114,6 +119,7 @@ impl Metrics {
         r.register("ferry_shared_cache_puts", "Shared tier writes, by result", self.cache_puts.clone());
         r.register("ferry_shared_cache_bytes", "Shared tier bytes moved, by direction", self.cache_bytes.clone());
         r.register("ferry_shared_cache_size_bytes", "Bytes the shared tier holds", self.cache_size.clone());
+        r.register("ferry_shared_cache_limit_bytes", "The shared tier's size limit", self.cache_limit.clone());
         r.register("ferry_shared_cache_entries", "Entries the shared tier holds", self.cache_entries.clone());
         r.register(
             "ferry_toolchain_transfers",
@@ -147,6 +153,11 @@ impl Metrics {
 
     pub fn cache_get(&self, result: &'static str) {
         self.cache_gets.get_or_create(&label("result", result)).inc();
+    }
+
+    /// A hit served: `kind` is the entry's (`result` or `manifest`).
+    pub fn cache_hit(&self, kind: &'static str) {
+        self.cache_gets.get_or_create(&vec![("result", "hit".to_owned()), ("kind", kind.to_owned())]).inc();
     }
 
     pub fn cache_put(&self, result: &'static str) {
@@ -189,6 +200,7 @@ impl Metrics {
         }
         self.toolchains.set(service.toolchain_records().len() as i64);
         self.toolchain_store_bytes.set(service.toolchain_store_bytes() as i64);
+        self.cache_limit.set(service.cache_limit() as i64);
         if let Some(usage) = service.cache_usage() {
             self.cache_size.set(usage.bytes as i64);
             self.cache_entries.set(usage.entries as i64);

@@ -219,6 +219,11 @@ impl Service {
         scanned.as_ref().map(|(_, usage)| *usage)
     }
 
+    /// The shared tier's size limit (`cache_size`), bytes.
+    pub(crate) fn cache_limit(&self) -> u64 {
+        self.shared.config.cache_size
+    }
+
     pub(crate) fn corrupt_entries(&self) -> u64 {
         self.shared.corrupt_entries.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -598,7 +603,13 @@ impl SchedulerApi for Service {
         // that bounds the tier's memory. A reader that takes no piece within the send deadline is
         // cut off (its permit, file and waiting pieces released at once; it hears
         // DEADLINE_EXCEEDED if it reads again), so a stalled reader never keeps a permit.
-        self.shared.metrics.cache_get("hit");
+        // The kind byte of the checked header (offset 12: `ferry_cache`'s entry layout).
+        let mut kind = [0u8; 1];
+        let kind = match std::os::unix::fs::FileExt::read_at(&file, &mut kind, 12) {
+            Ok(1) if kind[0] == 2 => "manifest",
+            _ => "result",
+        };
+        self.shared.metrics.cache_hit(kind);
         let stream = EntryStream::default();
         let outgoing = Arc::clone(&stream.0);
         let (tx, rx) = mpsc::channel(1);

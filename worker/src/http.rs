@@ -7,6 +7,7 @@
 //! | `ferry_worker_slots` | gauge | `state`: `total`, `busy` |
 //! | `ferry_worker_blob_bytes_total` | counter | input bytes received |
 //! | `ferry_worker_blob_store_bytes` | gauge | bytes the blob store holds (at most `blob_store_size`) |
+//! | `ferry_build_info`, `ferry_start_time_seconds` | gauge | `daemon` (`worker`), `version`, `protocol` (see `ferry_proto::http::register_build_info`) |
 
 use std::sync::Arc;
 
@@ -45,6 +46,7 @@ impl Default for Metrics {
 impl Metrics {
     fn registry(&self) -> Registry {
         let mut r = Registry::default();
+        ferry_proto::http::register_build_info(&mut r, "worker");
         r.register("ferry_worker_jobs", "Jobs ended here, by outcome", self.jobs.clone());
         r.register("ferry_worker_job_seconds", "Time of a job on this worker", self.job_seconds.clone());
         r.register("ferry_worker_slots", "Job slots, and how many are busy", self.slots.clone());

@@ -1410,6 +1410,16 @@ fn metrics_and_the_status_page_show_the_cluster_at_work() {
     assert!(metric(&from_worker, "ferry_worker_job_seconds_count") >= rlibs, "{from_worker}");
     assert_eq!(metric(&from_worker, r#"ferry_worker_slots{state="total"}"#), 2.0, "{from_worker}");
     assert!(metric(&from_worker, "ferry_worker_blob_bytes_total") > 0.0, "{from_worker}");
+    // Which versions run, since when, and the shared tier's limit beside its size.
+    let version = env!("CARGO_PKG_VERSION");
+    for (text, daemon) in [(&after, "scheduler"), (&from_worker, "worker")] {
+        let info = format!(r#"ferry_build_info{{daemon="{daemon}",version="{version}",protocol="ferry.v1"}}"#);
+        assert_eq!(metric(text, &info), 1.0, "{text}");
+        let started = metric(text, &format!(r#"ferry_start_time_seconds{{daemon="{daemon}"}}"#));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!(started > now - 600.0 && started <= now, "{daemon} started at {started}, now {now}");
+    }
+    assert_eq!(metric(&after, "ferry_shared_cache_limit_bytes"), (20u64 << 30) as f64, "the default cache_size (20G)");
     wait_until(Duration::from_secs(30), "the worker's results are published", || {
         let text = http_get(&scheduler, "/metrics");
         (metric(&text, r#"ferry_shared_cache_puts_total{result="published"}"#) >= rlibs).then_some(())
@@ -1419,7 +1429,12 @@ fn metrics_and_the_status_page_show_the_cluster_at_work() {
     let s = build_as(&mut c, "second", &ws);
     assert_eq!(n(&s, "/hits_remote"), UNITS, "{s:#}");
     let after = http_get(&scheduler, "/metrics");
-    assert!(metric(&after, r#"ferry_shared_cache_gets_total{result="hit"}"#) >= UNITS as f64, "{after}");
+    // One hit per unit is a result (its manifest is the other read).
+    assert_eq!(metric(&after, r#"ferry_shared_cache_gets_total{result="hit",kind="result"}"#), UNITS as f64, "{after}");
+    assert!(
+        metric(&after, r#"ferry_shared_cache_gets_total{result="hit",kind="manifest"}"#) >= UNITS as f64,
+        "{after}"
+    );
     assert!(metric(&after, r#"ferry_shared_cache_bytes_total{direction="read"}"#) > 0.0, "{after}");
 
     // The status page, rendered by a real browser.
