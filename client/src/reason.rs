@@ -30,6 +30,8 @@ pub enum Fallback {
     /// The toolchain is being uploaded in the background, or its upload failed recently.
     ToolchainUploading,
     ToolchainUploadFailed,
+    /// The scheduler lacks the toolchain and this client's token may not upload it.
+    ToolchainNotUploaded,
     ToolchainLock,
     /// The worker could not run the job (its own error, reported by it).
     WorkerError,
@@ -135,6 +137,7 @@ impl Fallback {
             Fallback::Call(call, how) => format!("{}-{}", call.as_str(), how.as_str()),
             Fallback::Local(reason) => reason.as_str().into(),
             Fallback::ToolchainUploading => "toolchain-uploading".into(),
+            Fallback::ToolchainNotUploaded => "toolchain-not-uploaded".into(),
             Fallback::ToolchainUploadFailed => "toolchain-upload-failed".into(),
             Fallback::ToolchainLock => "toolchain-lock".into(),
             Fallback::WorkerError => "worker-error".into(),
@@ -339,6 +342,10 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         ("fallback", "toolchain-fetching") => "the workers are still fetching this toolchain: the next builds use them",
         ("fallback", "toolchain-uploading") => {
             "this toolchain is being uploaded to the scheduler in the background: the next builds use the cluster"
+        }
+        ("fallback", "toolchain-not-uploaded") => {
+            "the scheduler lacks this toolchain and this token may not upload it: a machine with the \
+             'toolchain-upload' role (CI) runs ferry toolchain upload once per toolchain"
         }
         ("fallback", "toolchain-upload-failed") => {
             "the toolchain upload failed (a token without 'toolchain-upload', or the network): its log is in \

@@ -404,7 +404,8 @@ impl SchedulerApi for Service {
             // A client asks before every remote compile: the toolchains in use are kept.
             self.shared.archives.touch(&id);
         }
-        Ok(Response::new(v1::HasToolchainResponse { present }))
+        let upload_refused = require(&request, Role::ToolchainUpload, "UploadToolchain").is_err();
+        Ok(Response::new(v1::HasToolchainResponse { present, upload_refused }))
     }
 
     async fn upload_toolchain(

@@ -472,8 +472,13 @@ const UPLOAD_RETRY: Duration = Duration::from_secs(300);
 /// compile, like every one until the toolchain is on the scheduler, is local (`toolchain-uploading`).
 async fn ensure_toolchain(job: &RemoteJob<'_>, scheduler: &mut crate::cluster::Scheduler) -> Result<(), Fallback> {
     let id = Some(to_digest(job.toolchain.0));
-    if deadline(Call::HasToolchain, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?.present {
+    let has = deadline(Call::HasToolchain, scheduler.has_toolchain(v1::ToolchainRef { id: id.clone() })).await?;
+    if has.present {
         return Ok(());
+    }
+    if has.upload_refused {
+        // Packing it (hundreds of MiB, seconds of every core) would only be refused.
+        return Err(Fallback::ToolchainNotUploaded);
     }
     let lock_path = crate::files::toolchain_upload_lock(&job.config.cache_dir, &job.toolchain);
     let lock = crate::files::lock_file(&lock_path).map_err(|_| Fallback::ToolchainLock)?;

@@ -353,6 +353,38 @@ fn a_failed_background_upload_is_not_retried_by_every_compile() {
 }
 
 #[test]
+fn a_client_that_may_not_upload_never_packs_a_toolchain() {
+    let tokens = "[[tokens]]\ntoken = \"client-token-0123456789abcdef\"\nroles = [\"client\"]\n\
+                  [[tokens]]\ntoken = \"worker-token-0123456789abcdef\"\nroles = [\"worker\"]\n";
+    let c = Cluster::start(Setup {
+        workers: 1,
+        scheduler_toml: tokens,
+        worker_toml: "token = \"worker-token-0123456789abcdef\"\n",
+        client_token: Some("client-token-0123456789abcdef"),
+        ..Setup::default()
+    });
+    let x = Lib::new(&c.world, "x", X_SOURCE);
+    let plain = x.plain(&c.world);
+    let first = x.ferry(&c.world);
+    assert_eq!((first.code, &first.stderr), (plain.code, &plain.stderr));
+    let s = c.world.stats();
+    assert_eq!(s["fallbacks"], serde_json::json!({"toolchain-not-uploaded": 1}), "{s:#}");
+    // Nothing was packed or started: no upload log or marker, no file the size of an archive.
+    let made: Vec<PathBuf> = crate::wrapper::files_under(&c.world.cache_dir())
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            name.starts_with("upload-")
+                || name.ends_with(".started")
+                || fs::metadata(p).is_ok_and(|m| m.len() > 1 << 20)
+        })
+        .collect();
+    assert!(made.is_empty(), "the client packed or started an upload: {made:?}");
+    let table = c.world.ferry_ok(&["stats"]);
+    assert!(table.contains("a machine with the 'toolchain-upload' role"), "the note says what to do:\n{table}");
+}
+
+#[test]
 fn build_script_probes_compile_locally() {
     let c = Cluster::start(Setup { workers: 1, seed_scheduler: true, seed_workers: true, ..Setup::default() });
     let pkg = c.world.path().join("probing");
