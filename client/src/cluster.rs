@@ -36,7 +36,21 @@ pub async fn channel(config: &Config, url: &str) -> anyhow::Result<(Channel, Tok
         }
         endpoint = endpoint.tls_config(tls).context("configuring TLS")?;
     }
-    let channel = endpoint.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        // tonic repeats a cause in its own text: each said once.
+        let mut causes: Vec<String> = Vec::new();
+        let mut next: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !causes.iter().any(|c| c.contains(&text)) {
+                causes.push(text);
+            }
+            next = cause.source();
+        }
+        let text = causes.join(": ");
+        let hint = hint(&text, url).map(|h| format!("; {h}")).unwrap_or_default();
+        anyhow::anyhow!("cannot connect to {url}: {text}{hint}")
+    })?;
     let token = TokenInterceptor::new(config.token.as_deref()).map_err(|e| anyhow::anyhow!("FERRY_TOKEN: {e}"))?;
     Ok((channel, token))
 }
@@ -99,9 +113,39 @@ pub async fn upload(client: &mut Scheduler, packaged: &Packaged) -> anyhow::Resu
     Ok(if response.into_inner().stored { size } else { 0 })
 }
 
-/// A gRPC status as an error a person can read.
+/// A gRPC status as an error a person can read, with what to do when the status says.
 pub fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("scheduler refused: {} ({:?})", s.message(), s.code())
+    let hint = match s.code() {
+        tonic::Code::Unimplemented => Some(
+            "this address answers gRPC but is not a ferry scheduler (a worker's port?): FERRY_SCHEDULER must name \
+             the scheduler's address",
+        ),
+        _ => hint(s.message(), ""),
+    };
+    let hint = hint.map(|h| format!("; {h}")).unwrap_or_default();
+    anyhow::anyhow!("scheduler refused: {} ({:?}){hint}", s.message(), s.code())
+}
+
+/// What to do about a failed connection or call, from its text and the URL (empty when unknown):
+/// the TLS failures people meet setting a cluster up, and plain HTTP against a TLS port.
+pub fn hint(text: &str, url: &str) -> Option<&'static str> {
+    let tls_url = url.starts_with("https://");
+    Some(if text.contains("UnknownIssuer") {
+        "the server's certificate is not signed by a CA this machine trusts: set FERRY_CA (or cluster.ca) to the \
+         cluster's ca.pem"
+    } else if text.contains("not valid for name") || text.contains("NotValidForName") {
+        "the server's certificate does not name this host: use the name (or address) it was issued for"
+    } else if text.contains("Expired") || text.contains("expired") {
+        "the server's certificate has expired (or this machine's clock is wrong): renew it"
+    } else if tls_url && (text.contains("InvalidContentType") || text.contains("corrupt message")) {
+        "the server does not speak TLS here: use http://, or give the server its TLS certificate"
+    } else if !tls_url && ["transport error", "h2 protocol error", "connection reset"].iter().any(|t| text.contains(t))
+    {
+        "the connection broke during the call: if the scheduler serves TLS, the URL must start with https:// \
+         (and FERRY_CA name its CA)"
+    } else {
+        return None;
+    })
 }
 
 pub fn hex(d: &Option<v1::Digest>) -> String {

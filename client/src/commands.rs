@@ -157,14 +157,14 @@ fn print_packaged(compiler: &ferry_toolchains::Compiler, packaged: &ferry_toolch
             "root": compiler.root,
             "resolved_via": compiler.via,
         });
-        println!("{json}");
+        outln!("{json}");
     } else {
         let state = if packaged.built { "built" } else { "already in the store" };
-        println!("id        {}", t.id);
-        println!("rustc     {} ({})", t.probe.version, compiler.root.display());
-        println!("targets   {}", t.targets.join(", "));
-        println!("files     {} ({})", t.files, human_bytes(t.bytes));
-        println!("archive   {} ({}, {state})", packaged.archive.display(), human_bytes(packaged.archive_bytes));
+        outln!("id        {}", t.id);
+        outln!("rustc     {} ({})", t.probe.version, compiler.root.display());
+        outln!("targets   {}", t.targets.join(", "));
+        outln!("files     {} ({})", t.files, human_bytes(t.bytes));
+        outln!("archive   {} ({}, {state})", packaged.archive.display(), human_bytes(packaged.archive_bytes));
     }
 }
 
@@ -180,11 +180,11 @@ fn upload(config: &Config, args: PackageArgs) -> anyhow::Result<()> {
     let marker = crate::files::toolchain_upload_lock(&config.cache_dir, &id).with_extension("started");
     let _ = std::fs::remove_file(marker);
     if args.json {
-        println!("{}", serde_json::json!({ "id": id.to_hex(), "uploaded": sent > 0, "bytes_sent": sent }));
+        outln!("{}", serde_json::json!({ "id": id.to_hex(), "uploaded": sent > 0, "bytes_sent": sent }));
     } else if sent > 0 {
-        println!("uploaded toolchain {id} ({})", human_bytes(sent));
+        outln!("uploaded toolchain {id} ({})", human_bytes(sent));
     } else {
-        println!("toolchain {id} is already on the scheduler");
+        outln!("toolchain {id} is already on the scheduler");
     }
     Ok(())
 }
@@ -211,16 +211,16 @@ fn list_cluster(config: &Config, args: ListArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        outln!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
     if list.toolchains.is_empty() {
-        println!("no toolchains on the scheduler; upload one with 'ferry toolchain upload'");
+        outln!("no toolchains on the scheduler; upload one with 'ferry toolchain upload'");
         return Ok(());
     }
-    println!("{:<16}  {:<40}  {:>9}  {:<10}  WORKERS", "ID", "RUSTC", "ARCHIVE", "UPLOADED");
+    outln!("{:<16}  {:<40}  {:>9}  {:<10}  WORKERS", "ID", "RUSTC", "ARCHIVE", "UPLOADED");
     for t in &list.toolchains {
-        println!(
+        outln!(
             "{:<16}  {:<40}  {:>9}  {:<10}  {}",
             &crate::cluster::hex(&t.id)[..16],
             t.rustc_version,
@@ -266,10 +266,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             "jobs_failed": s.jobs_failed,
             "shared_corrupt_entries": s.shared_corrupt_entries,
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        outln!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{} workers, {} jobs running, {} queued, {} done, {} failed; {} corrupt shared cache entries removed",
         s.workers.len(),
         s.running,
@@ -279,15 +279,20 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         s.shared_corrupt_entries
     );
     if !s.workers.is_empty() {
-        println!(
+        outln!(
             "{:<20}  {:<22}  {:>5}  {:>5}  {:>10}  {:>8}  TOOLCHAINS",
-            "WORKER", "ADDRESS", "SLOTS", "BUSY", "LAST SEEN", "FAILURES"
+            "WORKER",
+            "ADDRESS",
+            "SLOTS",
+            "BUSY",
+            "LAST SEEN",
+            "FAILURES"
         );
     }
     for w in &s.workers {
         let toolchains: Vec<String> =
             w.toolchains.iter().map(|t| crate::cluster::hex(&Some(t.clone()))[..16].to_owned()).collect();
-        println!(
+        outln!(
             "{:<20}  {:<22}  {:>5}  {:>5}  {:>8}ms  {:>8}  {}",
             w.id,
             w.address,
@@ -298,10 +303,10 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             toolchains.join(",")
         );
         if w.quarantined_ms > 0 {
-            println!("  quarantined for {} s more: its jobs kept failing", w.quarantined_ms.div_ceil(1000));
+            outln!("  quarantined for {} s more: its jobs kept failing", w.quarantined_ms.div_ceil(1000));
         }
         if !w.last_error.is_empty() {
-            println!("  last error: {}", w.last_error);
+            outln!("  last error: {}", w.last_error);
         }
     }
     Ok(())
@@ -315,16 +320,16 @@ fn list(config: &Config, args: ListArgs) -> anyhow::Result<()> {
     let store = LocalStore::open(&config.cache_dir)?;
     let all = store.list()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        outln!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
     if all.is_empty() {
-        println!("no toolchains in {}", config.cache_dir.display());
+        outln!("no toolchains in {}", config.cache_dir.display());
         return Ok(());
     }
-    println!("{:<16}  {:<40}  {:>9}  {:>9}  {:<10}  TARGETS", "ID", "RUSTC", "FILES", "ARCHIVE", "PACKAGED");
+    outln!("{:<16}  {:<40}  {:>9}  {:>9}  {:<10}  TARGETS", "ID", "RUSTC", "FILES", "ARCHIVE", "PACKAGED");
     for t in all {
-        println!(
+        outln!(
             "{:<16}  {:<40}  {:>9}  {:>9}  {:<10}  {}",
             &t.id[..16],
             t.rustc_version,
@@ -344,14 +349,14 @@ pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
     crate::compile::wait_for_publishers(&config.cache_dir, std::time::Duration::from_secs(30));
     if args.zero {
         Stats::zero(&path)?;
-        println!("statistics zeroed");
+        outln!("statistics zeroed");
         return Ok(());
     }
     let stats = Stats::read(&path);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        outln!("{}", serde_json::to_string_pretty(&stats)?);
     } else {
-        print!("{}", stats.table());
+        out!("{}", stats.table());
     }
     Ok(())
 }
@@ -367,7 +372,7 @@ pub fn writer_key(args: WriterKeyArgs) -> anyhow::Result<()> {
         Err(e) if path.exists() => anyhow::bail!("{e}"),
         Err(e) => anyhow::bail!("{e} ('ferry writer-key --create' makes one)"),
     };
-    println!("{} {}", signer.public(), hostname());
+    outln!("{} {}", signer.public(), hostname());
     Ok(())
 }
 
@@ -404,9 +409,9 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
     if made.is_empty() {
         anyhow::bail!("no C or C++ compiler ({}) in PATH: nothing to link", MASQUERADE.join(", "));
     }
-    println!("made {} → {}: {}", dir.display(), me.display(), made.join(" "));
-    println!("put the directory first in PATH (beside RUSTC_WRAPPER=ferry), e.g. in your shell's profile:");
-    println!("  export PATH=\"{}:$PATH\"", dir.display());
+    outln!("made {} → {}: {}", dir.display(), me.display(), made.join(" "));
+    outln!("put the directory first in PATH (beside RUSTC_WRAPPER=ferry), e.g. in your shell's profile:");
+    outln!("  export PATH=\"{}:$PATH\"", dir.display());
     Ok(())
 }
 
@@ -420,15 +425,15 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     use crate::explain;
     if !args.command.is_empty() {
         for record in crate::compile::explain_command(&args.command)? {
-            println!("{}", explain::render(&record));
+            outln!("{}", explain::render(&record));
         }
         return Ok(());
     }
     if let Some(specs) = &args.diff {
         let a = explain::load(&specs[0], args.krate.as_deref())?;
         let b = explain::load(&specs[1], args.krate.as_deref())?;
-        println!("A: {} ({}, {})\nB: {} ({}, {})", a.krate, a.cwd, a.outcome, b.krate, b.cwd, b.outcome);
-        print!("{}", explain::diff(&a, &b));
+        outln!("A: {} ({}, {})\nB: {} ({}, {})", a.krate, a.cwd, a.outcome, b.krate, b.cwd, b.outcome);
+        out!("{}", explain::diff(&a, &b));
         return Ok(());
     }
     let config = Config::load_reporting()?;
@@ -436,13 +441,10 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         let found = crate::compile::mismatches(&config.cache_dir);
         let found: Vec<_> = found.iter().filter(|(_, m)| args.krate.as_deref().is_none_or(|k| m.krate == k)).collect();
         if found.is_empty() {
-            println!(
-                "no verified hit has differed (records are kept in {})",
-                config.cache_dir.join("verify").display()
-            );
+            outln!("no verified hit has differed (records are kept in {})", config.cache_dir.join("verify").display());
         }
         for (path, m) in found.iter().take(if args.list { usize::MAX } else { args.last.max(1) }) {
-            println!(
+            outln!(
                 "{}
 crate {} ({} tier, {}): {} differed",
                 path.display(),
@@ -452,20 +454,20 @@ crate {} ({} tier, {}): {} differed",
                 m.differ.join(", ")
             );
             match &m.removed_from[..] {
-                [] => println!("the entry could not be removed here"),
-                tiers => println!("the entry was removed from the {} tier", tiers.join(" and ")),
+                [] => outln!("the entry could not be removed here"),
+                tiers => outln!("the entry was removed from the {} tier", tiers.join(" and ")),
             }
             if m.fresh_exit != Some(0) || !m.fresh_stderr.is_empty() {
-                println!("the fresh compile exited {:?}; its stderr:\n{}", m.fresh_exit, m.fresh_stderr);
+                outln!("the fresh compile exited {:?}; its stderr:\n{}", m.fresh_exit, m.fresh_stderr);
             }
             if m.differ.iter().any(|d| d == "stderr") {
-                println!("the replayed stderr:\n{}", m.replayed_stderr);
+                outln!("the replayed stderr:\n{}", m.replayed_stderr);
             }
             if m.hit.result_key == m.fresh.result_key {
-                println!("both keys are the same: the compile is not deterministic, or the entry was made wrong");
+                outln!("both keys are the same: the compile is not deterministic, or the entry was made wrong");
             }
-            println!("A: the entry's key  B: the fresh compile's key (its own observation)");
-            print!("{}", explain::diff(&m.hit, &m.fresh));
+            outln!("A: the entry's key  B: the fresh compile's key (its own observation)");
+            out!("{}", explain::diff(&m.hit, &m.fresh));
         }
         return Ok(());
     }
@@ -479,9 +481,9 @@ crate {} ({} tier, {}): {} differed",
     }
     for (path, record) in records.iter().take(if args.list { usize::MAX } else { args.last }) {
         if args.list {
-            println!("{}  {:<24} {}", path.display(), record.krate, record.outcome);
+            outln!("{}  {:<24} {}", path.display(), record.krate, record.outcome);
         } else {
-            println!("{}\n{}", path.display(), explain::render(record));
+            outln!("{}\n{}", path.display(), explain::render(record));
         }
     }
     Ok(())

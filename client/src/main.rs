@@ -2,6 +2,29 @@
 //! compiler wrapper, whose stdout and stderr belong to the compiler; otherwise it is the command line
 //! (`ferry toolchain ...`, `ferry stats`). This file only decides which face and dispatches.
 
+/// `println!` for the command line's output: a closed stdout (`ferry stats | head`) ends the
+/// process quietly with the status a SIGPIPE gives (141), where `println!` would panic. (SIGPIPE
+/// itself stays ignored, as Rust sets it: a TLS peer that closes the connection must be an error
+/// the command reports, not a signal that kills it without a word.)
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
+/// `print!` for the command line's output (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
 mod cluster;
 mod commands;
 mod compile;
@@ -69,9 +92,6 @@ fn main() -> ExitCode {
     if args.len() > 1 && !SUBCOMMANDS.contains(&first) && !first.starts_with('-') {
         return compile::wrap(&args[1..]);
     }
-    // The command line exits quietly on a closed pipe (`ferry stats | head`), like other CLI tools.
-    // SAFETY: called before any other thread exists; resetting a signal disposition is async-safe.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Toolchain(cmd) => commands::toolchain(cmd),

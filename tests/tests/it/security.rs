@@ -204,13 +204,20 @@ fn tls_serves_only_clients_that_trust_its_ca() {
     assert_eq!(workers(&status(&world)), Vec::<String>::new());
 
     unset(&mut world, "FERRY_CA");
-    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer"]);
+    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer", "set FERRY_CA (or cluster.ca)"]);
     world.set("FERRY_CA", &pki.other_ca);
-    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer"]);
-    world.set("FERRY_CA", &pki.ca).set("FERRY_SCHEDULER", scheduler.url());
-    let plain = ferry(&world, &["status", "--json"]);
-    assert!(!plain.status.success(), "plain HTTP/2 to the TLS port worked:\n{}", text(&plain.stdout));
-    assert!(text(&plain.stdout).is_empty(), "{}", text(&plain.stdout));
+    assert_refused(&ferry(&world, &["status", "--json"]), &["UnknownIssuer", "set FERRY_CA (or cluster.ca)"]);
+    world.set("FERRY_CA", &pki.ca).set("FERRY_SCHEDULER", format!("https://localhost:{}", port_of(&scheduler.addr)));
+    assert_refused(&ferry(&world, &["status", "--json"]), &["not valid for name", "does not name this host"]);
+    // Plain HTTP/2 (or a bare host:port) to the TLS port: an error that says what to do, never a
+    // process killed by the closed connection's SIGPIPE without a word.
+    for url in [scheduler.url(), scheduler.addr.clone()] {
+        world.set("FERRY_SCHEDULER", &url);
+        let plain = ferry(&world, &["status", "--json"]);
+        assert_eq!(plain.status.code(), Some(1), "{url}: {}", text(&plain.stderr));
+        assert!(text(&plain.stdout).is_empty(), "{}", text(&plain.stdout));
+        assert!(text(&plain.stderr).contains("the URL must start with https://"), "{url}: {}", text(&plain.stderr));
+    }
 
     // A worker that trusts the CA (its `ca` key) registers over TLS, and serves TLS itself: the
     // client speaks https to workers when it does to the scheduler.
@@ -2325,4 +2332,9 @@ fn text(bytes: &[u8]) -> String {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The port of `host:port`.
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(_, port)| port)
 }
