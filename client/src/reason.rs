@@ -117,6 +117,8 @@ pub enum NotStored {
     CacheWriteFailed,
     TooManyInputLists,
     SharedTooManyInputLists,
+    /// A C compile's output lock could not be taken (see `Job::output_lock`).
+    OutputLock,
     /// A C-family source or header uses `__DATE__`, `__TIME__` or `__TIMESTAMP__` without
     /// `SOURCE_DATE_EPOCH`: its output depends on when it was compiled.
     TimeMacro,
@@ -289,6 +291,7 @@ impl NotStored {
             NotStored::TooManyInputLists => "too-many-input-lists".into(),
             NotStored::SharedTooManyInputLists => "shared-too-many-input-lists".into(),
             NotStored::TimeMacro => "time-macro".into(),
+            NotStored::OutputLock => "output-lock".into(),
         }
     }
 }
@@ -374,6 +377,10 @@ pub fn explain(kind: &str, name: &str) -> Option<&'static str> {
         }
         ("not stored", "wrote-outside-outputs") => {
             "the compile (a proc-macro) wrote a file besides its outputs; a replay would not write it"
+        }
+        ("not stored", "output-lock") => {
+            "the lock that keeps two compiles of one C object from storing a torn file could not be taken \
+             (<cache dir>/locks/ not writable)"
         }
         ("not stored", "time-macro") => {
             "a C source or header uses __DATE__, __TIME__ or __TIMESTAMP__: set SOURCE_DATE_EPOCH to cache it"

@@ -105,6 +105,24 @@ impl Job {
         ferry_cache::cc::pre_key(parts, &self.config.basedirs)
     }
 
+    /// For a C compile, an exclusive lock on its object's path (`<cache dir>/locks/`), held from
+    /// before the compile until its outputs are read back: two compiles of one object at once (a
+    /// make rule reached twice) write it in place, and one of them reading it back while the
+    /// other has just truncated it would store a torn object. A hit replays by rename and needs
+    /// none. A rustc unit's outputs are cargo's own, never shared: no lock.
+    pub(super) fn output_lock(&self) -> Result<Option<fs::File>, NotStored> {
+        let Unit::Cc(cc) = &self.unit else { return Ok(None) };
+        let object = absolute(&self.cwd, &cc.object);
+        let name = blake3::hash(object.as_os_str().as_encoded_bytes()).to_hex();
+        let lock = crate::files::lock_file(&self.config.cache_dir.join("locks").join(&name[..32]))
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot lock the object's path");
+                NotStored::OutputLock
+            })?;
+        Ok(Some(lock))
+    }
+
     /// Arguments the wrapper adds to the compiler's (see [`colour_argument`]).
     pub(super) fn added_args(&self) -> Vec<OsString> {
         match &self.unit {

@@ -114,6 +114,8 @@ impl Job {
             }
         }
         let drop_lines = remote_failure.as_ref().map(|f| f.forwarded.clone()).unwrap_or_default();
+        // Held until the outputs are read back (see `Job::output_lock`).
+        let output_lock = self.output_lock();
         let ran = match self.run_observed(ident, &drop_lines) {
             Ok(ran) => ran,
             Err(e) => return super::cannot_run(&ident.program, &e),
@@ -127,7 +129,10 @@ impl Job {
             self.count_fallback(&Fallback::Discrepancy);
         }
         let status = ran.run.status;
-        let prepared = self.prepare_result(keys, known, ran, HashMap::new());
+        let prepared = match output_lock {
+            Err(reason) => Err(reason),
+            Ok(_held) => self.prepare_result(keys, known, ran, HashMap::new()),
+        };
         // cargo has its answer (outputs, streams, exit code); writing the entry (and its fsync)
         // can wait for the next job slot rather than hold this one.
         self.after_answer(|job, _forked| match prepared.and_then(|p| job.commit_result(store, ident, keys, p)) {

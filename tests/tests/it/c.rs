@@ -456,3 +456,67 @@ fn a_real_sys_crate_with_bundled_c_replays_every_c_compile_and_builds_the_plain_
     let ran = fs::read_to_string(&trace).unwrap_or_default();
     assert!(!ran.lines().any(|l| l.split(' ').any(|a| a == "-c")), "a warm build compiled:\n{ran}");
 }
+
+#[test]
+fn every_change_of_the_command_line_reaches_the_object() {
+    // What ccache's rewriting of options got wrong: the order of -D and -U, -Wp,-D after every
+    // -D, one option with a space against two that join to the same text.
+    let s = Sources::new(&[(
+        "d.c",
+        "#ifdef V\nint v(void) { return V; }\n#else\nint v(void) { return -1; }\n#endif\nconst char *w = W;\n",
+    )]);
+    let lines: [&[&str]; 6] = [
+        &["-DV=1", "-DW=\"a b\"", "-c", "d.c", "-o", "out/d.o"],
+        &["-DV=2", "-DW=\"a b\"", "-c", "d.c", "-o", "out/d.o"],
+        &["-DV=2", "-UV", "-DW=\"a b\"", "-c", "d.c", "-o", "out/d.o"],
+        &["-UV", "-DV=2", "-DW=\"a b\"", "-c", "d.c", "-o", "out/d.o"],
+        &["-DV=2", "-Wp,-UV", "-DW=\"a b\"", "-c", "d.c", "-o", "out/d.o"],
+        &["-DV=2", "-DW=\"a", "b\"", "-c", "d.c", "-o", "out/d.o"],
+    ];
+    let mut objects = Vec::new();
+    for args in lines {
+        let (compiled, stats) = s.same_as_plain("gcc", args, &[]);
+        assert_eq!(hits(&stats), 0, "{args:?} is a new command line: {stats:#}");
+        objects.push(compiled.files.get("d.o").cloned());
+    }
+    // The first five compile (and differ where the macros differ); each ran, none was replayed.
+    assert_ne!(objects[0], objects[1]);
+    assert_ne!(objects[1], objects[2]);
+}
+
+#[test]
+fn concurrent_compiles_of_one_source_all_give_the_plain_object() {
+    // Eight compiles of one entry at once: cold (all miss and store), then warm (all hit), then
+    // with the entry removed while they look it up (seven may look while the first stores).
+    let s = Sources::new(&[("p.c", "int p(int x) { return x * 7; }\n")]);
+    let args = ["-O2", "-MD", "-c", "p.c", "-o", "out/p.o"];
+    let plain = s.run(&which("gcc"), &args, &[]);
+    let ferry = bin("ferry");
+    for round in ["cold", "warm", "racing a store"] {
+        if round == "racing a store" {
+            let _ = fs::remove_dir_all(s.world.cache_dir());
+        }
+        s.world.ferry_ok(&["stats", "--zero"]);
+        let _ = fs::remove_dir_all(s.root.join("out"));
+        fs::create_dir_all(s.root.join("out")).expect("mkdir");
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                let mut cmd = s.world.command(&ferry);
+                cmd.arg("gcc").args(args).current_dir(&s.root);
+                cmd.spawn().expect("ferry gcc")
+            })
+            .collect();
+        for mut child in children {
+            assert!(child.wait().expect("wait").success(), "{round}");
+        }
+        for file in ["p.o", "p.d"] {
+            let got = fs::read(s.root.join("out").join(file)).expect("output");
+            assert_eq!(Some(&got), plain.files.get(file), "{round}: {file}");
+        }
+        let stats = s.world.stats();
+        assert_eq!(hits(&stats) + n(&stats, "/misses"), 8, "{round}: {stats:#}");
+        if round == "warm" {
+            assert_eq!(hits(&stats), 8, "{stats:#}");
+        }
+    }
+}
