@@ -46,6 +46,31 @@ impl From<Invalid> for tonic::Status {
 }
 
 /// A required 32-byte digest field.
+/// The revision of the `ferry.v1` protocol this build speaks. Workers send it when they register
+/// and clients when they allocate (0: a build from before the field, which spoke revision 1). A
+/// revision adds fields only as long as it stays compatible; one that cannot be served is refused
+/// by [`check_protocol`] with which side to upgrade, never misread.
+pub const PROTOCOL: u32 = 1;
+
+/// Whether a scheduler of this build serves a peer (`who`: `worker` or `client`) speaking
+/// revision `theirs`. Err is FAILED_PRECONDITION naming both revisions and what to upgrade.
+pub fn check_protocol(theirs: u32, who: &str) -> Result<(), tonic::Status> {
+    let theirs = theirs.max(1);
+    if theirs == PROTOCOL {
+        return Ok(());
+    }
+    let (mine, version) = (PROTOCOL, env!("CARGO_PKG_VERSION"));
+    let fix = if theirs > mine {
+        "upgrade the scheduler first, then workers, then clients"
+    } else {
+        "upgrade it to this scheduler's release"
+    };
+    Err(tonic::Status::failed_precondition(format!(
+        "this scheduler (ferry {version}) speaks protocol revision {mine}; the {who} speaks revision {theirs}: {fix} \
+         (packaging/README.md, Upgrades)"
+    )))
+}
+
 pub fn digest(d: Option<&v1::Digest>, field: &'static str) -> Result<[u8; 32], Invalid> {
     let d = d.ok_or(Invalid { field, reason: "missing".into() })?;
     d.blake3

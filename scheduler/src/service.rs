@@ -145,6 +145,7 @@ impl Service {
         require(&request, Role::Client, "Allocate")?;
         let peer = request.remote_addr();
         let r = request.into_inner();
+        ferry_proto::check_protocol(r.protocol, "client")?;
         let toolchain = ToolchainId(digest(r.toolchain.as_ref(), "toolchain")?);
         let client = if r.client_id.is_empty() {
             peer.map(|p: SocketAddr| p.ip().to_string()).unwrap_or_default()
@@ -917,6 +918,7 @@ fn verify_received(file: &mut std::fs::File, key: &CacheKey, len: u64) -> Result
 }
 
 fn registration(r: v1::Register) -> Result<Registration, Status> {
+    ferry_proto::check_protocol(r.protocol, "worker")?;
     if r.worker_id.is_empty() || r.worker_id.len() > 128 || r.worker_id.chars().any(char::is_control) {
         return Err(Status::invalid_argument("'worker_id' must be 1 to 128 printable characters"));
     }

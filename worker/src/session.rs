@@ -60,10 +60,13 @@ pub struct Identity {
 /// The worker's exit code when the scheduler refuses its credentials (`EX_CONFIG`).
 pub const EXIT_REFUSED: i32 = 78;
 
-/// The scheduler's refusal of this worker's token or id, when that is what ended a session.
+/// The scheduler's refusal of this worker's token, id or protocol revision, when that is what
+/// ended a session.
 fn refused(e: &anyhow::Error) -> Option<&tonic::Status> {
     let status = e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())?;
-    matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied).then_some(status)
+    let code = status.code();
+    matches!(code, tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition)
+        .then_some(status)
 }
 
 pub(crate) async fn run(
@@ -91,12 +94,19 @@ pub(crate) async fn run(
             if let Some(status) = refused(&e) {
                 // Retrying cannot help, and a worker that loops quietly looks healthy to its
                 // supervisor: say why and stop (systemd shows the unit failed, with this line).
-                tracing::error!(
-                    code = ?status.code(),
-                    reason = status.message(),
-                    "the scheduler refused this worker: check worker.token (the scheduler must list it with \
-                     role \"worker\") and worker.id (another worker's token may own it); exiting"
-                );
+                if status.code() == tonic::Code::FailedPrecondition {
+                    tracing::error!(
+                        reason = status.message(),
+                        "the scheduler cannot serve this worker's release; exiting"
+                    );
+                } else {
+                    tracing::error!(
+                        code = ?status.code(),
+                        reason = status.message(),
+                        "the scheduler refused this worker: check worker.token (the scheduler must list it with \
+                         role \"worker\") and worker.id (another worker's token may own it); exiting"
+                    );
+                }
                 std::process::exit(EXIT_REFUSED);
             }
             tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "scheduler session ended");
@@ -126,6 +136,7 @@ async fn session(
         slots: identity.slots,
         toolchains: shared.toolchains.present().iter().map(|t| to_digest(t.0)).collect(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol: ferry_proto::PROTOCOL,
     };
     tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Register(register)) }).await?;
     let mut inbound = client.worker_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();

@@ -54,6 +54,7 @@ async fn run(concurrency: usize) -> anyhow::Result<()> {
             slots: SLOTS,
             toolchains: if i % 4 == 0 { vec![toolchain.clone()] } else { vec![] },
             version: "bench".into(),
+            protocol: ferry_proto::PROTOCOL,
         };
         tx.send(v1::WorkerMessage { kind: Some(worker_message::Kind::Register(register)) }).await?;
         let mut inbound = client.worker_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
@@ -69,8 +70,11 @@ async fn run(concurrency: usize) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < REQUESTS {
-                let request =
-                    v1::AllocateRequest { toolchain: Some(toolchain.clone()), client_id: format!("client-{}", c % 50) };
+                let request = v1::AllocateRequest {
+                    toolchain: Some(toolchain.clone()),
+                    client_id: format!("client-{}", c % 50),
+                    protocol: ferry_proto::PROTOCOL,
+                };
                 let t = Instant::now();
                 let r = client.allocate(request).await.map(|r| r.into_inner());
                 results.push((t.elapsed(), r));

@@ -243,6 +243,7 @@ async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
         scheduler.allocate(v1::AllocateRequest {
             toolchain: Some(to_digest(job.toolchain.0)),
             client_id: crate::commands::hostname(),
+            protocol: ferry_proto::PROTOCOL,
         }),
     )
     .await?;

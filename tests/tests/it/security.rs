@@ -104,8 +104,11 @@ fn tokens_decide_who_may_do_what() {
     let scheduler_channel = rt.block_on(connect_trusting(&scheduler.url(), None)).expect("scheduler");
     let mut scheduler_api = SchedulerClient::new(scheduler_channel);
     let grant = rt.block_on(async {
-        let mut request =
-            tonic::Request::new(v1::AllocateRequest { toolchain: Some(to_digest([9; 32])), client_id: "t".into() });
+        let mut request = tonic::Request::new(v1::AllocateRequest {
+            toolchain: Some(to_digest([9; 32])),
+            client_id: "t".into(),
+            protocol: 0,
+        });
         request.metadata_mut().insert("authorization", bearer(CLIENT_TOKEN).parse().expect("header"));
         match scheduler_api.allocate(request).await.expect("Allocate").into_inner().result {
             Some(v1::allocate_response::Result::Assigned(a)) => a.grant,
@@ -142,7 +145,11 @@ fn a_worker_token_can_neither_take_over_an_id_nor_draw_every_job() {
     let scheduler = world.scheduler(&["--config", utf8(&config)]);
     let rt = runtime();
     // A raw session: Ok(the slots the scheduler lists for it), or the refusal.
-    let open = |token: &str, id: &str, slots: u32| -> Result<tokio::sync::mpsc::Sender<v1::WorkerMessage>, Status> {
+    let open = |token: &str,
+                id: &str,
+                slots: u32,
+                protocol: u32|
+     -> Result<tokio::sync::mpsc::Sender<v1::WorkerMessage>, Status> {
         rt.block_on(bounded(async {
             let mut client = SchedulerClient::new(connect_trusting(&scheduler.url(), None).await.expect("scheduler"));
             let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -152,6 +159,7 @@ fn a_worker_token_can_neither_take_over_an_id_nor_draw_every_job() {
                 slots,
                 toolchains: vec![],
                 version: "0".into(),
+                protocol,
             };
             tx.send(v1::WorkerMessage { kind: Some(v1::worker_message::Kind::Register(register)) })
                 .await
@@ -172,21 +180,43 @@ fn a_worker_token_can_neither_take_over_an_id_nor_draw_every_job() {
         let w = s["workers"].as_array().expect("workers").iter().find(|w| w["id"] == id).cloned();
         w.and_then(|w| w["slots"].as_u64()).unwrap_or(0)
     };
-    let _owner = open(WORKER_TOKEN, "builder-1", 2).expect("the owner registers");
+    let _owner = open(WORKER_TOKEN, "builder-1", 2, 0).expect("the owner registers");
     assert_eq!(slots_of("builder-1"), 2);
-    let refused = open(OTHER_WORKER, "builder-1", 2).expect_err("another token took the id over");
+    let refused = open(OTHER_WORKER, "builder-1", 2, 0).expect_err("another token took the id over");
     assert_status(&refused, Code::PermissionDenied, &["worker id 'builder-1' belongs to another worker's token"]);
     assert_eq!(slots_of("builder-1"), 2, "the owner's session is still the one listed");
     // The share: 8 in all for one token.
-    let _greedy = open(WORKER_TOKEN, "builder-2", 4096).expect("a second session of the token");
+    let _greedy = open(WORKER_TOKEN, "builder-2", 4096, 0).expect("a second session of the token");
     assert_eq!(slots_of("builder-2"), 6, "4096 slots asked, what is left of the token's 8 given");
-    let refused = open(WORKER_TOKEN, "builder-3", 1).expect_err("a session beyond the token's share");
+    let refused = open(WORKER_TOKEN, "builder-3", 1, 0).expect_err("a session beyond the token's share");
     assert_status(&refused, Code::ResourceExhausted, &["already offer 8 slots", "max_slots_per_credential = 8"]);
     // Another token has its own share; the owner restarts under its id.
-    let _other = open(OTHER_WORKER, "builder-4", 4096).expect("another token's session");
+    let _other = open(OTHER_WORKER, "builder-4", 4096, 0).expect("another token's session");
     assert_eq!(slots_of("builder-4"), 8);
-    let _restarted = open(WORKER_TOKEN, "builder-1", 2).expect("the owner restarts");
+    let _restarted = open(WORKER_TOKEN, "builder-1", 2, ferry_proto::PROTOCOL).expect("the owner restarts");
     assert_eq!(slots_of("builder-1"), 2);
+
+    // One protocol revision apart: a worker (or a client) newer than the scheduler is told which
+    // side to upgrade; an older one (0: from before the field) is served, as above.
+    let next = ferry_proto::PROTOCOL + 1;
+    let refused = open(WORKER_TOKEN, "builder-5", 1, next).expect_err("a newer worker");
+    let said = format!("speaks protocol revision {}; the worker speaks revision {next}", ferry_proto::PROTOCOL);
+    assert_status(&refused, Code::FailedPrecondition, &[&said, "upgrade the scheduler first"]);
+    let allocate = |protocol: u32| {
+        rt.block_on(bounded(async {
+            let mut client = SchedulerClient::new(connect_trusting(&scheduler.url(), None).await.expect("scheduler"));
+            let mut request = tonic::Request::new(v1::AllocateRequest {
+                toolchain: Some(to_digest([9; 32])),
+                client_id: "t".into(),
+                protocol,
+            });
+            request.metadata_mut().insert("authorization", bearer(CLIENT_TOKEN).parse().expect("header"));
+            client.allocate(request).await.map(|_| ())
+        }))
+    };
+    let refused = allocate(next).expect_err("a newer client");
+    assert_status(&refused, Code::FailedPrecondition, &["the client speaks revision", "upgrade the scheduler first"]);
+    allocate(ferry_proto::PROTOCOL).expect("this revision is served");
 }
 
 // ---- TLS and exposure --------------------------------------------------------------------------
@@ -1559,6 +1589,7 @@ impl HostileWorker {
             slots: 4,
             toolchains: vec![to_digest(toolchain)],
             version: "0".into(),
+            protocol: ferry_proto::PROTOCOL,
         };
         tx.send(v1::WorkerMessage { kind: Some(v1::worker_message::Kind::Register(register)) }).await.expect("send");
         let mut inbound =
@@ -1836,7 +1867,8 @@ fn granted<T>(message: T, grant: &[u8]) -> tonic::Request<T> {
 async fn allocate_as(mut scheduler: SchedulerClient<Channel>) -> v1::Assignment {
     let start = Instant::now();
     loop {
-        let request = v1::AllocateRequest { toolchain: Some(to_digest([9; 32])), client_id: "test".into() };
+        let request =
+            v1::AllocateRequest { toolchain: Some(to_digest([9; 32])), client_id: "test".into(), protocol: 0 };
         let answer = scheduler.allocate(request).await.expect("Allocate").into_inner();
         if let Some(v1::allocate_response::Result::Assigned(a)) = answer.result {
             return a;
