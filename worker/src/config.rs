@@ -183,10 +183,18 @@ impl WorkerConfig {
                         t.key.display()
                     )
                 })?;
-                if let Some(address) = &parsed.advertise {
+                // What clients will connect to: `advertise`, or else the listen address itself
+                // (unless it is a wildcard, which names no host).
+                let listen = flags.listen.as_ref().or(parsed.listen.as_ref());
+                let (setting, advertised) = match (&parsed.advertise, listen) {
+                    (Some(a), _) => ("advertise", Some(a)),
+                    (None, Some(l)) if !l.starts_with("0.0.0.0:") && !l.starts_with("[::]:") => ("listen", Some(l)),
+                    _ => ("advertise", None),
+                };
+                if let Some(address) = advertised {
                     ferry_proto::daemon::check_certificate_names(&cert, address).map_err(|problem| {
                         anyhow::anyhow!(
-                            "{origin}: keys 'advertise', 'tls.cert': {problem}; advertise a name the certificate \
+                            "{origin}: keys '{setting}', 'tls.cert': {problem}; advertise a name the certificate \
                              holds, or issue the certificate for it (subjectAltName DNS:{0} or IP:{0})",
                             address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h)
                         )

@@ -270,9 +270,12 @@ async fn run_async(job: &RemoteJob<'_>) -> Result<Remote, Failed> {
         if job.config.scheduler.as_deref().is_some_and(|u| u.starts_with("https")) { "https" } else { "http" },
         assignment.address
     );
-    let (channel, _) = crate::cluster::channel(job.config, &url)
-        .await
-        .map_err(|_| Fallback::Call(Call::Worker, CallFailure::Unreachable))?;
+    let (channel, _) = crate::cluster::channel(job.config, &url).await.map_err(|e| {
+        // The reason (a certificate that does not name the worker's advertised address, a CA
+        // this machine lacks) with what to do: `channel` adds the hint.
+        tracing::warn!(worker = %assignment.worker_id, error = %format!("{e:#}"), "cannot reach the worker");
+        Fallback::Call(Call::Worker, CallFailure::Unreachable)
+    })?;
     // Only the job's grant goes to the worker, never this client's token.
     let mut worker = WorkerClient::new(channel).max_decoding_message_size(64 << 20);
     let grant = assignment.grant.clone();

@@ -219,6 +219,17 @@ fn the_worker_check_refuses_a_broken_configuration_in_one_line() {
         ],
     );
 
+    // Without `advertise`, clients connect to the listen address: the certificate must name it.
+    let bound = site.edited("worker-a.toml", "bound", |t| {
+        t.replace("advertise = \"worker-a.example.net:7701\"", "").replace("0.0.0.0:7701", "127.0.0.1:7701")
+    });
+    let out = site.check("ferry-worker", &bound, &[]);
+    refused(
+        &out,
+        1,
+        &[&format!("{}: keys 'listen', 'tls.cert'", bound.display()), "the certificate does not name '127.0.0.1'"],
+    );
+
     let old_tokens = site.edited("worker-a.toml", "old-tokens", |t| {
         t + "\n[[tokens]]\ntoken = \"0123456789abcdef0\"\nroles = [\"client\"]\n"
     });
