@@ -108,6 +108,10 @@ pub fn is_extra_output(args: &CcArgs, cwd: &Path, path: &Path) -> bool {
         && stems.iter().flatten().any(|s| path.file_stem() == Some(*s))
 }
 
+/// The compiler names a masquerade directory holds (`ferry setup`), each linked when a compiler
+/// of that name is installed.
+pub const COMPILER_NAMES: [&str; 6] = ["cc", "c++", "gcc", "g++", "clang", "clang++"];
+
 /// Is this program (by its file name) a C-family compiler driver? `cc`, `c++`, `gcc`, `g++`,
 /// `clang`, `clang++`, with a target prefix (`aarch64-linux-gnu-gcc`) or a version suffix
 /// (`gcc-14`, `clang++-19`).

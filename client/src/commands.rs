@@ -376,9 +376,6 @@ pub fn writer_key(args: WriterKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The compiler names `ferry setup` links, each only when a compiler of that name is in `PATH`.
-const MASQUERADE: &[&str] = &["cc", "c++", "gcc", "g++", "clang", "clang++"];
-
 /// `ferry setup`: links named after the compilers in `PATH`, pointing at this ferry. A directory
 /// of them first in `PATH` makes every C and C++ compile a build starts (cc-rs in build scripts,
 /// make, CMake, autotools) go through ferry, which runs the next compiler of that name in `PATH`.
@@ -391,7 +388,7 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
     let me = std::env::current_exe().and_then(std::fs::canonicalize).context("finding ferry's own path")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut made = Vec::new();
-    for name in MASQUERADE {
+    for name in ferry_cache::cc::COMPILER_NAMES {
         let link = dir.join(name);
         match std::fs::symlink_metadata(&link) {
             Ok(m) if !m.file_type().is_symlink() => {
@@ -404,10 +401,10 @@ pub fn setup(args: SetupArgs) -> anyhow::Result<()> {
             continue;
         }
         std::os::unix::fs::symlink(&me, &link).with_context(|| format!("making {}", link.display()))?;
-        made.push(*name);
+        made.push(name);
     }
     if made.is_empty() {
-        anyhow::bail!("no C or C++ compiler ({}) in PATH: nothing to link", MASQUERADE.join(", "));
+        anyhow::bail!("no C or C++ compiler ({}) in PATH: nothing to link", ferry_cache::cc::COMPILER_NAMES.join(", "));
     }
     outln!("made {} → {}: {}", dir.display(), me.display(), made.join(" "));
     outln!("put the directory first in PATH (beside RUSTC_WRAPPER=ferry), e.g. in your shell's profile:");

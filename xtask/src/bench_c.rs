@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::bench::{median, ms, ratio, secs};
+use crate::which;
 
 pub fn c() -> anyhow::Result<()> {
     let ferry = crate::build_ferry()?;
@@ -263,9 +264,4 @@ fn c_sources(project: &Path, dir: &Path) -> anyhow::Result<Sources> {
 fn stats(ferry: &Path, cache: &Path) -> anyhow::Result<serde_json::Value> {
     let out = Command::new(ferry).args(["stats", "--json"]).env("FERRY_CACHE_DIR", cache).output()?;
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
 }

@@ -134,6 +134,7 @@ impl Job {
     /// What a C compile wrote beside its declared outputs that a replay must write too:
     /// `(path as stored, bytes)`. Err when it wrote anything else that is still there.
     pub(super) fn extra_outputs(&self, cc: &CcArgs, wrote: &[PathBuf]) -> Result<Vec<(String, Vec<u8>)>, NotStored> {
+        let declared: Vec<PathBuf> = cc.outputs().iter().map(|(o, _)| absolute(&self.cwd, o)).collect();
         let mut extras = Vec::new();
         for path in wrote {
             let Ok(meta) = fs::symlink_metadata(path) else { continue };
@@ -142,7 +143,7 @@ impl Job {
                 return Err(NotStored::WroteOutsideOutputs);
             }
             let stored = path.strip_prefix(&self.cwd).unwrap_or(path).to_string_lossy().into_owned();
-            if cc.outputs().iter().any(|(o, _)| absolute(&self.cwd, o) == absolute(&self.cwd, &stored)) {
+            if declared.contains(&absolute(&self.cwd, &stored)) {
                 continue;
             }
             extras.push((stored, fs::read(path).map_err(|_| NotStored::MissingOutput)?));
@@ -205,13 +206,7 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
         let err = crate::process::exec_untraced(&invocation.program, &invocation.rest);
         return super::cannot_run(&invocation.program, &err);
     }
-    super::start(invocation, |rest| match ferry_cache::cc::classify(rest) {
-        ferry_cache::cc::Classified::Cacheable(c) => Ok(Unit::Cc(c)),
-        ferry_cache::cc::Classified::Passthrough(reason) => {
-            tracing::debug!(?rest, %reason, "C compile passes through");
-            Err(reason)
-        }
-    })
+    super::start(invocation, true)
 }
 
 /// This machine's locale data and message catalogs for the locale the environment selects (see

@@ -160,15 +160,26 @@ pub fn wrap(args: &[OsString]) -> ExitCode {
     if ferry_cache::cc::is_c_compiler(Path::new(&args[0])) {
         return cc::wrap(args);
     }
-    start(Invocation::parse(args), |rest| match classify(rest) {
+    start(Invocation::parse(args), false)
+}
+
+/// The unit a call compiles (by a C-family compiler, or rustc), or why it passes through.
+fn classify_unit(c_compiler: bool, rest: &[OsString]) -> Result<Unit, String> {
+    if c_compiler {
+        return match ferry_cache::cc::classify(rest) {
+            ferry_cache::cc::Classified::Cacheable(c) => Ok(Unit::Cc(c)),
+            ferry_cache::cc::Classified::Passthrough(reason) => Err(reason),
+        };
+    }
+    match classify(rest) {
         Classified::Cacheable(r) => Ok(Unit::Rustc(r)),
         Classified::Passthrough(reason) => Err(reason),
-    })
+    }
 }
 
 /// Loads the configuration and classifies the call (a pass-through reason, or the unit to compile),
 /// then walks it.
-fn start(invocation: Invocation, classify: impl FnOnce(&[OsString]) -> Result<Unit, String>) -> ExitCode {
+fn start(invocation: Invocation, c_compiler: bool) -> ExitCode {
     let mut stats = Stats { requests: 1, ..Stats::default() };
     let Ok(config) = Config::load() else {
         // No usable config means no cache dir to count in: just be rustc.
@@ -181,7 +192,7 @@ fn start(invocation: Invocation, classify: impl FnOnce(&[OsString]) -> Result<Un
         tracing::warn!(%problem, "configuration error");
         *stats.config_errors.entry(problem.clone()).or_default() += 1;
     }
-    let unit = match classify(&invocation.rest) {
+    let unit = match classify_unit(c_compiler, &invocation.rest) {
         Ok(unit) => unit,
         Err(reason) => return passthrough_counted(&config, stats, &invocation, &reason),
     };
@@ -201,7 +212,7 @@ fn start(invocation: Invocation, classify: impl FnOnce(&[OsString]) -> Result<Un
 }
 
 fn passthrough_counted(config: &Config, mut stats: Stats, invocation: &Invocation, reason: &str) -> ExitCode {
-    tracing::debug!(reason, "pass-through");
+    tracing::debug!(reason, args = ?invocation.rest, "pass-through");
     *stats.passthrough.entry(reason.to_owned()).or_default() += 1;
     let _ = Stats::add(&config.stats_path(), &stats);
     passthrough(invocation)
@@ -311,23 +322,13 @@ pub fn explain_command(args: &[OsString]) -> anyhow::Result<Vec<crate::explain::
     if args.is_empty() {
         bail!("give the compiler command after '--', e.g. ferry explain -- rustc --crate-name a src/lib.rs ...");
     }
-    let invocation = Invocation::parse(args);
+    let c_compiler = ferry_cache::cc::is_c_compiler(Path::new(&args[0]));
+    let invocation =
+        if c_compiler { cc::invocation(args).map_err(anyhow::Error::msg)? } else { Invocation::parse(args) };
     let config = Config::load_reporting()?;
     crate::digests::init(&config.cache_dir);
-    let (invocation, unit) = if ferry_cache::cc::is_c_compiler(Path::new(&args[0])) {
-        let invocation = cc::invocation(args).map_err(anyhow::Error::msg)?;
-        match ferry_cache::cc::classify(&invocation.rest) {
-            ferry_cache::cc::Classified::Cacheable(c) => (invocation, Unit::Cc(c)),
-            ferry_cache::cc::Classified::Passthrough(reason) => {
-                bail!("this compile is not cached: it passes through ({reason})")
-            }
-        }
-    } else {
-        match classify(&invocation.rest) {
-            Classified::Cacheable(r) => (invocation, Unit::Rustc(r)),
-            Classified::Passthrough(reason) => bail!("this compile is not cached: it passes through ({reason})"),
-        }
-    };
+    let unit = classify_unit(c_compiler, &invocation.rest)
+        .map_err(|reason| anyhow::anyhow!("this compile is not cached: it passes through ({reason})"))?;
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let mut job = Job {
         config,

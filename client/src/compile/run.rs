@@ -69,10 +69,7 @@ impl Observer {
                 .map_or(Vec::new(), |r| r.search_dirs().map(|d| absolute(&job.cwd, d)).collect()),
             own_files: vec![self.log.path.clone(), self.interposer.path.clone()],
             tracked_env,
-            locale: match &job.unit {
-                Unit::Cc(_) => Some(super::cc::locale_inputs()),
-                Unit::Rustc(_) => None,
-            },
+            locale: None,
         }
     }
 }
@@ -233,7 +230,14 @@ impl Job {
             Unit::Cc(_) => Some(Vec::new()),
         };
         let outputs = self.unit.outputs().iter().map(|(p, _)| absolute(&self.cwd, p)).collect();
-        let scope = observer.scope(self, ident, outputs, tracked_env);
+        let mut scope = observer.scope(self, ident, outputs, tracked_env);
+        // A C compiler's locale files are gathered only when it loaded a locale other than `C`.
+        let loaded_locale = records.iter().any(|r| {
+            matches!(r, ferry_observe::Record::Incomplete { reason, detail } if reason == "locale-data" && detail == "setlocale")
+        });
+        if loaded_locale && matches!(self.unit, Unit::Cc(_)) {
+            scope.locale = Some(super::cc::locale_inputs());
+        }
         input_list(&records, &scope).map_err(|incomplete| {
             tracing::info!(krate = %self.unit.name(), %incomplete, "the compile was not fully observed");
             NotStored::Unobserved(incomplete.reason)

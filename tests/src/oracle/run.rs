@@ -341,7 +341,7 @@ impl Runner<'_> {
             assert!(setup.is_ok_and(|o| o.status.success()), "ferry setup failed");
         } else {
             fs::create_dir_all(links).expect("mkdir compiler links");
-            for name in ["cc", "c++", "gcc", "g++", "clang", "clang++"] {
+            for name in ferry_cache::cc::COMPILER_NAMES {
                 let found = std::env::split_paths(&self.place.path).map(|d| d.join(name)).find(|p| p.is_file());
                 if let Some(compiler) = found {
                     std::os::unix::fs::symlink(compiler, links.join(name)).expect("link a compiler");

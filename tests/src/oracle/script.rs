@@ -40,7 +40,7 @@ links() { # plain|ferry: compiler links first in PATH, ferry's or the compilers'
   if [ "$(cat "$W/cc-bin/.side" 2>/dev/null)" != "$1" ]; then
     rm -rf "$W/cc-bin"
     if [ "$1" = ferry ]; then "$FERRY" setup --dir "$W/cc-bin" > /dev/null
-    else mkdir -p "$W/cc-bin"; for n in cc c++ gcc g++ clang clang++; do
+    else mkdir -p "$W/cc-bin"; for n in __COMPILERS__; do
       c=$(PATH=$BASE_PATH command -v $n) && ln -s "$c" "$W/cc-bin/$n"; done; fi
     printf %s "$1" > "$W/cc-bin/.side"
   fi
@@ -100,7 +100,8 @@ pub fn render(seq: &Sequence, steps: &[Step], header: &str) -> String {
     let prelude = PRELUDE
         .replace("__CACHE_FAILURES__", flag(seq.cache_failures))
         .replace("__VERIFY__", flag(seq.verify))
-        .replace("__CLUSTER__", flag(seq.cluster));
+        .replace("__CLUSTER__", flag(seq.cluster))
+        .replace("__COMPILERS__", &ferry_cache::cc::COMPILER_NAMES.join(" "));
     s.push_str(&prelude);
     let mut builds = 0;
     for step in seq.setup.iter().chain(steps) {

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use ferry_tests::{World, bin, ok};
 
+use crate::cluster::which;
 use crate::wrapper::{n, write};
 
 /// The C compilers the suite checks (`scripts/test` installs both).
@@ -64,15 +65,6 @@ impl Sources {
         assert_eq!(ferry, plain, "{compiler} {args:?} through ferry differs from the plain compile");
         (ferry, self.world.stats())
     }
-}
-
-/// A program's path, as the shell finds it.
-fn which(program: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").expect("PATH");
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} is not installed (scripts/test installs it)"))
 }
 
 fn hits(stats: &serde_json::Value) -> u64 {
@@ -249,12 +241,16 @@ fn cc_rs_package(world: &World) -> PathBuf {
         &root.join("src/main.rs"),
         "unsafe extern \"C\" { fn answer() -> i32; }\nfn main() { println!(\"{}\", unsafe { answer() }); }\n",
     );
-    // The registry may not have cc-rs yet on a fresh machine.
-    let offline = Command::new("cargo").args(["fetch", "--offline"]).current_dir(&root).output().expect("cargo");
-    if !offline.status.success() {
-        ok(Command::new("cargo").arg("fetch").current_dir(&root).output().expect("cargo"));
-    }
+    fetch(&root);
     root
+}
+
+/// The package's crates.io dependencies into the registry (a fresh machine may not have them).
+fn fetch(root: &Path) {
+    let offline = Command::new("cargo").args(["fetch", "--offline"]).current_dir(root).output().expect("cargo");
+    if !offline.status.success() {
+        ok(Command::new("cargo").arg("fetch").current_dir(root).output().expect("cargo"));
+    }
 }
 
 fn cargo_build(world: &World, root: &Path, ferry_path: Option<&str>) -> String {
@@ -423,10 +419,7 @@ fn a_real_sys_crate_with_bundled_c_replays_every_c_compile_and_builds_the_plain_
         &root.join("src/main.rs"),
         "fn main() { println!(\"{}\", unsafe { zstd_sys::ZSTD_versionNumber() } > 10000); }\n",
     );
-    let offline = Command::new("cargo").args(["fetch", "--offline"]).current_dir(&root).output().expect("cargo");
-    if !offline.status.success() {
-        ok(Command::new("cargo").arg("fetch").current_dir(&root).output().expect("cargo"));
-    }
+    fetch(&root);
     let trace = world.path().join("spawns");
     let build = |path: Option<&str>| -> (Vec<u8>, serde_json::Value) {
         crate::wrapper::clean(&world, &root);

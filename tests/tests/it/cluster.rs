@@ -1696,7 +1696,8 @@ fn sources_under_a_nested_target_directory_reach_the_worker() {
 }
 
 /// The first `name` on `PATH`.
-fn which(name: &str) -> PathBuf {
+/// A program's path, as the shell finds it in `PATH`.
+pub(crate) fn which(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| panic!("{name} on PATH"))
 }
